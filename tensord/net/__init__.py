@@ -1,0 +1,1 @@
+"""Trio I/O: transports, framed streams, connections and pools. Drives ``tensord.wire``."""

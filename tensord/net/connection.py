@@ -1,0 +1,347 @@
+"""One connection to a peer, and the loops that drive the wire state machines over it.
+
+These are the "ten-line loops" of the h11 pattern: read a message, feed the sans-I/O state
+machine, write what it says to write. Time lives here too: a transfer attempt fails when neither
+direction has made progress for ``io_timeout`` seconds (a deadline pushed forward by every frame
+sent or received), rather than having a fixed total duration.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+import trio
+
+from ..errors import ProtocolError, TransferFailed
+from ..wire.compress import lz4_bound
+from ..wire.crc import crc32c
+from ..wire.frames import encode
+from ..wire.handshake import Agreement, accept_reply, answer_hello
+from ..wire.messages import (
+    Accept,
+    Chunk,
+    End,
+    Error,
+    Hello,
+    Legacy,
+    Message,
+    Stored,
+)
+from ..wire.meta import TensorMeta
+from ..wire.transfer import Placement, ReceiveTransfer, SendState, SendTransfer
+from .stream import ConnectionClosed, FramedStream
+
+log = logging.getLogger("tensord.net")
+
+#: Errors of the peer's that end a transfer for good (retrying cannot help).
+FINAL_ERROR_CODES = frozenset(
+    {"too_large", "bad_name", "bad_dtype", "bad_meta", "not_found", "quota", "refused", "exists"}
+)
+
+Progress = Callable[[int], None]
+
+
+@dataclass(eq=False)
+class Connection:
+    """A handshaken connection: framing plus what the two sides agreed."""
+
+    stream: FramedStream
+    agreement: Agreement
+    outbound: bool
+    created: float = field(default_factory=trio.current_time)
+    last_used: float = field(default_factory=trio.current_time)
+    closed: bool = False
+    _scratch: bytearray | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.agreement.peer_id
+
+    def scratch(self, n: int) -> memoryview:
+        """A reusable buffer of at least ``n`` bytes (compressed chunk payloads)."""
+        if self._scratch is None or len(self._scratch) < n:
+            self._scratch = bytearray(n)
+        return memoryview(self._scratch)[:n]
+
+    def looks_alive(self) -> bool:
+        """An idle connection must have nothing to read: EOF or stray bytes mean it is dead."""
+        if self.closed:
+            return False
+        fd = self.stream.transport.fileno()
+        if fd < 0:
+            return True
+        try:
+            readable, _, _ = select.select([fd], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable and not self.stream.decoder.buffered
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.stream.aclose()
+
+    async def send_error(self, code: str, message: str, xid: str | None = None) -> None:
+        """Best-effort: tell the peer why we are about to close."""
+        with (
+            trio.move_on_after(1),
+            suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await self.stream.send(Error(code, message, xid))
+
+
+async def client_handshake(stream: FramedStream, hello: Hello) -> Connection:
+    await stream.send(hello)
+    reply = await stream.receive()
+    if isinstance(reply, Error):
+        raise ProtocolError(f"peer refused the handshake: {reply.message}", code=reply.code)
+    if not isinstance(reply, Hello):
+        raise ProtocolError(f"expected hello, got {type(reply).__name__}")
+    return Connection(stream, accept_reply(hello, reply), outbound=True)
+
+
+async def server_handshake(stream: FramedStream, hello: Hello) -> Connection:
+    first = await stream.receive()
+    if not isinstance(first, Hello):
+        raise ProtocolError(f"expected hello, got {type(first).__name__}")
+    try:
+        reply, agreement = answer_hello(hello, first)
+    except ProtocolError as exc:
+        with trio.move_on_after(1):
+            await stream.send(Error(exc.code, str(exc)))
+        raise
+    await stream.send(reply)
+    return Connection(stream, agreement, outbound=False)
+
+
+class Deadline:
+    """An inactivity timeout: ``touch()`` on progress; the scope is cancelled when idle too long."""
+
+    def __init__(self, scope: trio.CancelScope, timeout: float) -> None:
+        self.scope = scope
+        self.timeout = timeout
+        self.touch()
+
+    def touch(self) -> None:
+        self.scope.deadline = trio.current_time() + self.timeout
+
+
+async def send_chunked(
+    conn: Connection,
+    xfer: SendTransfer,
+    *,
+    resume: bool,
+    io_timeout: float,
+    progress: Progress | None = None,
+) -> None:
+    """Drive one attempt of a chunked send until the peer says ``Stored``.
+
+    A fresh attempt streams ``Begin`` and the first chunks without waiting for a reply (one round
+    trip for a small tensor); a resumed attempt waits for ``Accept`` to learn what to skip.
+    Raises ``TransferFailed`` on the peer's refusal, ``TimeoutError`` on inactivity, and
+    ``ConnectionClosed``/``OSError``/``ProtocolError`` when the connection breaks.
+    """
+    stream = conn.stream
+    begin = xfer.begin(resume=resume)
+    with trio.CancelScope() as scope:
+        deadline = Deadline(scope, io_timeout)
+        if resume:
+            await stream.send(begin)
+            reply = await stream.receive()
+            if isinstance(reply, Error):
+                _raise_peer_error(reply, xfer.meta.name)
+            if not isinstance(reply, Accept):
+                raise ProtocolError(f"expected accept, got {type(reply).__name__}")
+            xfer.on_message(reply)
+            deadline.touch()
+            pending_begin = b""
+        else:
+            pending_begin = encode(begin)
+
+        wake = trio.Event()
+
+        async def read_replies() -> None:
+            nonlocal wake
+            while xfer.state not in (SendState.DONE, SendState.FAILED):
+                msg = await stream.receive()
+                if stream.decoder.payload_pending:
+                    raise ProtocolError(f"unexpected payload on {type(msg).__name__}")
+                xfer.on_message(msg)
+                deadline.touch()
+                if progress is not None:
+                    progress(xfer.bytes_acked)
+                wake.set()
+                wake = trio.Event()
+
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_replies)
+                while xfer.state in (SendState.SENDING, SendState.ENDED):
+                    out = xfer.next_chunk()
+                    if out is not None:
+                        # The last chunk carries End in the same write: one syscall, one RTT.
+                        after = encode(xfer.end()) if xfer.wants_end else b""
+                        await stream.send_with_payload(
+                            out.header, out.payload, pending_begin, after
+                        )
+                        pending_begin = b""
+                        deadline.touch()
+                        continue
+                    if xfer.wants_end:
+                        end = xfer.end()
+                        if pending_begin:  # an empty tensor: Begin and End together
+                            await stream.send_with_payload(end, b"", pending_begin)
+                            pending_begin = b""
+                        else:
+                            await stream.send(end)
+                        deadline.touch()
+                        continue
+                    await wake.wait()
+    if scope.cancelled_caught:
+        raise TimeoutError(f"no progress for {io_timeout:g} s")
+    if xfer.state is SendState.FAILED:
+        assert xfer.error is not None
+        _raise_peer_error(xfer.error, xfer.meta.name)
+
+
+@contextmanager
+def single_error() -> Iterator[None]:
+    """Unwrap a nursery's ExceptionGroup when it holds one real error (plus cancellations).
+
+    The loops here run a reader and a writer task; when one fails the other is cancelled, and
+    callers want the one error (to retry on ``ConnectionClosed``, say), not a group.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+        if len(real) == 1:
+            raise real[0] from None
+        raise
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
+
+
+def _raise_peer_error(err: Error, name: str) -> None:
+    if err.code in FINAL_ERROR_CODES:
+        raise TransferFailed(f"peer refused tensor {name!r}: {err.message}", code=err.code)
+    raise ProtocolError(f"peer reported an error for {name!r}: {err.message}", code=err.code)
+
+
+async def receive_chunked(
+    conn: Connection,
+    xfer: ReceiveTransfer,
+    *,
+    io_timeout: float,
+    progress: Progress | None = None,
+    on_complete: Callable[[], None] | None = None,
+) -> None:
+    """Drive a chunked receive until the tensor is complete (``Stored`` sent) or fails.
+
+    Uncompressed payloads are received straight into the destination array. ``on_complete``
+    runs once the tensor is verified and *before* ``Stored`` is sent, so that when the sender
+    hears ``Stored`` the tensor is already visible on this node.
+    """
+    stream = conn.stream
+    with trio.CancelScope() as scope:
+        deadline = Deadline(scope, io_timeout)
+        while not xfer.complete:
+            msg = await stream.receive()
+            deadline.touch()
+            if isinstance(msg, Chunk):
+                placement, target = xfer.place(msg)
+                payload: memoryview | None = None
+                if placement is Placement.DIRECT:
+                    assert target is not None
+                    await stream.receive_payload_into(target)
+                elif placement is Placement.SCRATCH:
+                    payload = conn.scratch(msg.wire_len)
+                    await stream.receive_payload_into(payload)
+                else:
+                    await stream.discard_payload()
+                replies = xfer.on_chunk(msg, payload)
+                if progress is not None:
+                    progress(xfer.bytes_have)
+            elif isinstance(msg, End):
+                replies = xfer.on_end(msg)
+            elif isinstance(msg, Error):
+                raise TransferFailed(
+                    f"sender aborted tensor {xfer.meta.name!r}: {msg.message}", code=msg.code
+                )
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} during a transfer")
+            if xfer.complete and on_complete is not None:
+                on_complete()
+                on_complete = None
+            if replies:
+                await stream.send(*replies)
+                for r in replies:
+                    if isinstance(r, Error):
+                        raise TransferFailed(r.message, code=r.code)
+    if scope.cancelled_caught:
+        raise TimeoutError(f"no progress for {io_timeout:g} s")
+
+
+async def send_legacy(
+    conn: Connection, meta: TensorMeta, data: memoryview, *, io_timeout: float
+) -> None:
+    """Legacy mode: the whole tensor in one frame, then wait for ``Stored``."""
+    crc = crc32c(data) if conn.agreement.crc else None
+    with trio.fail_after(io_timeout + meta.nbytes / 50e6):
+        await conn.stream.send_with_payload(Legacy(meta, crc, meta.nbytes), data)
+        reply = await conn.stream.receive()
+    if isinstance(reply, Error):
+        _raise_peer_error(reply, meta.name)
+    if not isinstance(reply, Stored):
+        raise ProtocolError(f"expected stored, got {type(reply).__name__}")
+
+
+async def receive_legacy(
+    conn: Connection,
+    msg: Legacy,
+    dest: memoryview,
+    *,
+    io_timeout: float,
+    on_complete: Callable[[], None] | None = None,
+) -> bool:
+    """Receive a legacy frame's payload into ``dest``; reply and return whether it was intact."""
+    with trio.fail_after(io_timeout + msg.meta.nbytes / 50e6):
+        await conn.stream.receive_payload_into(dest)
+    if conn.agreement.crc and msg.crc is not None and crc32c(dest) != msg.crc:
+        await conn.stream.send(Error("checksum", f"tensor {msg.meta.name!r}: crc32c mismatch"))
+        return False
+    if on_complete is not None:
+        on_complete()
+    await conn.stream.send(Stored("0" * 16))
+    return True
+
+
+def compressed_scratch_len(chunk_size: int) -> int:
+    return lz4_bound(chunk_size)
+
+
+__all__ = [
+    "FINAL_ERROR_CODES",
+    "Connection",
+    "ConnectionClosed",
+    "Deadline",
+    "Message",
+    "client_handshake",
+    "receive_chunked",
+    "receive_legacy",
+    "send_chunked",
+    "send_legacy",
+    "server_handshake",
+]

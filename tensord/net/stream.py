@@ -1,0 +1,173 @@
+"""Frames over a byte transport, with the bulk path kept zero-copy.
+
+Sending: a chunk's header bytes and a memoryview of the array go to the kernel in one
+``sendmsg`` (scatter/gather) - the payload is never copied or joined in Python.
+
+Receiving: headers are read with a small read-ahead (``READ_AHEAD`` bytes) into the sans-I/O
+:class:`~tensord.wire.frames.FrameDecoder`. When a header announces a payload, the I/O layer
+copies the few read-ahead bytes that belong to it and ``recv_into``-s the rest directly into the
+destination (a slice of the receiving array). The read-ahead bounds that copy to a few KiB per
+chunk while letting one syscall pick up many small frames (acks) at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import trio
+
+from ..wire.frames import FrameDecoder, encode
+from ..wire.messages import Message
+
+READ_AHEAD = 8192
+
+BufferLike = bytes | bytearray | memoryview
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection (possibly in the middle of a frame)."""
+
+
+class ByteTransport(Protocol):
+    """What a framed stream needs from a transport (TCP socket, TLS stream, QUIC stream)."""
+
+    async def recv_into(self, buf: memoryview, nbytes: int) -> int: ...
+
+    async def send_buffers(self, buffers: Sequence[BufferLike]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def fileno(self) -> int: ...
+
+
+class SocketTransport:
+    """A connected trio TCP socket: ``recv_into`` and gathered ``sendmsg`` to the kernel.
+
+    No copies in Python; trio only adds its readiness waits.
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.sock = stream.socket
+        self._sending = False
+
+    async def recv_into(self, buf: memoryview, nbytes: int) -> int:
+        return await self.sock.recv_into(buf, nbytes)
+
+    async def send_buffers(self, buffers: Sequence[BufferLike]) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this connection")
+        self._sending = True
+        try:
+            views = [memoryview(b).cast("B") for b in buffers if len(b)]
+            while views:
+                sent = await self.sock.sendmsg(views)
+                while views and sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                if sent:
+                    views[0] = views[0][sent:]
+        finally:
+            self._sending = False
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+class StreamTransport:
+    """Any trio ``Stream`` (e.g. ``trio.SSLStream``, memory streams in tests): one copy in."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._pending: bytes | bytearray = b""
+
+    async def recv_into(self, buf: memoryview, nbytes: int) -> int:
+        data = self._pending or await self.stream.receive_some(nbytes)
+        n = min(len(data), nbytes)
+        buf[:n] = data[:n]
+        self._pending = data[n:]
+        return n
+
+    async def send_buffers(self, buffers: Sequence[BufferLike]) -> None:
+        for b in buffers:
+            if len(b):
+                await self.stream.send_all(b)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    def fileno(self) -> int:
+        return -1
+
+
+class FramedStream:
+    """Messages and payloads over a :class:`ByteTransport`."""
+
+    def __init__(self, transport: ByteTransport, decoder: FrameDecoder) -> None:
+        self.transport = transport
+        self.decoder = decoder
+        self._scratch = bytearray(READ_AHEAD)
+        self._discard: bytearray | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    async def send(self, *msgs: Message) -> None:
+        data = b"".join(encode(m) for m in msgs)
+        self.bytes_out += len(data)
+        await self.transport.send_buffers((data,))
+
+    async def send_with_payload(
+        self, msg: Message, payload: BufferLike, before: bytes = b"", after: bytes = b""
+    ) -> None:
+        """``msg``'s header and payload in one write, between already-encoded frames."""
+        head = before + encode(msg)
+        self.bytes_out += len(head) + len(payload) + len(after)
+        await self.transport.send_buffers((head, payload, after))
+
+    async def receive(self) -> Message:
+        """The next message. If it carries a payload, the caller must consume it next."""
+        while True:
+            msg = self.decoder.next_message()
+            if msg is not None:
+                return msg
+            mv = memoryview(self._scratch)
+            n = await self.transport.recv_into(mv, READ_AHEAD)
+            if not n:
+                raise ConnectionClosed(
+                    "peer closed the connection" + (" mid-frame" if self.decoder.buffered else "")
+                )
+            self.bytes_in += n
+            self.decoder.feed(mv[:n])
+
+    async def receive_payload_into(self, dest: memoryview) -> None:
+        """Receive the whole pending payload (exactly ``len(dest)`` bytes) into ``dest``."""
+        if len(dest) != self.decoder.payload_pending:
+            raise RuntimeError("destination size differs from the pending payload")
+        await self._payload_part(dest)
+
+    async def discard_payload(self) -> None:
+        """Read and drop the pending payload (duplicates, refused transfers)."""
+        if self._discard is None:
+            self._discard = bytearray(1 << 20)
+        view = memoryview(self._discard)
+        while self.decoder.payload_pending:
+            await self._payload_part(view[: min(self.decoder.payload_pending, len(view))])
+
+    async def _payload_part(self, dest: memoryview) -> None:
+        """The next ``len(dest)`` payload bytes: read-ahead first, then ``recv_into`` directly."""
+        got = self.decoder.take_payload_into(dest)
+        total = len(dest)
+        while got < total:
+            n = await self.transport.recv_into(dest[got:], total - got)
+            if not n:
+                raise ConnectionClosed("peer closed the connection mid-payload")
+            got += n
+            self.bytes_in += n
+            self.decoder.payload_received(n)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()

@@ -1,0 +1,816 @@
+"""``TensorNode``: send, pull and receive tensors over the chunk protocol.
+
+A node owns one nursery. Under it run the peer listener (one task per inbound connection) and
+one nursery per peer it talks to; a peer's nursery holds its connection pool's idle reaper and
+every transfer to or from that peer. Transfers run there, not in the caller's task, so shutting
+the node down cancels them all (nothing leaks, nothing hangs) and the caller gets ``NodeClosed``;
+a caller that is cancelled cancels just its own transfer.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+import outcome
+import trio
+
+from .address import PeerAddress, resolve_peer
+from .config import MAX_CHUNK_SIZE, Settings
+from .errors import (
+    BadAddress,
+    BadTensor,
+    NodeClosed,
+    PeerUnreachable,
+    ProtocolError,
+    TensorError,
+    TensorNotFound,
+    TransferFailed,
+)
+from .events import ArrivalEvent, EventBus, PeerEvent, TransferEvent
+from .net.connection import (
+    Connection,
+    receive_chunked,
+    receive_legacy,
+    send_chunked,
+    send_legacy,
+)
+from .net.pool import PeerPool
+from .net.stream import ConnectionClosed
+from .net.tcp import dial, open_listeners, serve
+from .wire.compress import AdaptiveCompressor
+from .wire.frames import FrameDecoder
+from .wire.handshake import VERSIONS, local_features, make_hello
+from .wire.messages import Begin, Error, Hello, Legacy, Ping, Pong, Request
+from .wire.meta import TensorMeta
+from .wire.transfer import ReceiveState, ReceiveTransfer, SendTransfer
+
+log = logging.getLogger("tensord.transfer")
+T = TypeVar("T")
+
+MAX_BACKOFF = 5.0
+#: Errors after which a transfer attempt is retried on a new connection.
+RETRIABLE = (
+    PeerUnreachable,
+    ProtocolError,
+    ConnectionClosed,
+    OSError,
+    TimeoutError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
+
+class Arrival(NamedTuple):
+    """A received tensor, as returned by :meth:`TensorNode.receive_tensor`."""
+
+    name: str
+    array: np.ndarray[Any, Any]
+    sender: str
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What a completed send or pull cost."""
+
+    id: str
+    name: str
+    peer: str
+    nbytes: int
+    seconds: float
+    retries: int
+    bytes_sent: int = 0  # payload bytes on the wire (after compression), resends included
+    bytes_resent: int = 0
+    chunks_compressed: int = 0
+    legacy: bool = False
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second."""
+        return self.nbytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+def backoff_delay(base_ms: int, attempt: int) -> float:
+    """``base`` doubling per attempt, capped at 5 s, with +-20 % jitter."""
+    delay = min(base_ms / 1000 * 2 ** (attempt - 1), MAX_BACKOFF)
+    return float(delay * random.uniform(0.8, 1.2))
+
+
+def _flat_bytes(array: np.ndarray[Any, Any]) -> memoryview:
+    """A flat, writable-if-possible ``B`` view of a C-contiguous array: no copy."""
+    flat: Any = array.reshape(-1).view(np.uint8)
+    return memoryview(flat)
+
+
+@dataclass
+class _Partial:
+    xfer: ReceiveTransfer
+    array: np.ndarray[Any, Any]
+    expires: float
+
+
+class Peer:
+    """A remote node we talk to: its pool and its nursery of transfers."""
+
+    def __init__(self, addr: PeerAddress, pool: PeerPool) -> None:
+        self.addr = addr
+        self.pool = pool
+        self.node_id = addr.node_id
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def name(self) -> str:
+        return self.node_id or str(self.addr.hostport)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self.pool.reap_idle)
+                task_status.started()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self.pool.aclose()
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn`` in this peer's nursery and wait for its result.
+
+        If the node shuts down meanwhile, raises :class:`NodeClosed`; if the caller is cancelled,
+        the job is cancelled too.
+        """
+        nursery = self._nursery
+        if nursery is None:
+            raise NodeClosed("the node is shut down")
+        done = trio.Event()
+        scope = trio.CancelScope()
+        result: list[outcome.Outcome[T]] = []
+
+        async def job() -> None:
+            try:
+                with scope:
+                    try:
+                        result.append(outcome.Value(await fn()))
+                    except Exception as exc:
+                        result.append(outcome.Error(exc))
+            finally:
+                done.set()
+
+        try:
+            nursery.start_soon(job)
+        except RuntimeError:
+            raise NodeClosed("the node is shut down") from None
+        try:
+            await done.wait()
+        finally:
+            if not done.is_set():
+                scope.cancel()
+        if not result:
+            raise NodeClosed("the node shut down during the transfer")
+        return result[0].unwrap()
+
+
+class TensorNode:
+    """A node of the cluster: send, pull and receive tensors.
+
+    ``TensorNode()`` is a library node on embedded defaults (a random id, 127.0.0.1 on an
+    ephemeral port); pass a :class:`Settings` for anything else. Use it as ``async with node:``
+    or run it in your own nursery with ``await node.start(nursery)``; ``node.shutdown()`` stops
+    it. ``features`` restricts what the node offers (tests use it to play an older peer).
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        features: frozenset[str] | None = None,
+        versions: tuple[int, ...] = VERSIONS,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings.for_library()
+        proto = self.settings.tensor_protocol
+        self.features = (
+            features
+            if features is not None
+            else local_features(
+                streaming=proto.use_streaming_protocol, compression=proto.enable_compression
+            )
+        )
+        self.versions = versions
+        self.events = EventBus()
+        self.node_id = self.settings.node_id
+        self._hello = make_hello(self.node_id, self.features, MAX_CHUNK_SIZE, versions)
+        self._tensors: dict[str, np.ndarray[Any, Any]] = {}
+        self._arrivals: deque[Arrival] = deque()
+        self._arrived = trio.Event()
+        self._partials: dict[tuple[str, str], _Partial] = {}
+        self._peers: dict[tuple[str, int], Peer] = {}
+        self._peer_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self._state = "new"
+        self._port = 0
+        self._started_at = 0.0
+        self.max_arrivals = 100_000
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> TensorNode:
+        self._outer = trio.open_nursery()
+        nursery = await self._outer.__aenter__()
+        try:
+            await nursery.start(self.run)
+        except BaseException as exc:
+            await self._outer.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self.shutdown()
+        return await self._outer.__aexit__(exc_type, exc, tb)
+
+    async def start(self, nursery: trio.Nursery) -> TensorNode:
+        """Start the node as a task of ``nursery``; returns once the listener is bound."""
+        await nursery.start(self.run)
+        return self
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`shutdown` (or cancellation). Signals readiness once listening."""
+        if self._state != "new":
+            raise NodeClosed("a TensorNode runs once; create a new one")
+        self._state = "starting"
+        listeners = await open_listeners(self.settings.listen)
+        self._port = listeners[0].socket.getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._serve, listeners)
+                self._state = "running"
+                self._started_at = time.monotonic()
+                log.debug("node %s listening on %s", self.node_id, self.addr)
+                task_status.started()
+        finally:
+            self._state = "closed"
+            self._nursery = None
+            self._arrived.set()
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await listener.aclose()
+
+    def shutdown(self) -> None:
+        """Stop the node: in-flight transfers are cancelled, later calls raise NodeClosed."""
+        if self._state in ("new", "starting"):
+            self._state = "closed"
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        self._state = "closed" if self._state != "running" else "stopping"
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    def _check_running(self) -> None:
+        if self._state != "running":
+            raise NodeClosed(
+                f"node {self.node_id} is not running (state: {self._state}); "
+                "start it with `async with node:` and call it before shutdown()"
+            )
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def addr(self) -> str:
+        """This node's ticket, ``tensord://<node-id>@host:port``, for peers to dial."""
+        host = self.settings.listen.host
+        if host in ("0.0.0.0", "::"):
+            me = self.settings.node(self.node_id)
+            host = me.addr.host if me is not None else socket.gethostname()
+        return PeerAddress(host, self._port, self.node_id).ticket()
+
+    # -- local tensors -----------------------------------------------------------------------
+
+    def put_tensor(self, name: str, array: np.ndarray[Any, Any]) -> None:
+        """Make a tensor available to peers' pulls."""
+        _meta_of(name, array)
+        self._tensors[name] = np.ascontiguousarray(array)
+
+    def get_tensor(self, name: str) -> np.ndarray[Any, Any]:
+        """A tensor held by this node (received or put). Raises :class:`TensorNotFound`."""
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise TensorNotFound(f"no tensor named {name!r} on node {self.node_id}") from None
+
+    def delete_tensor(self, name: str) -> None:
+        if self._tensors.pop(name, None) is None:
+            raise TensorNotFound(f"no tensor named {name!r} on node {self.node_id}")
+
+    def tensor_names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    async def receive_tensor(self) -> Arrival:
+        """The next tensor that arrived from a peer (waits for one)."""
+        while not self._arrivals:
+            self._check_running()
+            await self._arrived.wait()
+        return self._arrivals.popleft()
+
+    # -- pool --------------------------------------------------------------------------------
+
+    def pool_size(self, peer: str | None = None) -> int:
+        """Open outbound connections, to one peer or to all."""
+        if peer is not None:
+            return sum(
+                p.pool.size()
+                for p in self._peers.values()
+                if peer in (p.node_id, str(p.addr.hostport), p.addr.ticket())
+            )
+        return sum(p.pool.size() for p in self._peers.values())
+
+    def pool_stats(self) -> dict[str, dict[str, int]]:
+        """Per peer: open, idle and in-use connections, dials, reuses, evictions, idle closes."""
+        return {
+            p.name: {
+                "size": p.pool.size(),
+                "idle": p.pool.idle,
+                "in_use": p.pool.in_use,
+                "dials": p.pool.stats.dials,
+                "reuses": p.pool.stats.reuses,
+                "evictions": p.pool.stats.evictions,
+                "idle_closed": p.pool.stats.idle_closed,
+            }
+            for p in self._peers.values()
+        }
+
+    async def _peer(self, addr: PeerAddress) -> Peer:
+        key = (addr.host, addr.port)
+        async with self._peer_lock:
+            peer = self._peers.get(key)
+            if peer is None or peer._nursery is None:
+                self._check_running()
+                assert self._nursery is not None
+                pool = PeerPool(
+                    lambda: self._dial(addr),
+                    max_connections=(self.settings.pool.max_connections),
+                    max_idle=self.settings.pool.max_idle_seconds,
+                )
+                peer = Peer(addr, pool)
+                await self._nursery.start(peer.run)
+                self._peers[key] = peer
+            return peer
+
+    async def _dial(self, addr: PeerAddress) -> Connection:
+        t = self.settings.transfer
+        try:
+            conn = await dial(
+                addr.hostport, self._hello, self._decoder, connect_timeout=t.connect_timeout
+            )
+        except (PeerUnreachable, ProtocolError) as exc:
+            self.events.publish(PeerEvent(str(addr), "connect_failed", str(exc)))
+            raise
+        if addr.node_id is not None and conn.peer_id != addr.node_id:
+            await conn.aclose()
+            raise BadAddress(f"{addr.hostport} is node {conn.peer_id!r}, not {addr.node_id!r}")
+        self.events.publish(PeerEvent(conn.peer_id, "connected"))
+        return conn
+
+    def _decoder(self) -> FrameDecoder:
+        t = self.settings.transfer
+        return FrameDecoder(
+            max_header=t.max_header_bytes,
+            max_payload=MAX_CHUNK_SIZE,
+            max_tensor_bytes=t.max_tensor_bytes,
+        )
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def send_tensor(
+        self,
+        peer: str | PeerAddress,
+        name: str,
+        array: np.ndarray[Any, Any],
+        *,
+        requires_grad: bool = False,
+        dtype: str | None = None,
+    ) -> TransferResult:
+        """Send ``array`` as ``name`` to ``peer`` (node id, ticket or host:port).
+
+        Returns once the peer confirmed it verified and stored the whole tensor. Retries with
+        exponential backoff; a retry resumes from the peer's first missing chunk.
+        """
+        self._check_running()
+        addr = resolve_peer(self.settings, peer)
+        array = np.ascontiguousarray(array)
+        meta = _meta_of(name, array, requires_grad, dtype)
+        if meta.nbytes > self.settings.transfer.max_tensor_bytes:
+            limit = self.settings.transfer.max_tensor_bytes
+            raise BadTensor(
+                f"tensor {name!r} is {meta.nbytes} bytes, over the limit of {limit} "
+                "(transfer.max_tensor_bytes)"
+            )
+        p = await self._peer(addr)
+        return await p.call(lambda: self._send_job(p, meta, _flat_bytes(array)))
+
+    async def _send_job(self, peer: Peer, meta: TensorMeta, data: memoryview) -> TransferResult:
+        proto = self.settings.tensor_protocol
+        t = self.settings.transfer
+        xid = secrets.token_hex(8)
+        xfer: SendTransfer | None = None
+        started = time.perf_counter()
+        retries = 0
+        legacy = False
+        connected = False
+
+        def progress(done: int) -> None:
+            self.events.publish(
+                TransferEvent(
+                    xid, meta.name, peer.name, "send", "progress", done, meta.nbytes, retries
+                )
+            )
+
+        self.events.publish(
+            TransferEvent(xid, meta.name, peer.name, "send", "started", 0, meta.nbytes)
+        )
+        while True:
+            try:
+                async with peer.pool.connection() as conn:
+                    connected = True
+                    agr = conn.agreement
+                    if not agr.chunked:
+                        legacy = True
+                        await send_legacy(conn, meta, data, io_timeout=t.io_timeout)
+                    else:
+                        chunk = min(proto.chunk_size, agr.peer_max_chunk)
+                        resume = xfer is not None and agr.resume
+                        if xfer is None or xfer.crc != agr.crc or xfer.chunk_size != chunk:
+                            comp = AdaptiveCompressor(
+                                enabled=agr.lz4 and proto.enable_compression,
+                                threshold=proto.compression_threshold,
+                            )
+                            xfer = SendTransfer(
+                                xid,
+                                meta,
+                                data,
+                                chunk_size=chunk,
+                                window=max(2, t.window_bytes // chunk),
+                                crc=agr.crc,
+                                compressor=comp,
+                            )
+                            resume = False
+                        await send_chunked(
+                            conn, xfer, resume=resume, io_timeout=t.io_timeout, progress=progress
+                        )
+                break
+            except TransferFailed as exc:
+                self._transfer_failed(xid, meta, peer, retries, exc)
+                raise
+            except RETRIABLE as exc:
+                retries += 1
+                if retries > proto.max_retries:
+                    err: TensorError
+                    if not connected and isinstance(exc, PeerUnreachable):
+                        err = PeerUnreachable(
+                            f"cannot reach peer {peer.name} after {retries} attempts: {exc}"
+                        )
+                    else:
+                        err = TransferFailed(
+                            f"sending {meta.name!r} to {peer.name} failed after "
+                            f"{retries} attempts: {_why(exc)}"
+                        )
+                    self._transfer_failed(xid, meta, peer, retries, err)
+                    raise err from None
+                delay = backoff_delay(proto.retry_base_delay, retries)
+                log.info(
+                    "tensor transfer %s: send %r to %s: attempt %d failed (%s); retrying in %.2f s",
+                    xid,
+                    meta.name,
+                    peer.name,
+                    retries,
+                    _why(exc),
+                    delay,
+                )
+                self.events.publish(
+                    TransferEvent(
+                        xid,
+                        meta.name,
+                        peer.name,
+                        "send",
+                        "retry",
+                        xfer.bytes_acked if xfer else 0,
+                        meta.nbytes,
+                        retries,
+                        _why(exc),
+                    )
+                )
+                await trio.sleep(delay)
+        seconds = time.perf_counter() - started
+        stats = xfer.stats if xfer is not None and not legacy else None
+        result = TransferResult(
+            xid,
+            meta.name,
+            peer.name,
+            meta.nbytes,
+            seconds,
+            retries,
+            bytes_sent=stats.bytes_sent if stats else meta.nbytes,
+            bytes_resent=stats.bytes_resent if stats else 0,
+            chunks_compressed=(
+                xfer.compressor.compressed_chunks if xfer is not None and xfer.compressor else 0
+            ),
+            legacy=legacy,
+        )
+        log.info(
+            "tensor transfer %s: sent %r to %s: %d bytes in %.3f s (%.1f MB/s), %d retries%s",
+            xid,
+            meta.name,
+            peer.name,
+            meta.nbytes,
+            seconds,
+            result.rate / 1e6,
+            retries,
+            " (legacy mode)" if legacy else "",
+        )
+        self.events.publish(
+            TransferEvent(
+                xid, meta.name, peer.name, "send", "done", meta.nbytes, meta.nbytes, retries
+            )
+        )
+        return result
+
+    def _transfer_failed(
+        self, xid: str, meta: TensorMeta, peer: Peer, retries: int, exc: Exception
+    ) -> None:
+        log.warning("tensor transfer %s: %r with %s failed: %s", xid, meta.name, peer.name, exc)
+        self.events.publish(
+            TransferEvent(
+                xid, meta.name, peer.name, "send", "failed", 0, meta.nbytes, retries, str(exc)
+            )
+        )
+
+    # -- pulling -----------------------------------------------------------------------------
+
+    async def pull_tensor(self, peer: str | PeerAddress, name: str) -> np.ndarray[Any, Any]:
+        """Fetch tensor ``name`` from ``peer``. Raises :class:`TensorNotFound` if it has none."""
+        self._check_running()
+        addr = resolve_peer(self.settings, peer)
+        p = await self._peer(addr)
+        return await p.call(lambda: self._pull_job(p, name))
+
+    async def _pull_job(self, peer: Peer, name: str) -> np.ndarray[Any, Any]:
+        proto = self.settings.tensor_protocol
+        t = self.settings.transfer
+        retries = 0
+        while True:
+            try:
+                async with peer.pool.connection() as conn:
+                    if "pull" not in conn.agreement.features:
+                        raise TransferFailed(
+                            f"peer {peer.name} does not support pull", code="unsupported"
+                        )
+                    await conn.stream.send(Request(name))
+                    with trio.fail_after(t.io_timeout):
+                        first = await conn.stream.receive()
+                    if isinstance(first, Error):
+                        if first.code == "not_found":
+                            raise TensorNotFound(f"peer {peer.name} has no tensor {name!r}")
+                        raise ProtocolError(f"peer {peer.name}: {first.message}", code=first.code)
+                    if isinstance(first, Begin):
+                        if first.meta.name != name:
+                            raise ProtocolError(f"asked for {name!r}, got {first.meta.name!r}")
+                        xfer, array = self._new_receive(conn, first)
+                        await receive_chunked(conn, xfer, io_timeout=t.io_timeout)
+                        return array
+                    if isinstance(first, Legacy):
+                        array = first.meta.empty_array()
+                        if not await receive_legacy(
+                            conn, first, _flat_bytes(array), io_timeout=t.io_timeout
+                        ):
+                            raise ProtocolError("legacy tensor failed its checksum")
+                        return array
+                    raise ProtocolError(f"unexpected {type(first).__name__} in reply to a pull")
+            except (TensorNotFound, TransferFailed):
+                raise
+            except RETRIABLE as exc:
+                retries += 1
+                if retries > proto.max_retries:
+                    raise TransferFailed(
+                        f"pulling {name!r} from {peer.name} failed after "
+                        f"{retries} attempts: {_why(exc)}"
+                    ) from None
+                await trio.sleep(backoff_delay(proto.retry_base_delay, retries))
+
+    # -- serving -----------------------------------------------------------------------------
+
+    async def _serve(self, listeners: list[trio.SocketListener]) -> None:
+        await serve(
+            listeners,
+            self._hello,
+            self._decoder,
+            self._serve_connection,
+            handshake_timeout=self.settings.transfer.connect_timeout,
+        )
+
+    async def _serve_connection(self, conn: Connection) -> None:
+        """One inbound connection: transfers, pulls and pings, one after another."""
+        idle = max(self.settings.pool.max_idle_seconds, 30.0) + 30.0
+        try:
+            while True:
+                msg = None
+                with trio.move_on_after(idle):
+                    msg = await conn.stream.receive()
+                if msg is None:
+                    return
+                if isinstance(msg, Begin):
+                    await self._receive(conn, msg)
+                elif isinstance(msg, Legacy):
+                    await self._receive_legacy(conn, msg)
+                elif isinstance(msg, Request):
+                    await self._serve_pull(conn, msg)
+                elif isinstance(msg, Ping):
+                    await conn.stream.send(Pong(msg.seq))
+                elif isinstance(msg, Error):
+                    log.info("peer %s reported: %s: %s", conn.peer_id, msg.code, msg.message)
+                    return
+                else:
+                    raise ProtocolError(f"unexpected {type(msg).__name__} outside a transfer")
+        except ProtocolError as exc:
+            log.warning("peer %s: protocol error, closing the connection: %s", conn.peer_id, exc)
+            await conn.send_error(exc.code, str(exc))
+        except TransferFailed as exc:
+            log.warning("peer %s: %s", conn.peer_id, exc)
+        except (ConnectionClosed, OSError, trio.BrokenResourceError, TimeoutError) as exc:
+            log.info("peer %s: connection lost: %s", conn.peer_id, _why(exc))
+
+    def _new_receive(
+        self, conn: Connection, begin: Begin
+    ) -> tuple[ReceiveTransfer, np.ndarray[Any, Any]]:
+        try:
+            array = begin.meta.empty_array()
+        except (MemoryError, ValueError) as exc:
+            raise TransferFailed(
+                f"cannot allocate {begin.meta.nbytes} bytes for {begin.meta.name!r}: {exc}",
+                code="quota",
+            ) from None
+        xfer = ReceiveTransfer(
+            begin,
+            _flat_bytes(array),
+            sender=conn.peer_id,
+            crc=conn.agreement.crc,
+            max_chunk=MAX_CHUNK_SIZE,
+        )
+        return xfer, array
+
+    async def _receive(self, conn: Connection, begin: Begin) -> None:
+        now = trio.current_time()
+        for key in [k for k, p in self._partials.items() if p.expires < now]:
+            del self._partials[key]
+        key = (conn.peer_id, begin.id)
+        partial = self._partials.pop(key, None)
+        if partial is not None and partial.xfer.matches(begin):
+            xfer, array = partial.xfer, partial.array
+            replies = xfer.rebegin(begin)
+            log.info(
+                "tensor transfer %s: resuming %r from %s at %d of %d bytes",
+                begin.id,
+                begin.meta.name,
+                conn.peer_id,
+                xfer.bytes_have,
+                begin.meta.nbytes,
+            )
+        else:
+            try:
+                xfer, array = self._new_receive(conn, begin)
+            except TransferFailed as exc:
+                await conn.send_error(exc.code, str(exc), begin.id)
+                raise
+            replies = [xfer.accept()] if begin.resume else []
+        if replies:
+            await conn.stream.send(*replies)
+        meta = begin.meta
+        started = time.perf_counter()
+
+        def progress(done: int) -> None:
+            self.events.publish(
+                TransferEvent(
+                    begin.id, meta.name, conn.peer_id, "receive", "progress", done, meta.nbytes
+                )
+            )
+
+        try:
+            await receive_chunked(
+                conn,
+                xfer,
+                io_timeout=self.settings.transfer.io_timeout,
+                progress=progress,
+                on_complete=lambda: self._arrive(meta.name, array, conn.peer_id),
+            )
+        except BaseException:
+            if xfer.state is ReceiveState.RECEIVING and xfer.have_count:
+                ttl = self.settings.transfer.partial_ttl_seconds
+                self._partials[key] = _Partial(xfer, array, trio.current_time() + ttl)
+            raise
+        seconds = time.perf_counter() - started
+        log.info(
+            "tensor transfer %s: received %r from %s: %d bytes in %.3f s (%.1f MB/s)",
+            begin.id,
+            meta.name,
+            conn.peer_id,
+            meta.nbytes,
+            seconds,
+            meta.nbytes / max(seconds, 1e-9) / 1e6,
+        )
+
+    async def _receive_legacy(self, conn: Connection, msg: Legacy) -> None:
+        array = msg.meta.empty_array()
+        if await receive_legacy(
+            conn,
+            msg,
+            _flat_bytes(array),
+            io_timeout=self.settings.transfer.io_timeout,
+            on_complete=lambda: self._arrive(msg.meta.name, array, conn.peer_id),
+        ):
+            log.info(
+                "tensor transfer: received %r from %s in legacy mode: %d bytes",
+                msg.meta.name,
+                conn.peer_id,
+                msg.meta.nbytes,
+            )
+
+    def _arrive(self, name: str, array: np.ndarray[Any, Any], sender: str) -> None:
+        """A verified tensor: store it (before the peer hears ``Stored``) and announce it."""
+        self._tensors[name] = array
+        self._arrivals.append(Arrival(name, array, sender))
+        if len(self._arrivals) > self.max_arrivals:
+            dropped = self._arrivals.popleft()
+            log.warning(
+                "arrival queue full: %r is stored but not queued for receive_tensor()", dropped.name
+            )
+        self._arrived.set()
+        self._arrived = trio.Event()
+        self.events.publish(ArrivalEvent(name, sender, array.nbytes))
+
+    async def _serve_pull(self, conn: Connection, req: Request) -> None:
+        array = self._tensors.get(req.name)
+        if array is None:
+            await conn.stream.send(
+                Error("not_found", f"no tensor named {req.name[:256]!r} on node {self.node_id}")
+            )
+            return
+        meta = _meta_of(req.name, array)
+        data = _flat_bytes(array)
+        t = self.settings.transfer
+        agr = conn.agreement
+        if not agr.chunked:
+            await send_legacy(conn, meta, data, io_timeout=t.io_timeout)
+            return
+        proto = self.settings.tensor_protocol
+        chunk = min(proto.chunk_size, agr.peer_max_chunk)
+        comp = AdaptiveCompressor(
+            enabled=agr.lz4 and proto.enable_compression, threshold=proto.compression_threshold
+        )
+        xfer = SendTransfer(
+            secrets.token_hex(8),
+            meta,
+            data,
+            chunk_size=chunk,
+            window=max(2, t.window_bytes // chunk),
+            crc=agr.crc,
+            compressor=comp,
+        )
+        await send_chunked(conn, xfer, resume=False, io_timeout=t.io_timeout)
+
+
+def _meta_of(
+    name: str, array: np.ndarray[Any, Any], requires_grad: bool = False, dtype: str | None = None
+) -> TensorMeta:
+    try:
+        return TensorMeta.of(name, array, requires_grad, dtype)
+    except ProtocolError as exc:
+        raise BadTensor(str(exc)) from None
+    except TypeError as exc:
+        raise BadTensor(f"tensor {name!r}: {exc}") from None
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+__all__ = ["Arrival", "Hello", "TensorNode", "TransferResult", "backoff_delay"]
