@@ -65,6 +65,7 @@ RETRIABLE = (
     ConnectionClosed,
     OSError,
     TimeoutError,
+    trio.TooSlowError,
     trio.BrokenResourceError,
     trio.ClosedResourceError,
 )
@@ -91,6 +92,7 @@ class TransferResult:
     bytes_sent: int = 0  # payload bytes on the wire (after compression), resends included
     bytes_resent: int = 0
     chunks_compressed: int = 0
+    nacks: int = 0
     legacy: bool = False
 
     @property
@@ -116,6 +118,12 @@ class _Partial:
     xfer: ReceiveTransfer
     array: np.ndarray[Any, Any]
     expires: float
+
+
+@dataclass
+class _Active:
+    scope: trio.CancelScope
+    released: trio.Event
 
 
 class Peer:
@@ -212,6 +220,7 @@ class TensorNode:
         self._arrivals: deque[Arrival] = deque()
         self._arrived = trio.Event()
         self._partials: dict[tuple[str, str], _Partial] = {}
+        self._active: dict[tuple[str, str], _Active] = {}
         self._peers: dict[tuple[str, int], Peer] = {}
         self._peer_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
@@ -227,8 +236,8 @@ class TensorNode:
         nursery = await self._outer.__aenter__()
         try:
             await nursery.start(self.run)
-        except BaseException as exc:
-            await self._outer.__aexit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            await self._outer.__aexit__(None, None, None)
             raise
         return self
 
@@ -237,9 +246,11 @@ class TensorNode:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
+    ) -> None:
+        # The body's own exception propagates unchanged (not wrapped in an ExceptionGroup):
+        # the node's nursery only ever held the node's tasks, which shutdown() stops.
         self.shutdown()
-        return await self._outer.__aexit__(exc_type, exc, tb)
+        await self._outer.__aexit__(None, None, None)
 
     async def start(self, nursery: trio.Nursery) -> TensorNode:
         """Start the node as a task of ``nursery``; returns once the listener is bound."""
@@ -308,7 +319,7 @@ class TensorNode:
     def put_tensor(self, name: str, array: np.ndarray[Any, Any]) -> None:
         """Make a tensor available to peers' pulls."""
         _meta_of(name, array)
-        self._tensors[name] = np.ascontiguousarray(array)
+        self._tensors[name] = _contiguous(array)
 
     def get_tensor(self, name: str) -> np.ndarray[Any, Any]:
         """A tensor held by this node (received or put). Raises :class:`TensorNotFound`."""
@@ -383,6 +394,9 @@ class TensorNode:
             )
         except (PeerUnreachable, ProtocolError) as exc:
             self.events.publish(PeerEvent(str(addr), "connect_failed", str(exc)))
+            if isinstance(exc, ProtocolError) and exc.code in ("version", "bad_protocol"):
+                # Retrying cannot make two incompatible peers compatible.
+                raise TransferFailed(f"{addr}: {exc}", code="incompatible") from None
             raise
         if addr.node_id is not None and conn.peer_id != addr.node_id:
             await conn.aclose()
@@ -416,7 +430,7 @@ class TensorNode:
         """
         self._check_running()
         addr = resolve_peer(self.settings, peer)
-        array = np.ascontiguousarray(array)
+        array = _contiguous(array)
         meta = _meta_of(name, array, requires_grad, dtype)
         if meta.nbytes > self.settings.transfer.max_tensor_bytes:
             limit = self.settings.transfer.max_tensor_bytes
@@ -533,6 +547,7 @@ class TensorNode:
             chunks_compressed=(
                 xfer.compressor.compressed_chunks if xfer is not None and xfer.compressor else 0
             ),
+            nacks=stats.nacks if stats else 0,
             legacy=legacy,
         )
         log.info(
@@ -576,7 +591,10 @@ class TensorNode:
         proto = self.settings.tensor_protocol
         t = self.settings.transfer
         retries = 0
+        missing = False
         while True:
+            if missing:
+                raise TensorNotFound(f"peer {peer.name} has no tensor {name!r}")
             try:
                 async with peer.pool.connection() as conn:
                     if "pull" not in conn.agreement.features:
@@ -588,7 +606,8 @@ class TensorNode:
                         first = await conn.stream.receive()
                     if isinstance(first, Error):
                         if first.code == "not_found":
-                            raise TensorNotFound(f"peer {peer.name} has no tensor {name!r}")
+                            missing = True  # raised below, so the connection goes back to the pool
+                            continue
                         raise ProtocolError(f"peer {peer.name}: {first.message}", code=first.code)
                     if isinstance(first, Begin):
                         if first.meta.name != name:
@@ -654,7 +673,13 @@ class TensorNode:
             await conn.send_error(exc.code, str(exc))
         except TransferFailed as exc:
             log.warning("peer %s: %s", conn.peer_id, exc)
-        except (ConnectionClosed, OSError, trio.BrokenResourceError, TimeoutError) as exc:
+        except (
+            ConnectionClosed,
+            OSError,
+            trio.BrokenResourceError,
+            TimeoutError,
+            trio.TooSlowError,
+        ) as exc:
             log.info("peer %s: connection lost: %s", conn.peer_id, _why(exc))
 
     def _new_receive(
@@ -681,6 +706,12 @@ class TensorNode:
         for key in [k for k, p in self._partials.items() if p.expires < now]:
             del self._partials[key]
         key = (conn.peer_id, begin.id)
+        stale = self._active.get(key)
+        if stale is not None:
+            # The sender gave up on an older connection we still think is alive (a cut that
+            # only it noticed): stop that receive so its progress is kept as the partial.
+            stale.scope.cancel()
+            await stale.released.wait()
         partial = self._partials.pop(key, None)
         if partial is not None and partial.xfer.matches(begin):
             xfer, array = partial.xfer, partial.array
@@ -712,19 +743,25 @@ class TensorNode:
                 )
             )
 
+        active = _Active(trio.CancelScope(), trio.Event())
+        self._active[key] = active
         try:
-            await receive_chunked(
-                conn,
-                xfer,
-                io_timeout=self.settings.transfer.io_timeout,
-                progress=progress,
-                on_complete=lambda: self._arrive(meta.name, array, conn.peer_id),
-            )
-        except BaseException:
+            with active.scope:
+                await receive_chunked(
+                    conn,
+                    xfer,
+                    io_timeout=self.settings.transfer.io_timeout,
+                    progress=progress,
+                    on_complete=lambda: self._arrive(meta.name, array, conn.peer_id),
+                )
+        finally:
             if xfer.state is ReceiveState.RECEIVING and xfer.have_count:
                 ttl = self.settings.transfer.partial_ttl_seconds
                 self._partials[key] = _Partial(xfer, array, trio.current_time() + ttl)
-            raise
+            del self._active[key]
+            active.released.set()
+        if active.scope.cancelled_caught:
+            raise ConnectionClosed("superseded by the sender's resumed transfer")
         seconds = time.perf_counter() - started
         log.info(
             "tensor transfer %s: received %r from %s: %d bytes in %.3f s (%.1f MB/s)",
@@ -794,6 +831,12 @@ class TensorNode:
             compressor=comp,
         )
         await send_chunked(conn, xfer, resume=False, io_timeout=t.io_timeout)
+
+
+def _contiguous(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The array itself if C-contiguous (no copy), else a contiguous copy. Keeps 0-d arrays 0-d."""
+    array = np.asarray(array)
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(array.shape)
 
 
 def _meta_of(

@@ -37,7 +37,7 @@ async def dial(
             _tune(stream)
             framed = FramedStream(SocketTransport(stream), decoder())
             return await client_handshake(framed, hello)
-    except TimeoutError:
+    except (TimeoutError, trio.TooSlowError):
         await _close(stream)
         raise PeerUnreachable(
             f"{addr}: no handshake within {connect_timeout:g} s (transfer.connect_timeout)"
@@ -89,6 +89,7 @@ async def serve(
                 conn = await server_handshake(framed, hello)
         except (
             TimeoutError,
+            trio.TooSlowError,
             OSError,
             trio.BrokenResourceError,
             ConnectionClosed,

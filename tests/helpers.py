@@ -1,0 +1,36 @@
+"""Helpers shared by tests: library nodes with fast retries, and the CI rule for missing parts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from tensord.config import Settings
+from tensord.node import TensorNode
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip locally when a component is missing; under CI=true a missing component fails."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"missing component under CI: {reason}")
+        pytest.skip(reason)
+
+
+def fast_settings(**protocol: Any) -> Settings:
+    """Library settings with quick retries, for tests that exercise failures."""
+    proto = {"retry_base_delay": 20, "max_retries": 5, **protocol}
+    return Settings.for_library().with_protocol(**proto)
+
+
+@asynccontextmanager
+async def running(settings: Settings | None = None, **kwargs: Any) -> AsyncIterator[TensorNode]:
+    """A started library node, shut down on exit."""
+    async with TensorNode(settings if settings is not None else fast_settings(), **kwargs) as node:
+        yield node

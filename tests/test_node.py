@@ -1,0 +1,447 @@
+"""The 13 cases of the tensor-iroh stress list, done for real: TensorNodes on loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from tensord.address import parse_address
+from tensord.config import HostPort
+from tensord.errors import (
+    BadAddress,
+    BadTensor,
+    NodeClosed,
+    PeerUnreachable,
+    TensorNotFound,
+    TransferFailed,
+)
+from tensord.events import PeerEvent, TransferEvent
+from tensord.node import TensorNode
+from tensord.wire import Hello, encode, make_hello
+from tensord.wire.frames import FrameDecoder
+from tensord.wire.handshake import ALL_FEATURES
+
+from .helpers import fast_settings, running
+
+rng = np.random.default_rng(1234)
+
+
+def random_tensor(n: int, dtype: str = "float32") -> np.ndarray:
+    return rng.standard_normal(n).astype(dtype)
+
+
+# 1. basic send / receive -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        rng.integers(-(2**62), 2**62, size=(5, 7, 3), dtype=np.int64),
+        rng.standard_normal(100_000).astype(np.float16),
+        np.array(3.5, dtype=np.float64),  # 0-d
+        np.zeros((0, 4), dtype=np.int32),  # empty
+        np.array([True, False, True]),
+        rng.standard_normal((3, 300_001)).astype(np.float32),  # several chunks, uneven tail
+    ],
+    ids=["f32", "i64", "f16", "scalar", "empty", "bool", "multi-chunk"],
+)
+async def test_basic_send_receive(array: np.ndarray) -> None:
+    async with running() as a, running() as b:
+        result = await a.send_tensor(b.addr, "layer.0/weight", array)
+        got = await b.receive_tensor()
+        assert got.name == "layer.0/weight"
+        assert got.sender == a.node_id
+        assert got.array.dtype == array.dtype and got.array.shape == array.shape
+        assert got.array.tobytes() == array.tobytes()
+        assert result.nbytes == array.nbytes and result.retries == 0
+        assert np.array_equal(b.get_tensor("layer.0/weight"), array)
+
+
+async def test_bf16_carried_as_two_byte_dtype_name() -> None:
+    raw = rng.integers(0, 2**16, size=(4, 8), dtype=np.uint16)
+    async with running() as a, running() as b:
+        await a.send_tensor(b.addr, "bf", raw, dtype="bfloat16", requires_grad=True)
+        got = await b.receive_tensor()
+        assert got.array.dtype.itemsize == 2
+        assert got.array.view(np.uint16).tobytes() == raw.tobytes()
+
+
+async def test_non_contiguous_array_is_sent_as_its_values() -> None:
+    base = np.arange(64, dtype=np.int32).reshape(8, 8)
+    view = base[:, ::2]
+    async with running() as a, running() as b:
+        await a.send_tensor(b.addr, "strided", view)
+        assert np.array_equal(b.get_tensor("strided"), view)
+
+
+async def test_bad_tensor_names_and_dtypes_are_refused_locally() -> None:
+    async with running() as a, running() as b:
+        with pytest.raises(BadTensor, match="name"):
+            await a.send_tensor(b.addr, "../etc/passwd", np.zeros(3))
+        with pytest.raises(BadTensor, match="dtype"):
+            await a.send_tensor(b.addr, "obj", np.array(["x"], dtype=object))
+        assert b.tensor_names() == []
+
+
+# 2. pull of an existing tensor -------------------------------------------------------------
+
+
+async def test_pull_existing_tensor() -> None:
+    array = random_tensor(250_000)
+    async with running() as a, running() as b:
+        a.put_tensor("shared", array)
+        got = await b.pull_tensor(a.addr, "shared")
+        assert np.array_equal(got, array)
+        # A pull is not an arrival on the puller, and the owner keeps its copy.
+        assert b.tensor_names() == []
+        assert np.array_equal(a.get_tensor("shared"), array)
+
+
+# 3. concurrent sends -----------------------------------------------------------------------
+
+
+async def test_concurrent_sends() -> None:
+    arrays = {f"t{i}": random_tensor(10_000 + 997 * i) for i in range(24)}
+    settings = fast_settings()
+    settings = settings.with_pool(max_connections=4)
+    async with running(settings) as a, running() as b:
+        async with trio.open_nursery() as nursery:
+            for name, arr in arrays.items():
+                nursery.start_soon(a.send_tensor, b.addr, name, arr)
+        assert sorted(b.tensor_names()) == sorted(arrays)
+        for name, arr in arrays.items():
+            assert np.array_equal(b.get_tensor(name), arr)
+        stats = a.pool_stats()
+        (peer_stats,) = stats.values()
+        assert 1 <= peer_stats["size"] <= 4
+        assert peer_stats["dials"] <= 4
+
+
+# 4. rapid-fire sends -----------------------------------------------------------------------
+
+
+async def test_rapid_fire_1000_small_tensors() -> None:
+    async with running() as a, running() as b:
+        for i in range(1000):
+            await a.send_tensor(b.addr, f"s{i}", np.full(16, i, dtype=np.int32))
+        names = []
+        for _ in range(1000):
+            got = await b.receive_tensor()
+            names.append(got.name)
+            assert int(got.array[0]) == int(got.name[1:])
+        assert names == [f"s{i}" for i in range(1000)]
+        assert a.pool_size() == 1
+        (peer_stats,) = a.pool_stats().values()
+        assert peer_stats["dials"] == 1 and peer_stats["reuses"] == 999
+
+
+# 5. large tensor ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_large_tensor_512_mib_byte_exact() -> None:
+    big = np.random.default_rng(5).integers(0, 2**63, size=(512 << 20) // 8, dtype=np.uint64)
+    async with running() as a, running() as b:
+        result = await a.send_tensor(b.addr, "big", big)
+        got = b.get_tensor("big")
+        assert got.nbytes == 512 << 20
+        assert np.array_equal(got, big)
+        assert result.bytes_resent == 0
+        del got
+        b.delete_tensor("big")
+
+
+# 6. several receivers ----------------------------------------------------------------------
+
+
+async def test_several_receivers() -> None:
+    array = random_tensor(300_000)
+    async with running() as a, running() as b, running() as c, running() as d:
+        async with trio.open_nursery() as nursery:
+            for peer in (b, c, d):
+                nursery.start_soon(a.send_tensor, peer.addr, "bcast", array)
+        for peer in (b, c, d):
+            got = await peer.receive_tensor()
+            assert got.sender == a.node_id and np.array_equal(got.array, array)
+        assert a.pool_size() == 3
+
+
+# 7. send before the peer is ready ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_send_before_peer_is_ready_retries_then_succeeds() -> None:
+    port = _free_port()
+    array = random_tensor(50_000)
+    receiver_settings = replace(fast_settings(), listen=HostPort("127.0.0.1", port))
+    async with running() as a:
+        results = []
+
+        async def send() -> None:
+            results.append(await a.send_tensor(f"127.0.0.1:{port}", "early", array))
+
+        async with a.events.subscribe() as events, trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            async for event in events:  # the first attempt has failed: now start the peer
+                if isinstance(event, PeerEvent) and event.state == "connect_failed":
+                    break
+            async with running(receiver_settings) as b:
+                got = await b.receive_tensor()
+                assert np.array_equal(got.array, array)
+        assert results[0].retries >= 1
+
+
+# 8. immediate shutdown mid-transfer --------------------------------------------------------
+
+
+async def test_shutdown_mid_transfer_cancels_cleanly() -> None:
+    big = random_tensor(64 << 20)  # 256 MiB: long enough to be caught in flight
+    async with running() as b:
+        a = TensorNode(fast_settings())
+        errors: list[BaseException] = []
+        with trio.fail_after(30):
+            async with a.events.subscribe() as events, trio.open_nursery() as outer:
+                await a.start(outer)
+
+                async def send() -> None:
+                    try:
+                        await a.send_tensor(b.addr, "big", big)
+                    except NodeClosed as exc:
+                        errors.append(exc)
+
+                outer.start_soon(send)
+                async for event in events:
+                    if isinstance(event, TransferEvent) and event.state == "progress":
+                        break
+                a.shutdown()
+        # the outer nursery exited: no task of the node is left running
+        assert len(errors) == 1
+        assert not a.running
+        with pytest.raises(NodeClosed):
+            await a.send_tensor(b.addr, "again", big[:10])
+        with pytest.raises(TensorNotFound):
+            b.get_tensor("big")
+        # the receiver is unharmed and keeps serving others
+        async with running() as c:
+            await c.send_tensor(b.addr, "after", big[:1000])
+            assert np.array_equal(b.get_tensor("after"), big[:1000])
+
+
+# 9. timeouts -------------------------------------------------------------------------------
+
+
+async def test_connect_timeout_against_a_silent_peer() -> None:
+    """A peer that accepts TCP but never answers the Hello: a typed error, never a hang."""
+    settings = fast_settings(max_retries=1).with_transfer(connect_timeout=0.2)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+
+    async def silent(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, silent, listeners)
+        async with running(settings) as a:
+            with trio.fail_after(10), pytest.raises(PeerUnreachable, match="handshake"):
+                await a.send_tensor(f"127.0.0.1:{port}", "x", np.zeros(10))
+        assert len(accepted) == 2  # one attempt + one retry
+        nursery.cancel_scope.cancel()
+
+
+async def test_io_timeout_when_peer_stops_acknowledging() -> None:
+    """A peer that handshakes, then reads but never acknowledges: the attempt times out."""
+    settings = fast_settings(max_retries=1).with_transfer(io_timeout=0.3)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def mute(stream: trio.SocketStream) -> None:
+        decoder = FrameDecoder()
+        while (msg := decoder.next_message()) is None:
+            decoder.feed(await stream.receive_some(65536))
+        assert isinstance(msg, Hello)
+        await stream.send_all(encode(make_hello("mute", ALL_FEATURES, 1 << 26)))
+        while await stream.receive_some(65536):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, mute, listeners)
+        async with running(settings) as a:
+            with trio.fail_after(10), pytest.raises(TransferFailed, match="no progress"):
+                await a.send_tensor(f"127.0.0.1:{port}", "x", np.zeros(1 << 20))
+        nursery.cancel_scope.cancel()
+
+
+async def test_unreachable_peer_is_a_typed_error() -> None:
+    settings = fast_settings(max_retries=2)
+    async with running(settings) as a:
+        with pytest.raises(PeerUnreachable, match="after 3 attempts"):
+            await a.send_tensor(f"127.0.0.1:{_free_port()}", "x", np.zeros(4))
+
+
+# 10. pull of a non-existent tensor ---------------------------------------------------------
+
+
+async def test_pull_missing_tensor_raises_not_found() -> None:
+    async with running() as a, running() as b:
+        with pytest.raises(TensorNotFound, match="nope"):
+            await b.pull_tensor(a.addr, "nope")
+        # the connection stays usable after the refusal
+        a.put_tensor("yes", np.ones(3))
+        assert np.array_equal(await b.pull_tensor(a.addr, "yes"), np.ones(3))
+        (peer_stats,) = b.pool_stats().values()
+        assert peer_stats["dials"] == 1
+
+
+# 11. bad ticket / address parsing ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "tensord://",
+        "tensord://node@",
+        "tensord://node@host",
+        "tensord://node@host:0",
+        "tensord://node@host:70000",
+        "tensord://bad id@host:1",
+        "http://host:1",
+        "host",
+        "host:port",
+        "[::1:7070",
+        "a b:7070",
+        "x" * 600,
+    ],
+)
+def test_bad_addresses_are_rejected(text: str) -> None:
+    with pytest.raises(BadAddress):
+        parse_address(text)
+
+
+def test_good_addresses_parse() -> None:
+    a = parse_address("tensord://node-1@10.0.0.5:7070")
+    assert (a.node_id, a.host, a.port) == ("node-1", "10.0.0.5", 7070)
+    assert parse_address(a.ticket()) == a
+    b = parse_address("[::1]:7070")
+    assert (b.host, b.port, b.node_id) == ("::1", 7070, None)
+    assert parse_address("gpu-3.cluster.local:9000").host == "gpu-3.cluster.local"
+
+
+async def test_bad_address_in_send_and_wrong_node_id() -> None:
+    async with running() as a, running() as b:
+        with pytest.raises(BadAddress):
+            await a.send_tensor("not an address", "x", np.zeros(1))
+        with pytest.raises(BadAddress, match="unknown peer"):
+            await a.send_tensor("no-such-node", "x", np.zeros(1))
+        wrong = b.addr.replace(b.node_id, "someone-else")
+        with pytest.raises(BadAddress, match="not 'someone-else'"):
+            await a.send_tensor(wrong, "x", np.zeros(1))
+        assert b.tensor_names() == []
+
+
+# 12. calls after shutdown ------------------------------------------------------------------
+
+
+async def test_calls_after_shutdown_raise_node_closed() -> None:
+    async with running() as b:
+        a = TensorNode(fast_settings())
+        with pytest.raises(NodeClosed):
+            await a.send_tensor(b.addr, "x", np.zeros(1))  # never started
+        async with a:
+            pass
+        for call in (
+            lambda: a.send_tensor(b.addr, "x", np.zeros(1)),
+            lambda: a.pull_tensor(b.addr, "x"),
+            a.receive_tensor,
+        ):
+            with pytest.raises(NodeClosed):
+                await call()
+        with pytest.raises(NodeClosed):
+            async with a:
+                pass
+
+
+async def test_receive_waiter_is_woken_by_shutdown() -> None:
+    a = TensorNode(fast_settings())
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await a.start(nursery)
+
+            async def wait() -> None:
+                with pytest.raises(NodeClosed):
+                    await a.receive_tensor()
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            a.shutdown()
+
+
+# 13. pool reuse and idle expiry ------------------------------------------------------------
+
+
+async def test_pool_reuses_one_connection() -> None:
+    async with running() as a, running() as b:
+        for i in range(50):
+            await a.send_tensor(b.addr, f"p{i}", np.full(100, i))
+        assert a.pool_size() == 1
+        assert a.pool_size(b.node_id) == 1
+        (peer_stats,) = a.pool_stats().values()
+        assert peer_stats == {
+            "size": 1,
+            "idle": 1,
+            "in_use": 0,
+            "dials": 1,
+            "reuses": 49,
+            "evictions": 0,
+            "idle_closed": 0,
+        }
+
+
+async def test_pool_idle_connections_expire(autojump_clock: trio.testing.MockClock) -> None:
+    settings = fast_settings().with_pool(max_idle_seconds=300)
+    settings = settings.with_transfer(io_timeout=1e6, connect_timeout=1e6)
+    async with running(settings) as a, running(settings) as b:
+        await a.send_tensor(b.addr, "x", np.zeros(10))
+        assert a.pool_size() == 1
+        await trio.sleep(299)
+        assert a.pool_size() == 1
+        await trio.sleep(2)
+        assert a.pool_size() == 0
+        (peer_stats,) = a.pool_stats().values()
+        assert peer_stats["idle_closed"] == 1
+        # the next send dials again
+        await a.send_tensor(b.addr, "y", np.zeros(10))
+        assert a.pool_size() == 1
+
+
+async def test_dead_pooled_connection_is_evicted_and_redialled() -> None:
+    async with running() as a:
+        b = TensorNode(fast_settings())
+        async with trio.open_nursery() as nursery:
+            await b.start(nursery)
+            port = b.port
+            await a.send_tensor(b.addr, "x", np.zeros(10))
+            b.shutdown()
+        # the peer restarts on the same port; the pooled connection to the old one is dead
+        b2 = replace(fast_settings(), listen=HostPort("127.0.0.1", port), node_id=b.node_id)
+        async with running(b2) as b_again:
+            result = await a.send_tensor(f"127.0.0.1:{port}", "y", np.ones(10))
+            assert np.array_equal(b_again.get_tensor("y"), np.ones(10))
+        # the dead connection was noticed at checkout (no failed attempt) and replaced
+        assert result.retries == 0
+        (peer_stats,) = a.pool_stats().values()
+        assert peer_stats["dials"] == 2
+        assert peer_stats["evictions"] == 1
