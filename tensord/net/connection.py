@@ -221,9 +221,16 @@ def single_error() -> Iterator[None]:
     except BaseExceptionGroup as group:
         leaves = list(_leaves(group))
         real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-        if len(real) == 1:
-            raise real[0] from None
-        raise
+        if not real:
+            raise
+        # When one side breaks, the other usually breaks too (reset while sending, EOF while
+        # reading): report the most telling error - the peer's word, then ours, then the I/O.
+        real.sort(
+            key=lambda e: (
+                0 if isinstance(e, TransferFailed) else 1 if isinstance(e, ProtocolError) else 2
+            )
+        )
+        raise real[0] from None
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

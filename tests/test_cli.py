@@ -1,0 +1,99 @@
+"""The ``tensord`` command as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from .helpers import running
+
+
+def tensord(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORD_", "OLLAMA_"))}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "tensord", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+    )
+
+
+def test_version() -> None:
+    out = tensord("version")
+    assert out.returncode == 0
+    assert out.stdout.startswith("tensord 0.")
+
+
+def test_bad_env_var_exits_78_with_one_line() -> None:
+    out = tensord("serve", env={"OLLAMA_TENSOR_CHUNK_SIZE": "12"})
+    assert out.returncode == 78
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "OLLAMA_TENSOR_CHUNK_SIZE" in lines[0] and "'12'" in lines[0]
+    assert "4 KiB..64 MiB" in lines[0]
+
+
+def test_bad_cluster_file_exits_78_naming_file_and_key(tmp_path: Path) -> None:
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(
+        json.dumps(
+            {
+                "nodes": [{"id": "a", "addr": "10.0.0.1:7070"}],
+                "tensor_protocol": {"max_retries": -1},
+            }
+        )
+    )
+    out = tensord("serve", "--cluster", str(cluster), "--node-id", "a")
+    assert out.returncode == 78
+    assert str(cluster) in out.stderr and "tensor_protocol.max_retries" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_node_id_exits_78(tmp_path: Path) -> None:
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(json.dumps({"nodes": [{"id": "a", "addr": "10.0.0.1:7070"}]}))
+    out = tensord("serve", "--cluster", str(cluster), env={"TENSORD_NODE_ID": "zz"})
+    assert out.returncode == 78
+    assert "TENSORD_NODE_ID" in out.stderr and "'zz'" in out.stderr
+
+
+async def _read_until(stream: trio.abc.ReceiveStream, needle: bytes, seen: bytearray) -> None:
+    while needle not in seen:
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"process ended before printing {needle!r}: {seen.decode()}"
+        seen += chunk
+
+
+async def test_serve_accepts_tensors_and_logs_arrivals() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORD_", "OLLAMA_"))}
+    env |= {"TENSORD_LISTEN": "127.0.0.1:0", "TENSORD_NODE_ID": "cli-node"}
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tensord", "serve"], stderr=subprocess.PIPE, env=env
+    )
+    assert proc.stderr is not None
+    seen = bytearray()
+    try:
+        with trio.fail_after(30):
+            await _read_until(proc.stderr, b"listening on tensord://cli-node@127.0.0.1:", seen)
+            line = seen.decode().split("listening on ")[1].split()[0]
+            array = np.arange(1000, dtype=np.float32)
+            async with running() as a:
+                result = await a.send_tensor(line, "from-test", array)
+            assert result.nbytes == array.nbytes
+            await _read_until(proc.stderr, b"tensor arrived: 'from-test'", seen)
+            assert b"float32 shape (1000,)" in seen
+            proc.send_signal(signal.SIGINT)
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,120 @@
+"""Faults injected by a test-owned TCP proxy: cuts mid-transfer, corrupted bytes."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import trio
+
+from tensord.config import MiB
+
+from .chaos import ChaosProxy, Fault
+from .helpers import fast_settings, running
+
+CHUNK = 256 * 1024
+WINDOW = 2 * MiB
+
+
+def settings():  # type: ignore[no-untyped-def]
+    return (
+        fast_settings(chunk_size=CHUNK)
+        .with_transfer(window_bytes=WINDOW)
+        .with_protocol(enable_compression=False)
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_cut_at_random_byte_resumes_and_resends_at_most_the_window(seed: int) -> None:
+    size = 24 * MiB
+    array = np.random.default_rng(seed).integers(0, 255, size=size, dtype=np.uint8)
+    cut = random.Random(seed).randrange(size // 20, size - size // 20)
+    async with running(settings()) as a, running(settings()) as b:
+        async with trio.open_nursery() as nursery:
+            proxy = ChaosProxy(b.port, faults={0: Fault(cut_after=cut)})
+            await nursery.start(proxy.run)
+            result = await a.send_tensor(proxy.addr, "cut", array)
+            nursery.cancel_scope.cancel()
+        got = b.get_tensor("cut")
+        assert got.tobytes() == array.tobytes()
+        assert proxy.conns[0].cut
+        assert result.retries == 1
+        # Only what was in flight at the cut travels twice, never the whole tensor.
+        assert result.bytes_resent <= WINDOW
+        assert result.bytes_sent <= size + WINDOW
+        # ...and the proxy agrees: the second connection carried only the missing part.
+        second = proxy.conns[1].upstream
+        assert second <= size - cut + WINDOW + 64 * 1024
+
+
+async def test_cut_several_times_still_completes() -> None:
+    size = 16 * MiB
+    array = np.random.default_rng(7).integers(0, 255, size=size, dtype=np.uint8)
+    faults = {i: Fault(cut_after=1_000_000 + 777 * i) for i in range(4)}
+    async with running(settings()) as a, running(settings()) as b:
+        async with trio.open_nursery() as nursery:
+            proxy = ChaosProxy(b.port, faults=faults)
+            await nursery.start(proxy.run)
+            result = await a.send_tensor(proxy.addr, "cuts", array)
+            nursery.cancel_scope.cancel()
+        assert b.get_tensor("cuts").tobytes() == array.tobytes()
+        assert result.retries == 4
+        assert result.bytes_resent <= 4 * WINDOW
+
+
+async def test_too_many_cuts_fail_with_a_typed_error_and_nothing_stored() -> None:
+    from tensord.errors import TransferFailed
+
+    size = 4 * MiB
+    array = np.zeros(size, dtype=np.uint8) + 1
+    faults = {i: Fault(cut_after=100_000) for i in range(10)}
+    s = settings().with_protocol(max_retries=2)
+    async with running(s) as a, running(settings()) as b:
+        async with trio.open_nursery() as nursery:
+            proxy = ChaosProxy(b.port, faults=faults)
+            await nursery.start(proxy.run)
+            with pytest.raises(TransferFailed, match="after 3 attempts"):
+                await a.send_tensor(proxy.addr, "doomed", array)
+            nursery.cancel_scope.cancel()
+        assert b.tensor_names() == []
+
+
+@pytest.mark.parametrize("where", ["payload", "header"])
+async def test_corrupted_byte_never_yields_a_corrupt_tensor(where: str) -> None:
+    size = 4 * MiB
+    array = np.random.default_rng(11).integers(0, 255, size=size, dtype=np.uint8)
+    # The first bytes upstream are the Hello and Begin frames, then chunk 0's header; a byte
+    # 100 KiB in lands inside chunk 0's payload; byte 0 is the Hello's length prefix (which
+    # then claims a 4 GiB header).
+    offset = 100 * 1024 if where == "payload" else 0
+    async with running(settings()) as a, running(settings()) as b:
+        async with trio.open_nursery() as nursery:
+            proxy = ChaosProxy(b.port, faults={0: Fault(corrupt_at=offset)})
+            await nursery.start(proxy.run)
+            result = await a.send_tensor(proxy.addr, "crc", array)
+            nursery.cancel_scope.cancel()
+        assert proxy.conns[0].corrupted
+        assert b.get_tensor("crc").tobytes() == array.tobytes()
+        if where == "payload":
+            # crc32c caught it: that one chunk was sent again on the same connection
+            assert result.nacks == 1 and result.retries == 0
+            assert result.bytes_resent == CHUNK
+        else:
+            # a broken header is a protocol error: new connection, transfer from the start
+            assert result.retries >= 1
+
+
+async def test_corrupted_compressed_chunk_is_resent() -> None:
+    size = 4 * MiB
+    array = np.zeros(size, dtype=np.uint8)
+    array[::7] = 3  # compressible, not trivially
+    s = settings().with_protocol(enable_compression=True)
+    async with running(s) as a, running(s) as b:
+        async with trio.open_nursery() as nursery:
+            proxy = ChaosProxy(b.port, faults={0: Fault(corrupt_at=2000)})
+            await nursery.start(proxy.run)
+            result = await a.send_tensor(proxy.addr, "z", array)
+            nursery.cancel_scope.cancel()
+        assert result.chunks_compressed > 0
+        assert b.get_tensor("z").tobytes() == array.tobytes()
