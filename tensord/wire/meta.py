@@ -49,10 +49,9 @@ def _allowed_strings() -> dict[str, int]:
     allowed: dict[str, int] = {}
     for name in _NUMPY_DTYPES:
         dt = np.dtype(name)
-        allowed[dt.str] = dt.itemsize
-        if dt.itemsize > 1:
-            allowed[dt.newbyteorder(">").str] = dt.itemsize
-            allowed[dt.newbyteorder("<").str] = dt.itemsize
+        # Any byte-order mark is accepted ("<u1" from a peer means "|u1"); numpy parses all.
+        for order in "<>|":
+            allowed[order + dt.str[1:]] = dt.itemsize
     allowed.update(EXTENDED_DTYPES)
     return allowed
 
