@@ -49,7 +49,7 @@ from .net.stream import ConnectionClosed
 from .net.tcp import dial, open_listeners, serve
 from .wire.compress import AdaptiveCompressor
 from .wire.frames import FrameDecoder
-from .wire.handshake import VERSIONS, local_features, make_hello
+from .wire.handshake import VERSIONS, Agreement, local_features, make_hello
 from .wire.messages import Begin, Error, Hello, Legacy, Ping, Pong, Request
 from .wire.meta import TensorMeta
 from .wire.transfer import ReceiveState, ReceiveTransfer, SendTransfer
@@ -473,19 +473,7 @@ class TensorNode:
                         chunk = min(proto.chunk_size, agr.peer_max_chunk)
                         resume = xfer is not None and agr.resume
                         if xfer is None or xfer.crc != agr.crc or xfer.chunk_size != chunk:
-                            comp = AdaptiveCompressor(
-                                enabled=agr.lz4 and proto.enable_compression,
-                                threshold=proto.compression_threshold,
-                            )
-                            xfer = SendTransfer(
-                                xid,
-                                meta,
-                                data,
-                                chunk_size=chunk,
-                                window=max(2, t.window_bytes // chunk),
-                                crc=agr.crc,
-                                compressor=comp,
-                            )
+                            xfer = self._new_send(xid, meta, data, agr)
                             resume = False
                         await send_chunked(
                             conn, xfer, resume=resume, io_timeout=t.io_timeout, progress=progress
@@ -816,21 +804,27 @@ class TensorNode:
         if not agr.chunked:
             await send_legacy(conn, meta, data, io_timeout=t.io_timeout)
             return
+        xfer = self._new_send(secrets.token_hex(8), meta, data, agr)
+        await send_chunked(conn, xfer, resume=False, io_timeout=t.io_timeout)
+
+    def _new_send(
+        self, xid: str, meta: TensorMeta, data: memoryview, agr: Agreement
+    ) -> SendTransfer:
+        """A sender state machine for what this connection agreed (chunk size, crc, lz4)."""
         proto = self.settings.tensor_protocol
         chunk = min(proto.chunk_size, agr.peer_max_chunk)
         comp = AdaptiveCompressor(
             enabled=agr.lz4 and proto.enable_compression, threshold=proto.compression_threshold
         )
-        xfer = SendTransfer(
-            secrets.token_hex(8),
+        return SendTransfer(
+            xid,
             meta,
             data,
             chunk_size=chunk,
-            window=max(2, t.window_bytes // chunk),
+            window=max(2, self.settings.transfer.window_bytes // chunk),
             crc=agr.crc,
             compressor=comp,
         )
-        await send_chunked(conn, xfer, resume=False, io_timeout=t.io_timeout)
 
 
 def _contiguous(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

@@ -16,7 +16,7 @@ from ..errors import ProtocolError
 from .meta import TensorMeta
 
 PROTOCOL_NAME = "tensord"
-_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
+_ID_RE = re.compile(r"^[0-9a-f]{8,64}\Z")  # \Z: "$" lets "x\n" through
 Ranges = tuple[tuple[int, int], ...]  # half-open [start, end) ranges of chunk indices
 
 MAX_RANGES = 4096

@@ -59,7 +59,7 @@ def _allowed_strings() -> dict[str, int]:
 #: Wire dtype string -> item size. numpy's ``dtype.str`` (``<f4``) or an extended name.
 ALLOWED_DTYPES: dict[str, int] = _allowed_strings()
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+=\-/]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+=\-/]*\Z")  # \Z: "$" lets "x\n" through
 
 
 def check_name(name: object) -> str:
