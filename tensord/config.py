@@ -30,7 +30,7 @@ DEFAULT_PEER_PORT = 7070
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TRANSPORTS = ("tcp", "quic")
 
-_NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")  # \Z: "$" lets "x\n" in
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*$")
 
 
@@ -284,7 +284,9 @@ def _range_text(lo: int | None, hi: int | None) -> str:
 T = TypeVar("T")
 
 
-def _section(where: str, value: object, keys: Mapping[str, Callable[[str, object], Any]]) -> dict[str, Any]:
+def _section(
+    where: str, value: object, keys: Mapping[str, Callable[[str, object], Any]]
+) -> dict[str, Any]:
     """Validate a JSON object against known keys; unknown keys are errors, not silently ignored."""
     if not isinstance(value, dict):
         raise _fail(where, value, "a JSON object")
@@ -306,18 +308,38 @@ def _nullable(parser: Callable[[str, object], T]) -> Callable[[str, object], T |
     return parse
 
 
+def _not_string(where: str, value: object, accepted: str) -> None:
+    """In the JSON file, numbers and booleans are JSON numbers and booleans, not strings
+    (env vars are always strings and use the parsers directly)."""
+    if isinstance(value, str):
+        raise _fail(where, value, f"{accepted} (a JSON value, not a string)")
+
+
 def _int_in(lo: int | None = None, hi: int | None = None) -> Callable[[str, object], int]:
-    return lambda where, value: parse_int(where, value, lo, hi)
+    def parse(where: str, value: object) -> int:
+        _not_string(where, value, "an integer")
+        return parse_int(where, value, lo, hi)
+
+    return parse
 
 
 def _float_min(lo: float) -> Callable[[str, object], float]:
-    return lambda where, value: parse_float(where, value, lo)
+    def parse(where: str, value: object) -> float:
+        _not_string(where, value, "a number")
+        return parse_float(where, value, lo)
+
+    return parse
+
+
+def _json_bool(where: str, value: object) -> bool:
+    _not_string(where, value, "true or false")
+    return parse_bool(where, value)
 
 
 _PROTOCOL_KEYS: dict[str, Callable[[str, object], Any]] = {
-    "use_streaming_protocol": parse_bool,
+    "use_streaming_protocol": _json_bool,
     "chunk_size": _int_in(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE),
-    "enable_compression": parse_bool,
+    "enable_compression": _json_bool,
     "compression_threshold": _int_in(0),
     "max_retries": _int_in(0, 100),
     "retry_base_delay": _int_in(0, 60_000),
@@ -347,7 +369,9 @@ def _parse_tls(where: str, value: object) -> TlsSettings | None:
     if value is None:
         return None
     keys: dict[str, Callable[[str, object], Any]] = {
-        "ca": parse_path, "cert": parse_path, "key": parse_path
+        "ca": parse_path,
+        "cert": parse_path,
+        "key": parse_path,
     }
     got = _section(where, value, keys)
     missing = [k for k in keys if k not in got]
@@ -358,7 +382,9 @@ def _parse_tls(where: str, value: object) -> TlsSettings | None:
 
 def _parse_security(where: str, value: object) -> SecuritySettings:
     keys: dict[str, Callable[[str, object], Any]] = {
-        "secret_file": _nullable(parse_path), "tls": _parse_tls, "insecure": parse_bool
+        "secret_file": _nullable(parse_path),
+        "tls": _parse_tls,
+        "insecure": _json_bool,
     }
     return SecuritySettings(**_section(where, value, keys))
 
@@ -393,7 +419,9 @@ def _parse_nodes(where: str, value: object) -> tuple[NodeEntry, ...]:
     seen: set[str] = set()
     for i, node in enumerate(nodes):
         if node.id in seen:
-            raise ConfigError(f"{where}[{i}].id: {node.id!r} is a duplicate: node ids must be unique")
+            raise ConfigError(
+                f"{where}[{i}].id: {node.id!r} is a duplicate: node ids must be unique"
+            )
         seen.add(node.id)
     return nodes
 
@@ -433,7 +461,12 @@ def read_cluster_file(path: Path) -> dict[str, Any]:
 
 _EnvParser = Callable[[str, object], Any]
 _ENV_PROTOCOL: tuple[tuple[str, str, str, _EnvParser], ...] = (
-    ("TENSORD_CHUNK_SIZE", "OLLAMA_TENSOR_CHUNK_SIZE", "chunk_size", _PROTOCOL_KEYS["chunk_size"]),
+    (
+        "TENSORD_CHUNK_SIZE",
+        "OLLAMA_TENSOR_CHUNK_SIZE",
+        "chunk_size",
+        lambda w, v: parse_int(w, v, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE),
+    ),
     (
         "TENSORD_ENABLE_COMPRESSION",
         "OLLAMA_TENSOR_ENABLE_COMPRESSION",
@@ -444,14 +477,19 @@ _ENV_PROTOCOL: tuple[tuple[str, str, str, _EnvParser], ...] = (
         "TENSORD_COMPRESSION_THRESHOLD",
         "OLLAMA_TENSOR_COMPRESSION_THRESHOLD",
         "compression_threshold",
-        _PROTOCOL_KEYS["compression_threshold"],
+        lambda w, v: parse_int(w, v, 0),
     ),
-    ("TENSORD_MAX_RETRIES", "OLLAMA_TENSOR_MAX_RETRIES", "max_retries", _PROTOCOL_KEYS["max_retries"]),
+    (
+        "TENSORD_MAX_RETRIES",
+        "OLLAMA_TENSOR_MAX_RETRIES",
+        "max_retries",
+        lambda w, v: parse_int(w, v, 0, 100),
+    ),
     (
         "TENSORD_RETRY_DELAY",
         "OLLAMA_TENSOR_RETRY_DELAY",
         "retry_base_delay",
-        _PROTOCOL_KEYS["retry_base_delay"],
+        lambda w, v: parse_int(w, v, 0, 60_000),
     ),
     (
         "TENSORD_STREAMING_PROTOCOL",
@@ -522,16 +560,16 @@ def load_settings(
 
     transfer = file.get("transfer", base.transfer)
     if (found := _env(env, "TENSORD_WINDOW_BYTES")) is not None:
-        transfer = replace(transfer, window_bytes=_TRANSFER_KEYS["window_bytes"](*found))
+        transfer = replace(transfer, window_bytes=parse_int(*found, 64 * KiB, 4 * GiB))
     if (found := _env(env, "TENSORD_MAX_TENSOR_BYTES")) is not None:
-        transfer = replace(transfer, max_tensor_bytes=_TRANSFER_KEYS["max_tensor_bytes"](*found))
+        transfer = replace(transfer, max_tensor_bytes=parse_int(*found, 1, 1 << 50))
 
     security = file.get("security", base.security)
     if (found := _env(env, "TENSORD_CLUSTER_SECRET_FILE")) is not None:
         security = replace(security, secret_file=parse_path(*found))
     downloads = file.get("downloads", base.downloads)
     if (found := _env(env, "TENSORD_DOWNLOAD_CONNECTIONS")) is not None:
-        downloads = replace(downloads, connections=_DOWNLOAD_KEYS["connections"](*found))
+        downloads = replace(downloads, connections=parse_int(*found, 1, 64))
     gateway = file.get("gateway", base.gateway)
     if (found := _env(env, "TENSORD_GATEWAY_LISTEN")) is not None:
         gateway = replace(gateway, listen=parse_hostport(*found))
@@ -560,7 +598,9 @@ def load_settings(
             f"of {', '.join(n.id for n in nodes)}"
         )
     entry = next((n for n in nodes if n.id == me), None)
-    if nodes and entry is None:
+    explicit = node_id is not None or _env(env, "TENSORD_NODE_ID") is not None
+    if nodes and entry is None and (explicit or not library):
+        # A library node with no id of its own is a client of the cluster, not one of its nodes.
         where = "--node-id" if node_id is not None else "TENSORD_NODE_ID"
         raise ConfigError(
             f"{where}: {me!r} is not valid: expected one of the cluster file's node ids "

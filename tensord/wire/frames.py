@@ -43,17 +43,27 @@ class FrameDecoder:
     caller read directly) before the next message can be decoded.
     """
 
-    def __init__(self, max_header: int = DEFAULT_MAX_HEADER, max_payload: int = 64 << 20,
-                 max_tensor_bytes: int = 1 << 40) -> None:
+    def __init__(
+        self,
+        max_header: int = DEFAULT_MAX_HEADER,
+        max_payload: int = 64 << 20,
+        max_tensor_bytes: int = 1 << 40,
+    ) -> None:
         self.max_header = max_header
         self.max_payload = max_payload
         self.max_tensor_bytes = max_tensor_bytes
         self._buf = bytearray()
         self._pos = 0
         self.payload_pending = 0
-        self._unpacker_opts = {"raw": False, "strict_map_key": True, "max_bin_len": 0,
-                               "max_ext_len": 0, "max_str_len": max_header,
-                               "max_array_len": max_header, "max_map_len": 64}
+        self._unpacker_opts = {
+            "raw": False,
+            "strict_map_key": True,
+            "max_bin_len": 0,
+            "max_ext_len": 0,
+            "max_str_len": max_header,
+            "max_array_len": max_header,
+            "max_map_len": 64,
+        }
 
     @property
     def buffered(self) -> int:
@@ -81,8 +91,9 @@ class FrameDecoder:
             return None
         start = self._pos + PREFIX.size
         try:
-            raw = msgpack.unpackb(memoryview(self._buf)[start : start + hlen],
-                                  **self._unpacker_opts)
+            raw = msgpack.unpackb(
+                memoryview(self._buf)[start : start + hlen], **self._unpacker_opts
+            )
         except ProtocolError:
             raise
         except Exception as exc:  # msgpack raises several unrelated types on bad input
@@ -90,8 +101,10 @@ class FrameDecoder:
         msg = from_header(raw, self.max_tensor_bytes)
         n = payload_len(msg)
         if n > self.max_payload:
-            raise ProtocolError(f"frame payload of {n} bytes exceeds the limit of "
-                                f"{self.max_payload}", code="too_large")
+            raise ProtocolError(
+                f"frame payload of {n} bytes exceeds the limit of {self.max_payload}",
+                code="too_large",
+            )
         self._pos = start + hlen
         self.payload_pending = n
         return msg

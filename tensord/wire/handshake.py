@@ -54,20 +54,25 @@ def local_features(*, streaming: bool, compression: bool) -> frozenset[str]:
     return frozenset(out)
 
 
-def make_hello(node_id: str, features: frozenset[str], max_chunk: int,
-               versions: tuple[int, ...] = VERSIONS) -> Hello:
+def make_hello(
+    node_id: str, features: frozenset[str], max_chunk: int, versions: tuple[int, ...] = VERSIONS
+) -> Hello:
     return Hello(PROTOCOL_NAME, versions, node_id, features, max_chunk)
 
 
 def answer_hello(local: Hello, remote: Hello) -> tuple[Hello, Agreement]:
     """Listener side: the reply to send and the agreement, or :class:`ProtocolError`."""
     if remote.proto != PROTOCOL_NAME:
-        raise ProtocolError(f"peer speaks {remote.proto!r}, not {PROTOCOL_NAME!r}",
-                            code="bad_protocol")
+        raise ProtocolError(
+            f"peer speaks {remote.proto!r}, not {PROTOCOL_NAME!r}", code="bad_protocol"
+        )
     common = set(local.versions) & set(remote.versions)
     if not common:
-        raise ProtocolError(f"no common protocol version: ours {list(local.versions)}, the peer's "
-                            f"{list(remote.versions)}", code="version")
+        raise ProtocolError(
+            f"no common protocol version: ours {list(local.versions)}, the peer's "
+            f"{list(remote.versions)}",
+            code="version",
+        )
     version = max(common)
     features = local.features & remote.features
     reply = Hello(PROTOCOL_NAME, (version,), local.node, features, local.max_chunk)
@@ -77,11 +82,14 @@ def answer_hello(local: Hello, remote: Hello) -> tuple[Hello, Agreement]:
 def accept_reply(local: Hello, reply: Hello) -> Agreement:
     """Dialer side: check the listener's reply against what we offered."""
     if reply.proto != PROTOCOL_NAME:
-        raise ProtocolError(f"peer speaks {reply.proto!r}, not {PROTOCOL_NAME!r}",
-                            code="bad_protocol")
+        raise ProtocolError(
+            f"peer speaks {reply.proto!r}, not {PROTOCOL_NAME!r}", code="bad_protocol"
+        )
     if len(reply.versions) != 1 or reply.versions[0] not in local.versions:
-        raise ProtocolError(f"peer chose version {list(reply.versions)}, we offered "
-                            f"{list(local.versions)}", code="version")
+        raise ProtocolError(
+            f"peer chose version {list(reply.versions)}, we offered {list(local.versions)}",
+            code="version",
+        )
     if not reply.features <= local.features:
         extra = ", ".join(sorted(reply.features - local.features))
         raise ProtocolError(f"peer agreed to features we did not offer: {extra}")

@@ -134,7 +134,19 @@ class Pong:
 
 
 Message = (
-    Hello | Begin | Accept | Chunk | Ack | Nack | End | Stored | Error | Request | Legacy | Ping | Pong
+    Hello
+    | Begin
+    | Accept
+    | Chunk
+    | Ack
+    | Nack
+    | End
+    | Stored
+    | Error
+    | Request
+    | Legacy
+    | Ping
+    | Pong
 )
 
 
@@ -157,8 +169,14 @@ def to_header(msg: Message) -> dict[str, Any]:
     """The header map of a message (msgpack-ready)."""
     match msg:
         case Chunk(id, index, offset, raw_len, wire_len, crc, compressed):
-            h: dict[str, Any] = {"t": "chunk", "id": id, "i": index, "o": offset, "r": raw_len,
-                                 "n": wire_len}
+            h: dict[str, Any] = {
+                "t": "chunk",
+                "id": id,
+                "i": index,
+                "o": offset,
+                "r": raw_len,
+                "n": wire_len,
+            }
             if crc is not None:
                 h["c"] = crc
             if compressed:
@@ -170,11 +188,23 @@ def to_header(msg: Message) -> dict[str, Any]:
                 h["r"] = _ranges(ranges)
             return h
         case Hello(proto, versions, node, features, max_chunk):
-            return {"t": "hello", "proto": proto, "v": list(versions), "node": node,
-                    "f": sorted(features), "mc": max_chunk}
+            return {
+                "t": "hello",
+                "proto": proto,
+                "v": list(versions),
+                "node": node,
+                "f": sorted(features),
+                "mc": max_chunk,
+            }
         case Begin(id, meta, chunk_size, window, resume):
-            return {"t": "begin", "id": id, "meta": meta.to_wire(), "cs": chunk_size,
-                    "w": window, "resume": resume}
+            return {
+                "t": "begin",
+                "id": id,
+                "meta": meta.to_wire(),
+                "cs": chunk_size,
+                "w": window,
+                "resume": resume,
+            }
         case Accept(id, have):
             return {"t": "accept", "id": id, "have": _ranges(have)}
         case Nack(id, index):
@@ -247,9 +277,12 @@ class _Fields:
             raise self._bad(key, f"a list of at most {MAX_RANGES} [start, end) ranges")
         out = []
         for r in v:
-            if (not isinstance(r, list) or len(r) != 2
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
-                    or not 0 <= r[0] < r[1] < 1 << 40):
+            if (
+                not isinstance(r, list)
+                or len(r) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                or not 0 <= r[0] < r[1] < 1 << 40
+            ):
                 raise self._bad(key, "a list of [start, end) ranges with 0 <= start < end")
             out.append((r[0], r[1]))
         return tuple(out)
@@ -269,25 +302,43 @@ def from_header(h: object, max_tensor_bytes: int) -> Message:
 def _hello(f: _Fields, _: int) -> Hello:
     versions = f.h.get("v")
     features = f.h.get("f")
-    if (not isinstance(versions, list) or not 1 <= len(versions) <= 16
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 16
-                       for v in versions)):
+    if (
+        not isinstance(versions, list)
+        or not 1 <= len(versions) <= 16
+        or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 16 for v in versions
+        )
+    ):
         raise f._bad("v", "a list of 1-16 protocol versions")
-    if (not isinstance(features, list) or len(features) > 64
-            or not all(isinstance(x, str) and len(x) <= 32 for x in features)):
+    if (
+        not isinstance(features, list)
+        or len(features) > 64
+        or not all(isinstance(x, str) and len(x) <= 32 for x in features)
+    ):
         raise f._bad("f", "a list of at most 64 feature names")
-    return Hello(f.str_("proto", 32), tuple(versions), f.str_("node", 63), frozenset(features),
-                 f.int_("mc", 1))
+    return Hello(
+        f.str_("proto", 32),
+        tuple(versions),
+        f.str_("node", 63),
+        frozenset(features),
+        f.int_("mc", 1),
+    )
 
 
 def _begin(f: _Fields, max_bytes: int) -> Begin:
-    return Begin(f.id(), TensorMeta.from_wire(f.h.get("meta"), max_bytes), f.int_("cs", 1),
-                 f.int_("w", 1, 1 << 20), f.bool_("resume"))
+    return Begin(
+        f.id(),
+        TensorMeta.from_wire(f.h.get("meta"), max_bytes),
+        f.int_("cs", 1),
+        f.int_("w", 1, 1 << 20),
+        f.bool_("resume"),
+    )
 
 
 def _chunk(f: _Fields, _: int) -> Chunk:
-    return Chunk(f.id(), f.int_("i"), f.int_("o"), f.int_("r"), f.int_("n"), f.opt_crc("c"),
-                 f.bool_("z"))
+    return Chunk(
+        f.id(), f.int_("i"), f.int_("o"), f.int_("r"), f.int_("n"), f.opt_crc("c"), f.bool_("z")
+    )
 
 
 def _error(f: _Fields, _: int) -> Error:

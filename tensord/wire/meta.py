@@ -86,8 +86,9 @@ def wire_dtype(dtype: np.dtype[Any] | str) -> str:
     if dt.name in EXTENDED_DTYPES:
         return dt.name
     if dt.str not in ALLOWED_DTYPES:
-        raise ProtocolError(f"dtype {dt!s} is not supported: expected one of {_dtype_list()}",
-                            code="bad_dtype")
+        raise ProtocolError(
+            f"dtype {dt!s} is not supported: expected one of {_dtype_list()}", code="bad_dtype"
+        )
     return dt.str
 
 
@@ -105,8 +106,12 @@ def numpy_dtype(wire: str) -> np.dtype[Any]:
 
 
 def _dtype_list() -> str:
-    return ", ".join(sorted({np.dtype(s).name for s in ALLOWED_DTYPES if s not in EXTENDED_DTYPES}
-                            | set(EXTENDED_DTYPES)))
+    return ", ".join(
+        sorted(
+            {np.dtype(s).name for s in ALLOWED_DTYPES if s not in EXTENDED_DTYPES}
+            | set(EXTENDED_DTYPES)
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,21 +125,38 @@ class TensorMeta:
     requires_grad: bool = False
 
     @classmethod
-    def of(cls, name: str, array: np.ndarray[Any, Any], requires_grad: bool = False,
-           dtype: str | None = None) -> TensorMeta:
+    def of(
+        cls,
+        name: str,
+        array: np.ndarray[Any, Any],
+        requires_grad: bool = False,
+        dtype: str | None = None,
+    ) -> TensorMeta:
         """Metadata for a C-contiguous array (``dtype`` overrides, e.g. bf16 sent as uint16)."""
         wire = wire_dtype(dtype if dtype is not None else array.dtype)
-        meta = cls(check_name(name), wire, tuple(int(d) for d in array.shape),
-                   int(array.nbytes), bool(requires_grad))
+        meta = cls(
+            check_name(name),
+            wire,
+            tuple(int(d) for d in array.shape),
+            int(array.nbytes),
+            bool(requires_grad),
+        )
         if dtype is not None and ALLOWED_DTYPES[wire] != array.dtype.itemsize:
             raise ProtocolError(
                 f"dtype {dtype} has item size {ALLOWED_DTYPES[wire]} but the array's is "
-                f"{array.dtype.itemsize}", code="bad_dtype")
+                f"{array.dtype.itemsize}",
+                code="bad_dtype",
+            )
         return meta
 
     def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-                "nbytes": self.nbytes, "grad": self.requires_grad}
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "grad": self.requires_grad,
+        }
 
     @classmethod
     def from_wire(cls, raw: object, max_bytes: int) -> TensorMeta:
@@ -144,28 +166,46 @@ class TensorMeta:
         name = check_name(raw.get("name"))
         dtype = raw.get("dtype")
         if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-            raise ProtocolError(f"tensor {name!r}: dtype {str(dtype)[:40]!r} is not allowed: "
-                                f"expected one of {_dtype_list()}", code="bad_dtype")
+            raise ProtocolError(
+                f"tensor {name!r}: dtype {str(dtype)[:40]!r} is not allowed: "
+                f"expected one of {_dtype_list()}",
+                code="bad_dtype",
+            )
         shape = raw.get("shape")
-        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62
-                           for d in shape)):
-            raise ProtocolError(f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} "
-                                "non-negative integers", code="bad_meta")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62 for d in shape
+            )
+        ):
+            raise ProtocolError(
+                f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} "
+                "non-negative integers",
+                code="bad_meta",
+            )
         nbytes = raw.get("nbytes")
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-            raise ProtocolError(f"tensor {name!r}: nbytes must be a non-negative integer",
-                                code="bad_meta")
+            raise ProtocolError(
+                f"tensor {name!r}: nbytes must be a non-negative integer", code="bad_meta"
+            )
         if nbytes > max_bytes:
-            raise ProtocolError(f"tensor {name!r}: {nbytes} bytes exceeds the limit of "
-                                f"{max_bytes} (transfer.max_tensor_bytes)", code="too_large")
+            raise ProtocolError(
+                f"tensor {name!r}: {nbytes} bytes exceeds the limit of "
+                f"{max_bytes} (transfer.max_tensor_bytes)",
+                code="too_large",
+            )
         if math.prod(shape) * ALLOWED_DTYPES[dtype] != nbytes:
-            raise ProtocolError(f"tensor {name!r}: shape {shape} x itemsize "
-                                f"{ALLOWED_DTYPES[dtype]} != nbytes {nbytes}", code="bad_meta")
+            raise ProtocolError(
+                f"tensor {name!r}: shape {shape} x itemsize "
+                f"{ALLOWED_DTYPES[dtype]} != nbytes {nbytes}",
+                code="bad_meta",
+            )
         grad = raw.get("grad", False)
         if not isinstance(grad, bool):
-            raise ProtocolError(f"tensor {name!r}: requires_grad must be a boolean",
-                                code="bad_meta")
+            raise ProtocolError(
+                f"tensor {name!r}: requires_grad must be a boolean", code="bad_meta"
+            )
         return cls(name, dtype, tuple(shape), nbytes, grad)
 
     def empty_array(self) -> np.ndarray[Any, Any]:

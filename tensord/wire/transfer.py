@@ -88,9 +88,17 @@ class SendState(enum.Enum):
 class SendTransfer:
     """Sender side of one transfer. ``data`` is the tensor's bytes as a flat ``B`` memoryview."""
 
-    def __init__(self, xid: str, meta: TensorMeta, data: memoryview, *, chunk_size: int,
-                 window: int, crc: bool = True,
-                 compressor: AdaptiveCompressor | None = None) -> None:
+    def __init__(
+        self,
+        xid: str,
+        meta: TensorMeta,
+        data: memoryview,
+        *,
+        chunk_size: int,
+        window: int,
+        crc: bool = True,
+        compressor: AdaptiveCompressor | None = None,
+    ) -> None:
         if len(data) != meta.nbytes:
             raise ValueError("data length does not match the metadata")
         self.id = xid
@@ -259,11 +267,20 @@ class ReceiveTransfer:
     sender's resumed ``Begin`` finds it again by id, so only missing chunks travel twice.
     """
 
-    def __init__(self, begin: Begin, dest: memoryview, *, sender: str = "", crc: bool = True,
-                 max_chunk: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        begin: Begin,
+        dest: memoryview,
+        *,
+        sender: str = "",
+        crc: bool = True,
+        max_chunk: int = 64 << 20,
+    ) -> None:
         if not MIN_CHUNK <= begin.chunk_size <= max_chunk:
-            raise ProtocolError(f"chunk size {begin.chunk_size} is outside {MIN_CHUNK}.."
-                                f"{max_chunk}", code="too_large")
+            raise ProtocolError(
+                f"chunk size {begin.chunk_size} is outside {MIN_CHUNK}..{max_chunk}",
+                code="too_large",
+            )
         if len(dest) != begin.meta.nbytes:
             raise ValueError("destination length does not match the metadata")
         self.begin = begin
@@ -286,8 +303,9 @@ class ReceiveTransfer:
 
     def matches(self, begin: Begin) -> bool:
         """Is ``begin`` a resume of this transfer (same id, tensor and chunking)?"""
-        return (begin.id == self.id and begin.meta == self.meta
-                and begin.chunk_size == self.chunk_size)
+        return (
+            begin.id == self.id and begin.meta == self.meta and begin.chunk_size == self.chunk_size
+        )
 
     def rebegin(self, begin: Begin) -> list[Message]:
         """A resumed attempt on a new connection: forget the old End, report what we have."""
@@ -304,7 +322,8 @@ class ReceiveTransfer:
             return 0
         last = self.nchunks - 1
         return self.have_count * self.chunk_size - (
-            (self.chunk_size - self.chunk_len(last)) if self._have[last] else 0)
+            (self.chunk_size - self.chunk_len(last)) if self._have[last] else 0
+        )
 
     def chunk_len(self, index: int) -> int:
         return min(self.chunk_size, self.meta.nbytes - index * self.chunk_size)
@@ -319,8 +338,10 @@ class ReceiveTransfer:
             raise ProtocolError(f"chunk index {c.index} outside 0..{self.nchunks - 1}")
         expected = self.chunk_len(c.index)
         if c.offset != c.index * self.chunk_size or c.raw_len != expected:
-            raise ProtocolError(f"chunk {c.index}: offset/length {c.offset}/{c.raw_len} do not "
-                                f"match {c.index * self.chunk_size}/{expected}")
+            raise ProtocolError(
+                f"chunk {c.index}: offset/length {c.offset}/{c.raw_len} do not "
+                f"match {c.index * self.chunk_size}/{expected}"
+            )
         if c.compressed:
             if c.wire_len > lz4_bound(expected):
                 raise ProtocolError(f"chunk {c.index}: compressed length {c.wire_len} too large")
@@ -401,7 +422,14 @@ class ReceiveTransfer:
                 self.state = ReceiveState.FAILED
                 self._have = bytearray(self.nchunks)
                 self.have_count = 0
-                return [*acks, Error("checksum", f"tensor {self.meta.name!r}: whole-tensor "
-                                     f"crc32c {whole:#010x} != {self._end.crc:#010x}", self.id)]
+                return [
+                    *acks,
+                    Error(
+                        "checksum",
+                        f"tensor {self.meta.name!r}: whole-tensor "
+                        f"crc32c {whole:#010x} != {self._end.crc:#010x}",
+                        self.id,
+                    ),
+                ]
         self.state = ReceiveState.DONE
         return [*acks, Stored(self.id)]
