@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -39,28 +40,37 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def serve(settings: Settings) -> None:
-    """Run a node until interrupted, logging every tensor that arrives."""
+    """Run a node until SIGINT/SIGTERM, logging every tensor that arrives."""
     from .node import TensorNode
 
-    async with TensorNode(settings) as node:
-        log.info(
-            "tensord %s: node %s listening on %s (cluster %r, %d peers)",
-            __version__,
-            node.node_id,
-            node.addr,
-            settings.cluster_name,
-            len(settings.peers),
-        )
-        while True:
-            arrival = await node.receive_tensor()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with TensorNode(settings) as node, trio.open_nursery() as nursery:
             log.info(
-                "tensor arrived: %r from %s: dtype %s shape %s (%d bytes)",
-                arrival.name,
-                arrival.sender,
-                arrival.array.dtype,
-                arrival.array.shape,
-                arrival.array.nbytes,
+                "tensord %s: node %s listening on %s (cluster %r, %d peers)",
+                __version__,
+                node.node_id,
+                node.addr,
+                settings.cluster_name,
+                len(settings.peers),
             )
+
+            async def log_arrivals() -> None:
+                while True:
+                    arrival = await node.receive_tensor()
+                    log.info(
+                        "tensor arrived: %r from %s: dtype %s shape %s (%d bytes)",
+                        arrival.name,
+                        arrival.sender,
+                        arrival.array.dtype,
+                        arrival.array.shape,
+                        arrival.array.nbytes,
+                    )
+
+            nursery.start_soon(log_arrivals)
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.log_level, os.environ)
     try:
         trio.run(serve, settings)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a signal before the handler was installed
         log.info("interrupted; shutting down")
     except OSError as exc:
         print(f"tensord: cannot start: {exc}", file=sys.stderr)
