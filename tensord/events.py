@@ -63,6 +63,11 @@ class EventBus:
         self._subscribers: set[trio.MemorySendChannel[Event]] = set()
         self.dropped = 0
 
+    @property
+    def active(self) -> bool:
+        """Is anyone listening? Callers skip building events nobody will read."""
+        return bool(self._subscribers)
+
     def publish(self, event: Event) -> None:
         for chan in list(self._subscribers):
             try:

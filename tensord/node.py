@@ -1,10 +1,11 @@
 """``TensorNode``: send, pull and receive tensors over the chunk protocol.
 
 A node owns one nursery. Under it run the peer listener (one task per inbound connection) and
-one nursery per peer it talks to; a peer's nursery holds its connection pool's idle reaper and
-every transfer to or from that peer. Transfers run there, not in the caller's task, so shutting
-the node down cancels them all (nothing leaks, nothing hangs) and the caller gets ``NodeClosed``;
-a caller that is cancelled cancels just its own transfer.
+one nursery per peer it talks to, holding that peer's background tasks (the connection pool's
+idle reaper). A send or pull runs in the caller's task - no task is spawned per transfer, which
+matters for small-tensor latency - inside a cancel scope the node owns: shutting the node down
+cancels every transfer (nothing leaks, nothing hangs) and the caller gets ``NodeClosed``; a caller
+that is cancelled cancels just its own transfer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
-import outcome
 import trio
 
 from .address import PeerAddress, resolve_peer
@@ -127,7 +127,8 @@ class _Active:
 
 
 class Peer:
-    """A remote node we talk to: its pool and its nursery of transfers."""
+    """A remote node we talk to: its connection pool, and the nursery of its background tasks
+    (the pool's idle reaper; the daemon adds its supervised peer tasks here)."""
 
     def __init__(self, addr: PeerAddress, pool: PeerPool) -> None:
         self.addr = addr
@@ -149,42 +150,6 @@ class Peer:
             self._nursery = None
             with trio.CancelScope(shield=True):
                 await self.pool.aclose()
-
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn`` in this peer's nursery and wait for its result.
-
-        If the node shuts down meanwhile, raises :class:`NodeClosed`; if the caller is cancelled,
-        the job is cancelled too.
-        """
-        nursery = self._nursery
-        if nursery is None:
-            raise NodeClosed("the node is shut down")
-        done = trio.Event()
-        scope = trio.CancelScope()
-        result: list[outcome.Outcome[T]] = []
-
-        async def job() -> None:
-            try:
-                with scope:
-                    try:
-                        result.append(outcome.Value(await fn()))
-                    except Exception as exc:
-                        result.append(outcome.Error(exc))
-            finally:
-                done.set()
-
-        try:
-            nursery.start_soon(job)
-        except RuntimeError:
-            raise NodeClosed("the node is shut down") from None
-        try:
-            await done.wait()
-        finally:
-            if not done.is_set():
-                scope.cancel()
-        if not result:
-            raise NodeClosed("the node shut down during the transfer")
-        return result[0].unwrap()
 
 
 class TensorNode:
@@ -221,6 +186,8 @@ class TensorNode:
         self._arrived = trio.Event()
         self._partials: dict[tuple[str, str], _Partial] = {}
         self._active: dict[tuple[str, str], _Active] = {}
+        self._jobs: set[trio.CancelScope] = set()
+        self._addresses: dict[str, PeerAddress] = {}
         self._peers: dict[tuple[str, int], Peer] = {}
         self._peer_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
@@ -280,10 +247,24 @@ class TensorNode:
                 for listener in listeners:
                     await listener.aclose()
 
+    async def _run_job(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a transfer in the caller's task, under a scope that shutdown() cancels."""
+        self._check_running()
+        scope = trio.CancelScope()
+        self._jobs.add(scope)
+        try:
+            with scope:
+                return await fn()
+        finally:
+            self._jobs.discard(scope)
+        raise NodeClosed(f"node {self.node_id} shut down during the transfer")
+
     def shutdown(self) -> None:
         """Stop the node: in-flight transfers are cancelled, later calls raise NodeClosed."""
         if self._state in ("new", "starting"):
             self._state = "closed"
+        for scope in self._jobs:
+            scope.cancel()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         self._state = "closed" if self._state != "running" else "stopping"
@@ -369,8 +350,21 @@ class TensorNode:
             for p in self._peers.values()
         }
 
+    def _resolve(self, peer: str | PeerAddress) -> PeerAddress:
+        if isinstance(peer, PeerAddress):
+            return peer
+        addr = self._addresses.get(peer)
+        if addr is None:
+            addr = resolve_peer(self.settings, peer)
+            if len(self._addresses) < 4096:
+                self._addresses[peer] = addr
+        return addr
+
     async def _peer(self, addr: PeerAddress) -> Peer:
         key = (addr.host, addr.port)
+        peer = self._peers.get(key)
+        if peer is not None and peer._nursery is not None:
+            return peer  # the common case: no lock, no checkpoint
         async with self._peer_lock:
             peer = self._peers.get(key)
             if peer is None or peer._nursery is None:
@@ -429,7 +423,7 @@ class TensorNode:
         exponential backoff; a retry resumes from the peer's first missing chunk.
         """
         self._check_running()
-        addr = resolve_peer(self.settings, peer)
+        addr = self._resolve(peer)
         array = _contiguous(array)
         meta = _meta_of(name, array, requires_grad, dtype)
         if meta.nbytes > self.settings.transfer.max_tensor_bytes:
@@ -439,7 +433,7 @@ class TensorNode:
                 "(transfer.max_tensor_bytes)"
             )
         p = await self._peer(addr)
-        return await p.call(lambda: self._send_job(p, meta, _flat_bytes(array)))
+        return await self._run_job(lambda: self._send_job(p, meta, _flat_bytes(array)))
 
     async def _send_job(self, peer: Peer, meta: TensorMeta, data: memoryview) -> TransferResult:
         proto = self.settings.tensor_protocol
@@ -452,15 +446,17 @@ class TensorNode:
         connected = False
 
         def progress(done: int) -> None:
-            self.events.publish(
-                TransferEvent(
-                    xid, meta.name, peer.name, "send", "progress", done, meta.nbytes, retries
+            if self.events.active:
+                self.events.publish(
+                    TransferEvent(
+                        xid, meta.name, peer.name, "send", "progress", done, meta.nbytes, retries
+                    )
                 )
-            )
 
-        self.events.publish(
-            TransferEvent(xid, meta.name, peer.name, "send", "started", 0, meta.nbytes)
-        )
+        if self.events.active:
+            self.events.publish(
+                TransferEvent(xid, meta.name, peer.name, "send", "started", 0, meta.nbytes)
+            )
         while True:
             try:
                 async with peer.pool.connection() as conn:
@@ -549,11 +545,12 @@ class TensorNode:
             retries,
             " (legacy mode)" if legacy else "",
         )
-        self.events.publish(
-            TransferEvent(
-                xid, meta.name, peer.name, "send", "done", meta.nbytes, meta.nbytes, retries
+        if self.events.active:
+            self.events.publish(
+                TransferEvent(
+                    xid, meta.name, peer.name, "send", "done", meta.nbytes, meta.nbytes, retries
+                )
             )
-        )
         return result
 
     def _transfer_failed(
@@ -571,9 +568,9 @@ class TensorNode:
     async def pull_tensor(self, peer: str | PeerAddress, name: str) -> np.ndarray[Any, Any]:
         """Fetch tensor ``name`` from ``peer``. Raises :class:`TensorNotFound` if it has none."""
         self._check_running()
-        addr = resolve_peer(self.settings, peer)
+        addr = self._resolve(peer)
         p = await self._peer(addr)
-        return await p.call(lambda: self._pull_job(p, name))
+        return await self._run_job(lambda: self._pull_job(p, name))
 
     async def _pull_job(self, peer: Peer, name: str) -> np.ndarray[Any, Any]:
         proto = self.settings.tensor_protocol
@@ -725,11 +722,12 @@ class TensorNode:
         started = time.perf_counter()
 
         def progress(done: int) -> None:
-            self.events.publish(
-                TransferEvent(
-                    begin.id, meta.name, conn.peer_id, "receive", "progress", done, meta.nbytes
+            if self.events.active:
+                self.events.publish(
+                    TransferEvent(
+                        begin.id, meta.name, conn.peer_id, "receive", "progress", done, meta.nbytes
+                    )
                 )
-            )
 
         active = _Active(trio.CancelScope(), trio.Event())
         self._active[key] = active
@@ -788,7 +786,8 @@ class TensorNode:
             )
         self._arrived.set()
         self._arrived = trio.Event()
-        self.events.publish(ArrivalEvent(name, sender, array.nbytes))
+        if self.events.active:
+            self.events.publish(ArrivalEvent(name, sender, array.nbytes))
 
     async def _serve_pull(self, conn: Connection, req: Request) -> None:
         array = self._tensors.get(req.name)

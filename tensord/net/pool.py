@@ -39,6 +39,7 @@ class PeerPool:
         self._idle: list[Connection] = []  # most recently used last
         self._in_use = 0
         self._changed = trio.Event()
+        self._reaper_unarmed = True
         self.stats = PoolStats()
         self.closed = False
 
@@ -73,7 +74,8 @@ class PeerPool:
                 await conn.aclose()
             else:
                 self._idle.append(conn)
-                self._wake()
+                if self._reaper_unarmed:  # its next expiry is the earliest: arm the reaper
+                    self._wake()
 
     async def _checkout(self) -> Connection:
         while self._idle:
@@ -104,6 +106,8 @@ class PeerPool:
                 await conn.aclose()
             next_expiry = min((c.last_used + self.max_idle for c in keep), default=math.inf)
             changed = self._changed
+            # Connections returned later expire later: the reaper need not wake for them.
+            self._reaper_unarmed = next_expiry == math.inf
             with trio.move_on_at(next_expiry):
                 await changed.wait()
 

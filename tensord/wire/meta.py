@@ -78,8 +78,20 @@ def check_name(name: object) -> str:
     return name
 
 
+_WIRE_NAMES: dict[object, str] = {}
+
+
 def wire_dtype(dtype: np.dtype[Any] | str) -> str:
     """The wire name of a dtype: numpy's ``str`` form, or the extended name for bf16/fp8."""
+    name = _WIRE_NAMES.get(dtype)
+    if name is None:
+        name = _wire_dtype(dtype)
+        if len(_WIRE_NAMES) < 256:
+            _WIRE_NAMES[dtype] = name
+    return name
+
+
+def _wire_dtype(dtype: np.dtype[Any] | str) -> str:
     if isinstance(dtype, str) and dtype in EXTENDED_DTYPES:
         return dtype
     dt = np.dtype(dtype)

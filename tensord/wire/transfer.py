@@ -220,6 +220,8 @@ class SendTransfer:
                 self._check_id(xid)
                 if self.state is not SendState.ENDED or self._pending:
                     raise ProtocolError("'stored' before the transfer ended")
+                self._acked = bytearray(b"\x01" * self.nchunks)  # Stored answers for all
+                self._unacked.clear()
                 self.state = SendState.DONE
             case Error() as err:
                 if err.id is not None:
@@ -413,7 +415,7 @@ class ReceiveTransfer:
 
     def _finish(self) -> list[Message]:
         assert self._end is not None
-        acks = self._maybe_ack(force=True)
+        self._unacked.clear()  # Stored (or the checksum Error) answers for every chunk
         if self.crc and self._end.crc is not None:
             whole = combine_all((c, self.chunk_len(i)) for i, c in enumerate(self._raw_crc))
             if whole != self._end.crc:
@@ -423,7 +425,6 @@ class ReceiveTransfer:
                 self._have = bytearray(self.nchunks)
                 self.have_count = 0
                 return [
-                    *acks,
                     Error(
                         "checksum",
                         f"tensor {self.meta.name!r}: whole-tensor "
@@ -432,4 +433,4 @@ class ReceiveTransfer:
                     ),
                 ]
         self.state = ReceiveState.DONE
-        return [*acks, Stored(self.id)]
+        return [Stored(self.id)]
