@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import select
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import trio
 
@@ -172,34 +174,72 @@ async def send_chunked(
         else:
             pending_begin = encode(begin)
 
-        # One task both sends and reads: it sends while the window is open and reads a reply
-        # when it is full (or everything is sent). Replies are a few bytes per window, so
-        # leaving them in the socket while sending cannot block the receiver.
-        while xfer.state in (SendState.SENDING, SendState.ENDED):
-            out = xfer.next_chunk()
-            if out is not None:
-                # The last chunk carries End in the same write: one syscall, one round trip.
-                after = encode(xfer.end()) if xfer.wants_end else b""
-                await stream.send_with_payload(out.header, out.payload, pending_begin, after)
-                pending_begin = b""
-                deadline.touch()
-            elif xfer.wants_end:  # an empty tensor, or the last chunk was resent
-                await stream.send_with_payload(xfer.end(), b"", pending_begin)
-                pending_begin = b""
-                deadline.touch()
-            else:
-                msg = await stream.receive()
-                if stream.decoder.payload_pending:
-                    raise ProtocolError(f"unexpected payload on {type(msg).__name__}")
-                xfer.on_message(msg)
-                deadline.touch()
-                if progress is not None:
-                    progress(xfer.bytes_acked)
+        if xfer.crc and xfer.nchunks >= PRECOMPUTE_MIN_CHUNKS:
+            await _with_crc_worker(
+                xfer, _send_loop(stream, xfer, deadline, pending_begin, progress)
+            )
+        else:
+            await _send_loop(stream, xfer, deadline, pending_begin, progress)
     if scope.cancelled_caught:
         raise TimeoutError(f"no progress for {io_timeout:g} s")
     if xfer.state is SendState.FAILED:
         assert xfer.error is not None
         _raise_peer_error(xfer.error, xfer.meta.name)
+
+
+#: Transfers of at least this many chunks checksum ahead in a worker thread.
+PRECOMPUTE_MIN_CHUNKS = 8
+
+
+async def _with_crc_worker(xfer: SendTransfer, loop: Coroutine[Any, Any, None]) -> None:
+    """Run ``loop`` while a worker thread computes the chunks' crc32c ahead of it."""
+    stop = [False]
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            partial(trio.to_thread.run_sync, xfer.precompute_crcs, stop, abandon_on_cancel=True)
+        )
+        try:
+            await loop
+        except BaseException as exc:  # re-raised below, unwrapped by the nursery
+            failure = exc
+        finally:
+            stop[0] = True
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def _send_loop(
+    stream: FramedStream,
+    xfer: SendTransfer,
+    deadline: Deadline,
+    pending_begin: bytes,
+    progress: Progress | None,
+) -> None:
+    # One task both sends and reads: it sends while the window is open and reads a reply
+    # when it is full (or everything is sent). Replies are a few bytes per window, so
+    # leaving them in the socket while sending cannot block the receiver.
+    while xfer.state in (SendState.SENDING, SendState.ENDED):
+        out = xfer.next_chunk()
+        if out is not None:
+            # The last chunk carries End in the same write: one syscall, one round trip.
+            after = encode(xfer.end()) if xfer.wants_end else b""
+            await stream.send_with_payload(out.header, out.payload, pending_begin, after)
+            pending_begin = b""
+            deadline.touch()
+        elif xfer.wants_end:  # an empty tensor, or the last chunk was resent
+            await stream.send_with_payload(xfer.end(), b"", pending_begin)
+            pending_begin = b""
+            deadline.touch()
+        else:
+            msg = await stream.receive()
+            if stream.decoder.payload_pending:
+                raise ProtocolError(f"unexpected payload on {type(msg).__name__}")
+            xfer.on_message(msg)
+            deadline.touch()
+            if progress is not None:
+                progress(xfer.bytes_acked)
 
 
 def _raise_peer_error(err: Error, name: str) -> None:

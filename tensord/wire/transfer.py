@@ -122,6 +122,20 @@ class SendTransfer:
     def chunk_len(self, index: int) -> int:
         return min(self.chunk_size, self.meta.nbytes - index * self.chunk_size)
 
+    def precompute_crcs(self, stop: list[bool]) -> None:
+        """Fill in the chunks' crc32c ahead of :meth:`next_chunk` (``stop[0]`` ends it early).
+
+        Meant to run in a worker thread while the I/O layer sends: crc32c releases the GIL, so
+        on a machine with a spare core the checksums cost the sending thread nothing. Each entry
+        is written once, whole, so the sending thread sees either ``None`` or the value.
+        """
+        for i in range(self.nchunks):
+            if stop[0]:
+                return
+            if self._raw_crc[i] is None:
+                off = i * self.chunk_size
+                self._raw_crc[i] = crc32c(self.data[off : off + self.chunk_len(i)])
+
     def begin(self, resume: bool = False) -> Begin:
         """The ``Begin`` for a new attempt. A resumed attempt re-sends whatever is unacked."""
         if resume:
@@ -170,9 +184,12 @@ class SendTransfer:
             raw = self.data[off : off + self.chunk_len(i)]
             packed = self.compressor.compress(raw) if self.compressor is not None else None
             payload: memoryview | bytes = raw if packed is None else packed
-            crc = crc32c(payload) if self.crc else None
-            if self.crc and self._raw_crc[i] is None:
-                self._raw_crc[i] = crc if packed is None else crc32c(raw)
+            crc: int | None = None
+            if self.crc:
+                raw_crc = self._raw_crc[i]
+                if raw_crc is None:
+                    raw_crc = self._raw_crc[i] = crc32c(raw)
+                crc = raw_crc if packed is None else crc32c(packed)
             if self._sent[i]:
                 self.stats.chunks_resent += 1
                 self.stats.bytes_resent += len(payload)
