@@ -187,6 +187,8 @@ class TensorNode:
         self._partials: dict[tuple[str, str], _Partial] = {}
         self._active: dict[tuple[str, str], _Active] = {}
         self._jobs: set[trio.CancelScope] = set()
+        self._xid_prefix = secrets.token_hex(4)
+        self._xid_counter = 0
         self._addresses: dict[str, PeerAddress] = {}
         self._peers: dict[tuple[str, int], Peer] = {}
         self._peer_lock = trio.Lock()
@@ -350,6 +352,11 @@ class TensorNode:
             for p in self._peers.values()
         }
 
+    def _next_id(self) -> str:
+        """A transfer id: a random per-node prefix and a counter (no syscall per transfer)."""
+        self._xid_counter += 1
+        return f"{self._xid_prefix}{self._xid_counter & 0xFFFFFFFF:08x}"
+
     def _resolve(self, peer: str | PeerAddress) -> PeerAddress:
         if isinstance(peer, PeerAddress):
             return peer
@@ -438,7 +445,7 @@ class TensorNode:
     async def _send_job(self, peer: Peer, meta: TensorMeta, data: memoryview) -> TransferResult:
         proto = self.settings.tensor_protocol
         t = self.settings.transfer
-        xid = secrets.token_hex(8)
+        xid = self._next_id()
         xfer: SendTransfer | None = None
         started = time.perf_counter()
         retries = 0
@@ -803,7 +810,7 @@ class TensorNode:
         if not agr.chunked:
             await send_legacy(conn, meta, data, io_timeout=t.io_timeout)
             return
-        xfer = self._new_send(secrets.token_hex(8), meta, data, agr)
+        xfer = self._new_send(self._next_id(), meta, data, agr)
         await send_chunked(conn, xfer, resume=False, io_timeout=t.io_timeout)
 
     def _new_send(
