@@ -187,6 +187,10 @@ class TensorNode:
         self._partials: dict[tuple[str, str], _Partial] = {}
         self._active: dict[tuple[str, str], _Active] = {}
         self._jobs: set[trio.CancelScope] = set()
+        self._busy = 0
+        self._quiet = trio.Event()
+        self._accepting = trio.CancelScope()
+        self._draining = False
         self._xid_prefix = secrets.token_hex(4)
         self._xid_counter = 0
         self._addresses: dict[str, PeerAddress] = {}
@@ -236,7 +240,7 @@ class TensorNode:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._serve, listeners)
+                nursery.start_soon(self._serve, listeners, nursery)
                 self._state = "running"
                 self._started_at = time.monotonic()
                 log.debug("node %s listening on %s", self.node_id, self.addr)
@@ -254,12 +258,37 @@ class TensorNode:
         self._check_running()
         scope = trio.CancelScope()
         self._jobs.add(scope)
+        self._busy += 1
         try:
             with scope:
                 return await fn()
         finally:
             self._jobs.discard(scope)
+            self._idle_if_done()
         raise NodeClosed(f"node {self.node_id} shut down during the transfer")
+
+    def _idle_if_done(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._quiet.set()
+            self._quiet = trio.Event()
+
+    @property
+    def transfers_in_flight(self) -> int:
+        """Sends, pulls and receives running now."""
+        return self._busy
+
+    async def drain(self, grace: float) -> bool:
+        """Stop accepting connections, wait up to ``grace`` s for the transfers in flight to
+        finish, then shut down. Returns whether everything finished in time."""
+        self._draining = True
+        self._accepting.cancel()
+        with trio.move_on_after(grace):
+            while self._busy:
+                await self._quiet.wait()
+        drained = not self._busy
+        self.shutdown()
+        return drained
 
     def shutdown(self) -> None:
         """Stop the node: in-flight transfers are cancelled, later calls raise NodeClosed."""
@@ -579,6 +608,28 @@ class TensorNode:
         p = await self._peer(addr)
         return await self._run_job(lambda: self._pull_job(p, name))
 
+    async def ping(self, peer: str | PeerAddress) -> float:
+        """Round-trip time to ``peer`` in seconds, over a pooled connection (dialled if none).
+
+        Raises :class:`PeerUnreachable` if the peer cannot be reached.
+        """
+        self._check_running()
+        p = await self._peer(self._resolve(peer))
+
+        async def job() -> float:
+            self._xid_counter += 1
+            seq = self._xid_counter
+            async with p.pool.connection() as conn:
+                started = time.perf_counter()
+                await conn.stream.send(Ping(seq))
+                with trio.fail_after(self.settings.transfer.io_timeout):
+                    reply = await conn.stream.receive()
+                if not isinstance(reply, Pong) or reply.seq != seq:
+                    raise ProtocolError(f"expected pong {seq}, got {reply!r}")
+                return time.perf_counter() - started
+
+        return await self._run_job(job)
+
     async def _pull_job(self, peer: Peer, name: str) -> np.ndarray[Any, Any]:
         proto = self.settings.tensor_protocol
         t = self.settings.transfer
@@ -628,14 +679,18 @@ class TensorNode:
 
     # -- serving -----------------------------------------------------------------------------
 
-    async def _serve(self, listeners: list[trio.SocketListener]) -> None:
-        await serve(
-            listeners,
-            self._hello,
-            self._decoder,
-            self._serve_connection,
-            handshake_timeout=self.settings.transfer.connect_timeout,
-        )
+    async def _serve(self, listeners: list[trio.SocketListener], handlers: trio.Nursery) -> None:
+        # Connections are handled in the node's nursery, not under the accept loop, so that
+        # drain() can stop accepting while the transfers in flight carry on.
+        with self._accepting:
+            await serve(
+                listeners,
+                self._hello,
+                self._decoder,
+                self._serve_connection,
+                handshake_timeout=self.settings.transfer.connect_timeout,
+                handler_nursery=handlers,
+            )
 
     async def _serve_connection(self, conn: Connection) -> None:
         """One inbound connection: transfers, pulls and pings, one after another."""
@@ -738,6 +793,7 @@ class TensorNode:
 
         active = _Active(trio.CancelScope(), trio.Event())
         self._active[key] = active
+        self._busy += 1
         try:
             with active.scope:
                 await receive_chunked(
@@ -753,6 +809,7 @@ class TensorNode:
                 self._partials[key] = _Partial(xfer, array, trio.current_time() + ttl)
             del self._active[key]
             active.released.set()
+            self._idle_if_done()
         if active.scope.cancelled_caught:
             raise ConnectionClosed("superseded by the sender's resumed transfer")
         seconds = time.perf_counter() - started

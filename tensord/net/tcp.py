@@ -75,6 +75,7 @@ async def serve(
     handler: Callable[[Connection], Awaitable[None]],
     *,
     handshake_timeout: float,
+    handler_nursery: trio.Nursery | None = None,
 ) -> None:
     """Accept connections forever; each one is handshaken and passed to ``handler``.
 
@@ -103,4 +104,4 @@ async def serve(
         finally:
             await conn.aclose()
 
-    await trio.serve_listeners(on_stream, listeners)
+    await trio.serve_listeners(on_stream, listeners, handler_nursery=handler_nursery)
