@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 import trio
 
 from ._version import __version__
-from .config import Settings, load_settings
+from .config import load_settings
 from .errors import ConfigError
 from .logs import setup_logging
 
@@ -39,40 +38,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def serve(settings: Settings) -> None:
-    """Run a node until SIGINT/SIGTERM, logging every tensor that arrives."""
-    from .node import TensorNode
-
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with TensorNode(settings) as node, trio.open_nursery() as nursery:
-            log.info(
-                "tensord %s: node %s listening on %s (cluster %r, %d peers)",
-                __version__,
-                node.node_id,
-                node.addr,
-                settings.cluster_name,
-                len(settings.peers),
-            )
-
-            async def log_arrivals() -> None:
-                while True:
-                    arrival = await node.receive_tensor()
-                    log.info(
-                        "tensor arrived: %r from %s: dtype %s shape %s (%d bytes)",
-                        arrival.name,
-                        arrival.sender,
-                        arrival.array.dtype,
-                        arrival.array.shape,
-                        arrival.array.nbytes,
-                    )
-
-            nursery.start_soon(log_arrivals)
-            async for signum in signals:
-                log.info("%s: shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "serve"
@@ -92,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ConfigError.exit_code
     setup_logging(settings.log_level, os.environ)
     try:
-        trio.run(serve, settings)
+        from .daemon import serve
+
+        return trio.run(serve, settings, os.environ)
     except KeyboardInterrupt:  # a signal before the handler was installed
         log.info("interrupted; shutting down")
     except OSError as exc:

@@ -83,6 +83,8 @@ class TransferSettings:
     max_tensor_bytes: int = 64 * GiB
     max_header_bytes: int = 64 * KiB
     partial_ttl_seconds: float = 600.0  # receiver keeps an interrupted transfer this long
+    drain_timeout: float = 30.0  # on SIGTERM, transfers in flight get this long to finish
+    peer_check_interval: float = 10.0  # the daemon pings each configured peer this often
 
 
 @dataclass(frozen=True)
@@ -355,6 +357,8 @@ _TRANSFER_KEYS: dict[str, Callable[[str, object], Any]] = {
     "max_tensor_bytes": _int_in(1, 1 << 50),
     "max_header_bytes": _int_in(1 * KiB, 16 * MiB),
     "partial_ttl_seconds": _float_min(0.0),
+    "drain_timeout": _float_min(0.0),
+    "peer_check_interval": _float_min(0.01),
 }
 _DOWNLOAD_KEYS: dict[str, Callable[[str, object], Any]] = {
     "connections": _int_in(1, 64),
@@ -510,6 +514,7 @@ ENV_VARS: tuple[str, ...] = (
     "OLLAMA_LOG_LEVEL",
     "TENSORD_WINDOW_BYTES",
     "TENSORD_MAX_TENSOR_BYTES",
+    "TENSORD_DRAIN_TIMEOUT",
     "TENSORD_STATE_DIR",
     "TENSORD_CONTROL_SOCKET",
     "TENSORD_GATEWAY_LISTEN",
@@ -561,6 +566,8 @@ def load_settings(
     transfer = file.get("transfer", base.transfer)
     if (found := _env(env, "TENSORD_WINDOW_BYTES")) is not None:
         transfer = replace(transfer, window_bytes=parse_int(*found, 64 * KiB, 4 * GiB))
+    if (found := _env(env, "TENSORD_DRAIN_TIMEOUT")) is not None:
+        transfer = replace(transfer, drain_timeout=parse_float(*found))
     if (found := _env(env, "TENSORD_MAX_TENSOR_BYTES")) is not None:
         transfer = replace(transfer, max_tensor_bytes=parse_int(*found, 1, 1 << 50))
 

@@ -17,7 +17,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
@@ -139,6 +139,11 @@ class Peer:
     @property
     def name(self) -> str:
         return self.node_id or str(self.addr.hostport)
+
+    def close(self) -> None:
+        """Stop this peer's tasks and close its connections (it left the cluster)."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -380,6 +385,26 @@ class TensorNode:
             }
             for p in self._peers.values()
         }
+
+    def reconfigure(self, settings: Settings) -> list[str]:
+        """Adopt a reloaded configuration: peers, protocol, pool and transfer settings.
+
+        The node id and listen address cannot change while running (returned as warnings).
+        Connections to peers that left the cluster are closed; those to others are untouched.
+        """
+        warnings = []
+        if settings.node_id != self.node_id:
+            warnings.append(f"node id change {self.node_id} -> {settings.node_id} needs a restart")
+        if settings.listen != self.settings.listen:
+            warnings.append(f"listen address change to {settings.listen} needs a restart")
+        keep = {(n.addr.host, n.addr.port) for n in settings.nodes}
+        for key, peer in list(self._peers.items()):
+            if peer.node_id is not None and self.settings.node(peer.node_id) and key not in keep:
+                peer.close()
+                del self._peers[key]
+        self.settings = replace(settings, node_id=self.node_id, listen=self.settings.listen)
+        self._addresses.clear()
+        return warnings
 
     def _next_id(self) -> str:
         """A transfer id: a random per-node prefix and a counter (no syscall per transfer)."""

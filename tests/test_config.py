@@ -215,6 +215,7 @@ def test_log_level_variable_and_alias() -> None:
 OTHER_VARS: list[tuple[str, str, Any]] = [
     ("TENSORD_WINDOW_BYTES", str(8 * MiB), lambda s: s.transfer.window_bytes == 8 * MiB),
     ("TENSORD_MAX_TENSOR_BYTES", "1000", lambda s: s.transfer.max_tensor_bytes == 1000),
+    ("TENSORD_DRAIN_TIMEOUT", "2.5", lambda s: s.transfer.drain_timeout == 2.5),
     ("TENSORD_STATE_DIR", "/var/lib/t", lambda s: s.state_dir == Path("/var/lib/t")),
     ("TENSORD_CONTROL_SOCKET", "/run/t.sock", lambda s: s.control.socket == Path("/run/t.sock")),
     ("TENSORD_GATEWAY_LISTEN", "0.0.0.0:8080",

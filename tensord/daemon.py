@@ -1,0 +1,246 @@
+"""``tensord serve``: the long-running node under systemd.
+
+One root nursery holds the node (its peer listener and per-peer nurseries), one supervisor per
+configured peer, the systemd watchdog, the status reporter and the signal handler. Slots for the
+control API, the download manager and the gateway of later issues go here too.
+
+Signals:
+- SIGTERM / SIGINT: ``STOPPING=1``, stop accepting, let transfers in flight finish for up to
+  ``transfer.drain_timeout`` seconds, exit 0. A second signal exits at once.
+- SIGHUP: ``RELOADING=1``, re-read the cluster file; a bad file is logged and the running
+  configuration kept; peers that joined get a supervisor, peers that left lose theirs (and their
+  connections) while transfers to unchanged peers carry on; then ``READY=1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import trio
+
+from ._version import __version__
+from .config import NodeEntry, Settings, load_settings
+from .errors import ConfigError, NodeClosed, TensorError
+from .events import PeerEvent, TransferEvent
+from .node import TensorNode
+from .sdnotify import Notifier, run_watchdog
+
+log = logging.getLogger("tensord.daemon")
+
+MAX_PEER_BACKOFF = 30.0
+
+
+@dataclass
+class PeerHealth:
+    """What the daemon knows of a configured peer."""
+
+    entry: NodeEntry
+    state: str = "unknown"  # "up", "down", "unknown"
+    rtt: float | None = None
+    failures: int = 0
+    last_error: str = ""
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, env: Mapping[str, str]) -> None:
+        self.settings = settings
+        self.env = env
+        self.node = TensorNode(settings)
+        self.notifier = Notifier.from_env(env, os.getpid())
+        self.peers: dict[str, PeerHealth] = {}
+        self._nursery: trio.Nursery | None = None
+        self._status_changed = trio.Event()
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self.node.start(nursery)
+                for entry in self.settings.peers:
+                    self._add_peer(entry)
+                nursery.start_soon(self._report_status)
+                await nursery.start(run_watchdog, self.notifier)
+                log.info(
+                    "tensord %s: node %s listening on %s (cluster %r, %d peers)",
+                    __version__,
+                    self.node.node_id,
+                    self.node.addr,
+                    self.settings.cluster_name,
+                    len(self.settings.peers),
+                )
+                # Every listener is bound: only now is the service ready.
+                self.notifier.ready()
+                self.notifier.status(self.status_line())
+                nursery.start_soon(self._log_arrivals)
+                await self._handle_signals(signals, nursery)
+        return 0
+
+    async def _handle_signals(self, signals: AsyncIterator[int], nursery: trio.Nursery) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                self.reload()
+                continue
+            name = signal.Signals(signum).name
+            if self._stopping:
+                log.warning("%s again: exiting now", name)
+                nursery.cancel_scope.cancel()
+                return
+            self._stopping = True
+            log.info("%s: draining (up to %g s)", name, self.settings.transfer.drain_timeout)
+            self.notifier.stopping()
+            nursery.start_soon(self._drain_then_stop, nursery)
+
+    async def _drain_then_stop(self, nursery: trio.Nursery) -> None:
+        in_flight = self.node.transfers_in_flight
+        drained = await self.node.drain(self.settings.transfer.drain_timeout)
+        if in_flight:
+            log.info(
+                "drain %s: %d transfers were in flight",
+                "complete" if drained else "timed out",
+                in_flight,
+            )
+        nursery.cancel_scope.cancel()
+
+    # -- reload ------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the cluster file. A bad file is rejected and the old configuration kept."""
+        self.notifier.reloading()
+        try:
+            new = self._load_again()
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running configuration: %s", exc)
+            self.notifier.ready()
+            self.notifier.status(self.status_line())
+            return False
+        for warning in self.node.reconfigure(new):
+            log.warning("reload: %s", warning)
+        old_ids = set(self.peers)
+        new_peers = {n.id: n for n in new.peers}
+        for gone in old_ids - set(new_peers):
+            self.peers.pop(gone).scope.cancel()
+            log.info("reload: peer %s left the cluster", gone)
+        for peer_id, entry in new_peers.items():
+            health = self.peers.get(peer_id)
+            if health is None:
+                self._add_peer(entry)
+                log.info("reload: peer %s joined at %s", peer_id, entry.addr)
+            elif health.entry != entry:
+                health.scope.cancel()
+                del self.peers[peer_id]
+                self._add_peer(entry)
+                log.info("reload: peer %s changed: %s", peer_id, entry.addr)
+        self.settings = new
+        log.info("reload: %d peers", len(self.peers))
+        self.notifier.ready()
+        self._changed()
+        return True
+
+    def _load_again(self) -> Settings:
+        cur = self.settings
+        return load_settings(
+            self.env,
+            cluster_file=cur.cluster_file,
+            node_id=cur.node_id,
+            log_level=cur.log_level,
+        )
+
+    # -- peers -------------------------------------------------------------------------------
+
+    def _add_peer(self, entry: NodeEntry) -> None:
+        assert self._nursery is not None
+        health = PeerHealth(entry)
+        self.peers[entry.id] = health
+        self._nursery.start_soon(self._supervise_peer, health)
+
+    async def _supervise_peer(self, health: PeerHealth) -> None:
+        """Keep one peer checked: ping it every ``peer_check_interval``; when it fails, back off
+        (doubling, capped) and try again. Nothing here can take the daemon down."""
+        with health.scope:
+            while True:
+                try:
+                    health.rtt = await self.node.ping(health.entry.id)
+                except TensorError as exc:
+                    health.failures += 1
+                    health.last_error = str(exc)
+                    if health.state != "down":
+                        log.warning("peer %s is down: %s", health.entry.id, exc)
+                    self._set_state(health, "down")
+                    delay = min(MAX_PEER_BACKOFF, 0.5 * 2 ** min(health.failures, 10))
+                    await trio.sleep(delay * random.uniform(0.8, 1.2))
+                    continue
+                except Exception:  # a bug: log it, and keep supervising
+                    log.exception("peer %s supervisor failed; restarting it", health.entry.id)
+                    await trio.sleep(MAX_PEER_BACKOFF)
+                    continue
+                if health.state != "up":
+                    log.info("peer %s is up (rtt %.2f ms)", health.entry.id, health.rtt * 1e3)
+                health.failures = 0
+                self._set_state(health, "up")
+                await trio.sleep(self.settings.transfer.peer_check_interval)
+
+    def _set_state(self, health: PeerHealth, state: str) -> None:
+        if health.state != state:
+            health.state = state
+            self.node.events.publish(PeerEvent(health.entry.id, state, health.last_error))
+            self._changed()
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        up = sum(1 for p in self.peers.values() if p.state == "up")
+        return (
+            f"{up}/{len(self.peers)} peers up, {self.node.transfers_in_flight} transfers in flight"
+        )
+
+    def _changed(self) -> None:
+        self._status_changed.set()
+
+    async def _report_status(self) -> None:
+        """Push STATUS= whenever it changes: on peer state changes and transfer start/end."""
+        async with self.node.events.subscribe() as events:
+
+            async def watch_events() -> None:
+                async for event in events:
+                    if isinstance(event, TransferEvent) and event.state == "progress":
+                        continue
+                    self._changed()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_events)
+                last = ""
+                while True:
+                    await self._status_changed.wait()
+                    self._status_changed = trio.Event()
+                    line = self.status_line()
+                    if line != last:
+                        self.notifier.status(line)
+                        last = line
+
+    async def _log_arrivals(self) -> None:
+        while True:
+            try:
+                arrival = await self.node.receive_tensor()
+            except NodeClosed:  # draining
+                return
+            log.info(
+                "tensor arrived: %r from %s: dtype %s shape %s (%d bytes)",
+                arrival.name,
+                arrival.sender,
+                arrival.array.dtype,
+                arrival.array.shape,
+                arrival.array.nbytes,
+            )
+
+
+async def serve(settings: Settings, env: Mapping[str, str]) -> int:
+    return await Daemon(settings, env).run()
