@@ -32,8 +32,9 @@ venv: $(STAMP_DEV)
 run: $(STAMP_RUN)
 	$(VENV)/bin/tensord serve
 
-## test: the whole suite
+## test: the whole suite (installs the system packages it uses when run as root)
 test: $(STAMP_DEV)
+	./.ci/sysdeps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## lint: ruff (with the ASYNC rules) and mypy --strict on tensord/
