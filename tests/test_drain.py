@@ -36,9 +36,11 @@ async def test_drain_lets_the_transfer_in_flight_finish_and_refuses_new_ones() -
     async with running(fast_settings(max_retries=0)) as a, trio.open_nursery() as nursery:
         await b.start(nursery)
         results = []
+        sent = trio.Event()
 
         async def send() -> None:
             results.append(await a.send_tensor(b.addr, "big", big))
+            sent.set()
 
         async with b.events.subscribe() as events:
             nursery.start_soon(send)
@@ -48,7 +50,9 @@ async def test_drain_lets_the_transfer_in_flight_finish_and_refuses_new_ones() -
         assert b.transfers_in_flight == 1
         drained = await b.drain(30)
         assert drained
-        assert results and results[0].nbytes == big.nbytes
+        with trio.fail_after(10):
+            await sent.wait()  # the sender hears Stored just after the receiver finished
+        assert results[0].nbytes == big.nbytes and results[0].retries == 0
         assert not b.running
         with pytest.raises(TensorError):
             await a.send_tensor(b.addr, "late", big[:10])
