@@ -335,6 +335,25 @@ class ReceiveTransfer:
     def accept(self) -> Accept:
         return Accept(self.id, bitmap_ranges(self._have))
 
+    def progress(self) -> tuple[bytes, list[int]]:
+        """What must be persisted to resume after a restart: the chunk bitmap and the chunks'
+        crc32c (the whole-tensor check is combined from them, so they must survive too)."""
+        return bytes(self._have), list(self._raw_crc)
+
+    def restore(self, have: bytes, raw_crcs: list[int]) -> None:
+        """Resume from persisted :meth:`progress` (the destination already holds those chunks)."""
+        if len(have) != self.nchunks or len(raw_crcs) != self.nchunks:
+            raise ValueError(
+                f"progress is for {len(have)} chunks, this transfer has {self.nchunks}"
+            )
+        if any(b not in (0, 1) for b in have):
+            raise ValueError("progress bitmap must hold only 0 and 1")
+        self._have = bytearray(have)
+        self._raw_crc = list(raw_crcs)
+        self.have_count = self._have.count(1)
+        self._first_missing = 0
+        self._unacked.clear()
+
     @property
     def bytes_have(self) -> int:
         if not self.have_count:
