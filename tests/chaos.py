@@ -7,6 +7,8 @@ counted per connection and direction so tests can assert how much was re-sent.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -97,3 +99,13 @@ class ChaosProxy:
     @property
     def bytes_upstream(self) -> int:
         return sum(c.upstream for c in self.conns)
+
+
+@asynccontextmanager
+async def proxied(port: int, faults: dict[int, Fault]) -> AsyncIterator[ChaosProxy]:
+    """A running proxy to ``port`` for the duration of the block."""
+    async with trio.open_nursery() as nursery:
+        proxy = ChaosProxy(port, faults=faults)
+        await nursery.start(proxy.run)
+        yield proxy
+        nursery.cancel_scope.cancel()

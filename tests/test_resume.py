@@ -6,11 +6,10 @@ import random
 
 import numpy as np
 import pytest
-import trio
 
 from tensord.config import MiB
 
-from .chaos import ChaosProxy, Fault
+from .chaos import Fault, proxied
 from .helpers import fast_settings, running
 
 CHUNK = 256 * 1024
@@ -31,11 +30,8 @@ async def test_cut_at_random_byte_resumes_and_resends_at_most_the_window(seed: i
     array = np.random.default_rng(seed).integers(0, 255, size=size, dtype=np.uint8)
     cut = random.Random(seed).randrange(size // 20, size - size // 20)
     async with running(settings()) as a, running(settings()) as b:
-        async with trio.open_nursery() as nursery:
-            proxy = ChaosProxy(b.port, faults={0: Fault(cut_after=cut)})
-            await nursery.start(proxy.run)
+        async with proxied(b.port, {0: Fault(cut_after=cut)}) as proxy:
             result = await a.send_tensor(proxy.addr, "cut", array)
-            nursery.cancel_scope.cancel()
         got = b.get_tensor("cut")
         assert got.tobytes() == array.tobytes()
         assert proxy.conns[0].cut
@@ -53,11 +49,8 @@ async def test_cut_several_times_still_completes() -> None:
     array = np.random.default_rng(7).integers(0, 255, size=size, dtype=np.uint8)
     faults = {i: Fault(cut_after=1_000_000 + 777 * i) for i in range(4)}
     async with running(settings()) as a, running(settings()) as b:
-        async with trio.open_nursery() as nursery:
-            proxy = ChaosProxy(b.port, faults=faults)
-            await nursery.start(proxy.run)
+        async with proxied(b.port, faults) as proxy:
             result = await a.send_tensor(proxy.addr, "cuts", array)
-            nursery.cancel_scope.cancel()
         assert b.get_tensor("cuts").tobytes() == array.tobytes()
         assert result.retries == 4
         assert result.bytes_resent <= 4 * WINDOW
@@ -71,12 +64,9 @@ async def test_too_many_cuts_fail_with_a_typed_error_and_nothing_stored() -> Non
     faults = {i: Fault(cut_after=100_000) for i in range(10)}
     s = settings().with_protocol(max_retries=2)
     async with running(s) as a, running(settings()) as b:
-        async with trio.open_nursery() as nursery:
-            proxy = ChaosProxy(b.port, faults=faults)
-            await nursery.start(proxy.run)
+        async with proxied(b.port, faults) as proxy:
             with pytest.raises(TransferFailed, match="after 3 attempts"):
                 await a.send_tensor(proxy.addr, "doomed", array)
-            nursery.cancel_scope.cancel()
         assert b.tensor_names() == []
 
 
@@ -89,11 +79,8 @@ async def test_corrupted_byte_never_yields_a_corrupt_tensor(where: str) -> None:
     # then claims a 4 GiB header).
     offset = 100 * 1024 if where == "payload" else 0
     async with running(settings()) as a, running(settings()) as b:
-        async with trio.open_nursery() as nursery:
-            proxy = ChaosProxy(b.port, faults={0: Fault(corrupt_at=offset)})
-            await nursery.start(proxy.run)
+        async with proxied(b.port, {0: Fault(corrupt_at=offset)}) as proxy:
             result = await a.send_tensor(proxy.addr, "crc", array)
-            nursery.cancel_scope.cancel()
         assert proxy.conns[0].corrupted
         assert b.get_tensor("crc").tobytes() == array.tobytes()
         if where == "payload":
@@ -111,10 +98,7 @@ async def test_corrupted_compressed_chunk_is_resent() -> None:
     array[::7] = 3  # compressible, not trivially
     s = settings().with_protocol(enable_compression=True)
     async with running(s) as a, running(s) as b:
-        async with trio.open_nursery() as nursery:
-            proxy = ChaosProxy(b.port, faults={0: Fault(corrupt_at=2000)})
-            await nursery.start(proxy.run)
+        async with proxied(b.port, {0: Fault(corrupt_at=2000)}) as proxy:
             result = await a.send_tensor(proxy.addr, "z", array)
-            nursery.cancel_scope.cancel()
         assert result.chunks_compressed > 0
         assert b.get_tensor("z").tobytes() == array.tobytes()
