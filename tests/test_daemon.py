@@ -186,3 +186,44 @@ async def test_a_down_peer_never_stops_the_daemon(tmp_path: Path) -> None:
         await s.send_tensor(f"127.0.0.1:{me}", "x", np.arange(4))
         await d.wait_for("tensor arrived: 'x'")
     assert d.proc.returncode == 0
+
+
+async def test_second_signal_exits_at_once_while_draining(tmp_path: Path) -> None:
+    """A transfer that stalls mid-way keeps the drain waiting; a second SIGTERM ends it now."""
+    from tensord.wire import Ack, Begin, Chunk, FrameDecoder, encode, make_hello
+    from tensord.wire.crc import crc32c
+    from tensord.wire.handshake import ALL_FEATURES
+    from tensord.wire.meta import TensorMeta
+
+    port = _free_port()
+    env = {
+        "TENSORD_LISTEN": f"127.0.0.1:{port}",
+        "TENSORD_NODE_ID": "n1",
+        "TENSORD_DRAIN_TIMEOUT": "600",
+    }
+    async with daemon(env) as d:
+        await d.wait_for("listening on")
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        meta = TensorMeta("stalled", "|u1", (8192,), 8192)
+        chunk = bytes(4096)
+        await stream.send_all(
+            encode(make_hello("staller", ALL_FEATURES, 1 << 26))
+            + encode(Begin("ab" * 8, meta, 4096, 4))
+            + encode(Chunk("ab" * 8, 0, 0, 4096, 4096, crc32c(chunk)))
+            + chunk
+        )  # ...and never the second chunk
+        decoder = FrameDecoder()
+        seen: list[object] = []
+        with trio.fail_after(10):  # hello, then the ack of chunk 0: the transfer is in flight
+            while not any(isinstance(m, Ack) for m in seen):
+                decoder.feed(await stream.receive_some(4096))
+                while (m := decoder.next_message()) is not None:
+                    seen.append(m)
+        at = len(d.log)
+        d.terminate()
+        await d.wait_for("draining", at)
+        d.proc.send_signal(signal.SIGTERM)
+        await d.wait_for("again: exiting now", at)
+        with trio.fail_after(10):
+            assert await d.proc.wait() == 0
+        await stream.aclose()
