@@ -43,9 +43,11 @@ lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff format --check tensord tests bench
 	$(VENV)/bin/mypy --strict tensord
 
-## bench: tensord side by side with a plain socket, pyzmq and Arrow Flight
+## bench: tensord side by side with a plain socket, pyzmq and Arrow Flight; downloads vs aria2c and curl
 bench: $(STAMP_BENCH)
 	$(PY) bench/run.py
+	$(PY) bench/downloads.py
+	$(PY) bench/gateway.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -122,6 +122,13 @@ class ControlSettings:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    """The tensor store under ``state_dir``: ``max_bytes`` caps it (``None``: the disk does)."""
+
+    max_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a node needs to know, validated. Build it with :func:`load_settings`."""
 
@@ -137,6 +144,7 @@ class Settings:
     downloads: DownloadSettings = field(default_factory=DownloadSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     control: ControlSettings = field(default_factory=ControlSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     transport: str = "tcp"
     state_dir: Path | None = None
     log_level: str = "info"
@@ -367,6 +375,7 @@ _DOWNLOAD_KEYS: dict[str, Callable[[str, object], Any]] = {
     "credentials_file": _nullable(parse_path),
 }
 _CONTROL_KEYS: dict[str, Callable[[str, object], Any]] = {"socket": _nullable(parse_path)}
+_STORE_KEYS: dict[str, Callable[[str, object], Any]] = {"max_bytes": _nullable(_int_in(0, 1 << 62))}
 
 
 def _parse_tls(where: str, value: object) -> TlsSettings | None:
@@ -440,6 +449,7 @@ _FILE_KEYS: dict[str, Callable[[str, object], Any]] = {
     "downloads": lambda w, v: DownloadSettings(**_section(w, v, _DOWNLOAD_KEYS)),
     "gateway": _parse_gateway,
     "control": lambda w, v: ControlSettings(**_section(w, v, _CONTROL_KEYS)),
+    "store": lambda w, v: StoreSettings(**_section(w, v, _STORE_KEYS)),
     "state_dir": _nullable(parse_path),
     "log_level": lambda w, v: parse_choice(w, v, LOG_LEVELS),
 }
@@ -516,12 +526,43 @@ ENV_VARS: tuple[str, ...] = (
     "TENSORD_MAX_TENSOR_BYTES",
     "TENSORD_DRAIN_TIMEOUT",
     "TENSORD_STATE_DIR",
+    "TENSORD_STORE_MAX_BYTES",
     "TENSORD_CONTROL_SOCKET",
     "TENSORD_GATEWAY_LISTEN",
     "TENSORD_TRANSPORT",
     "TENSORD_DOWNLOAD_CONNECTIONS",
     "TENSORD_CLUSTER_SECRET_FILE",
 )
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    """Where the daemon keeps tensors when ``state_dir`` is not set: systemd's
+    ``StateDirectory=`` (``$STATE_DIRECTORY``), else ``$XDG_STATE_HOME/tensord``, else
+    ``/var/lib/tensord`` for root and ``~/.local/state/tensord`` for anyone else."""
+    if (found := env.get("STATE_DIRECTORY")) and found.strip():
+        return Path(found.split(":")[0])
+    if (found := env.get("XDG_STATE_HOME")) and found.strip():
+        return Path(found) / "tensord"
+    if os.geteuid() == 0:
+        return Path("/var/lib/tensord")
+    home = env.get("HOME") or str(Path.home())
+    return Path(home) / ".local" / "state" / "tensord"
+
+
+def default_control_socket(env: Mapping[str, str]) -> Path:
+    """Where the control socket is when ``control.socket`` is not set: systemd's
+    ``RuntimeDirectory=`` (``$RUNTIME_DIRECTORY/control.sock``), else
+    ``$XDG_RUNTIME_DIR/tensord/control.sock``, else ``/run/tensord/control.sock`` for root and
+    ``/tmp/tensord-<uid>/control.sock`` for anyone else. The CLI resolves it the same way."""
+    if (found := env.get("TENSORD_CONTROL_SOCKET")) and found.strip():
+        return Path(found)
+    if (found := env.get("RUNTIME_DIRECTORY")) and found.strip():
+        return Path(found.split(":")[0]) / "control.sock"
+    if (found := env.get("XDG_RUNTIME_DIR")) and found.strip():
+        return Path(found) / "tensord" / "control.sock"
+    if os.geteuid() == 0:
+        return Path("/run/tensord/control.sock")
+    return Path(f"/tmp/tensord-{os.geteuid()}/control.sock")
 
 
 def _env(env: Mapping[str, str], *names: str) -> tuple[str, str] | None:
@@ -579,13 +620,23 @@ def load_settings(
         downloads = replace(downloads, connections=parse_int(*found, 1, 64))
     gateway = file.get("gateway", base.gateway)
     if (found := _env(env, "TENSORD_GATEWAY_LISTEN")) is not None:
-        gateway = replace(gateway, listen=parse_hostport(*found))
+        gateway = replace(gateway, listen=parse_hostport(*found, allow_port_zero=True))
     control = file.get("control", base.control)
     if (found := _env(env, "TENSORD_CONTROL_SOCKET")) is not None:
         control = replace(control, socket=parse_path(*found))
     state_dir = file.get("state_dir", base.state_dir)
     if (found := _env(env, "TENSORD_STATE_DIR")) is not None:
         state_dir = parse_path(*found)
+    store = file.get("store", base.store)
+    if (found := _env(env, "TENSORD_STORE_MAX_BYTES")) is not None:
+        store = replace(store, max_bytes=parse_int(*found, 0, 1 << 62))
+    if not library:
+        # The daemon always has a state directory and a control socket; a library node keeps
+        # tensors in memory and has no control socket unless they are configured.
+        if state_dir is None:
+            state_dir = default_state_dir(env)
+        if control.socket is None:
+            control = replace(control, socket=default_control_socket(env))
 
     level = file.get("log_level", base.log_level)
     if log_level is not None:
@@ -645,6 +696,7 @@ def load_settings(
         downloads=downloads,
         gateway=gateway,
         control=control,
+        store=store,
         transport=transport,
         state_dir=state_dir,
         log_level=level,

@@ -18,17 +18,25 @@ import logging
 import os
 import random
 import signal
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import trio
 
+from . import metrics
 from ._version import __version__
 from .config import NodeEntry, Settings, load_settings
+from .download.manager import DownloadManager
 from .errors import ConfigError, NodeClosed, TensorError
-from .events import PeerEvent, TransferEvent
+from .events import DownloadEvent, Event, PeerEvent, TransferEvent
+from .gateway.server import Gateway, backend_entries
 from .node import TensorNode
 from .sdnotify import Notifier, run_watchdog
+from .store import TensorStore
+from .transfers import FINAL_STATES, TransferTable
 
 log = logging.getLogger("tensord.daemon")
 
@@ -52,8 +60,17 @@ class Daemon:
         self.settings = settings
         self.env = env
         self.node = TensorNode(settings)
+        assert self.node.store is not None, "load_settings gives the daemon a state directory"
+        self.store: TensorStore = self.node.store
+        self.transfers = TransferTable()
+        # The token gateway runs when the cluster names Ollama nodes to relay from.
+        self.gateway = Gateway(settings) if backend_entries(settings) else None
+        self.downloads = DownloadManager(
+            self.store.root / "models", settings.downloads, self.node.events
+        )
         self.notifier = Notifier.from_env(env, os.getpid())
         self.peers: dict[str, PeerHealth] = {}
+        self.started_at = time.time()
         self._nursery: trio.Nursery | None = None
         self._status_changed = trio.Event()
         self._stopping = False
@@ -65,17 +82,24 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await self.node.start(nursery)
+                await nursery.start(self._report_status)
+                await nursery.start(self.downloads.run)
+                if self.gateway is not None:
+                    await nursery.start(self.gateway.run)
+                socket_path = await self._start_control(nursery)
                 for entry in self.settings.peers:
                     self._add_peer(entry)
-                nursery.start_soon(self._report_status)
                 await nursery.start(run_watchdog, self.notifier)
                 log.info(
-                    "tensord %s: node %s listening on %s (cluster %r, %d peers)",
+                    "tensord %s: node %s listening on %s (cluster %r, %d peers); control socket "
+                    "%s; state in %s",
                     __version__,
                     self.node.node_id,
                     self.node.addr,
                     self.settings.cluster_name,
                     len(self.settings.peers),
+                    socket_path,
+                    self.store.root,
                 )
                 # Every listener is bound: only now is the service ready.
                 self.notifier.ready()
@@ -110,10 +134,28 @@ class Daemon:
             )
         nursery.cancel_scope.cancel()
 
+    async def _start_control(self, nursery: trio.Nursery) -> Path:
+        from .control.app import ControlApp
+        from .control.server import serve_control
+
+        path = self.settings.control.socket
+        assert path is not None, "load_settings gives the daemon a control socket"
+        started: Path = await nursery.start(serve_control, ControlApp(self), path)
+        return started
+
     # -- reload ------------------------------------------------------------------------------
 
     def reload(self) -> bool:
         """Re-read the cluster file. A bad file is rejected and the old configuration kept."""
+        try:
+            self.reload_or_raise()
+        except ConfigError:
+            return False
+        return True
+
+    def reload_or_raise(self) -> int:
+        """:meth:`reload`, raising the :class:`ConfigError` of a bad file (for the control API).
+        Returns the number of peers now configured."""
         self.notifier.reloading()
         try:
             new = self._load_again()
@@ -121,9 +163,13 @@ class Daemon:
             log.error("reload rejected, keeping the running configuration: %s", exc)
             self.notifier.ready()
             self.notifier.status(self.status_line())
-            return False
+            raise
         for warning in self.node.reconfigure(new):
             log.warning("reload: %s", warning)
+        if self.gateway is not None:
+            self.gateway.reconfigure(new)
+        elif backend_entries(new):
+            log.warning("reload: the cluster now has Ollama nodes: restart to start the gateway")
         old_ids = set(self.peers)
         new_peers = {n.id: n for n in new.peers}
         for gone in old_ids - set(new_peers):
@@ -143,7 +189,7 @@ class Daemon:
         log.info("reload: %d peers", len(self.peers))
         self.notifier.ready()
         self._changed()
-        return True
+        return len(self.peers)
 
     def _load_again(self) -> Settings:
         cur = self.settings
@@ -196,6 +242,43 @@ class Daemon:
 
     # -- status ------------------------------------------------------------------------------
 
+    def peer_list(self) -> list[dict[str, Any]]:
+        """The configured peers with their health and connection pool, for the control API."""
+        pools = self.node.pool_stats()
+        out = []
+        for peer_id, h in sorted(self.peers.items()):
+            pool = pools.get(peer_id, {})
+            out.append(
+                {
+                    "id": peer_id,
+                    "addr": str(h.entry.addr),
+                    "state": h.state,
+                    "rtt_ms": None if h.rtt is None else h.rtt * 1e3,
+                    "failures": h.failures,
+                    "last_error": h.last_error,
+                    "pool": {k: pool.get(k, 0) for k in ("size", "idle", "in_use")},
+                }
+            )
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/status`` (scans the store directory: call it off the event loop)."""
+        return {
+            "node_id": self.node.node_id,
+            "version": __version__,
+            "uptime": time.time() - self.started_at,
+            "listen": self.node.addr,
+            "cluster": self.settings.cluster_name,
+            "peers": self.peer_list(),
+            "transfers": self.transfers.in_flight(),
+            "store": {
+                "root": str(self.store.root),
+                "tensors": len(self.store.list()),
+                "used_bytes": self.store.used_bytes(),
+                "max_bytes": self.store.max_bytes,
+            },
+        }
+
     def status_line(self) -> str:
         up = sum(1 for p in self.peers.values() if p.state == "up")
         return (
@@ -205,18 +288,25 @@ class Daemon:
     def _changed(self) -> None:
         self._status_changed.set()
 
-    async def _report_status(self) -> None:
-        """Push STATUS= whenever it changes: on peer state changes and transfer start/end."""
+    async def _report_status(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep the transfer table, and push STATUS= whenever it changes: on peer state changes
+        and transfer start/end."""
         async with self.node.events.subscribe() as events:
 
             async def watch_events() -> None:
                 async for event in events:
-                    if isinstance(event, TransferEvent) and event.state == "progress":
-                        continue
+                    count(event)
+                    if isinstance(event, TransferEvent):
+                        self.transfers.update(event)
+                        if event.state in ("progress", "checkpoint"):
+                            continue
                     self._changed()
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_events)
+                task_status.started()
                 last = ""
                 while True:
                     await self._status_changed.wait()
@@ -240,6 +330,18 @@ class Daemon:
                 arrival.array.shape,
                 arrival.array.nbytes,
             )
+
+
+def count(event: Event) -> None:
+    """Prometheus counters for finished transfers and downloads (tensord/metrics.py)."""
+    if isinstance(event, TransferEvent) and event.state in FINAL_STATES:
+        metrics.TRANSFERS.labels(event.direction, event.state).inc()
+        if event.state == "done":
+            metrics.TRANSFER_BYTES.labels(event.direction).inc(event.bytes_total)
+    elif isinstance(event, DownloadEvent) and event.state in ("done", "failed", "cancelled"):
+        metrics.DOWNLOADS.labels(event.state).inc()
+        if event.state == "done":
+            metrics.DOWNLOAD_BYTES.inc(event.bytes_done)
 
 
 async def serve(settings: Settings, env: Mapping[str, str]) -> int:

@@ -57,6 +57,23 @@ class ArrivalEvent(Event):
     nbytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class DownloadEvent(Event):
+    """A background download (a model pull or a URL): ``queued``, ``running``, ``progress``,
+    ``done``, ``failed``, ``cancelled``. ``connections`` is the parallel connections in use."""
+
+    id: str
+    source: str
+    state: str
+    bytes_done: int
+    bytes_total: int | None
+    connections: int = 0
+    retries: int = 0
+    detail: str = ""
+    #: Per blob: (digest, bytes done, bytes total), for per-layer progress.
+    layers: tuple[tuple[str, int, int], ...] = ()
+
+
 class EventBus:
     def __init__(self, buffer: int = 1024) -> None:
         self._buffer = buffer

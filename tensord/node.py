@@ -47,17 +47,23 @@ from .net.connection import (
 from .net.pool import PeerPool
 from .net.stream import ConnectionClosed
 from .net.tcp import dial, open_listeners, serve
+from .sink import MemorySink, Sink, StoreSink, flat_bytes
+from .store import TensorInfo, TensorStore
 from .wire.compress import AdaptiveCompressor
 from .wire.frames import FrameDecoder
 from .wire.handshake import VERSIONS, Agreement, local_features, make_hello
 from .wire.messages import Begin, Error, Hello, Legacy, Ping, Pong, Request
-from .wire.meta import TensorMeta
+from .wire.meta import TensorMeta, check_name
 from .wire.transfer import ReceiveState, ReceiveTransfer, SendTransfer
 
 log = logging.getLogger("tensord.transfer")
 T = TypeVar("T")
 
 MAX_BACKOFF = 5.0
+#: How often a receive into the store saves its progress (what a ``kill -9`` can cost, at most).
+CHECKPOINT_INTERVAL = 1.0
+#: How often partial receives abandoned on disk are looked for and removed.
+SWEEP_INTERVAL = 60.0
 #: Errors after which a transfer attempt is retried on a new connection.
 RETRIABLE = (
     PeerUnreachable,
@@ -107,16 +113,10 @@ def backoff_delay(base_ms: int, attempt: int) -> float:
     return float(delay * random.uniform(0.8, 1.2))
 
 
-def _flat_bytes(array: np.ndarray[Any, Any]) -> memoryview:
-    """A flat, writable-if-possible ``B`` view of a C-contiguous array: no copy."""
-    flat: Any = array.reshape(-1).view(np.uint8)
-    return memoryview(flat)
-
-
 @dataclass
 class _Partial:
     xfer: ReceiveTransfer
-    array: np.ndarray[Any, Any]
+    sink: Sink
     expires: float
 
 
@@ -164,6 +164,11 @@ class TensorNode:
     ephemeral port); pass a :class:`Settings` for anything else. Use it as ``async with node:``
     or run it in your own nursery with ``await node.start(nursery)``; ``node.shutdown()`` stops
     it. ``features`` restricts what the node offers (tests use it to play an older peer).
+
+    With ``settings.state_dir`` set (the daemon always sets it) tensors live in a
+    :class:`~tensord.store.TensorStore` there: received straight into memory-mapped files,
+    checkpointed while they arrive and resumable across restarts. Without it (a library node on
+    defaults) they are kept in memory.
     """
 
     def __init__(
@@ -185,6 +190,12 @@ class TensorNode:
         self.versions = versions
         self.events = EventBus()
         self.node_id = self.settings.node_id
+        state = self.settings.state_dir
+        self.store: TensorStore | None = (
+            TensorStore(state, max_bytes=self.settings.store.max_bytes)
+            if state is not None
+            else None
+        )
         self._hello = make_hello(self.node_id, self.features, MAX_CHUNK_SIZE, versions)
         self._tensors: dict[str, np.ndarray[Any, Any]] = {}
         self._arrivals: deque[Arrival] = deque()
@@ -245,6 +256,8 @@ class TensorNode:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.store is not None:
+                    await nursery.start(self._sweep_partials, self.store)
                 nursery.start_soon(self._serve, listeners, nursery)
                 self._state = "running"
                 self._started_at = time.monotonic()
@@ -257,6 +270,32 @@ class TensorNode:
             with trio.CancelScope(shield=True):
                 for listener in listeners:
                     await listener.aclose()
+                # Receives that stopped midway: their progress was saved when they stopped.
+                partials, self._partials = self._partials, {}
+                for partial in partials.values():
+                    await partial.sink.close()
+
+    async def _sweep_partials(
+        self, store: TensorStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Report what a previous run left to resume, then remove abandoned partial receives
+        (untouched for ``transfer.partial_ttl_seconds``) every minute."""
+        found = await trio.to_thread.run_sync(store.partials)
+        for p in found:
+            log.info(
+                "partial receive %s of %r: %d of %d bytes on disk, resumable when its sender "
+                "retries",
+                p.key,
+                p.meta.name,
+                p.bytes_have,
+                p.meta.nbytes,
+            )
+        task_status.started()
+        while True:
+            await trio.to_thread.run_sync(
+                store.expire_partials, self.settings.transfer.partial_ttl_seconds
+            )
+            await trio.sleep(SWEEP_INTERVAL)
 
     async def _run_job(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run a transfer in the caller's task, under a scope that shutdown() cancels."""
@@ -333,24 +372,51 @@ class TensorNode:
 
     # -- local tensors -----------------------------------------------------------------------
 
-    def put_tensor(self, name: str, array: np.ndarray[Any, Any]) -> None:
-        """Make a tensor available to peers' pulls."""
-        _meta_of(name, array)
-        self._tensors[name] = _contiguous(array)
+    def put_tensor(
+        self,
+        name: str,
+        array: np.ndarray[Any, Any],
+        *,
+        requires_grad: bool = False,
+        dtype: str | None = None,
+    ) -> None:
+        """Make a tensor available to peers' pulls (and, with a store, keep it on disk)."""
+        meta = _meta_of(name, array, requires_grad, dtype)
+        if self.store is not None:
+            self.store.put(name, array, requires_grad=requires_grad, dtype=meta.dtype)
+        else:
+            self._tensors[name] = _contiguous(array)
 
     def get_tensor(self, name: str) -> np.ndarray[Any, Any]:
-        """A tensor held by this node (received or put). Raises :class:`TensorNotFound`."""
+        """A tensor held by this node (received or put); from a store, memory-mapped read-only.
+        Raises :class:`TensorNotFound`."""
+        if self.store is not None:
+            return self.store.load(name)
         try:
             return self._tensors[name]
         except KeyError:
             raise TensorNotFound(f"no tensor named {name!r} on node {self.node_id}") from None
 
+    def tensor_info(self, name: str) -> TensorInfo:
+        """A held tensor's metadata (wire dtype, shape, size, sender, time stored)."""
+        if self.store is not None:
+            return self.store.meta(name)
+        return TensorInfo.of(_meta_of(name, self.get_tensor(name)), "", 0.0)
+
+    def tensors(self) -> list[TensorInfo]:
+        """Every tensor this node holds, sorted by name."""
+        if self.store is not None:
+            return self.store.list()
+        return [self.tensor_info(n) for n in sorted(self._tensors)]
+
     def delete_tensor(self, name: str) -> None:
-        if self._tensors.pop(name, None) is None:
+        if self.store is not None:
+            self.store.delete(name)
+        elif self._tensors.pop(name, None) is None:
             raise TensorNotFound(f"no tensor named {name!r} on node {self.node_id}")
 
     def tensor_names(self) -> list[str]:
-        return sorted(self._tensors)
+        return [i.name for i in self.tensors()]
 
     async def receive_tensor(self) -> Arrival:
         """The next tensor that arrived from a peer (waits for one)."""
@@ -494,7 +560,7 @@ class TensorNode:
                 "(transfer.max_tensor_bytes)"
             )
         p = await self._peer(addr)
-        return await self._run_job(lambda: self._send_job(p, meta, _flat_bytes(array)))
+        return await self._run_job(lambda: self._send_job(p, meta, flat_bytes(array)))
 
     async def _send_job(self, peer: Peer, meta: TensorMeta, data: memoryview) -> TransferResult:
         proto = self.settings.tensor_protocol
@@ -518,66 +584,89 @@ class TensorNode:
             self.events.publish(
                 TransferEvent(xid, meta.name, peer.name, "send", "started", 0, meta.nbytes)
             )
-        while True:
-            try:
-                async with peer.pool.connection() as conn:
-                    connected = True
-                    agr = conn.agreement
-                    if not agr.chunked:
-                        legacy = True
-                        await send_legacy(conn, meta, data, io_timeout=t.io_timeout)
-                    else:
-                        chunk = min(proto.chunk_size, agr.peer_max_chunk)
-                        resume = xfer is not None and agr.resume
-                        if xfer is None or xfer.crc != agr.crc or xfer.chunk_size != chunk:
-                            xfer = self._new_send(xid, meta, data, agr)
-                            resume = False
-                        await send_chunked(
-                            conn, xfer, resume=resume, io_timeout=t.io_timeout, progress=progress
-                        )
-                break
-            except TransferFailed as exc:
-                self._transfer_failed(xid, meta, peer, retries, exc)
-                raise
-            except RETRIABLE as exc:
-                retries += 1
-                if retries > proto.max_retries:
-                    err: TensorError
-                    if not connected and isinstance(exc, PeerUnreachable):
-                        err = PeerUnreachable(
-                            f"cannot reach peer {peer.name} after {retries} attempts: {exc}"
-                        )
-                    else:
-                        err = TransferFailed(
-                            f"sending {meta.name!r} to {peer.name} failed after "
-                            f"{retries} attempts: {_why(exc)}"
-                        )
-                    self._transfer_failed(xid, meta, peer, retries, err)
-                    raise err from None
-                delay = backoff_delay(proto.retry_base_delay, retries)
-                log.info(
-                    "tensor transfer %s: send %r to %s: attempt %d failed (%s); retrying in %.2f s",
-                    xid,
-                    meta.name,
-                    peer.name,
-                    retries,
-                    _why(exc),
-                    delay,
-                )
-                self.events.publish(
-                    TransferEvent(
+        try:
+            while True:
+                try:
+                    async with peer.pool.connection() as conn:
+                        connected = True
+                        agr = conn.agreement
+                        if not agr.chunked:
+                            legacy = True
+                            await send_legacy(conn, meta, data, io_timeout=t.io_timeout)
+                        else:
+                            chunk = min(proto.chunk_size, agr.peer_max_chunk)
+                            resume = xfer is not None and agr.resume
+                            if xfer is None or xfer.crc != agr.crc or xfer.chunk_size != chunk:
+                                xfer = self._new_send(xid, meta, data, agr)
+                                resume = False
+                            await send_chunked(
+                                conn,
+                                xfer,
+                                resume=resume,
+                                io_timeout=t.io_timeout,
+                                progress=progress,
+                            )
+                    break
+                except TransferFailed as exc:
+                    self._transfer_failed(xid, meta, peer, retries, exc)
+                    raise
+                except RETRIABLE as exc:
+                    retries += 1
+                    if retries > proto.max_retries:
+                        err: TensorError
+                        if not connected and isinstance(exc, PeerUnreachable):
+                            err = PeerUnreachable(
+                                f"cannot reach peer {peer.name} after {retries} attempts: {exc}"
+                            )
+                        else:
+                            err = TransferFailed(
+                                f"sending {meta.name!r} to {peer.name} failed after "
+                                f"{retries} attempts: {_why(exc)}"
+                            )
+                        self._transfer_failed(xid, meta, peer, retries, err)
+                        raise err from None
+                    delay = backoff_delay(proto.retry_base_delay, retries)
+                    log.info(
+                        "tensor transfer %s: send %r to %s: attempt %d failed (%s); "
+                        "retrying in %.2f s",
                         xid,
                         meta.name,
                         peer.name,
-                        "send",
-                        "retry",
-                        xfer.bytes_acked if xfer else 0,
-                        meta.nbytes,
                         retries,
                         _why(exc),
+                        delay,
                     )
+                    self.events.publish(
+                        TransferEvent(
+                            xid,
+                            meta.name,
+                            peer.name,
+                            "send",
+                            "retry",
+                            xfer.bytes_acked if xfer else 0,
+                            meta.nbytes,
+                            retries,
+                            _why(exc),
+                        )
+                    )
+                    await trio.sleep(delay)
+        except trio.Cancelled:
+            # The caller went away (a CLI's Ctrl-C, a shutdown): say so, so that nobody
+            # watching the events stream waits for this transfer forever.
+            self.events.publish(
+                TransferEvent(
+                    xid,
+                    meta.name,
+                    peer.name,
+                    "send",
+                    "failed",
+                    xfer.bytes_acked if xfer else 0,
+                    meta.nbytes,
+                    retries,
+                    "cancelled",
                 )
-                await trio.sleep(delay)
+            )
+            raise
         seconds = time.perf_counter() - started
         stats = xfer.stats if xfer is not None and not legacy else None
         result = TransferResult(
@@ -626,12 +715,37 @@ class TensorNode:
 
     # -- pulling -----------------------------------------------------------------------------
 
-    async def pull_tensor(self, peer: str | PeerAddress, name: str) -> np.ndarray[Any, Any]:
-        """Fetch tensor ``name`` from ``peer``. Raises :class:`TensorNotFound` if it has none."""
+    async def pull_tensor(
+        self, peer: str | PeerAddress, name: str, *, store_as: str | None = None
+    ) -> np.ndarray[Any, Any]:
+        """Fetch tensor ``name`` from ``peer``. Raises :class:`TensorNotFound` if it has none.
+
+        A node with a store keeps the tensor (as ``store_as``, default ``name``) and returns it
+        memory-mapped; a node without one returns it in memory and keeps it only if
+        ``store_as`` is given.
+        """
         self._check_running()
         addr = self._resolve(peer)
         p = await self._peer(addr)
-        return await self._run_job(lambda: self._pull_job(p, name))
+        if store_as is not None:
+            check_name(store_as)
+        array = await self._run_job(lambda: self._pull_job(p, name, store_as))
+        if self.store is None and store_as is not None:
+            self._tensors[store_as] = array
+        return array
+
+    async def send_stored(
+        self, peer: str | PeerAddress, name: str, *, as_name: str | None = None
+    ) -> TransferResult:
+        """Send a tensor this node holds to ``peer`` (as ``as_name``, default ``name``)."""
+        meta, array = self._stored(name)
+        return await self.send_tensor(
+            peer,
+            as_name or name,
+            array,
+            requires_grad=meta.requires_grad,
+            dtype=meta.dtype,
+        )
 
     async def ping(self, peer: str | PeerAddress) -> float:
         """Round-trip time to ``peer`` in seconds, over a pooled connection (dialled if none).
@@ -655,7 +769,7 @@ class TensorNode:
 
         return await self._run_job(job)
 
-    async def _pull_job(self, peer: Peer, name: str) -> np.ndarray[Any, Any]:
+    async def _pull_job(self, peer: Peer, name: str, store_as: str | None) -> np.ndarray[Any, Any]:
         proto = self.settings.tensor_protocol
         t = self.settings.transfer
         retries = 0
@@ -677,19 +791,10 @@ class TensorNode:
                             missing = True  # raised below, so the connection goes back to the pool
                             continue
                         raise ProtocolError(f"peer {peer.name}: {first.message}", code=first.code)
-                    if isinstance(first, Begin):
+                    if isinstance(first, Begin | Legacy):
                         if first.meta.name != name:
                             raise ProtocolError(f"asked for {name!r}, got {first.meta.name!r}")
-                        xfer, array = self._new_receive(conn, first)
-                        await receive_chunked(conn, xfer, io_timeout=t.io_timeout)
-                        return array
-                    if isinstance(first, Legacy):
-                        array = first.meta.empty_array()
-                        if not await receive_legacy(
-                            conn, first, _flat_bytes(array), io_timeout=t.io_timeout
-                        ):
-                            raise ProtocolError("legacy tensor failed its checksum")
-                        return array
+                        return await self._receive_pulled(conn, first, peer, store_as)
                     raise ProtocolError(f"unexpected {type(first).__name__} in reply to a pull")
             except (TensorNotFound, TransferFailed):
                 raise
@@ -701,6 +806,45 @@ class TensorNode:
                         f"{retries} attempts: {_why(exc)}"
                     ) from None
                 await trio.sleep(backoff_delay(proto.retry_base_delay, retries))
+
+    async def _receive_pulled(
+        self, conn: Connection, first: Begin | Legacy, peer: Peer, store_as: str | None
+    ) -> np.ndarray[Any, Any]:
+        """Receive a pulled tensor into a sink; with a store it is committed before returning."""
+        t = self.settings.transfer
+        xid = first.id if isinstance(first, Begin) else self._next_id()
+        key = f"pull/{peer.name}/{secrets.token_hex(8)}"
+        arrays: list[np.ndarray[Any, Any]] = []
+        if isinstance(first, Begin):
+            xfer, sink = self._new_receive(conn, first, key, store_as)
+        else:
+            sink = self._sink(first.meta, key, None, store_as)
+        meta = first.meta
+
+        def progress(done: int) -> None:
+            if self.events.active:
+                self._publish_receive(xid, meta, peer.name, "progress", done)
+
+        async def complete() -> None:
+            arrays.append(await sink.commit(peer.name))
+
+        self._publish_receive(xid, meta, peer.name, "started", 0)
+        try:
+            if isinstance(first, Begin):
+                await receive_chunked(
+                    conn, xfer, io_timeout=t.io_timeout, progress=progress, on_complete=complete
+                )
+            elif not await receive_legacy(
+                conn, first, sink.buffer, io_timeout=t.io_timeout, on_complete=complete
+            ):
+                raise ProtocolError("legacy tensor failed its checksum")
+        finally:
+            if not arrays:
+                self._publish_receive(xid, meta, peer.name, "interrupted", 0)
+                with trio.CancelScope(shield=True):
+                    await sink.discard()
+        self._publish_receive(xid, meta, peer.name, "done", meta.nbytes)
+        return arrays[0]
 
     # -- serving -----------------------------------------------------------------------------
 
@@ -754,29 +898,44 @@ class TensorNode:
         ) as exc:
             log.info("peer %s: connection lost: %s", conn.peer_id, _why(exc))
 
-    def _new_receive(
-        self, conn: Connection, begin: Begin
-    ) -> tuple[ReceiveTransfer, np.ndarray[Any, Any]]:
-        try:
-            array = begin.meta.empty_array()
-        except (MemoryError, ValueError) as exc:
-            raise TransferFailed(
-                f"cannot allocate {begin.meta.nbytes} bytes for {begin.meta.name!r}: {exc}",
-                code="quota",
-            ) from None
-        xfer = ReceiveTransfer(
-            begin,
-            _flat_bytes(array),
-            sender=conn.peer_id,
-            crc=conn.agreement.crc,
-            max_chunk=MAX_CHUNK_SIZE,
-        )
-        return xfer, array
+    def _sink(
+        self, meta: TensorMeta, key: str, chunk_size: int | None, store_as: str | None = None
+    ) -> Sink:
+        """Where a receive writes: a partial file in the store, or a new array in memory."""
+        if self.store is not None:
+            return StoreSink(self.store, meta, key, chunk_size, store_as=store_as)
+        return MemorySink(meta)
 
-    async def _receive(self, conn: Connection, begin: Begin) -> None:
+    def _new_receive(
+        self, conn: Connection, begin: Begin, key: str, store_as: str | None = None
+    ) -> tuple[ReceiveTransfer, Sink]:
+        sink = self._sink(begin.meta, key, begin.chunk_size, store_as)
+        try:
+            xfer = ReceiveTransfer(
+                begin,
+                sink.buffer,
+                sender=conn.peer_id,
+                crc=conn.agreement.crc,
+                max_chunk=MAX_CHUNK_SIZE,
+            )
+        except BaseException:
+            # Nothing arrived: free the space at once (discard of a fresh partial never waits).
+            if isinstance(sink, StoreSink):
+                sink.partial.discard()
+            raise
+        sink.restore(xfer)
+        return xfer, sink
+
+    def _expire_partials(self) -> None:
         now = trio.current_time()
         for key in [k for k, p in self._partials.items() if p.expires < now]:
-            del self._partials[key]
+            partial = self._partials.pop(key)
+            if isinstance(partial.sink, StoreSink):
+                # Kept on disk (the sweep removes it later if nobody resumes it).
+                partial.sink.partial.close()
+
+    async def _receive(self, conn: Connection, begin: Begin) -> None:
+        self._expire_partials()
         key = (conn.peer_id, begin.id)
         stale = self._active.get(key)
         if stale is not None:
@@ -784,60 +943,90 @@ class TensorNode:
             # only it noticed): stop that receive so its progress is kept as the partial.
             stale.scope.cancel()
             await stale.released.wait()
+        meta = begin.meta
         partial = self._partials.pop(key, None)
         if partial is not None and partial.xfer.matches(begin):
-            xfer, array = partial.xfer, partial.array
+            xfer, sink = partial.xfer, partial.sink
             replies = xfer.rebegin(begin)
             log.info(
                 "tensor transfer %s: resuming %r from %s at %d of %d bytes",
                 begin.id,
-                begin.meta.name,
+                meta.name,
                 conn.peer_id,
                 xfer.bytes_have,
-                begin.meta.nbytes,
+                meta.nbytes,
             )
         else:
+            if partial is not None:
+                await partial.sink.discard()
             try:
-                xfer, array = self._new_receive(conn, begin)
+                xfer, sink = self._new_receive(conn, begin, f"{conn.peer_id}/{begin.id}")
             except TransferFailed as exc:
+                log.warning("tensor transfer %s: refused %r: %s", begin.id, meta.name, exc)
                 await conn.send_error(exc.code, str(exc), begin.id)
                 raise
             replies = [xfer.accept()] if begin.resume else []
         if replies:
             await conn.stream.send(*replies)
-        meta = begin.meta
         started = time.perf_counter()
+        self._publish_receive(begin.id, meta, conn.peer_id, "started", xfer.bytes_have)
 
         def progress(done: int) -> None:
             if self.events.active:
-                self.events.publish(
-                    TransferEvent(
-                        begin.id, meta.name, conn.peer_id, "receive", "progress", done, meta.nbytes
-                    )
-                )
+                self._publish_receive(begin.id, meta, conn.peer_id, "progress", done)
+
+        committed: list[bool] = []
+
+        async def complete() -> None:
+            array = await sink.commit(conn.peer_id)
+            committed.append(True)
+            self._arrive(meta.name, array, conn.peer_id)
 
         active = _Active(trio.CancelScope(), trio.Event())
+        checkpoints = trio.CancelScope()
         self._active[key] = active
         self._busy += 1
         try:
             with active.scope:
-                await receive_chunked(
-                    conn,
-                    xfer,
-                    io_timeout=self.settings.transfer.io_timeout,
-                    progress=progress,
-                    on_complete=lambda: self._arrive(meta.name, array, conn.peer_id),
-                )
+                if sink.persistent and self._nursery is not None:
+                    self._nursery.start_soon(
+                        self._checkpoints, sink, xfer, conn.peer_id, checkpoints
+                    )
+                try:
+                    await receive_chunked(
+                        conn,
+                        xfer,
+                        io_timeout=self.settings.transfer.io_timeout,
+                        progress=progress,
+                        on_complete=complete,
+                    )
+                except TransferFailed as exc:
+                    if exc.code == "quota":  # the disk filled up while committing
+                        await conn.send_error(exc.code, str(exc), begin.id)
+                    raise
         finally:
-            if xfer.state is ReceiveState.RECEIVING and xfer.have_count:
-                ttl = self.settings.transfer.partial_ttl_seconds
-                self._partials[key] = _Partial(xfer, array, trio.current_time() + ttl)
+            checkpoints.cancel()
+            with trio.CancelScope(shield=True):
+                if xfer.state is ReceiveState.RECEIVING and xfer.have_count:
+                    # Persist what arrived (a drain, a cut): the sender's retry, from this
+                    # process or after a restart, resumes from the first missing chunk.
+                    try:
+                        await sink.checkpoint(xfer)
+                    except (OSError, ValueError) as exc:
+                        log.warning("tensor transfer %s: cannot save progress: %s", begin.id, exc)
+                    ttl = self.settings.transfer.partial_ttl_seconds
+                    self._partials[key] = _Partial(xfer, sink, trio.current_time() + ttl)
+                elif not committed:
+                    await sink.discard()
+            if not committed:
+                self._publish_receive(begin.id, meta, conn.peer_id, "interrupted", xfer.bytes_have)
             del self._active[key]
             active.released.set()
             self._idle_if_done()
         if active.scope.cancelled_caught:
             raise ConnectionClosed("superseded by the sender's resumed transfer")
         seconds = time.perf_counter() - started
+        self._publish_receive(begin.id, meta, conn.peer_id, "done", meta.nbytes)
         log.info(
             "tensor transfer %s: received %r from %s: %d bytes in %.3f s (%.1f MB/s)",
             begin.id,
@@ -848,15 +1037,54 @@ class TensorNode:
             meta.nbytes / max(seconds, 1e-9) / 1e6,
         )
 
+    async def _checkpoints(
+        self, sink: Sink, xfer: ReceiveTransfer, sender: str, scope: trio.CancelScope
+    ) -> None:
+        """Save a receive's progress every ``CHECKPOINT_INTERVAL`` while it runs (a task of the
+        node's nursery, so that its failure cannot mix with the receive's own errors)."""
+        with scope:
+            while True:
+                await trio.sleep(CHECKPOINT_INTERVAL)
+                before = xfer.bytes_have
+                try:
+                    saved = await sink.checkpoint(xfer)
+                except (OSError, ValueError) as exc:
+                    # A full disk: the receive goes on; a restart would resume from earlier.
+                    log.warning("tensor transfer %s: cannot save progress: %s", xfer.id, exc)
+                    continue
+                if saved and not scope.cancel_called:  # never after the receive's last event
+                    self._publish_receive(xfer.id, xfer.meta, sender, "checkpoint", before)
+
+    def _publish_receive(
+        self, xid: str, meta: TensorMeta, sender: str, state: str, done: int
+    ) -> None:
+        if self.events.active:
+            self.events.publish(
+                TransferEvent(xid, meta.name, sender, "receive", state, done, meta.nbytes)
+            )
+
     async def _receive_legacy(self, conn: Connection, msg: Legacy) -> None:
-        array = msg.meta.empty_array()
-        if await receive_legacy(
-            conn,
-            msg,
-            _flat_bytes(array),
-            io_timeout=self.settings.transfer.io_timeout,
-            on_complete=lambda: self._arrive(msg.meta.name, array, conn.peer_id),
-        ):
+        sink = self._sink(msg.meta, f"{conn.peer_id}/legacy-{secrets.token_hex(8)}", None)
+        committed: list[bool] = []
+
+        async def complete() -> None:
+            array = await sink.commit(conn.peer_id)
+            committed.append(True)
+            self._arrive(msg.meta.name, array, conn.peer_id)
+
+        try:
+            ok = await receive_legacy(
+                conn,
+                msg,
+                sink.buffer,
+                io_timeout=self.settings.transfer.io_timeout,
+                on_complete=complete,
+            )
+        finally:
+            if not committed:
+                with trio.CancelScope(shield=True):
+                    await sink.discard()
+        if ok:
             log.info(
                 "tensor transfer: received %r from %s in legacy mode: %d bytes",
                 msg.meta.name,
@@ -865,8 +1093,9 @@ class TensorNode:
             )
 
     def _arrive(self, name: str, array: np.ndarray[Any, Any], sender: str) -> None:
-        """A verified tensor: store it (before the peer hears ``Stored``) and announce it."""
-        self._tensors[name] = array
+        """A verified tensor, stored before the peer hears ``Stored``: announce it."""
+        if self.store is None:
+            self._tensors[name] = array
         self._arrivals.append(Arrival(name, array, sender))
         if len(self._arrivals) > self.max_arrivals:
             dropped = self._arrivals.popleft()
@@ -879,14 +1108,14 @@ class TensorNode:
             self.events.publish(ArrivalEvent(name, sender, array.nbytes))
 
     async def _serve_pull(self, conn: Connection, req: Request) -> None:
-        array = self._tensors.get(req.name)
-        if array is None:
+        try:
+            meta, array = self._stored(req.name)
+        except (TensorNotFound, ProtocolError):
             await conn.stream.send(
                 Error("not_found", f"no tensor named {req.name[:256]!r} on node {self.node_id}")
             )
             return
-        meta = _meta_of(req.name, array)
-        data = _flat_bytes(array)
+        data = flat_bytes(array)
         t = self.settings.transfer
         agr = conn.agreement
         if not agr.chunked:
@@ -894,6 +1123,14 @@ class TensorNode:
             return
         xfer = self._new_send(self._next_id(), meta, data, agr)
         await send_chunked(conn, xfer, resume=False, io_timeout=t.io_timeout)
+
+    def _stored(self, name: str) -> tuple[TensorMeta, np.ndarray[Any, Any]]:
+        """A held tensor with its wire metadata (a stored bf16 keeps its wire dtype)."""
+        if self.store is not None:
+            info = self.store.meta(name)
+            return info.meta, self.store.load(name)
+        array = self.get_tensor(name)
+        return _meta_of(name, array), array
 
     def _new_send(
         self, xid: str, meta: TensorMeta, data: memoryview, agr: Agreement

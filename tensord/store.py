@@ -66,6 +66,10 @@ from typing import Any
 import numpy as np
 
 from .errors import BadTensor, ProtocolError, TensorError, TensorNotFound
+from .fsutil import atomic_write as _atomic_write
+from .fsutil import fsync_dir as _fsync_dir
+from .fsutil import unlink_quietly as _unlink
+from .fsutil import write_temp as _write_temp
 from .wire.crc import crc32c
 from .wire.meta import EXTENDED_DTYPES, TensorMeta, check_name, numpy_dtype
 
@@ -172,63 +176,6 @@ def _checked_name(name: str) -> str:
 
 def _is_full(exc: OSError) -> bool:
     return exc.errno in _FULL_ERRNOS
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames and unlinks in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_path(final: Path) -> Path:
-    """A dotfile next to ``final``: never mistaken for a tensor, swept when stale."""
-    return final.with_name(f".{final.name}.{secrets.token_hex(8)}.tmp")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
-
-    Temp file + ``fsync`` + ``rename`` + ``fsync`` of the directory. On failure the temp file is
-    removed and the old ``path`` is untouched.
-    """
-    tmp = _write_temp(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_temp(final: Path, data: bytes) -> Path:
-    """``data`` in a fsynced temp file next to ``final``; returns its path."""
-    tmp = _temp_path(final)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    return tmp
 
 
 def _reserve(fd: int, size: int) -> None:

@@ -18,6 +18,11 @@ import trio
 class Fault:
     cut_after: int | None = None  # close both sides once this many bytes went upstream
     corrupt_at: int | None = None  # XOR 0xFF into the upstream byte at this offset
+    # The same for the server->client direction (a download's data), and a stall: stop
+    # forwarding downstream after this many bytes but keep the connection open.
+    down_cut_after: int | None = None
+    down_corrupt_at: int | None = None
+    down_stall_after: int | None = None
 
 
 @dataclass
@@ -36,6 +41,11 @@ class ChaosProxy:
     conns: list[ConnStats] = field(default_factory=list)
     port: int = 0
     cut_event: trio.Event = field(default_factory=trio.Event)
+    #: If set, connections after the first wait for it before dialling the target (a test
+    #: restarts the target meanwhile).
+    hold_later: trio.Event | None = None
+    #: Upstream bytes per second, per connection (None: as fast as it goes).
+    rate: float | None = None
 
     @property
     def addr(self) -> str:
@@ -52,6 +62,8 @@ class ChaosProxy:
         stats = ConnStats()
         self.conns.append(stats)
         fault = self.faults.get(index, Fault())
+        if index > 0 and self.hold_later is not None:
+            await self.hold_later.wait()
         try:
             server = await trio.open_tcp_stream(self.target_host, self.target_port)
         except OSError:
@@ -81,13 +93,33 @@ class ChaosProxy:
                             return
                         await server.send_all(data)
                         stats.upstream += len(data)
+                        if self.rate is not None:
+                            await trio.sleep(len(data) / self.rate)
 
                 async def down() -> None:
                     while True:
-                        data = await server.receive_some(65536)
+                        data = bytearray(await server.receive_some(65536))
                         if not data:
                             await client.send_eof()
                             return
+                        start = stats.downstream
+                        at = fault.down_corrupt_at
+                        if at is not None and start <= at < start + len(data):
+                            data[at - start] ^= 0xFF
+                            stats.corrupted = True
+                        for limit, stall in (
+                            (fault.down_cut_after, False),
+                            (fault.down_stall_after, True),
+                        ):
+                            if limit is not None and start + len(data) >= limit:
+                                await client.send_all(data[: limit - start])
+                                stats.downstream = limit
+                                stats.cut = True
+                                self.cut_event.set()
+                                if stall:
+                                    await trio.sleep_forever()
+                                nursery.cancel_scope.cancel()
+                                return
                         await client.send_all(data)
                         stats.downstream += len(data)
 
@@ -102,10 +134,12 @@ class ChaosProxy:
 
 
 @asynccontextmanager
-async def proxied(port: int, faults: dict[int, Fault]) -> AsyncIterator[ChaosProxy]:
+async def proxied(
+    port: int, faults: dict[int, Fault], rate: float | None = None
+) -> AsyncIterator[ChaosProxy]:
     """A running proxy to ``port`` for the duration of the block."""
     async with trio.open_nursery() as nursery:
-        proxy = ChaosProxy(port, faults=faults)
+        proxy = ChaosProxy(port, faults=faults, rate=rate)
         await nursery.start(proxy.run)
         yield proxy
         nursery.cancel_scope.cancel()

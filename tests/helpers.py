@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tensord.config import Settings
@@ -21,6 +25,23 @@ def require(condition: bool, reason: str) -> None:
         if IN_CI:
             pytest.fail(f"missing component under CI: {reason}")
         pytest.skip(reason)
+
+
+def wait_serving(
+    probe: Callable[[], object], proc: subprocess.Popen[bytes], log: Path, timeout: float
+) -> None:
+    """Poll ``probe`` until it stops raising ``OSError``/``httpx.HTTPError`` (a server that
+    gives no readiness signal): bounded by ``timeout``, and failing at once, with the server's
+    log, if the process exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            probe()
+            return
+        except (OSError, httpx.HTTPError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(log.read_text()) from None
+            time.sleep(0.02)
 
 
 def fast_settings(**protocol: Any) -> Settings:

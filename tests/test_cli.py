@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import trio
 
+from .daemons import daemon_env
 from .helpers import running
 
 
@@ -73,9 +74,8 @@ async def _read_until(stream: trio.abc.ReceiveStream, needle: bytes, seen: bytea
         seen += chunk
 
 
-async def test_serve_accepts_tensors_and_logs_arrivals() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORD_", "OLLAMA_"))}
-    env |= {"TENSORD_LISTEN": "127.0.0.1:0", "TENSORD_NODE_ID": "cli-node"}
+async def test_serve_accepts_tensors_and_logs_arrivals(tmp_path: Path) -> None:
+    env = daemon_env({"TENSORD_LISTEN": "127.0.0.1:0", "TENSORD_NODE_ID": "cli-node"}, tmp_path)
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "tensord", "serve"], stderr=subprocess.PIPE, env=env
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from tensord.config import (
     SecuritySettings,
     Settings,
     TlsSettings,
+    default_control_socket,
+    default_state_dir,
     load_settings,
 )
 from tensord.errors import ConfigError, TensorError
@@ -78,8 +81,37 @@ def test_defaults() -> None:
     assert s.transfer.max_tensor_bytes == 64 * GiB
     assert s.gateway.listen == HostPort("127.0.0.1", 11435)
     assert s.security == SecuritySettings()
-    assert s.control.socket is None and s.state_dir is None
-    assert s == Settings()
+    # The daemon always has a state directory and a control socket (embedded defaults here).
+    assert s.state_dir == default_state_dir({}) and s.control.socket == default_control_socket({})
+    assert s.store.max_bytes is None
+    lib = load_settings(env={}, library=True)
+    assert lib.control.socket is None and lib.state_dir is None
+
+
+@pytest.mark.parametrize(
+    ("env", "state", "sock"),
+    [
+        ({"STATE_DIRECTORY": "/var/lib/tensord", "RUNTIME_DIRECTORY": "/run/tensord"},
+         "/var/lib/tensord", "/run/tensord/control.sock"),
+        ({"XDG_STATE_HOME": "/home/u/.local/state", "XDG_RUNTIME_DIR": "/run/user/1000"},
+         "/home/u/.local/state/tensord", "/run/user/1000/tensord/control.sock"),
+        ({"STATE_DIRECTORY": "/a:/b", "XDG_STATE_HOME": "/x", "TENSORD_CONTROL_SOCKET": "/s.sock",
+          "XDG_RUNTIME_DIR": "/r"}, "/a", "/s.sock"),
+    ],
+)  # fmt: skip
+def test_default_paths_follow_systemd_then_xdg(env: dict[str, str], state: str, sock: str) -> None:
+    s = load_settings(env=env)
+    assert s.state_dir == Path(state) and s.control.socket == Path(sock)
+    assert default_control_socket(env) == Path(sock)
+
+
+def test_default_paths_without_systemd_or_xdg() -> None:
+    if os.geteuid() == 0:
+        assert default_state_dir({}) == Path("/var/lib/tensord")
+        assert default_control_socket({}) == Path("/run/tensord/control.sock")
+    else:
+        assert default_state_dir({"HOME": "/h"}) == Path("/h/.local/state/tensord")
+        assert default_control_socket({}) == Path(f"/tmp/tensord-{os.geteuid()}/control.sock")
 
 
 def test_for_library_gives_port_zero_and_a_random_node_id() -> None:
@@ -217,6 +249,7 @@ OTHER_VARS: list[tuple[str, str, Any]] = [
     ("TENSORD_MAX_TENSOR_BYTES", "1000", lambda s: s.transfer.max_tensor_bytes == 1000),
     ("TENSORD_DRAIN_TIMEOUT", "2.5", lambda s: s.transfer.drain_timeout == 2.5),
     ("TENSORD_STATE_DIR", "/var/lib/t", lambda s: s.state_dir == Path("/var/lib/t")),
+    ("TENSORD_STORE_MAX_BYTES", "1000000", lambda s: s.store.max_bytes == 1_000_000),
     ("TENSORD_CONTROL_SOCKET", "/run/t.sock", lambda s: s.control.socket == Path("/run/t.sock")),
     ("TENSORD_GATEWAY_LISTEN", "0.0.0.0:8080",
      lambda s: s.gateway.listen == HostPort("0.0.0.0", 8080)),
@@ -451,6 +484,7 @@ FULL: dict[str, Any] = {
     },
     "gateway": {"listen": "0.0.0.0:11500", "api_keys_file": None, "keepalive_seconds": 5},
     "control": {"socket": "/run/tensord/control.sock"},
+    "store": {"max_bytes": 1 << 40},
     "state_dir": "/var/lib/tensord",
     "log_level": "WARN",
 }
@@ -465,6 +499,7 @@ def test_full_schema_parses(tmp_path: Path) -> None:
     assert s.nodes[2].ollama is None and s.nodes[2].transport == "tcp"
     assert s.nodes[3].addr == HostPort("fd00::5", 7300)
     assert [p.id for p in s.peers] == ["gpu-1", "lo", "v6", "v6lo", "named-lo"]
+    assert s.store.max_bytes == 1 << 40 and s.state_dir == Path("/var/lib/tensord")
     assert s.node("gpu-1") == s.nodes[0] and s.node("nope") is None
     assert s.transport == "quic"  # the node's own transport
     p = s.tensor_protocol
@@ -519,7 +554,8 @@ def test_tls_needs_all_three_paths(tmp_path: Path) -> None:
 def test_null_sections_values(tmp_path: Path) -> None:
     path = write(tmp_path, {"security": {"tls": None, "secret_file": None}, "state_dir": None})
     s = load_settings(env={}, cluster_file=path)
-    assert s.security.tls is None and s.security.secret_file is None and s.state_dir is None
+    assert s.security.tls is None and s.security.secret_file is None
+    assert s.state_dir == default_state_dir({})  # null means "the default"
 
 
 def test_file_without_nodes_needs_no_node_id(tmp_path: Path) -> None:

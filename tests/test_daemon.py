@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,75 +12,11 @@ import numpy as np
 import trio
 
 from tensord.events import TransferEvent
+from tensord.store import TensorStore
 
+from .chaos import proxied
+from .daemons import daemon, free_port
 from .helpers import fast_settings, running
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Daemon:
-    """A running ``tensord serve`` whose stderr the test can wait on."""
-
-    def __init__(self, proc: trio.Process) -> None:
-        self.proc = proc
-        self.log = bytearray()
-        self.eof = False
-        self.terminated = False
-        self._grew = trio.Event()
-
-    async def pump(self) -> None:
-        assert self.proc.stderr is not None
-        while chunk := await self.proc.stderr.receive_some(65536):
-            self.log += chunk
-            self._grew.set()
-            self._grew = trio.Event()
-        self.eof = True
-        self._grew.set()
-
-    async def wait_for(self, needle: str, after: int = 0) -> int:
-        """Wait until ``needle`` appears in the log after offset ``after``; return its end."""
-        data = needle.encode()
-        with trio.fail_after(30):
-            while (i := self.log.find(data, after)) < 0:
-                if self.eof:
-                    raise AssertionError(f"daemon exited before {needle!r}:\n{self.text}")
-                await self._grew.wait()
-        return i + len(data)
-
-    def terminate(self) -> None:
-        self.terminated = True
-        self.proc.send_signal(signal.SIGTERM)
-
-    @property
-    def text(self) -> str:
-        return self.log.decode(errors="replace")
-
-
-@asynccontextmanager
-async def daemon(env: dict[str, str], *args: str) -> AsyncIterator[Daemon]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORD_", "OLLAMA_"))}
-    full.pop("NOTIFY_SOCKET", None)
-    full |= env
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tensord", "serve", *args], stderr=subprocess.PIPE, env=full
-    )
-    d = Daemon(proc)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(d.pump)
-            yield d
-            if proc.returncode is None and not d.terminated:
-                d.terminate()
-            with trio.fail_after(30):
-                await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 def cluster_file(path: Path, nodes: dict[str, int], **extra: object) -> Path:
@@ -102,7 +33,7 @@ def cluster_file(path: Path, nodes: dict[str, int], **extra: object) -> Path:
 async def test_sd_notify_ready_status_watchdog_stopping_in_order(tmp_path: Path) -> None:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await sock.bind(str(tmp_path / "notify"))
-    port = _free_port()
+    port = free_port()
     env = {
         "NOTIFY_SOCKET": str(tmp_path / "notify"),
         "WATCHDOG_USEC": "200000",
@@ -134,7 +65,7 @@ async def test_sd_notify_ready_status_watchdog_stopping_in_order(tmp_path: Path)
 
 
 async def test_sigterm_mid_transfer_drains_then_exits_0(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {"TENSORD_LISTEN": f"127.0.0.1:{port}", "TENSORD_NODE_ID": "n1"}
     big = np.random.default_rng(0).standard_normal(32 << 20).astype(np.float32)  # 128 MiB
     async with daemon(env) as d, running() as sender:
@@ -158,7 +89,7 @@ async def test_sigterm_mid_transfer_drains_then_exits_0(tmp_path: Path) -> None:
 
 
 async def test_sighup_adds_and_removes_peers_and_rejects_a_bad_file(tmp_path: Path) -> None:
-    me = _free_port()
+    me = free_port()
     named = {n: replace(fast_settings(), node_id=n) for n in ("b", "c")}
     async with running(named["b"]) as b, running(named["c"]) as c:
         path = cluster_file(tmp_path / "cluster.json", {"a": me, "b": b.port})
@@ -179,7 +110,7 @@ async def test_sighup_adds_and_removes_peers_and_rejects_a_bad_file(tmp_path: Pa
 
 
 async def test_a_down_peer_never_stops_the_daemon(tmp_path: Path) -> None:
-    me, dead = _free_port(), _free_port()
+    me, dead = free_port(), free_port()
     path = cluster_file(tmp_path / "cluster.json", {"a": me, "dead": dead})
     async with daemon({"TENSORD_NODE_ID": "a"}, "--cluster", str(path)) as d, running() as s:
         await d.wait_for("peer dead is down")
@@ -195,7 +126,7 @@ async def test_second_signal_exits_at_once_while_draining(tmp_path: Path) -> Non
     from tensord.wire.handshake import ALL_FEATURES
     from tensord.wire.meta import TensorMeta
 
-    port = _free_port()
+    port = free_port()
     env = {
         "TENSORD_LISTEN": f"127.0.0.1:{port}",
         "TENSORD_NODE_ID": "n1",
@@ -227,3 +158,52 @@ async def test_second_signal_exits_at_once_while_draining(tmp_path: Path) -> Non
         with trio.fail_after(10):
             assert await d.proc.wait() == 0
         await stream.aclose()
+
+
+async def test_sigterm_past_the_drain_timeout_persists_the_partial_for_a_resume(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    env = {
+        "TENSORD_LISTEN": f"127.0.0.1:{port}",
+        "TENSORD_NODE_ID": "n1",
+        "TENSORD_DRAIN_TIMEOUT": "0.2",
+    }
+    size = 48 << 20
+    big = np.random.default_rng(5).integers(0, 255, size=size, dtype=np.uint8)
+    home = tmp_path / "home"
+    home.mkdir()
+    sender_settings = fast_settings(retry_base_delay=100, max_retries=10, chunk_size=1 << 20)
+    async with running(sender_settings) as sender, proxied(port, {}, rate=32e6) as link:
+        async with trio.open_nursery() as nursery:
+            results = []
+            sent = trio.Event()
+
+            async def send() -> None:
+                results.append(await sender.send_tensor(f"tensord://n1@{link.addr}", "big", big))
+                sent.set()
+
+            async with daemon(env, home=home) as d1:
+                await d1.wait_for("listening on")
+                async with sender.events.subscribe() as events:
+                    nursery.start_soon(send)
+                    async for event in events:
+                        if isinstance(event, TransferEvent) and event.bytes_done > size // 4:
+                            break
+                d1.terminate()
+                with trio.fail_after(30):
+                    assert await d1.proc.wait() == 0
+                await d1.wait_for("drain timed out: 1 transfers were in flight")
+            # What had arrived is on disk, with its progress, for the sender's retry.
+            (partial,) = TensorStore(home / "state").partials()
+            assert partial.meta.name == "big" and partial.bytes_have >= size // 8
+            async with daemon(env, home=home) as d2:
+                await d2.wait_for("on disk from before a restart")
+                with trio.fail_after(60):
+                    await sent.wait()
+                await d2.wait_for("tensor arrived: 'big'")
+        result = results[0]
+        assert result.retries >= 1
+        assert result.bytes_resent <= size - partial.bytes_have
+        assert TensorStore(home / "state").partials() == []
+        assert np.array_equal(TensorStore(home / "state").load("big"), big)

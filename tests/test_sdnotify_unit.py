@@ -76,3 +76,32 @@ async def test_watchdog_pings_at_the_interval(
         assert trio.current_time() - start == 20.0
         nursery.cancel_scope.cancel()
     sock.close()
+
+
+async def test_a_stalled_event_loop_stops_the_watchdog_pings(tmp_path: Path) -> None:
+    """The pings come from the event loop itself, so a loop stuck in blocking code (the failure
+    the watchdog exists to catch) sends none, and systemd restarts the service."""
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.setblocking(False)
+        n = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "40000"}, os.getpid())
+
+        def drain() -> int:
+            count = 0
+            while True:
+                try:
+                    sock.recv(100)
+                except BlockingIOError:
+                    return count
+                count += 1
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_watchdog, n)  # pings every 20 ms
+            await trio.sleep(0.2)
+            assert drain() >= 3  # a healthy loop pings
+            time.sleep(0.3)  # noqa: ASYNC251 - the point: the loop is stuck for 15 intervals
+            assert drain() == 0
+            await trio.sleep(0.2)
+            assert drain() >= 3  # and it pings again once it runs
+            nursery.cancel_scope.cancel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import select
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -254,13 +254,13 @@ async def receive_chunked(
     *,
     io_timeout: float,
     progress: Progress | None = None,
-    on_complete: Callable[[], None] | None = None,
+    on_complete: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Drive a chunked receive until the tensor is complete (``Stored`` sent) or fails.
 
     Uncompressed payloads are received straight into the destination array. ``on_complete``
     runs once the tensor is verified and *before* ``Stored`` is sent, so that when the sender
-    hears ``Stored`` the tensor is already visible on this node.
+    hears ``Stored`` the tensor is already visible (and, with a store, durable) on this node.
     """
     stream = conn.stream
     with trio.CancelScope() as scope:
@@ -274,6 +274,9 @@ async def receive_chunked(
                 if placement is Placement.DIRECT:
                     assert target is not None
                     await stream.receive_payload_into(target)
+                    # Hold no view of the destination past its use: a memory-mapped one is
+                    # unmapped when the tensor is committed.
+                    target = None
                 elif placement is Placement.SCRATCH:
                     payload = conn.scratch(msg.wire_len)
                     await stream.receive_payload_into(payload)
@@ -291,8 +294,9 @@ async def receive_chunked(
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} during a transfer")
             if xfer.complete and on_complete is not None:
-                on_complete()
-                on_complete = None
+                done, on_complete = on_complete, None
+                await done()
+                deadline.touch()
             if replies:
                 await stream.send(*replies)
                 for r in replies:
@@ -322,7 +326,7 @@ async def receive_legacy(
     dest: memoryview,
     *,
     io_timeout: float,
-    on_complete: Callable[[], None] | None = None,
+    on_complete: Callable[[], Awaitable[None]] | None = None,
 ) -> bool:
     """Receive a legacy frame's payload into ``dest``; reply and return whether it was intact."""
     with trio.fail_after(io_timeout + msg.meta.nbytes / 50e6):
@@ -331,7 +335,7 @@ async def receive_legacy(
         await conn.stream.send(Error("checksum", f"tensor {msg.meta.name!r}: crc32c mismatch"))
         return False
     if on_complete is not None:
-        on_complete()
+        await on_complete()
     await conn.stream.send(Stored("0" * 16))
     return True
 

@@ -1,0 +1,1 @@
+"""Background downloads of model layers: registries, parallel ranged fetches, resume, digests."""

@@ -1,0 +1,165 @@
+"""Pull a whole model: resolve its manifest once, fetch the blobs it lists, keep the manifest.
+
+Blobs already in the store (same digest and size) are not fetched again; the others are fetched
+``max_concurrent`` at a time, each with its own parallel ranged connections. The manifest is
+written last, so a model is listed only once all its blobs are verified and in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import trio
+
+from ..fsutil import atomic_write
+from .blobs import BlobStore
+from .fetch import BlobFetch, FetchConfig, Progress, first_error
+from .registry import Manifest, Reference, RegistryAuth, fetch_manifest
+
+log = logging.getLogger("tensord.download")
+
+
+class BlobLocks:
+    """One lock per digest being fetched (entries are dropped when nobody holds them)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[trio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, digest: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(digest, (trio.Lock(), 0))
+        self._locks[digest] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[digest]
+            if users == 1:
+                del self._locks[digest]
+            else:
+                self._locks[digest] = (lock, users - 1)
+
+
+@dataclass
+class PullProgress:
+    """A model's progress: per blob and in total."""
+
+    ref: str
+    total: int
+    blobs: dict[str, Progress] = field(default_factory=dict)
+    skipped: int = 0  # bytes already present
+
+    @property
+    def done(self) -> int:
+        return self.skipped + sum(p.done for p in self.blobs.values())
+
+    @property
+    def connections(self) -> int:
+        return sum(p.connections for p in self.blobs.values())
+
+    @property
+    def retries(self) -> int:
+        return sum(p.retries for p in self.blobs.values())
+
+
+async def pull_model(
+    client: httpx.AsyncClient,
+    ref: Reference,
+    root: Path,
+    *,
+    credentials: dict[str, tuple[str, str]] | None = None,
+    config: FetchConfig | None = None,
+    max_concurrent: int = 2,
+    progress: Callable[[PullProgress], None] | None = None,
+    blob_locks: BlobLocks | None = None,
+) -> Manifest:
+    """Pull ``ref`` into ``root`` (``blobs/`` and ``manifests/``); returns its manifest.
+
+    ``blob_locks`` is shared by pulls running at the same time, so two models with a common
+    layer (or two pulls of one model) download it once: the second waits, then finds it.
+    """
+    locks = blob_locks if blob_locks is not None else BlobLocks()
+    auth = RegistryAuth(client, credentials or {})
+    manifest = await fetch_manifest(client, ref, auth)
+    blobs = BlobStore(root)
+    state = PullProgress(str(ref), manifest.total)
+    todo = []
+    for blob in manifest.blobs:
+        if blobs.has(blob.digest, blob.size):
+            state.skipped += blob.size
+        else:
+            todo.append(blob)
+    log.info(
+        "pull %s (%s): %d blobs, %d bytes, %d to fetch",
+        ref,
+        manifest.digest,
+        len(manifest.blobs),
+        manifest.total,
+        len(todo),
+    )
+    limit = trio.Semaphore(max(1, max_concurrent))
+
+    async def one(digest: str, size: int) -> None:
+        async with limit, locks.hold(digest):
+            if blobs.has(digest, size):  # another pull fetched it meanwhile
+                state.skipped += size
+                return
+
+            def on_progress(p: Progress) -> None:
+                state.blobs[digest] = p
+                if progress is not None:
+                    progress(state)
+
+            fetch = BlobFetch(
+                client,
+                ref.url("blobs", digest),
+                blobs.path(digest),
+                size=size,
+                sha256=digest.removeprefix("sha256:"),
+                auth=auth,
+                config=config,
+                progress=on_progress,
+            )
+            await fetch.run()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for blob in todo:
+                nursery.start_soon(one, blob.digest, blob.size)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    await trio.to_thread.run_sync(_write_manifest, root, ref, manifest)
+    return manifest
+
+
+def manifest_path(root: Path, ref: Reference) -> Path:
+    """``manifests/<registry>/<repository>/<tag or digest>``, Ollama's layout."""
+    tag = ref.tag or (ref.digest or "latest").replace(":", "-")
+    return root / "manifests" / ref.registry.replace(":", "_") / ref.repository / tag
+
+
+def _write_manifest(root: Path, ref: Reference, manifest: Manifest) -> None:
+    path = manifest_path(root, ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps(
+        {
+            "reference": str(ref),
+            "digest": manifest.digest,
+            "mediaType": manifest.media_type,
+            "blobs": [
+                {"digest": b.digest, "size": b.size, "mediaType": b.media_type}
+                for b in manifest.blobs
+            ],
+        },
+        indent=1,
+    ).encode()
+    atomic_write(path, body)
+
+
+__all__ = ["BlobLocks", "PullProgress", "manifest_path", "pull_model"]

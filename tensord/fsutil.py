@@ -1,0 +1,73 @@
+"""Small durable-file helpers: atomic replace (temp file, fsync, rename, fsync of the directory).
+
+Shared by the tensor store, the download fetcher's ranges file, pulled manifests and the
+download queue: every small file tensord rewrites must read back as the old or the new
+version after a crash, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+
+def unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and unlinks in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path(final: Path) -> Path:
+    """A dotfile next to ``final``: never mistaken for a tensor, swept when stale."""
+    return final.with_name(f".{final.name}.{secrets.token_hex(8)}.tmp")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
+
+    Temp file + ``fsync`` + ``rename`` + ``fsync`` of the directory. On failure the temp file is
+    removed and the old ``path`` is untouched.
+    """
+    tmp = write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_temp(final: Path, data: bytes) -> Path:
+    """``data`` in a fsynced temp file next to ``final``; returns its path."""
+    tmp = temp_path(final)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+__all__ = ["atomic_write", "fsync_dir", "temp_path", "unlink_quietly", "write_temp"]

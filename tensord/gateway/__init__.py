@@ -1,0 +1,1 @@
+"""The token gateway: OpenAI- and Ollama-compatible streaming from the cluster's Ollama nodes."""

@@ -1,0 +1,100 @@
+"""Serving the gateway: hypercorn's trio worker on ``gateway.listen``, backends from the cluster.
+
+The gateway runs in the daemon's nursery when the cluster file names at least one Ollama node
+(``"ollama": "http://host:11434"`` on a node entry). Bound to a non-loopback address it requires
+API keys (``gateway.api_keys_file``, one key per line): an open token endpoint on the network is
+a hole in the cluster, so without keys it refuses to start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from functools import partial
+from pathlib import Path
+
+import httpx
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from ..config import Settings
+from ..errors import ConfigError
+from .app import GatewayApp
+from .backends import Backends
+
+log = logging.getLogger("tensord.gateway")
+
+
+def backend_entries(settings: Settings) -> list[tuple[str, str]]:
+    return [(n.id, n.ollama) for n in settings.nodes if n.ollama]
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def load_api_keys(settings: Settings) -> set[str] | None:
+    """The API keys clients must present, or None when the gateway is open (loopback only)."""
+    path: Path | None = settings.gateway.api_keys_file
+    listen = settings.gateway.listen
+    if path is None:
+        if not _is_loopback(listen.host):
+            raise ConfigError(
+                f"gateway.listen is {listen}, not a loopback address: set gateway.api_keys_file "
+                "(one API key per line) so that only clients with a key can use it"
+            )
+        return None
+    try:
+        keys = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    except OSError as exc:
+        raise ConfigError(f"gateway.api_keys_file: cannot read {path}: {exc}") from None
+    if not keys:
+        raise ConfigError(f"gateway.api_keys_file: {path} holds no keys")
+    return keys
+
+
+class Gateway:
+    """The gateway's backends and HTTP server, as one task of the daemon."""
+
+    def __init__(self, settings: Settings, *, backend_limit: int = 4) -> None:
+        self.settings = settings
+        #: Requests one backend takes at once (Ollama's OLLAMA_NUM_PARALLEL defaults to 4).
+        self.backend_limit = backend_limit
+        self.api_keys = load_api_keys(settings)
+        self.backends: Backends | None = None
+        self.url = ""
+
+    def reconfigure(self, settings: Settings) -> None:
+        self.settings = settings
+        if self.backends is not None:
+            self.backends.update(backend_entries(settings))
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        g = self.settings.gateway
+        timeout = httpx.Timeout(None, connect=5.0)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            self.backends = Backends(
+                client, backend_entries(self.settings), limit=self.backend_limit
+            )
+            app = GatewayApp(
+                self.backends, keepalive_seconds=g.keepalive_seconds, api_keys=self.api_keys
+            )
+            config = Config()
+            config.bind = [str(g.listen)]
+            config.accesslog = None
+            config.errorlog = logging.getLogger("tensord.gateway.http")
+            config.graceful_timeout = 1.0
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.backends.run)
+                binds = await nursery.start(partial(serve, app, config, mode="asgi"))
+                self.url = str(binds[0]) if binds else f"http://{g.listen}"
+                log.info("gateway on %s, %d backends", self.url, len(self.backends.backends))
+                task_status.started(self.url)
+
+
+__all__ = ["Gateway", "backend_entries", "load_api_keys"]

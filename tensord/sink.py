@@ -1,0 +1,183 @@
+"""Where a receive writes: an array in memory (a library node) or a file in the store (the daemon).
+
+The network layer only sees :attr:`Sink.buffer`, a flat writable ``B`` memoryview it
+``recv_into``\\s chunk payloads; the sink decides what that memory is and what "complete" means.
+A :class:`MemorySink` is an ``np.empty`` array that becomes the received tensor. A
+:class:`StoreSink` is a memory-mapped partial file of the :class:`~tensord.store.TensorStore`:
+its progress is checkpointed to disk while the receive runs (so a daemon that is killed resumes
+from the last checkpoint, not from zero) and :meth:`StoreSink.commit` renames it into place only
+once the whole tensor has been verified. The slow file operations (``msync``, ``fsync``) run in a
+worker thread, so the event loop keeps receiving meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Protocol
+
+import numpy as np
+import trio
+
+from .errors import TransferFailed
+from .store import PartialReceive, StoreFull, TensorStore
+from .wire.meta import TensorMeta
+from .wire.transfer import ReceiveTransfer
+
+log = logging.getLogger("tensord.transfer")
+
+
+def flat_bytes(array: np.ndarray[Any, Any]) -> memoryview:
+    """A flat, writable-if-possible ``B`` view of a C-contiguous array: no copy."""
+    flat: Any = array.reshape(-1).view(np.uint8)
+    return memoryview(flat)
+
+
+class Sink(Protocol):
+    """The destination of one receive."""
+
+    meta: TensorMeta
+    buffer: memoryview
+    #: Does it outlive the process (is checkpointing worth it)?
+    persistent: bool
+
+    def restore(self, xfer: ReceiveTransfer) -> None:
+        """Load progress saved by an earlier process into ``xfer`` (if any)."""
+
+    async def checkpoint(self, xfer: ReceiveTransfer) -> bool:
+        """Persist ``xfer``'s progress so a restart can resume from it; whether it saved."""
+
+    async def commit(self, sender: str) -> np.ndarray[Any, Any]:
+        """The verified tensor: make it the stored one and return it."""
+
+    async def close(self) -> None:
+        """Stop for now; keep what arrived for a resume."""
+
+    async def discard(self) -> None:
+        """Give up; free what arrived."""
+
+
+def _too_big(meta: TensorMeta, exc: BaseException) -> TransferFailed:
+    return TransferFailed(
+        f"cannot allocate {meta.nbytes} bytes for {meta.name!r}: {exc}", code="quota"
+    )
+
+
+class MemorySink:
+    """An ``np.empty`` array; committing hands it over as the tensor."""
+
+    persistent = False
+
+    def __init__(self, meta: TensorMeta) -> None:
+        self.meta = meta
+        try:
+            self.array = meta.empty_array()
+        except (MemoryError, ValueError) as exc:
+            raise _too_big(meta, exc) from None
+        self.buffer = flat_bytes(self.array)
+
+    def restore(self, xfer: ReceiveTransfer) -> None:
+        pass
+
+    async def checkpoint(self, xfer: ReceiveTransfer) -> bool:
+        return False
+
+    async def commit(self, sender: str) -> np.ndarray[Any, Any]:
+        return self.array
+
+    async def close(self) -> None:
+        pass
+
+    async def discard(self) -> None:
+        pass
+
+
+class StoreSink:
+    """A partial file in the store, checkpointed while it fills and committed atomically.
+
+    ``store_as`` stores the tensor under another name than the one on the wire (a pull's
+    ``--as``). Checkpoints and the commit are serialized by a lock, and nothing is saved after
+    the commit or a close started: the mapping is gone by then.
+    """
+
+    persistent = True
+
+    def __init__(
+        self,
+        store: TensorStore,
+        meta: TensorMeta,
+        key: str,
+        chunk_size: int | None,
+        *,
+        store_as: str | None = None,
+    ) -> None:
+        self.meta = meta
+        self.store = store
+        stored_meta = meta if store_as is None else replace(meta, name=store_as)
+        try:
+            self.partial: PartialReceive = store.begin_receive(
+                stored_meta, key, chunk_size=chunk_size
+            )
+        except StoreFull as exc:
+            raise TransferFailed(str(exc), code="quota") from None
+        except OSError as exc:
+            raise TransferFailed(
+                f"cannot store {meta.name!r} in {store.root}: {exc.strerror or exc}", code="quota"
+            ) from None
+        self.buffer = self.partial.buffer
+        self._lock = trio.Lock()
+        self._saved_count = -1
+        self._ended = False
+
+    def restore(self, xfer: ReceiveTransfer) -> None:
+        saved = self.partial.load_progress()
+        if saved is None:
+            return
+        have, crcs = saved
+        try:
+            xfer.restore(have, crcs)
+        except ValueError as exc:
+            log.warning("ignoring saved progress of %r: %s", self.partial.key, exc)
+            return
+        self._saved_count = xfer.have_count
+        log.info(
+            "tensor transfer %s: found %d of %d bytes of %r on disk from before a restart",
+            xfer.id,
+            xfer.bytes_have,
+            self.meta.nbytes,
+            self.meta.name,
+        )
+
+    async def checkpoint(self, xfer: ReceiveTransfer) -> bool:
+        async with self._lock:
+            if self._ended or xfer.have_count == self._saved_count:
+                return False
+            # The snapshot is taken here, on the event loop, so every chunk it lists has its
+            # bytes in the mapping already; save_progress flushes them before writing it.
+            have, crcs = xfer.progress()
+            count = xfer.have_count
+            await trio.to_thread.run_sync(self.partial.save_progress, have, crcs)
+            self._saved_count = count
+            return True
+
+    async def commit(self, sender: str) -> np.ndarray[Any, Any]:
+        async with self._lock:
+            self._ended = True
+            try:
+                info = await trio.to_thread.run_sync(self.partial.commit, sender)
+            except StoreFull as exc:
+                raise TransferFailed(str(exc), code="quota") from None
+        return self.store.load(info.name)
+
+    async def close(self) -> None:
+        async with self._lock:  # not while a checkpoint thread flushes the mapping
+            self._ended = True
+            self.partial.close()
+
+    async def discard(self) -> None:
+        async with self._lock:
+            self._ended = True
+            self.partial.discard()
+
+
+__all__ = ["MemorySink", "Sink", "StoreSink", "flat_bytes"]

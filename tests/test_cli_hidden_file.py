@@ -1,0 +1,51 @@
+"""``tensord send FILE`` for a file the daemon cannot see (systemd's PrivateTmp=/ProtectHome=):
+the CLI streams it into the daemon's store and sends it from there."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from .daemons import daemon, free_port
+from .helpers import require
+from .test_control import http, ready
+
+
+async def test_send_streams_a_file_hidden_from_the_daemon(tmp_path: Path) -> None:
+    require(os.geteuid() == 0 and shutil.which("unshare") is not None, "needs root and unshare")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    array = np.random.default_rng(4).standard_normal((512, 256)).astype(np.float32)
+    np.save(hidden / "w.npy", array)
+    ports = {"a": free_port(), "b": free_port()}
+    cluster = tmp_path / "c.json"
+    cluster.write_text(
+        json.dumps({"nodes": [{"id": k, "addr": f"127.0.0.1:{p}"} for k, p in ports.items()]})
+    )
+    # Daemon a runs in its own mount namespace with an empty tmpfs over the file's directory,
+    # as PrivateTmp= does under systemd.
+    private = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+               f'mount -t tmpfs tmpfs "{hidden}" && exec "$@"', "sh")  # fmt: skip
+    async with (
+        daemon({"TENSORD_NODE_ID": "a"}, "--cluster", str(cluster), wrapper=private) as a,
+        daemon({"TENSORD_NODE_ID": "b"}, "--cluster", str(cluster)) as b,
+    ):
+        await ready(a)
+        await ready(b)
+        out = await trio.run_process(
+            [sys.executable, "-m", "tensord", "--socket", str(a.socket), "send",
+             str(hidden / "w.npy"), "--to", "b", "--name", "hid"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr.decode()
+        assert "sent hid to b" in out.stdout.decode()
+        async with http(b) as cb:
+            r = await cb.get("/v1/tensors/hid/data")
+        (tmp_path / "got.npy").write_bytes(r.content)
+        assert np.array_equal(np.load(tmp_path / "got.npy"), array)

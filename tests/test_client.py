@@ -1,0 +1,566 @@
+"""``tensord.Client`` / ``AsyncClient`` against real ``tensord serve`` subprocesses: every method,
+typed errors, percent-encoded names, the events stream; and the SSE parser on byte strings."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import trio
+
+from tensord import AsyncClient, Client, ConfigError, PeerUnreachable, TensorNotFound
+from tensord.control.client import (
+    ControlError,
+    DaemonNotRunning,
+    SSEComment,
+    SSEMessage,
+    SSEParser,
+    connect_error,
+    error_from_reply,
+    event_dict,
+    resolve_socket,
+    tensor_path,
+)
+from tensord.errors import BadAddress, TransferFailed
+from tensord.store import StoreFull
+
+from .daemons import daemon_env, free_port
+
+B_STORE_CAP = 24 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Two real daemons, a and b, in one cluster (plus c, which never runs), shared by the module.
+
+
+@dataclass
+class Node:
+    id: str
+    home: Path
+    socket: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def log(self) -> str:
+        return (self.home / "log").read_text(errors="replace")
+
+    def client(self) -> Client:
+        return Client(self.socket)
+
+    def async_client(self) -> AsyncClient:
+        return AsyncClient(self.socket)
+
+
+@dataclass
+class Cluster:
+    a: Node
+    b: Node
+    file: Path
+    work: Path
+
+
+def _start(home: Path, node_id: str, port: int, cluster: Path, **env: str) -> Node:
+    home.mkdir()
+    full = daemon_env({"TENSORD_NODE_ID": node_id, "TENSORD_LISTEN": f"127.0.0.1:{port}"}, home)
+    with open(home / "log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tensord", "serve", "--cluster", str(cluster)],
+            env=full | env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    return Node(node_id, home, Path(full["TENSORD_CONTROL_SOCKET"]), proc)
+
+
+def wait_ready(node: Node, deadline: float = 30.0) -> None:
+    """Until the daemon answers ``status()`` on its socket (bounded; fails with its log)."""
+    give_up = time.monotonic() + deadline
+    with node.client() as c:
+        while True:
+            if node.proc.poll() is not None:
+                pytest.fail(f"daemon {node.id} exited ({node.proc.returncode}):\n{node.log}")
+            try:
+                c.status()
+                return
+            except DaemonNotRunning:
+                if time.monotonic() > give_up:
+                    pytest.fail(f"daemon {node.id} not ready after {deadline} s:\n{node.log}")
+                time.sleep(0.05)  # polling interval, not synchronisation
+
+
+def _stop(node: Node) -> None:
+    if node.proc.poll() is None:
+        node.proc.terminate()
+        try:
+            node.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
+            node.proc.wait()
+
+
+def cluster_doc(ports: dict[str, int]) -> dict[str, Any]:
+    return {
+        "name": "client-test",
+        "nodes": [{"id": k, "addr": f"127.0.0.1:{p}"} for k, p in ports.items()],
+        "transfer": {"peer_check_interval": 0.2, "connect_timeout": 2.0},
+        "tensor_protocol": {"retry_base_delay": 20, "max_retries": 1, "chunk_size": 256 << 10},
+    }
+
+
+def running_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Daemons a and b (b's store capped), stopped at the end."""
+    root = tmp_path_factory.mktemp("ctl")  # short: a socket path must fit in 108 bytes
+    ports = {"a": free_port(), "b": free_port(), "c": free_port()}  # c never runs
+    file = root / "cluster.json"
+    file.write_text(json.dumps(cluster_doc(ports)))
+    work = root / "work"
+    work.mkdir()
+    a = _start(root / "a", "a", ports["a"], file)
+    b = _start(root / "b", "b", ports["b"], file, TENSORD_STORE_MAX_BYTES=str(B_STORE_CAP))
+    try:
+        wait_ready(a)
+        wait_ready(b)
+        yield Cluster(a, b, file, work)
+    finally:
+        _stop(a)
+        _stop(b)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from running_cluster(tmp_path_factory)
+
+
+def unique(prefix: str) -> str:
+    """A tensor name no other test of the module uses (the daemons are shared)."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def save(path: Path, array: np.ndarray[Any, Any]) -> Path:
+    np.save(path, array)
+    return path
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray[Any, Any]]) -> Path:
+    codes = {"float32": "F32", "int32": "I32", "uint8": "U8"}
+    header: dict[str, Any] = {}
+    blobs = []
+    offset = 0
+    for key, array in tensors.items():
+        data = np.ascontiguousarray(array).tobytes()
+        header[key] = {
+            "dtype": codes[array.dtype.name],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        offset += len(data)
+        blobs.append(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The SSE parser, on byte strings
+
+
+STREAM = (
+    b": subscribed\n\n"
+    b'event: transfer\ndata: {"kind": "transfer", "state": "progress"}\n\n'
+    b": keep-alive\n\n"
+    b'event: peer\ndata: {"peer": "c",\ndata:  "state": "down"}\n\n'
+)
+EXPECTED = [
+    SSEComment("subscribed"),
+    SSEMessage("transfer", '{"kind": "transfer", "state": "progress"}'),
+    SSEComment("keep-alive"),
+    SSEMessage("peer", '{"peer": "c",\n "state": "down"}'),
+]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, len(STREAM)])
+def test_sse_parser_gives_the_same_items_however_the_bytes_are_split(size: int) -> None:
+    parser = SSEParser()
+    got: list[SSEMessage | SSEComment] = []
+    for i in range(0, len(STREAM), size):
+        got += parser.feed(STREAM[i : i + size])
+    assert got == EXPECTED
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\r", b"\n"])
+def test_sse_parser_accepts_every_line_ending_even_split_between_chunks(eol: bytes) -> None:
+    stream = STREAM.replace(b"\n", eol)
+    for cut in range(len(stream)):  # a CR LF split across two chunks is one line end, not two
+        parser = SSEParser()
+        assert parser.feed(stream[:cut]) + parser.feed(stream[cut:]) == EXPECTED, cut
+
+
+def test_sse_parser_follows_the_field_rules() -> None:
+    parser = SSEParser()
+    items = parser.feed(
+        b"\xef\xbb\xbfdata:no space\n\n"  # a BOM is dropped; the space after ':' is optional
+        b"event: lonely\n\n"  # no data: nothing is dispatched, and the type is reset
+        b"data\n\n"  # a field name alone: empty data, still a message
+        b"id: 7\nretry: 10\nfoo: bar\ndata: x\n\n"  # retry and unknown fields are ignored
+        b"data: incomplete"  # no blank line yet: nothing
+    )
+    assert items == [
+        SSEMessage("message", "no space"),
+        SSEMessage("message", ""),
+        SSEMessage("message", "x", id="7"),
+    ]
+    assert parser.feed(b"\n\n") == [SSEMessage("message", "incomplete", id="7")]
+
+
+def test_event_dict_takes_kind_from_the_event_type_and_rejects_non_json() -> None:
+    assert event_dict(SSEMessage("peer", '{"peer": "c"}')) == {"peer": "c", "kind": "peer"}
+    assert event_dict(SSEMessage("x", '{"kind": "arrival"}'))["kind"] == "arrival"
+    with pytest.raises(ControlError, match="not JSON"):
+        event_dict(SSEMessage("peer", "{oops"))
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers: names in paths, error mapping, finding the socket
+
+
+def test_tensor_names_are_one_percent_encoded_segment() -> None:
+    assert tensor_path("layers/0/wq") == "/v1/tensors/layers%2F0%2Fwq"
+    assert tensor_path("a:b@c+d=e", "data") == "/v1/tensors/a%3Ab%40c%2Bd%3De/data"
+    # httpx would normalise a literal ".." away; encoded, the daemon gets to refuse it itself.
+    request = httpx.Request("GET", "http://tensord" + tensor_path(".."))
+    assert request.url.raw_path == b"/v1/tensors/%2E%2E"
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "kind"),
+    [
+        ("not_found", 404, TensorNotFound),
+        ("unknown_peer", 404, BadAddress),
+        ("peer_unreachable", 502, PeerUnreachable),
+        ("transfer_failed", 502, TransferFailed),
+        ("quota", 507, StoreFull),
+        ("config", 400, ConfigError),
+        ("bad_request", 400, ControlError),
+        ("node_closed", 503, ControlError),
+        ("forbidden", 403, ControlError),
+    ],
+)
+def test_error_replies_become_typed_errors(code: str, status: int, kind: type) -> None:
+    body = json.dumps({"error": {"code": code, "message": f"why {code}"}}).encode()
+    exc = error_from_reply(status, body)
+    assert type(exc) is kind and str(exc) == f"why {code}"
+    if isinstance(exc, ControlError):
+        assert (exc.code, exc.status) == (code, status)
+    if isinstance(exc, TransferFailed):
+        assert exc.code == "transfer_failed"
+
+
+def test_an_error_reply_that_is_not_ours_keeps_its_status() -> None:
+    exc = error_from_reply(502, b"<html>Bad Gateway</html>\n")
+    assert isinstance(exc, ControlError) and exc.status == 502 and exc.code == "http"
+    assert "HTTP 502" in str(exc) and "Bad Gateway" in str(exc)
+
+
+def _wrapped(err: int) -> Exception:
+    """An OSError as httpx raises it: under httpcore's and httpx's own ConnectErrors."""
+    try:
+        try:
+            raise OSError(err, os.strerror(err))
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc)) from exc
+    except httpx.ConnectError as exc:
+        return exc
+
+
+def test_connect_errors_say_what_is_wrong_and_what_to_do(tmp_path: Path) -> None:
+    sock = tmp_path / "c.sock"
+    for err in (errno.ENOENT, errno.ECONNREFUSED):
+        exc = connect_error(sock, _wrapped(err))
+        assert isinstance(exc, DaemonNotRunning) and str(sock) in str(exc)
+        assert "tensord serve" in str(exc) and "systemctl start tensord" in str(exc)
+    denied = connect_error(sock, _wrapped(errno.EACCES))
+    assert not isinstance(denied, DaemonNotRunning) and denied.code == "forbidden"
+    assert "permission denied" in str(denied) and "group" in str(denied)
+
+
+def test_the_socket_is_found_as_the_daemon_finds_it(tmp_path: Path) -> None:
+    assert resolve_socket("/x/explicit.sock", {"TENSORD_CONTROL_SOCKET": "/y"}) == Path(
+        "/x/explicit.sock"
+    )
+    assert resolve_socket(None, {"TENSORD_CONTROL_SOCKET": "/env/c.sock"}) == Path("/env/c.sock")
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(json.dumps({"control": {"socket": "/file/c.sock"}}))
+    env = {"TENSORD_CLUSTER_FILE": str(cluster), "XDG_RUNTIME_DIR": "/xdg"}
+    assert resolve_socket(None, env) == Path("/file/c.sock")
+    # A cluster file that does not name this node is fine for a client...
+    cluster.write_text(
+        json.dumps(
+            {"control": {"socket": "/file/c.sock"}, "nodes": [{"id": "n", "addr": "10.0.0.1:1"}]}
+        )
+    )
+    assert resolve_socket(None, env) == Path("/file/c.sock")
+    # ...and a broken one falls back to the defaults rather than failing.
+    cluster.write_text("{broken")
+    assert resolve_socket(None, env) == Path("/xdg/tensord/control.sock")
+
+
+async def test_no_daemon_raises_daemon_not_running(tmp_path: Path) -> None:
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # a socket file nobody listens on: ECONNREFUSED
+    for path in (tmp_path / "absent.sock", tmp_path / "no-dir" / "c.sock", stale):
+        with pytest.raises(DaemonNotRunning, match="tensord is not running") as sync_exc:
+            Client(path).status()
+        assert str(path) in str(sync_exc.value)
+        async with AsyncClient(path) as c:
+            with pytest.raises(DaemonNotRunning, match="`tensord serve`"):
+                await c.tensors()
+            with pytest.raises(DaemonNotRunning):
+                await c.events().open()
+    with Client(tmp_path / "absent.sock") as c, pytest.raises(DaemonNotRunning):
+        c.events().open()
+
+
+# --------------------------------------------------------------------------------------------
+# Against the daemons
+
+
+async def test_status_and_peers_show_the_cluster(cluster: Cluster) -> None:
+    async with cluster.a.async_client() as a:
+        status = await a.status()
+        assert status["node_id"] == "a" and status["cluster"] == "client-test"
+        assert status["listen"].startswith("tensord://a@127.0.0.1:")
+        assert status["store"]["root"] == str(cluster.a.home / "state")
+
+        async def b_up() -> bool:
+            return any(p["id"] == "b" and p["state"] == "up" for p in await a.peers())
+
+        async with a.subscribe() as events:
+            with trio.fail_after(30):
+                if not await b_up():
+                    async for ev in events:
+                        if ev["kind"] == "peer" and ev["peer"] == "b" and await b_up():
+                            break
+        peers = {p["id"]: p for p in await a.peers()}
+        assert sorted(peers) == ["b", "c"]
+        assert peers["b"]["rtt_ms"] > 0 and peers["b"]["addr"].startswith("127.0.0.1:")
+        assert peers["c"]["state"] != "up"
+    with cluster.b.client() as b:
+        assert [p["id"] for p in b.status()["peers"]] == ["a", "c"]
+
+
+def test_tensor_round_trip_with_slashes_in_the_name(cluster: Cluster) -> None:
+    name = f"layers/0/{unique('wq')}:x@y+z=w"
+    array = np.random.default_rng(0).standard_normal((64, 33)).astype(np.float32)
+    src = save(cluster.work / f"{uuid.uuid4().hex}.npy", array)
+    with cluster.a.client() as c:
+        info = c.put(name, src)
+        assert info["name"] == name and info["shape"] == [64, 33] and info["sender"] == ""
+        assert c.tensor(name) == info
+        assert name in [t["name"] for t in c.tensors()]
+        assert np.array_equal(c.load(name), array)
+        out = cluster.work / "out" / "w.npy"
+        out.parent.mkdir(exist_ok=True)
+        got = c.download(name, out)
+        assert got["path"] == str(out) and got["file_bytes"] == out.stat().st_size
+        assert np.array_equal(np.load(out), array)
+        c.delete(name)
+        with pytest.raises(TensorNotFound, match="no tensor named"):
+            c.tensor(name)
+        with pytest.raises(TensorNotFound):
+            c.delete(name)
+
+
+def test_download_replaces_the_file_atomically(cluster: Cluster) -> None:
+    name = unique("atomic")
+    where = cluster.work / unique("dl")
+    where.mkdir()
+    target = where / "t.npy"
+    target.write_bytes(b"old contents")
+    with cluster.a.client() as c:
+        with pytest.raises(TensorNotFound):
+            c.download(name, target)
+        assert target.read_bytes() == b"old contents"
+        c.put(name, save(where / "src.npy", np.arange(1000, dtype=np.int32)))
+        c.download(name, target)
+    assert np.array_equal(np.load(target), np.arange(1000, dtype=np.int32))
+    assert sorted(p.name for p in where.iterdir()) == ["src.npy", "t.npy"]  # no temp left over
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes it, not 0600
+
+
+async def test_async_client_round_trip_under_trio(cluster: Cluster) -> None:
+    name = f"async/{unique('t')}"
+    array = np.arange(3 * 1000, dtype=np.float64).reshape(3, -1)
+    src = save(cluster.work / f"{uuid.uuid4().hex}.npy", array)
+    async with cluster.a.async_client() as c:
+        info = await c.put(name, src)
+        assert info["dtype"] == "<f8" and await c.tensor(name) == info
+        assert name in [t["name"] for t in await c.tensors()]
+        assert np.array_equal(await c.load(name), array)
+        out = cluster.work / f"{uuid.uuid4().hex}.npy"
+        await c.download(name, out)
+        assert np.array_equal(np.load(out), array)
+        up = f"{name}-streamed"
+        assert (await c.upload(up, src))["shape"] == [3, 1000]
+        assert np.array_equal(await c.load(up), array)
+        await c.delete(name)
+        await c.delete(up)
+        with pytest.raises(TensorNotFound):
+            await c.load(name)
+        with pytest.raises(TensorNotFound):
+            await c.download(name, out)
+        assert np.array_equal(np.load(out), array)  # a failed download leaves the file alone
+
+
+def test_upload_streams_the_file_to_the_daemon(cluster: Cluster) -> None:
+    name = unique("streamed")
+    array = np.arange(300_000, dtype=np.int32)
+    with cluster.a.client() as c:
+        assert c.upload(name, save(cluster.work / f"{name}.npy", array))["nbytes"] == 1_200_000
+        assert np.array_equal(c.load(name), array)
+        c.delete(name)
+
+
+def test_send_stored_tensors_and_files_then_pull_back(cluster: Cluster) -> None:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((128, 128)).astype(np.float32)
+    stored, sent_file, prefix = unique("stored"), unique("file"), unique("st")
+    with cluster.a.client() as a, cluster.b.client() as b:
+        a.put(stored, save(cluster.work / f"{stored}.npy", w))
+        (r,) = a.send("b", name=stored)
+        assert r["name"] == stored and r["peer"] == "b" and r["nbytes"] == w.nbytes
+        assert r["retries"] == 0 and r["seconds"] > 0 and r["rate"] > 0
+        assert b.tensor(stored)["sender"] == "a"
+        assert np.array_equal(b.load(stored), w)
+
+        (r,) = a.send("b", path=save(cluster.work / "x.npy", w[:2]), name=sent_file)
+        assert r["name"] == sent_file and np.array_equal(b.load(sent_file), w[:2])
+
+        parts = {"k": np.arange(10, dtype=np.int32), "v": np.ones((2, 3), np.float32)}
+        st = write_safetensors(cluster.work / f"{prefix}.safetensors", parts)
+        results = a.send("b", path=st, name=prefix)
+        assert sorted(r["name"] for r in results) == [f"{prefix}/k", f"{prefix}/v"]
+        for key, array in parts.items():
+            assert np.array_equal(b.load(f"{prefix}/{key}"), array)
+
+        reply = a.pull("b", sent_file, as_name=f"{sent_file}-back")
+        assert reply["tensor"]["name"] == f"{sent_file}-back"
+        assert reply["transfer"]["nbytes"] == w[:2].nbytes and reply["transfer"]["peer"] == "b"
+        assert np.array_equal(a.load(f"{sent_file}-back"), w[:2])
+        assert a.pull("b", stored)["tensor"]["name"] == stored  # over a's own copy
+
+        transfers = a.transfers()
+        assert {"send", "receive"} <= {t["direction"] for t in transfers}
+        assert all(t["state"] == "done" for t in transfers if t["name"] == stored)
+        for n in (stored, sent_file, f"{prefix}/k", f"{prefix}/v"):
+            b.delete(n)
+
+
+async def test_subscribe_then_send_sees_the_whole_transfer(cluster: Cluster) -> None:
+    name = unique("watched")
+    array = np.random.default_rng(2).integers(0, 255, size=4 << 20, dtype=np.uint8)
+    src = save(cluster.work / f"{name}.npy", array)
+    results: list[list[dict[str, Any]]] = []
+    async with cluster.a.async_client() as a:
+        await a.put(name, src)
+        async with a.subscribe() as events:
+            assert events.subscribed
+            seen: list[dict[str, Any]] = []
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+
+                    async def send() -> None:
+                        results.append(await a.send("b", name=name))
+
+                    nursery.start_soon(send)
+                    async for ev in events:
+                        if ev["kind"] == "transfer" and ev["name"] == name:
+                            seen.append(ev)
+                            if ev["state"] in ("done", "failed"):
+                                break
+    (result,) = results[0]
+    states = [e["state"] for e in seen]
+    assert states[0] == "started" and states[-1] == "done", states  # subscribed before the post
+    assert {e["id"] for e in seen} == {result["id"]}
+    assert all(e["direction"] == "send" and e["peer"] == "b" for e in seen)
+    done = [e["bytes_done"] for e in seen if e["state"] == "progress"]
+    assert done and done == sorted(done)
+    assert seen[-1]["bytes_done"] == seen[-1]["bytes_total"] == array.nbytes
+    with cluster.b.client() as b:
+        b.delete(name)
+
+
+def test_blocking_events_iterator_sees_the_arrival(cluster: Cluster) -> None:
+    name = unique("arrival")
+    with cluster.a.client() as a, cluster.b.client() as b:
+        a.put(name, save(cluster.work / f"{name}.npy", np.zeros(1000, np.float32)))
+        with b.events() as events:
+            a.send("b", name=name)  # the stream buffers what happens meanwhile
+            arrival = next(e for e in events if e["kind"] == "arrival")
+        assert arrival["name"] == name and arrival["sender"] == "a"
+        assert arrival["nbytes"] == 4000
+        b.delete(name)
+
+
+def test_errors_from_the_daemon_are_typed(cluster: Cluster) -> None:
+    with cluster.a.client() as a:
+        absent = unique("absent")
+        for call in (a.tensor, a.load, a.delete):
+            with pytest.raises(TensorNotFound, match=absent):
+                call(absent)
+        with pytest.raises(TensorNotFound):
+            a.send("b", name=absent)
+        with pytest.raises(BadAddress, match="unknown peer 'zz'"):
+            a.send("zz", path=save(cluster.work / "e.npy", np.zeros(3)))
+        with pytest.raises(TensorNotFound):
+            a.pull("b", absent)
+        with pytest.raises(ControlError) as bad:
+            a.put("x", cluster.work / "no-such-file.npy")
+        assert (bad.value.code, bad.value.status) == ("bad_request", 400)
+        assert "no such file" in str(bad.value)
+        with pytest.raises(ValueError, match="name or a file"):
+            a.send("b")
+        name = unique("to-c")
+        a.put(name, save(cluster.work / f"{name}.npy", np.zeros(10)))
+        with pytest.raises(PeerUnreachable):
+            a.send("c", name=name)  # in the cluster, but nothing listens
+        a.delete(name)
+
+
+def test_a_full_store_raises_store_full(cluster: Cluster) -> None:
+    big = save(cluster.work / "big.npy", np.zeros(B_STORE_CAP + 1, np.uint8))
+    with cluster.b.client() as b:
+        before = b.tensors()
+        with pytest.raises(StoreFull):
+            b.put(unique("big"), big)
+        assert b.tensors() == before
+
+
+def test_reload_of_a_broken_cluster_file_raises_config_error(cluster: Cluster) -> None:
+    good = cluster.file.read_text()
+    with cluster.a.client() as a:
+        try:
+            cluster.file.write_text("{not json")
+            with pytest.raises(ConfigError, match=str(cluster.file)):
+                a.reload()
+        finally:
+            cluster.file.write_text(good)
+        assert a.reload() == {"reloaded": True, "peers": 2}

@@ -1,0 +1,117 @@
+"""Pulling models from a real CNCF distribution registry (Debian's docker-registry)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tensord.download.fetch import DownloadError, FetchConfig
+from tensord.download.pull import PullProgress, manifest_path, pull_model
+from tensord.download.registry import DEFAULT_REGISTRY, Reference, parse_reference
+
+from .registry import registry
+from .token_issuer import token_issuer
+
+MiB = 1 << 20
+FAST = FetchConfig(connections=4, min_piece=2 * MiB, backoff_base=0.01)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("llama3", Reference(DEFAULT_REGISTRY, "library/llama3", "latest")),
+        ("llama3:8b", Reference(DEFAULT_REGISTRY, "library/llama3", "8b")),
+        ("me/model:q4", Reference(DEFAULT_REGISTRY, "me/model", "q4")),
+        ("ghcr.io/org/m:v1", Reference("ghcr.io", "org/m", "v1")),
+        ("http://127.0.0.1:5000/m/x:t", Reference("127.0.0.1:5000", "m/x", "t", scheme="http")),
+        ("localhost/m", Reference("localhost", "m", "latest")),
+        (
+            "r.io/m@sha256:" + "a" * 64,
+            Reference("r.io", "m", None, "sha256:" + "a" * 64),
+        ),
+    ],
+)
+def test_parse_reference(text: str, expected: Reference) -> None:
+    assert parse_reference(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["UPPER/case", "r.io/m@sha256:abc", "r.io/m:bad tag", "r.io/../x"])
+def test_bad_references_are_refused_clearly(bad: str) -> None:
+    with pytest.raises(DownloadError, match="bad model reference"):
+        parse_reference(bad)
+
+
+def layers(*sizes: int) -> list[bytes]:
+    rng = np.random.default_rng(sum(sizes))
+    return [rng.integers(0, 255, size=s, dtype=np.uint8).tobytes() for s in sizes]
+
+
+async def test_pull_a_model_byte_exact_and_digest_checked(tmp_path: Path) -> None:
+    with registry(tmp_path) as reg:
+        data = layers(9 * MiB + 7, 300_000, 0)
+        pushed = reg.push_model("models/tiny", "v1", data)
+        ref = parse_reference(f"http://{reg.host}/models/tiny:v1")
+        seen: list[PullProgress] = []
+        async with httpx.AsyncClient() as client:
+            manifest = await pull_model(
+                client, ref, tmp_path / "store", config=FAST, progress=seen.append
+            )
+            assert [b.digest for b in manifest.layers] == [x["digest"] for x in pushed["layers"]]  # type: ignore[index]
+            for blob, content in zip(manifest.layers, data, strict=True):
+                path = tmp_path / "store" / "blobs" / blob.digest.replace(":", "-")
+                assert path.read_bytes() == content
+                assert blob.digest == "sha256:" + hashlib.sha256(content).hexdigest()
+            saved = json.loads(manifest_path(tmp_path / "store", ref).read_text())
+            assert saved["digest"] == manifest.digest and len(saved["blobs"]) == 4
+            dones = [p.done for p in seen]
+            assert dones == sorted(dones)  # progress never goes backwards
+            assert dones[-1] == manifest.total
+            # A second pull finds every blob in place and fetches nothing.
+            again: list[PullProgress] = []
+            await pull_model(client, ref, tmp_path / "store", config=FAST, progress=again.append)
+            assert again == []
+
+
+async def test_basic_auth_from_the_credentials_and_a_clear_error_without(tmp_path: Path) -> None:
+    with registry(tmp_path, user=("alice", "s3cret")) as reg:
+        (content,) = layers(3 * MiB)
+        reg.push_model("private/m", "v1", [content])
+        ref = parse_reference(f"http://{reg.host}/private/m:v1")
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(DownloadError, match="username and password"):
+                await pull_model(client, ref, tmp_path / "a", config=FAST)
+            creds = {reg.host: ("alice", "s3cret")}
+            m = await pull_model(client, ref, tmp_path / "b", credentials=creds, config=FAST)
+        path = tmp_path / "b" / "blobs" / m.layers[0].digest.replace(":", "-")
+        assert path.read_bytes() == content
+
+
+async def test_unknown_tag_names_the_model(tmp_path: Path) -> None:
+    with registry(tmp_path) as reg:
+        ref = parse_reference(f"http://{reg.host}/models/absent:v9")
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(DownloadError, match="no such model or tag"):
+                await pull_model(client, ref, tmp_path / "s", config=FAST)
+
+
+async def test_bearer_token_flow_with_a_token_issuer(tmp_path: Path) -> None:
+    with token_issuer(tmp_path) as issuer, registry(tmp_path, token=issuer) as reg:
+        (content,) = layers(2 * MiB + 3)
+        reg.push_model("secure/m", "v1", [content])
+        issued_by_push = len(issuer.issued)
+        ref = parse_reference(f"http://{reg.host}/secure/m:v1")
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(DownloadError, match=r"token request .* failed: HTTP 401"):
+                await pull_model(client, ref, tmp_path / "a", config=FAST)
+            creds = {reg.host: ("alice", "s3cret")}
+            m = await pull_model(client, ref, tmp_path / "b", credentials=creds, config=FAST)
+        path = tmp_path / "b" / "blobs" / m.layers[0].digest.replace(":", "-")
+        assert path.read_bytes() == content
+        # One token for the pull's scope, cached for the manifest and every blob request.
+        pulls = issuer.issued[issued_by_push:]
+        assert pulls.count("repository:secure/m:pull") == 1, pulls

@@ -1,0 +1,270 @@
+"""The token gateway between real clients (the official openai and ollama SDKs, httpx) and the
+in-repo Ollama-compatible backend: every token in order, no bursts, failover, errors mid-stream,
+disconnects that cancel upstream, concurrency limits, API keys."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from tensord.config import GatewaySettings, HostPort, NodeEntry, Settings
+from tensord.errors import ConfigError
+from tensord.gateway.server import Gateway, load_api_keys
+
+from .ollama_backend import BackendConfig, OllamaBackend, ollama_backend
+
+TOKENS = [f"tok{i} " for i in range(20)]
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def gateway_settings(backends: list[OllamaBackend], **gateway: object) -> Settings:
+    nodes = tuple(
+        NodeEntry(f"gpu-{i}", HostPort("127.0.0.1", 7070 + i), b.url)
+        for i, b in enumerate(backends)
+    )
+    g = replace(GatewaySettings(listen=HostPort("127.0.0.1", 0)), **gateway)  # type: ignore[arg-type]
+    return replace(Settings.for_library(), nodes=nodes, gateway=g)
+
+
+@asynccontextmanager
+async def gateway(
+    *configs: BackendConfig, **gw: object
+) -> AsyncIterator[tuple[Gateway, list[OllamaBackend]]]:
+    async with AsyncExitStack() as stack:
+        backends = [await stack.enter_async_context(ollama_backend(c)) for c in configs]
+        g = Gateway(gateway_settings(backends, **gw))
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await nursery.start(g.run)
+        yield g, backends
+        nursery.cancel_scope.cancel()
+
+
+async def test_openai_sdk_streams_every_token_with_the_right_metadata() -> None:
+    async with gateway(BackendConfig(tokens=TOKENS, interval=0.005)) as (g, _):
+
+        def chat() -> list[object]:
+            client = openai.OpenAI(base_url=f"{g.url}/v1", api_key="unused")
+            return list(
+                client.chat.completions.create(
+                    model="tiny",
+                    messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+
+        chunks = await trio.to_thread.run_sync(chat)
+    content = [c.choices[0].delta.content for c in chunks if c.choices]  # type: ignore[attr-defined]
+    assert "".join(x or "" for x in content) == "".join(TOKENS)
+    first = next(c for c in chunks if c.choices)  # type: ignore[attr-defined]
+    assert first.choices[0].delta.role == "assistant"  # type: ignore[attr-defined]
+    assert len({c.id for c in chunks}) == 1  # type: ignore[attr-defined]
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]  # type: ignore[attr-defined]
+    assert reasons[-1] == "stop" and set(reasons[:-1]) == {None}
+    usage = chunks[-1].usage  # type: ignore[attr-defined]
+    assert chunks[-1].choices == [] and usage.completion_tokens == len(TOKENS)  # type: ignore[attr-defined]
+
+
+async def test_ollama_client_streams_chat_and_generate_and_lists_models() -> None:
+    async with gateway(
+        BackendConfig(tokens=TOKENS, interval=0.002, models=["tiny:latest"]),
+        BackendConfig(models=["other:7b"]),
+    ) as (g, _):
+
+        def use() -> tuple[list[object], list[object], object, object]:
+            client = ollama.Client(host=g.url)
+            chat = list(client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                    stream=True))  # fmt: skip
+            gen = list(client.generate(model="tiny", prompt="hi", stream=True))
+            return chat, gen, client.list(), client.ps()
+
+        chat, gen, listed, _ = await trio.to_thread.run_sync(use)
+    assert "".join(c.message.content for c in chat) == "".join(TOKENS)  # type: ignore[attr-defined]
+    assert chat[-1].done and chat[-1].eval_count == len(TOKENS)  # type: ignore[attr-defined]
+    assert "".join(c.response for c in gen) == "".join(TOKENS)  # type: ignore[attr-defined]
+    names = sorted(m.model for m in listed.models)  # type: ignore[attr-defined]
+    assert names == ["other:7b", "tiny:latest"]
+
+
+async def test_tokens_arrive_as_they_are_made_not_in_bursts() -> None:
+    """Tokens every 20 ms at the backend arrive every ~20 ms at the client."""
+    async with gateway(BackendConfig(n_tokens=40, interval=0.02)) as (g, _):
+        arrivals: list[float] = []
+        async with httpx.AsyncClient(timeout=30) as client:
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+            async with client.stream("POST", f"{g.url}/api/chat", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.strip():
+                        arrivals.append(time.perf_counter())
+    gaps = [b - a for a, b in itertools.pairwise(arrivals[1:-1])]
+    assert len(gaps) >= 30
+    assert 0.012 < statistics.median(gaps) < 0.035, gaps
+    # Bursts would show as many near-zero gaps followed by long ones.
+    assert sum(gap < 0.005 for gap in gaps) <= len(gaps) // 10, gaps
+
+
+async def test_a_client_that_disconnects_cancels_upstream_within_100_ms() -> None:
+    async with gateway(BackendConfig(n_tokens=500, interval=0.02)) as (g, (backend,)):
+        async with httpx.AsyncClient(timeout=30) as client:
+            body = {"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+            async with client.stream("POST", f"{g.url}/v1/chat/completions", json=body) as r:
+                seen = 0
+                async for line in r.aiter_lines():
+                    seen += line.startswith("data: ")
+                    if seen == 3:
+                        break
+            left = time.perf_counter()
+        with trio.fail_after(2):
+            await backend.wait_cancelled(1)
+        assert time.perf_counter() - left < 0.1
+
+
+async def test_a_backend_dying_mid_stream_ends_the_stream_with_an_error() -> None:
+    dies = BackendConfig(n_tokens=50, interval=0.001, die_after=5)
+    async with gateway(dies) as (g, _), httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(f"{g.url}/api/chat", json={"model": "tiny", "messages": MSG})
+        lines = [json.loads(x) for x in r.text.splitlines() if x.strip()]
+        assert "error" in lines[-1] and "mid-stream" in lines[-1]["error"]
+        assert len(lines) == 6  # five tokens, then the error
+        body = {"model": "tiny", "stream": True, "messages": MSG}
+        r = await client.post(f"{g.url}/v1/chat/completions", json=body)
+        events = [x[6:] for x in r.text.splitlines() if x.startswith("data: ")]
+        assert "error" in json.loads(events[-1])
+
+
+async def test_a_failing_first_backend_falls_over_to_the_next() -> None:
+    async with (
+        gateway(
+            BackendConfig(fail_before_first=500), BackendConfig(tokens=TOKENS, interval=0.0)
+        ) as (g, (_bad, good)),
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        for _ in range(3):
+            r = await client.post(f"{g.url}/api/generate", json={"model": "tiny", "prompt": "x"})
+            lines = [json.loads(x) for x in r.text.splitlines() if x.strip()]
+            assert "".join(x.get("response", "") for x in lines) == "".join(TOKENS)
+        r = await client.post(f"{g.url}/api/chat", json={"model": "absent", "messages": MSG})
+        assert r.status_code == 404 and "absent" in r.json()["error"]
+    assert good.requests and len(good.requests) == 3
+
+
+async def test_over_the_concurrency_limit_is_a_503_with_retry_after() -> None:
+    async with gateway(BackendConfig(n_tokens=1000, interval=0.01)) as (g, _):
+        assert g.backends is not None
+        g.backends.queue_seconds = 0.1
+        body = {"model": "tiny", "messages": MSG}
+        async with httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+            started = trio.Semaphore(0)
+
+            async def hold() -> None:
+                async with client.stream("POST", f"{g.url}/api/chat", json=body) as r:
+                    async for _ in r.aiter_lines():
+                        started.release()
+                        await trio.sleep_forever()
+
+            for _ in range(4):
+                nursery.start_soon(hold)
+            for _ in range(4):
+                await started.acquire()
+            r = await client.post(f"{g.url}/api/chat", json=body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert "busy" in r.json()["error"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_api_keys(tmp_path: Path) -> None:
+    open_to_all = gateway_settings([], listen=HostPort("0.0.0.0", 0))
+    with pytest.raises(ConfigError, match="api_keys_file"):
+        load_api_keys(open_to_all)
+    keys = tmp_path / "keys"
+    keys.write_text("k-123\n")
+    async with (
+        gateway(BackendConfig(), api_keys_file=keys) as (g, _),
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        assert (await client.get(f"{g.url}/api/tags")).status_code == 401
+        bad = {"Authorization": "Bearer nope"}
+        assert (await client.get(f"{g.url}/api/tags", headers=bad)).status_code == 401
+        good = {"Authorization": "Bearer k-123"}
+        assert (await client.get(f"{g.url}/api/tags", headers=good)).status_code == 200
+
+
+async def test_websocket_streams_concurrent_requests_and_cancels_one() -> None:
+    async with gateway(BackendConfig(tokens=TOKENS, interval=0.005)) as (g, (backend,)):
+        url = g.url.replace("http://", "ws://") + "/v1/ws"
+        async with open_websocket_url(url) as ws:
+            # Usable at once: no readiness message to wait for.
+            await ws.send_message(json.dumps({"id": "a", "model": "tiny", "messages": MSG}))
+            await ws.send_message(json.dumps({"id": "b", "model": "tiny", "messages": MSG}))
+            got: dict[str, list[str]] = {"a": [], "b": []}
+            done: dict[str, dict[str, object]] = {}
+            with trio.fail_after(10):
+                while len(done) < 2:
+                    msg = json.loads(await ws.get_message())
+                    if msg["type"] == "token":
+                        got[msg["id"]].append(msg["content"])
+                    elif msg["type"] == "done":
+                        done[msg["id"]] = msg
+            assert got["a"] == TOKENS and got["b"] == TOKENS
+            assert done["a"]["usage"]["completion_tokens"] == len(TOKENS)  # type: ignore[index]
+            # A long one, cancelled after a few tokens: the backend stops producing it.
+            await ws.send_message(json.dumps({"id": "c", "model": "tiny", "messages": MSG,
+                                              "options": {"num_predict": 10_000}}))  # fmt: skip
+            seen = 0
+            with trio.fail_after(10):
+                while True:
+                    msg = json.loads(await ws.get_message())
+                    if msg["type"] == "token":
+                        seen += 1
+                        if seen == 3:
+                            await ws.send_message(json.dumps({"type": "cancel", "id": "c"}))
+                    elif msg["type"] == "cancelled":
+                        assert msg["id"] == "c"
+                        break
+            with trio.fail_after(2):
+                await backend.wait_cancelled(1)
+            await ws.send_message(json.dumps({"id": "d", "model": "absent", "messages": MSG}))
+            msg = json.loads(await ws.get_message())
+            assert msg["type"] == "error" and "absent" in msg["error"]
+
+
+async def test_metrics_in_prometheus_text_format() -> None:
+    async with (
+        gateway(BackendConfig(tokens=TOKENS, interval=0.001)) as (g, _),
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        r = await client.post(f"{g.url}/api/chat", json={"model": "tiny", "messages": MSG})
+        assert r.status_code == 200
+        text = (await client.get(f"{g.url}/metrics")).text
+    ok = 'tensord_gateway_requests_total{backend="gpu-0",endpoint="/api/chat",outcome="ok"}'
+    assert any(line.startswith(ok) and float(line.split()[-1]) >= 1 for line in text.splitlines())
+    assert 'tensord_gateway_time_to_first_token_seconds_count{endpoint="/api/chat"}' in text
+    assert "tensord_gateway_inter_token_seconds_bucket" in text
+
+
+async def test_non_streaming_replies_through_the_openai_sdk() -> None:
+    async with gateway(BackendConfig(tokens=TOKENS, interval=0.0)) as (g, _):
+
+        def call() -> tuple[object, object]:
+            client = openai.OpenAI(base_url=f"{g.url}/v1", api_key="unused")
+            chat = client.chat.completions.create(model="tiny", messages=MSG)  # type: ignore[arg-type]
+            text = client.completions.create(model="tiny", prompt="hi")
+            return chat, text
+
+        chat, text = await trio.to_thread.run_sync(call)
+    assert chat.choices[0].message.content == "".join(TOKENS)  # type: ignore[attr-defined]
+    assert chat.usage.completion_tokens == len(TOKENS)  # type: ignore[attr-defined]
+    assert text.choices[0].text == "".join(TOKENS)  # type: ignore[attr-defined]
