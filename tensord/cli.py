@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from . import cli_certs
 from ._version import __version__
 from .config import load_settings
 from .errors import ConfigError, TensorError
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", metavar="LEVEL", help="debug, info, warning or error (TENSORD_LOG_LEVEL)"
     )
     sub.add_parser("version", help="print the version")
+    cli_certs.add_commands(sub)
     _client_commands(p, sub)
     return p
 
@@ -121,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "version":
         print(f"tensord {__version__}")
         return 0
+    if command == "certs":
+        return cli_certs.run(args)
     if command != "serve":
         return run_client_command(command, args)
     try:

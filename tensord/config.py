@@ -574,6 +574,29 @@ def _env(env: Mapping[str, str], *names: str) -> tuple[str, str] | None:
     return None
 
 
+def check_security_policy(settings: Settings) -> str | None:
+    """A daemon of a multi-node cluster must authenticate its peers.
+
+    Raises :class:`ConfigError` when the cluster file lists more than one node and neither
+    ``security.secret_file`` nor ``security.tls`` is set, unless ``security.insecure`` is true;
+    then returns the warning to log at every start.
+    """
+    sec = settings.security
+    if len(settings.nodes) <= 1 or sec.secret_file is not None or sec.tls is not None:
+        return None
+    if not sec.insecure:
+        raise ConfigError(
+            f"the cluster has {len(settings.nodes)} nodes and no peer authentication: set "
+            "security.secret_file (or TENSORD_CLUSTER_SECRET_FILE) or security.tls, or "
+            "security.insecure: true to run without (anyone who can reach the port can send "
+            "and fetch tensors)"
+        )
+    return (
+        "security.insecure is set: peers are not authenticated, and anyone who can reach "
+        f"{settings.listen} can send and fetch tensors"
+    )
+
+
 def load_settings(
     env: Mapping[str, str] | None = None,
     *,
@@ -683,6 +706,15 @@ def load_settings(
     if (found := _env(env, "TENSORD_TRANSPORT")) is not None:
         transport = parse_choice(found[0], found[1], TRANSPORTS)
 
+    if security.tls is not None:
+        # One cluster file for every node: "{node}" in a TLS path is this node's id.
+        tls = security.tls
+        security = replace(
+            security,
+            tls=TlsSettings(
+                *(Path(str(p).replace("{node}", me)) for p in (tls.ca, tls.cert, tls.key))
+            ),
+        )
     return Settings(
         node_id=me,
         listen=addr,

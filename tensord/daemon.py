@@ -28,7 +28,7 @@ import trio
 
 from . import metrics
 from ._version import __version__
-from .config import NodeEntry, Settings, load_settings
+from .config import NodeEntry, Settings, check_security_policy, load_settings
 from .download.manager import DownloadManager
 from .errors import ConfigError, NodeClosed, TensorError
 from .events import DownloadEvent, Event, PeerEvent, TransferEvent
@@ -59,7 +59,11 @@ class Daemon:
     def __init__(self, settings: Settings, env: Mapping[str, str]) -> None:
         self.settings = settings
         self.env = env
+        insecure = check_security_policy(settings)
+        if insecure is not None:
+            log.warning("%s", insecure)
         self.node = TensorNode(settings)
+        log.info("peer authentication: %s", self.node.security.describe())
         assert self.node.store is not None, "load_settings gives the daemon a state directory"
         self.store: TensorStore = self.node.store
         self.transfers = TransferTable()
@@ -193,12 +197,16 @@ class Daemon:
 
     def _load_again(self) -> Settings:
         cur = self.settings
-        return load_settings(
+        new = load_settings(
             self.env,
             cluster_file=cur.cluster_file,
             node_id=cur.node_id,
             log_level=cur.log_level,
         )
+        check_security_policy(new)
+        if new.security != cur.security:
+            log.warning("reload: security settings changed; they take effect at the next restart")
+        return new
 
     # -- peers -------------------------------------------------------------------------------
 

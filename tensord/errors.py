@@ -41,6 +41,14 @@ class TransferFailed(TensorError):
         self.code = code
 
 
+class AuthenticationFailed(TransferFailed):
+    """A peer could not prove it belongs to the cluster (cluster secret, TLS certificate), or
+    refused our proof. Never retried: the same keys would fail the same way."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="auth")
+
+
 class BadTensor(TensorError, ValueError):
     """A tensor given to tensord cannot be sent: bad name, unsupported dtype, wrong size."""
 

@@ -27,6 +27,7 @@ import trio
 from .address import PeerAddress, resolve_peer
 from .config import MAX_CHUNK_SIZE, Settings
 from .errors import (
+    AuthenticationFailed,
     BadAddress,
     BadTensor,
     NodeClosed,
@@ -45,6 +46,7 @@ from .net.connection import (
     send_legacy,
 )
 from .net.pool import PeerPool
+from .net.security import PeerSecurity
 from .net.stream import ConnectionClosed
 from .net.tcp import dial, open_listeners, serve
 from .sink import MemorySink, Sink, StoreSink, flat_bytes
@@ -197,6 +199,8 @@ class TensorNode:
             else None
         )
         self._hello = make_hello(self.node_id, self.features, MAX_CHUNK_SIZE, versions)
+        #: The cluster secret and TLS contexts (read once, here: a bad file fails construction).
+        self.security = PeerSecurity.from_settings(self.settings.security)
         self._tensors: dict[str, np.ndarray[Any, Any]] = {}
         self._arrivals: deque[Arrival] = deque()
         self._arrived = trio.Event()
@@ -511,8 +515,16 @@ class TensorNode:
         t = self.settings.transfer
         try:
             conn = await dial(
-                addr.hostport, self._hello, self._decoder, connect_timeout=t.connect_timeout
+                addr.hostport,
+                self._hello,
+                self._decoder,
+                connect_timeout=t.connect_timeout,
+                security=self.security,
             )
+        except AuthenticationFailed as exc:
+            log.warning("peer %s refused: %s", addr, exc)
+            self.events.publish(PeerEvent(str(addr), "connect_failed", str(exc)))
+            raise
         except (PeerUnreachable, ProtocolError) as exc:
             self.events.publish(PeerEvent(str(addr), "connect_failed", str(exc)))
             if isinstance(exc, ProtocolError) and exc.code in ("version", "bad_protocol"):
@@ -859,6 +871,7 @@ class TensorNode:
                 self._serve_connection,
                 handshake_timeout=self.settings.transfer.connect_timeout,
                 handler_nursery=handlers,
+                security=self.security,
             )
 
     async def _serve_connection(self, conn: Connection) -> None:
@@ -879,6 +892,9 @@ class TensorNode:
                     await self._serve_pull(conn, msg)
                 elif isinstance(msg, Ping):
                     await conn.stream.send(Pong(msg.seq))
+                elif isinstance(msg, Error) and msg.code == "auth":
+                    log.warning("peer %s refused this node: %s", conn.peer_id, msg.message)
+                    return
                 elif isinstance(msg, Error):
                     log.info("peer %s reported: %s: %s", conn.peer_id, msg.code, msg.message)
                     return

@@ -62,11 +62,27 @@ class Daemon:
         return self.log.decode(errors="replace")
 
 
+_SECRET: Path | None = None
+
+
+def cluster_secret() -> Path:
+    """One cluster secret file for every test daemon of this run (they form clusters)."""
+    global _SECRET
+    if _SECRET is None:
+        fd, name = tempfile.mkstemp(prefix="tensord-test-secret-")
+        os.write(fd, os.urandom(32).hex().encode() + b"\n")
+        os.close(fd)
+        _SECRET = Path(name)
+    return _SECRET
+
+
 def daemon_env(env: dict[str, str], home: Path) -> dict[str, str]:
     """The environment of a test daemon: ours without TENSORD_*/OLLAMA_*/NOTIFY_SOCKET, with
-    its state directory and control socket under ``home`` unless ``env`` says otherwise."""
+    its state directory and control socket under ``home`` and the run's cluster secret, unless
+    ``env`` says otherwise."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORD_", "OLLAMA_"))}
     full.pop("NOTIFY_SOCKET", None)
+    full["TENSORD_CLUSTER_SECRET_FILE"] = str(cluster_secret())
     full["TENSORD_STATE_DIR"] = str(home / "state")
     full["TENSORD_CONTROL_SOCKET"] = str(home / "control.sock")
     full["TENSORD_GATEWAY_LISTEN"] = "127.0.0.1:0"  # many daemons at once: no fixed port

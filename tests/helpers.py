@@ -7,14 +7,17 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tensord.config import Settings
+from tensord.config import SecuritySettings, Settings
 from tensord.node import TensorNode
+
+from .daemons import cluster_secret
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -44,10 +47,15 @@ def wait_serving(
             time.sleep(0.02)
 
 
-def fast_settings(**protocol: Any) -> Settings:
-    """Library settings with quick retries, for tests that exercise failures."""
+def fast_settings(*, authenticated: bool = True, **protocol: Any) -> Settings:
+    """Library settings with quick retries, for tests that exercise failures, and the test run's
+    cluster secret (so that these nodes and the test daemons authenticate each other).
+    ``authenticated=False``: no secret, for peers written by hand that do not authenticate."""
     proto = {"retry_base_delay": 20, "max_retries": 5, **protocol}
-    return Settings.for_library().with_protocol(**proto)
+    base = Settings.for_library().with_protocol(**proto)
+    if not authenticated:
+        return base
+    return replace(base, security=SecuritySettings(secret_file=cluster_secret()))
 
 
 @asynccontextmanager

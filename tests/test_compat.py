@@ -78,7 +78,7 @@ async def test_no_common_version_is_refused_without_retrying() -> None:
 async def test_hand_written_legacy_client() -> None:
     """A minimal old client, written against the documented frames, not against our node."""
     array = np.arange(256, dtype=np.float32)
-    async with running() as b:
+    async with running(fast_settings(authenticated=False)) as b:
         stream = await trio.open_tcp_stream("127.0.0.1", b.port)
         decoder = FrameDecoder()
         await stream.send_all(encode(make_hello("old-client", OLD_STYLE, 1 << 20)))

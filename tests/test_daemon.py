@@ -131,6 +131,7 @@ async def test_second_signal_exits_at_once_while_draining(tmp_path: Path) -> Non
         "TENSORD_LISTEN": f"127.0.0.1:{port}",
         "TENSORD_NODE_ID": "n1",
         "TENSORD_DRAIN_TIMEOUT": "600",
+        "TENSORD_CLUSTER_SECRET_FILE": "",  # the staller below is written by hand: no auth
     }
     async with daemon(env) as d:
         await d.wait_for("listening on")

@@ -10,13 +10,19 @@ import numpy as np
 import pytest
 import trio
 
+from tensord.config import Settings
 from tensord.wire import Begin, Chunk, End, Error, Hello, encode, make_hello
 from tensord.wire.crc import crc32c
 from tensord.wire.frames import FrameDecoder
 from tensord.wire.handshake import ALL_FEATURES
 from tensord.wire.meta import TensorMeta
 
-from .helpers import running
+from .helpers import fast_settings, running
+
+
+def unauthenticated() -> Settings:
+    """Hand-written peers do not authenticate: the node under test has no cluster secret."""
+    return fast_settings(authenticated=False)
 
 
 class RawPeer:
@@ -143,7 +149,7 @@ HOSTILE = {
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 async def test_hostile_input_gets_an_error_and_a_close(case: str) -> None:
     data, code = HOSTILE[case]
-    async with running() as node, running() as good:
+    async with running(unauthenticated()) as node, running(unauthenticated()) as good:
         peer = await RawPeer.connect(node.port)
         await peer.stream.send_all(data)
         err = await peer.expect_error_then_close(code)
@@ -155,14 +161,14 @@ async def test_hostile_input_gets_an_error_and_a_close(case: str) -> None:
 
 
 async def test_wrong_protocol_name_is_refused_in_the_handshake() -> None:
-    async with running() as node:
+    async with running(unauthenticated()) as node:
         peer = await RawPeer.connect(node.port, hello=False)
         await peer.stream.send_all(encode(Hello("http", (1,), "x", frozenset(), 4096)))
         await peer.expect_error_then_close("bad_protocol")
 
 
 async def test_not_a_hello_first_is_refused() -> None:
-    async with running() as node:
+    async with running(unauthenticated()) as node:
         peer = await RawPeer.connect(node.port, hello=False)
         await peer.stream.send_all(encode(End("ab" * 8, 0)))
         with trio.fail_after(5):
@@ -170,7 +176,7 @@ async def test_not_a_hello_first_is_refused() -> None:
 
 
 async def test_truncated_frame_then_close_leaves_nothing() -> None:
-    async with running() as node, running() as good:
+    async with running(unauthenticated()) as node, running(unauthenticated()) as good:
         peer = await RawPeer.connect(node.port)
         frame = encode(BEGIN) + encode(Chunk("ab" * 8, 0, 0, 16, 16, 0))
         await peer.stream.send_all(frame + b"\x00" * 7)  # 9 payload bytes missing
@@ -180,9 +186,7 @@ async def test_truncated_frame_then_close_leaves_nothing() -> None:
 
 
 async def test_slowloris_handshake_is_dropped() -> None:
-    from .helpers import fast_settings
-
-    settings = fast_settings().with_transfer(connect_timeout=0.2)
+    settings = fast_settings(authenticated=False).with_transfer(connect_timeout=0.2)
     async with running(settings) as node:
         stream = await trio.open_tcp_stream("127.0.0.1", node.port)
         await stream.send_all(b"\x00\x00")  # half a length prefix, then nothing

@@ -263,7 +263,7 @@ async def test_connect_timeout_against_a_silent_peer() -> None:
 
 async def test_io_timeout_when_peer_stops_acknowledging() -> None:
     """A peer that handshakes, then reads but never acknowledges: the attempt times out."""
-    settings = fast_settings(max_retries=1).with_transfer(io_timeout=0.3)
+    settings = fast_settings(max_retries=1, authenticated=False).with_transfer(io_timeout=0.3)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
 

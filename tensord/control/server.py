@@ -165,6 +165,14 @@ async def serve_control(
         if not allowed(cred, sock_gid):
             log.warning("control socket: refused uid %d (pid %d)", cred.uid, cred.pid)
             with trio.move_on_after(2), contextlib.suppress(trio.BrokenResourceError):
+                # Read the request head first: closing on a client still writing it would give
+                # that client EPIPE instead of our 403.
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    head += data
                 await stream.send_all(_forbidden(cred, sock_gid))
             await stream.aclose()
             return

@@ -18,13 +18,15 @@ from typing import Any
 
 import trio
 
-from ..errors import ProtocolError, TransferFailed
+from ..errors import AuthenticationFailed, ProtocolError, TransferFailed
+from ..wire.auth import ClusterKey, check_auth, check_reply, listener_reply, with_challenge
 from ..wire.compress import lz4_bound
 from ..wire.crc import crc32c
 from ..wire.frames import encode
 from ..wire.handshake import Agreement, accept_reply, answer_hello
 from ..wire.messages import (
     Accept,
+    Auth,
     Chunk,
     End,
     Error,
@@ -41,7 +43,17 @@ log = logging.getLogger("tensord.net")
 
 #: Errors of the peer's that end a transfer for good (retrying cannot help).
 FINAL_ERROR_CODES = frozenset(
-    {"too_large", "bad_name", "bad_dtype", "bad_meta", "not_found", "quota", "refused", "exists"}
+    {
+        "too_large",
+        "bad_name",
+        "bad_dtype",
+        "bad_meta",
+        "not_found",
+        "quota",
+        "refused",
+        "exists",
+        "auth",
+    }
 )
 
 Progress = Callable[[int], None]
@@ -97,28 +109,70 @@ class Connection:
             await self.stream.send(Error(code, message, xid))
 
 
-async def client_handshake(stream: FramedStream, hello: Hello) -> Connection:
+async def client_handshake(
+    stream: FramedStream, hello: Hello, key: ClusterKey | None = None
+) -> Connection:
+    """Dialer side. With ``key``, the hello carries a challenge, the listener's proof is checked
+    and our ``Auth`` is sent (it travels with the first request; nothing waits for it)."""
+    if key is not None:
+        hello = with_challenge(hello)
     await stream.send(hello)
     reply = await stream.receive()
     if isinstance(reply, Error):
         raise ProtocolError(f"peer refused the handshake: {reply.message}", code=reply.code)
     if not isinstance(reply, Hello):
         raise ProtocolError(f"expected hello, got {type(reply).__name__}")
-    return Connection(stream, accept_reply(hello, reply), outbound=True)
+    agreement = accept_reply(hello, reply)
+    try:
+        auth = check_reply(key, hello, reply)
+    except ProtocolError as exc:
+        await _refuse(stream, exc)
+        raise
+    if auth is not None:
+        await stream.send(auth)
+    return Connection(stream, agreement, outbound=True)
 
 
-async def server_handshake(stream: FramedStream, hello: Hello) -> Connection:
+async def server_handshake(
+    stream: FramedStream, hello: Hello, key: ClusterKey | None = None
+) -> Connection:
+    """Listener side. With ``key``, nothing but a valid ``Auth`` is read after our reply."""
     first = await stream.receive()
     if not isinstance(first, Hello):
         raise ProtocolError(f"expected hello, got {type(first).__name__}")
     try:
         reply, agreement = answer_hello(hello, first)
+        reply, expected = listener_reply(key, first, reply)
     except ProtocolError as exc:
-        with trio.move_on_after(1):
-            await stream.send(Error(exc.code, str(exc)))
+        await _refuse(stream, exc)
         raise
     await stream.send(reply)
+    if expected is not None:
+        auth = await stream.receive()
+        if isinstance(auth, Error):
+            raise ProtocolError(
+                f"peer {first.node!r} refused the handshake: {auth.message}", code=auth.code
+            )
+        try:
+            if not isinstance(auth, Auth):
+                raise ProtocolError(
+                    f"peer {first.node!r} sent {type(auth).__name__} before authenticating",
+                    code="auth",
+                )
+            check_auth(expected, auth, first.node)
+        except ProtocolError as exc:
+            await _refuse(stream, exc)
+            raise
     return Connection(stream, agreement, outbound=False)
+
+
+async def _refuse(stream: FramedStream, exc: ProtocolError) -> None:
+    """Best effort: tell the peer why the handshake ends, so both sides log the cause."""
+    with (
+        trio.move_on_after(1),
+        suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed),
+    ):
+        await stream.send(Error(exc.code, str(exc)))
 
 
 class Deadline:
@@ -243,6 +297,8 @@ async def _send_loop(
 
 
 def _raise_peer_error(err: Error, name: str) -> None:
+    if err.code == "auth":
+        raise AuthenticationFailed(f"peer refused us: {err.message}")
     if err.code in FINAL_ERROR_CODES:
         raise TransferFailed(f"peer refused tensor {name!r}: {err.message}", code=err.code)
     raise ProtocolError(f"peer reported an error for {name!r}: {err.message}", code=err.code)

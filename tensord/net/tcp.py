@@ -8,12 +8,20 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from ..certs import describe_tls_error
 from ..config import HostPort
-from ..errors import PeerUnreachable, ProtocolError
+from ..errors import AuthenticationFailed, PeerUnreachable, ProtocolError
 from ..wire.frames import FrameDecoder
 from ..wire.messages import Hello
 from .connection import Connection, client_handshake, server_handshake
-from .stream import ConnectionClosed, FramedStream, SocketTransport
+from .security import (
+    PeerSecurity,
+    check_identity,
+    client_tls,
+    refuse_unexpected_tls,
+    server_tls,
+)
+from .stream import ConnectionClosed, FramedStream, SocketTransport, StreamTransport
 
 log = logging.getLogger("tensord.net")
 
@@ -26,34 +34,71 @@ def _tune(stream: trio.SocketStream) -> None:
 
 
 async def dial(
-    addr: HostPort, hello: Hello, decoder: DecoderFactory, *, connect_timeout: float
+    addr: HostPort,
+    hello: Hello,
+    decoder: DecoderFactory,
+    *,
+    connect_timeout: float,
+    security: PeerSecurity | None = None,
 ) -> Connection:
-    """Connect and handshake within ``timeout``. Raises :class:`PeerUnreachable` or
+    """Connect, secure and handshake within ``connect_timeout``. Raises :class:`PeerUnreachable`,
+    :class:`AuthenticationFailed` (TLS or the cluster secret refused, either way), or
     :class:`ProtocolError` (the peer answered but refused or spoke something else)."""
+    sec = security or PeerSecurity()
     stream: trio.SocketStream | None = None
+    framed: FramedStream | None = None
     try:
         with trio.fail_after(connect_timeout):
             stream = await trio.open_tcp_stream(addr.host, addr.port)
             _tune(stream)
+            if sec.client_ssl is not None:
+                tls = await client_tls(stream, sec.client_ssl)
+                framed = FramedStream(StreamTransport(tls), decoder())
+                try:
+                    conn = await client_handshake(framed, hello, sec.key)
+                except (trio.BrokenResourceError, ConnectionClosed) as exc:
+                    # TLS 1.3: a listener refuses our certificate after our side of the TLS
+                    # handshake is done, so the refusal shows up as the first read failing.
+                    raise AuthenticationFailed(f"TLS: {describe_tls_error(exc)}") from None
+                check_identity(tls, conn.peer_id)
+                return conn
             framed = FramedStream(SocketTransport(stream), decoder())
-            return await client_handshake(framed, hello)
+            return await client_handshake(framed, hello, sec.key)
     except (TimeoutError, trio.TooSlowError):
-        await _close(stream)
+        await _close(stream, framed)
         raise PeerUnreachable(
             f"{addr}: no handshake within {connect_timeout:g} s (transfer.connect_timeout)"
         ) from None
+    except AuthenticationFailed as exc:
+        await _close(stream, framed)
+        raise AuthenticationFailed(f"{addr}: {exc}") from None
     except (OSError, trio.BrokenResourceError, ConnectionClosed) as exc:
-        await _close(stream)
+        await _close(stream, framed)
         raise PeerUnreachable(f"{addr}: {_describe(exc)}") from None
-    except ProtocolError:
-        await _close(stream)
+    except ProtocolError as exc:
+        await _close(stream, framed)
+        if exc.code == "auth":
+            raise AuthenticationFailed(f"{addr}: {exc}") from None
         raise
 
 
-async def _close(stream: trio.SocketStream | None) -> None:
-    if stream is not None:
-        with trio.CancelScope(shield=True):
+async def _close(stream: trio.SocketStream | None, framed: FramedStream | None = None) -> None:
+    """Close a connection that never became a :class:`Connection`: through its framed stream
+    when there is one (a :class:`SocketTransport` holds a ``dup`` of the socket that closing the
+    trio stream alone would leak, and the peer would never see EOF)."""
+    with trio.CancelScope(shield=True):
+        if framed is not None:
+            await framed.aclose()
+        elif stream is not None:
             await stream.aclose()
+
+
+def _remote(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "a peer"
+    return f"{host}:{port}"
 
 
 def _describe(exc: BaseException) -> str:
@@ -76,28 +121,54 @@ async def serve(
     *,
     handshake_timeout: float,
     handler_nursery: trio.Nursery | None = None,
+    security: PeerSecurity | None = None,
 ) -> None:
     """Accept connections forever; each one is handshaken and passed to ``handler``.
 
     A connection that fails its handshake is logged and closed; it never affects the others.
     """
 
+    sec = security or PeerSecurity()
+
     async def on_stream(stream: trio.SocketStream) -> None:
         _tune(stream)
-        framed = FramedStream(SocketTransport(stream), decoder())
+        framed: FramedStream | None = None
         try:
             with trio.fail_after(handshake_timeout):
-                conn = await server_handshake(framed, hello)
+                tls = None
+                if sec.server_ssl is not None:
+                    tls = await server_tls(stream, sec.server_ssl)
+                    framed = FramedStream(StreamTransport(tls), decoder())
+                else:
+                    await refuse_unexpected_tls(stream)
+                    framed = FramedStream(SocketTransport(stream), decoder())
+                conn = await server_handshake(framed, hello, sec.key)
+                if tls is not None:
+                    try:
+                        check_identity(tls, conn.peer_id)
+                    except AuthenticationFailed as exc:
+                        await conn.send_error("auth", str(exc))
+                        raise
+        except AuthenticationFailed as exc:
+            log.warning("peer connection from %s refused: %s", _remote(stream), exc)
+            await _close(stream, framed)
+            return
+        except ProtocolError as exc:
+            if exc.code == "auth":
+                log.warning("peer connection from %s refused: %s", _remote(stream), exc)
+            else:
+                log.info("peer connection refused during handshake: %s", _describe(exc))
+            await _close(stream, framed)
+            return
         except (
             TimeoutError,
             trio.TooSlowError,
             OSError,
             trio.BrokenResourceError,
             ConnectionClosed,
-            ProtocolError,
         ) as exc:
             log.info("peer connection refused during handshake: %s", _describe(exc))
-            await _close(stream)
+            await _close(stream, framed)
             return
         try:
             await handler(conn)

@@ -7,7 +7,9 @@ straight into the destination. This module is sans-I/O: bytes in, messages out.
 
 The decoder checks limits *before* allocating: a header longer than ``max_header`` or a payload
 longer than ``max_payload`` is a :class:`ProtocolError`, so a hostile length prefix can't make us
-allocate gigabytes, and a truncated frame just waits for more bytes.
+allocate gigabytes, and a truncated frame just waits for more bytes. Containers inside a header
+nest at most ``MAX_HEADER_DEPTH`` deep (msgpack itself allows 1024), so no code that looks at a
+peer's header - an error message's ``repr`` included - can hit Python's recursion limit.
 """
 
 from __future__ import annotations
@@ -21,6 +23,25 @@ from .messages import Message, from_header, payload_len, to_header
 
 PREFIX = struct.Struct(">I")
 DEFAULT_MAX_HEADER = 64 * 1024
+#: The deepest a header's containers may nest; the protocol's own go three deep (header map,
+#: ``meta`` map, ``shape`` list).
+MAX_HEADER_DEPTH = 8
+
+
+def _check_depth(header: object) -> None:
+    """Raise ProtocolError if ``header``'s lists and maps nest deeper than MAX_HEADER_DEPTH."""
+    level: list[object] = [header]
+    for _ in range(MAX_HEADER_DEPTH):
+        inner: list[object] = []
+        for obj in level:
+            if isinstance(obj, dict):
+                inner.extend(v for v in obj.values() if isinstance(v, dict | list))
+            elif isinstance(obj, list):
+                inner.extend(v for v in obj if isinstance(v, dict | list))
+        if not inner:
+            return
+        level = inner
+    raise ProtocolError(f"frame header nests deeper than {MAX_HEADER_DEPTH} levels")
 
 
 def encode(msg: Message) -> bytes:
@@ -58,7 +79,7 @@ class FrameDecoder:
         self._unpacker_opts = {
             "raw": False,
             "strict_map_key": True,
-            "max_bin_len": 0,
+            "max_bin_len": 64,  # handshake nonces and proofs; payloads never go through msgpack
             "max_ext_len": 0,
             "max_str_len": max_header,
             "max_array_len": max_header,
@@ -98,6 +119,7 @@ class FrameDecoder:
             raise
         except Exception as exc:  # msgpack raises several unrelated types on bad input
             raise ProtocolError(f"frame header is not valid msgpack: {exc}") from None
+        _check_depth(raw)
         msg = from_header(raw, self.max_tensor_bytes)
         n = payload_len(msg)
         if n > self.max_payload:

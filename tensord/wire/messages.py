@@ -19,6 +19,8 @@ PROTOCOL_NAME = "tensord"
 _ID_RE = re.compile(r"^[0-9a-f]{8,64}\Z")  # \Z: "$" lets "x\n" through
 Ranges = tuple[tuple[int, int], ...]  # half-open [start, end) ranges of chunk indices
 
+NONCE_LEN = 32  # bytes of a handshake challenge
+PROOF_LEN = 32  # bytes of an HMAC-SHA256 proof
 MAX_RANGES = 4096
 MAX_MESSAGE_LEN = 1024
 
@@ -32,6 +34,17 @@ class Hello:
     node: str
     features: frozenset[str]
     max_chunk: int
+    #: A fresh random challenge, sent when this side authenticates with the cluster secret.
+    nonce: bytes | None = None
+    #: The listener's proof (HMAC over both hellos) that it knows the cluster secret.
+    proof: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """The dialer's proof that it knows the cluster secret: its third handshake message."""
+
+    proof: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +148,7 @@ class Pong:
 
 Message = (
     Hello
+    | Auth
     | Begin
     | Accept
     | Chunk
@@ -187,8 +201,8 @@ def to_header(msg: Message) -> dict[str, Any]:
             if ranges:
                 h["r"] = _ranges(ranges)
             return h
-        case Hello(proto, versions, node, features, max_chunk):
-            return {
+        case Hello(proto, versions, node, features, max_chunk, nonce, proof):
+            h = {
                 "t": "hello",
                 "proto": proto,
                 "v": list(versions),
@@ -196,6 +210,13 @@ def to_header(msg: Message) -> dict[str, Any]:
                 "f": sorted(features),
                 "mc": max_chunk,
             }
+            if nonce is not None:
+                h["nc"] = nonce
+            if proof is not None:
+                h["pf"] = proof
+            return h
+        case Auth(proof):
+            return {"t": "auth", "pf": proof}
         case Begin(id, meta, chunk_size, window, resume):
             return {
                 "t": "begin",
@@ -265,6 +286,14 @@ class _Fields:
             raise self._bad(key, "a transfer id (8-64 lowercase hex digits)")
         return v
 
+    def opt_bytes(self, key: str, size: int) -> bytes | None:
+        v = self.h.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, bytes) or len(v) != size:
+            raise self._bad(key, f"{size} bytes")
+        return v
+
     def bool_(self, key: str, default: bool = False) -> bool:
         v = self.h.get(key, default)
         if not isinstance(v, bool):
@@ -322,7 +351,16 @@ def _hello(f: _Fields, _: int) -> Hello:
         f.str_("node", 63),
         frozenset(features),
         f.int_("mc", 1),
+        f.opt_bytes("nc", NONCE_LEN),
+        f.opt_bytes("pf", PROOF_LEN),
     )
+
+
+def _auth(f: _Fields, _: int) -> Auth:
+    proof = f.opt_bytes("pf", PROOF_LEN)
+    if proof is None:
+        raise f._bad("pf", f"{PROOF_LEN} bytes")
+    return Auth(proof)
 
 
 def _begin(f: _Fields, max_bytes: int) -> Begin:
@@ -356,6 +394,7 @@ def _legacy(f: _Fields, max_bytes: int) -> Legacy:
 
 _DECODERS: dict[str, Callable[[_Fields, int], Message]] = {
     "hello": _hello,
+    "auth": _auth,
     "begin": _begin,
     "accept": lambda f, _: Accept(f.id(), f.ranges("have")),
     "chunk": _chunk,

@@ -1,0 +1,156 @@
+"""Mutual TLS between real nodes: the cluster CA, node certificates, identity = node id."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from tensord.certs import init_ca, issue
+from tensord.config import SecuritySettings, Settings, TlsSettings, load_settings
+from tensord.errors import AuthenticationFailed
+
+from .helpers import fast_settings, running
+
+
+class LogWaiter(logging.Handler):
+    """Sets ``event`` once a record whose message satisfies ``match`` is logged."""
+
+    def __init__(self, match: Callable[[str], bool]) -> None:
+        super().__init__(logging.INFO)
+        self.match = match
+        self.event = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.match(record.getMessage()):
+            self.event.set()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cluster CA with certificates for a, b; another CA with one for a; an expired b."""
+    root = tmp_path_factory.mktemp("pki")
+    init_ca(root / "ca")
+    init_ca(root / "other-ca")
+    for node in ("a", "b"):
+        issue(root / "ca", node, root / "certs")
+    for node in ("a", "b"):
+        issue(root / "other-ca", node, root / "other")
+    past = datetime.now(UTC) - timedelta(days=2)
+    issue(root / "ca", "b", root / "expired", not_before=past, not_after=past + timedelta(days=1))
+    return root
+
+
+def tls_node(
+    pki: Path, node: str, certs: str = "certs", ca: str = "ca", secret: bool = False
+) -> Settings:
+    base = fast_settings(authenticated=secret)
+    tls = TlsSettings(pki / ca / "ca.crt", pki / certs / f"{node}.crt", pki / certs / f"{node}.key")
+    return replace(base, node_id=node, security=replace(base.security, tls=tls))
+
+
+def plain_node(node: str) -> Settings:
+    return replace(fast_settings(authenticated=False), node_id=node)
+
+
+async def test_mutual_tls_transfer_and_pull(pki: Path) -> None:
+    array = np.random.default_rng(1).standard_normal(300_000).astype(np.float32)
+    async with running(tls_node(pki, "a")) as a, running(tls_node(pki, "b")) as b:
+        await a.send_tensor(f"127.0.0.1:{b.port}", "w", array)
+        got = await b.receive_tensor()
+        assert got.sender == "a" and np.array_equal(got.array, array)
+
+
+async def test_tls_and_the_cluster_secret_together(pki: Path) -> None:
+    array = np.arange(5000, dtype=np.int64)
+    async with (
+        running(tls_node(pki, "a", secret=True)) as a,
+        running(tls_node(pki, "b", secret=True)) as b,
+    ):
+        await a.send_tensor(f"127.0.0.1:{b.port}", "w", array)
+        assert np.array_equal((await b.receive_tensor()).array, array)
+
+
+@pytest.mark.parametrize(
+    ("dialer", "listener", "dialer_says", "listener_logs"),
+    [
+        (("a", "other", "other-ca"), ("b", "certs", "ca"), "TLS", "TLS handshake failed"),
+        (("a", "certs", "ca"), ("b", "other", "other-ca"), "TLS handshake failed", "TLS"),
+        (("a", "certs", "ca"), ("b", "expired", "ca"), "TLS handshake failed", "TLS"),
+        (("b", "expired", "ca"), ("a", "certs", "ca"), "TLS", "TLS handshake failed"),
+        (("c", "certs", "ca"), ("b", "certs", "ca"), "certificate is for 'a'", "certificate"),
+        (None, ("b", "certs", "ca"), "requires TLS", "requires TLS"),
+        (("a", "certs", "ca"), None, "TLS", "speaks TLS"),
+    ],
+    ids=[
+        "dialer from another CA",
+        "listener from another CA",
+        "listener certificate expired",
+        "dialer certificate expired",
+        "a certificate for another node id",
+        "plaintext to a TLS listener",
+        "TLS to a plaintext listener",
+    ],
+)
+async def test_refusals_are_typed_fast_and_logged(
+    pki: Path,
+    caplog: pytest.LogCaptureFixture,
+    dialer: tuple[str, str, str] | None,
+    listener: tuple[str, str, str] | None,
+    dialer_says: str,
+    listener_logs: str,
+) -> None:
+    def settings(spec: tuple[str, str, str] | None, default: str) -> Settings:
+        if spec is None:
+            return plain_node(default)
+        node, certs, ca = spec
+        if node == "c":  # claims to be "c" with a's certificate
+            return replace(tls_node(pki, "a", certs, ca), node_id="c")
+        return tls_node(pki, node, certs, ca)
+
+    caplog.set_level(logging.INFO, logger="tensord")
+    seen = LogWaiter(lambda m: "refused" in m and listener_logs in m)
+    logging.getLogger("tensord").addHandler(seen)
+    try:
+        async with running(settings(dialer, "a")) as d, running(settings(listener, "b")) as lis:
+            target = f"127.0.0.1:{lis.port}"
+            with trio.fail_after(10), pytest.raises(AuthenticationFailed, match=dialer_says):
+                await d.send_tensor(target, "w", np.zeros(16))
+            with trio.fail_after(10):
+                await seen.event.wait()
+    finally:
+        logging.getLogger("tensord").removeHandler(seen)
+
+
+def test_node_placeholder_in_tls_paths_of_a_shared_cluster_file(tmp_path: Path) -> None:
+    import json
+
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(
+        json.dumps(
+            {
+                "nodes": [
+                    {"id": "a", "addr": "10.0.0.1:7070"},
+                    {"id": "b", "addr": "10.0.0.2:7070"},
+                ],
+                "security": {
+                    "tls": {
+                        "ca": "/etc/t/ca.crt",
+                        "cert": "/etc/t/{node}.crt",
+                        "key": "/etc/t/{node}.key",
+                    }
+                },
+            }
+        )
+    )
+    s = load_settings({}, cluster_file=cluster, node_id="b", library=True)
+    assert s.security.tls == TlsSettings(
+        Path("/etc/t/ca.crt"), Path("/etc/t/b.crt"), Path("/etc/t/b.key")
+    )
+    assert isinstance(s.security, SecuritySettings)
