@@ -85,6 +85,11 @@ class TransferSettings:
     partial_ttl_seconds: float = 600.0  # receiver keeps an interrupted transfer this long
     drain_timeout: float = 30.0  # on SIGTERM, transfers in flight get this long to finish
     peer_check_interval: float = 10.0  # the daemon pings each configured peer this often
+    # What one peer may hold of this node (a hostile or broken peer is refused, others go on):
+    max_peer_connections: int = 64  # inbound connections from one peer at once
+    max_peer_transfers: int = 64  # receives from one peer in flight (and partials kept)
+    max_peer_pending_bytes: int = 64 * GiB  # tensor bytes of those receives and partials
+    max_connections: int = 1024  # inbound connections, all peers, handshakes included
 
 
 @dataclass(frozen=True)
@@ -367,6 +372,10 @@ _TRANSFER_KEYS: dict[str, Callable[[str, object], Any]] = {
     "partial_ttl_seconds": _float_min(0.0),
     "drain_timeout": _float_min(0.0),
     "peer_check_interval": _float_min(0.01),
+    "max_peer_connections": _int_in(1, 1 << 16),
+    "max_peer_transfers": _int_in(1, 1 << 16),
+    "max_peer_pending_bytes": _int_in(1, 1 << 62),
+    "max_connections": _int_in(1, 1 << 20),
 }
 _DOWNLOAD_KEYS: dict[str, Callable[[str, object], Any]] = {
     "connections": _int_in(1, 64),

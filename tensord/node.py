@@ -15,7 +15,7 @@ import random
 import secrets
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -126,6 +126,7 @@ class _Partial:
 class _Active:
     scope: trio.CancelScope
     released: trio.Event
+    nbytes: int = 0
 
 
 class Peer:
@@ -205,6 +206,7 @@ class TensorNode:
         self._arrivals: deque[Arrival] = deque()
         self._arrived = trio.Event()
         self._partials: dict[tuple[str, str], _Partial] = {}
+        self._inbound: Counter[str] = Counter()  # inbound connections per peer
         self._active: dict[tuple[str, str], _Active] = {}
         self._jobs: set[trio.CancelScope] = set()
         self._busy = 0
@@ -872,11 +874,30 @@ class TensorNode:
                 handshake_timeout=self.settings.transfer.connect_timeout,
                 handler_nursery=handlers,
                 security=self.security,
+                max_connections=self.settings.transfer.max_connections,
             )
 
     async def _serve_connection(self, conn: Connection) -> None:
         """One inbound connection: transfers, pulls and pings, one after another."""
         idle = max(self.settings.pool.max_idle_seconds, 30.0) + 30.0
+        limit = self.settings.transfer.max_peer_connections
+        if self._inbound[conn.peer_id] >= limit:
+            why = (
+                f"peer {conn.peer_id} already has {limit} connections to this node "
+                "(transfer.max_peer_connections)"
+            )
+            log.warning("peer connection refused: %s", why)
+            await conn.send_error("busy", why)
+            return
+        self._inbound[conn.peer_id] += 1
+        try:
+            await self._serve_messages(conn, idle)
+        finally:
+            self._inbound[conn.peer_id] -= 1
+            if not self._inbound[conn.peer_id]:
+                del self._inbound[conn.peer_id]
+
+    async def _serve_messages(self, conn: Connection, idle: float) -> None:
         try:
             while True:
                 msg = None
@@ -942,6 +963,38 @@ class TensorNode:
         sink.restore(xfer)
         return xfer, sink
 
+    def _check_peer_budget(self, peer: str, nbytes: int) -> None:
+        """Refuse a new receive beyond what one peer may hold of this node: transfers in
+        flight, and tensor bytes of those and of the partials kept for it (``busy``: the
+        sender backs off and retries; other peers are not affected)."""
+        t = self.settings.transfer
+        active = [a for (p, _), a in self._active.items() if p == peer]
+        if len(active) >= t.max_peer_transfers:
+            raise TransferFailed(
+                f"peer {peer} already has {len(active)} transfers in flight to this node "
+                f"(transfer.max_peer_transfers = {t.max_peer_transfers})",
+                code="busy",
+            )
+        pending = sum(a.nbytes for a in active) + sum(
+            part.xfer.meta.nbytes for (p, _), part in self._partials.items() if p == peer
+        )
+        if pending + nbytes > t.max_peer_pending_bytes:
+            raise TransferFailed(
+                f"peer {peer} would hold {pending + nbytes} bytes of transfers in flight and "
+                f"partials on this node (transfer.max_peer_pending_bytes = "
+                f"{t.max_peer_pending_bytes})",
+                code="busy",
+            )
+
+    def _evict_partials(self, peer: str) -> None:
+        """Keep at most ``max_peer_transfers`` partials per peer: the oldest go first."""
+        mine = [k for k in self._partials if k[0] == peer]
+        for key in mine[: max(0, len(mine) - self.settings.transfer.max_peer_transfers)]:
+            partial = self._partials.pop(key)
+            log.info("tensor transfer %s: dropping the partial from %s (too many)", key[1], peer)
+            if isinstance(partial.sink, StoreSink):
+                partial.sink.partial.close()  # on disk until the sweep, like an expired one
+
     def _expire_partials(self) -> None:
         now = trio.current_time()
         for key in [k for k, p in self._partials.items() if p.expires < now]:
@@ -976,6 +1029,7 @@ class TensorNode:
             if partial is not None:
                 await partial.sink.discard()
             try:
+                self._check_peer_budget(conn.peer_id, meta.nbytes)
                 xfer, sink = self._new_receive(conn, begin, f"{conn.peer_id}/{begin.id}")
             except TransferFailed as exc:
                 log.warning("tensor transfer %s: refused %r: %s", begin.id, meta.name, exc)
@@ -998,7 +1052,7 @@ class TensorNode:
             committed.append(True)
             self._arrive(meta.name, array, conn.peer_id)
 
-        active = _Active(trio.CancelScope(), trio.Event())
+        active = _Active(trio.CancelScope(), trio.Event(), meta.nbytes)
         checkpoints = trio.CancelScope()
         self._active[key] = active
         self._busy += 1
@@ -1032,6 +1086,7 @@ class TensorNode:
                         log.warning("tensor transfer %s: cannot save progress: %s", begin.id, exc)
                     ttl = self.settings.transfer.partial_ttl_seconds
                     self._partials[key] = _Partial(xfer, sink, trio.current_time() + ttl)
+                    self._evict_partials(conn.peer_id)
                 elif not committed:
                     await sink.discard()
             if not committed:

@@ -122,15 +122,39 @@ async def serve(
     handshake_timeout: float,
     handler_nursery: trio.Nursery | None = None,
     security: PeerSecurity | None = None,
+    max_connections: int | None = None,
 ) -> None:
     """Accept connections forever; each one is handshaken and passed to ``handler``.
 
     A connection that fails its handshake is logged and closed; it never affects the others.
+    Beyond ``max_connections`` open at once (handshakes included), new ones are closed at once.
     """
 
     sec = security or PeerSecurity()
 
+    open_now = 0
+    warned_at = -1e9
+
     async def on_stream(stream: trio.SocketStream) -> None:
+        nonlocal open_now, warned_at
+        if max_connections is not None and open_now >= max_connections:
+            if trio.current_time() - warned_at > 10:  # one line per 10 s, not one per attempt
+                warned_at = trio.current_time()
+                log.warning(
+                    "peer connection from %s refused: %d connections open "
+                    "(transfer.max_connections)",
+                    _remote(stream),
+                    open_now,
+                )
+            await _close(stream)
+            return
+        open_now += 1
+        try:
+            await _serve_one(stream)
+        finally:
+            open_now -= 1
+
+    async def _serve_one(stream: trio.SocketStream) -> None:
         _tune(stream)
         framed: FramedStream | None = None
         try:
