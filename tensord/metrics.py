@@ -16,8 +16,8 @@ _LATENCY = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 
 GATEWAY_REQUESTS = Counter(
     "tensord_gateway_requests",
-    "Generation requests by endpoint, backend and outcome (ok, client_gone, backend_error, "
-    "no_backend, busy, bad_request)",
+    "Generation requests by endpoint, backend and outcome (ok, client_gone, cancelled, "
+    "backend_error, no_backend, busy, bad_request)",
     ["endpoint", "backend", "outcome"],
     registry=REGISTRY,
 )
@@ -30,13 +30,16 @@ GATEWAY_TTFT = Histogram(
 )
 GATEWAY_INTER_TOKEN = Histogram(
     "tensord_gateway_inter_token_seconds",
-    "Gaps between consecutive relayed tokens (stream lines)",
+    "Gaps between consecutive relayed token chunks",
     ["endpoint"],
     buckets=_LATENCY,
     registry=REGISTRY,
 )
 GATEWAY_TOKENS = Counter(
-    "tensord_gateway_tokens", "Tokens (stream lines) relayed", ["backend"], registry=REGISTRY
+    "tensord_gateway_tokens",
+    "Token chunks relayed (for a whole reply, the completion tokens it reports)",
+    ["backend"],
+    registry=REGISTRY,
 )
 GATEWAY_IN_FLIGHT = Gauge(
     "tensord_gateway_in_flight", "Requests being relayed now", ["backend"], registry=REGISTRY

@@ -109,6 +109,13 @@ class TransferResult:
         return self.nbytes / self.seconds if self.seconds > 0 else float("inf")
 
 
+def _only_cancelled(exc: BaseException) -> bool:
+    """``trio.Cancelled``, or an exception group holding nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
 def backoff_delay(base_ms: int, attempt: int) -> float:
     """``base`` doubling per attempt, capped at 5 s, with +-20 % jitter."""
     delay = min(base_ms / 1000 * 2 ** (attempt - 1), MAX_BACKOFF)
@@ -664,9 +671,12 @@ class TensorNode:
                         )
                     )
                     await trio.sleep(delay)
-        except trio.Cancelled:
-            # The caller went away (a CLI's Ctrl-C, a shutdown): say so, so that nobody
-            # watching the events stream waits for this transfer forever.
+        except TensorError:
+            raise  # published where it was raised (_transfer_failed)
+        except BaseException as exc:
+            # The caller went away (a CLI's Ctrl-C, a shutdown), or something unexpected: say
+            # so, so that nobody watching the events stream waits for this transfer forever.
+            # (A cancellation may arrive wrapped in an exception group from a nursery inside.)
             self.events.publish(
                 TransferEvent(
                     xid,
@@ -677,7 +687,7 @@ class TensorNode:
                     xfer.bytes_acked if xfer else 0,
                     meta.nbytes,
                     retries,
-                    "cancelled",
+                    "cancelled" if _only_cancelled(exc) else _why(exc),
                 )
             )
             raise

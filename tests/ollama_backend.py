@@ -62,7 +62,9 @@ class BackendConfig:
     interval: float = 0.02  # seconds between tokens (0 = as fast as possible)
     first_token_delay: float = 0.0  # "prompt evaluation": seconds before the first token
     fail_before_first: int | None = None  # answer generation requests with this HTTP status
-    die_after: int | None = None  # close the connection abruptly after this many tokens
+    # Close the connection abruptly after this many tokens, when the next one is due (0: during
+    # "prompt evaluation", after first_token_delay, before any response byte).
+    die_after: int | None = None
     version: str = "0.5.7"
 
     def token_list(self) -> list[str]:
@@ -633,9 +635,9 @@ class OllamaBackend:
             )
             head = _out(conn, response)
         for i, token in enumerate(job.tokens):
+            await trio.sleep_until(deadline)
             if self._should_die(i):
                 return _Outcome.DIED
-            await trio.sleep_until(deadline)
             now = trio.current_time()
             if first is None:
                 first = now

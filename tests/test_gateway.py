@@ -1,6 +1,9 @@
 """The token gateway between real clients (the official openai and ollama SDKs, httpx) and the
-in-repo Ollama-compatible backend: every token in order, no bursts, failover, errors mid-stream,
-disconnects that cancel upstream, concurrency limits, API keys."""
+in-repo Ollama-compatible backend: every token in order, no bursts, keep-alive comments, failover,
+errors mid-stream, disconnects that cancel upstream, concurrency limits, API keys.
+
+The WebSocket endpoint is tested in test_gateway_ws.py, the per-request log line and the metrics
+in test_gateway_logs.py; both use :func:`gateway` from here."""
 
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import ollama
 import openai
 import pytest
 import trio
-from trio_websocket import open_websocket_url
 
 from tensord.config import GatewaySettings, HostPort, NodeEntry, Settings
 from tensord.errors import ConfigError
@@ -190,7 +192,8 @@ async def test_api_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="api_keys_file"):
         load_api_keys(open_to_all)
     keys = tmp_path / "keys"
-    keys.write_text("k-123\n")
+    keys.write_text("# the web app\nk-123\n\n")
+    assert load_api_keys(gateway_settings([], api_keys_file=keys)) == {"k-123"}
     async with (
         gateway(BackendConfig(), api_keys_file=keys) as (g, _),
         httpx.AsyncClient(timeout=30) as client,
@@ -198,47 +201,12 @@ async def test_api_keys(tmp_path: Path) -> None:
         assert (await client.get(f"{g.url}/api/tags")).status_code == 401
         bad = {"Authorization": "Bearer nope"}
         assert (await client.get(f"{g.url}/api/tags", headers=bad)).status_code == 401
+        latin = {"Authorization": b"Bearer k-\xe9"}  # not ASCII: still a plain 401
+        assert (await client.get(f"{g.url}/api/tags", headers=latin)).status_code == 401
         good = {"Authorization": "Bearer k-123"}
         assert (await client.get(f"{g.url}/api/tags", headers=good)).status_code == 200
-
-
-async def test_websocket_streams_concurrent_requests_and_cancels_one() -> None:
-    async with gateway(BackendConfig(tokens=TOKENS, interval=0.005)) as (g, (backend,)):
-        url = g.url.replace("http://", "ws://") + "/v1/ws"
-        async with open_websocket_url(url) as ws:
-            # Usable at once: no readiness message to wait for.
-            await ws.send_message(json.dumps({"id": "a", "model": "tiny", "messages": MSG}))
-            await ws.send_message(json.dumps({"id": "b", "model": "tiny", "messages": MSG}))
-            got: dict[str, list[str]] = {"a": [], "b": []}
-            done: dict[str, dict[str, object]] = {}
-            with trio.fail_after(10):
-                while len(done) < 2:
-                    msg = json.loads(await ws.get_message())
-                    if msg["type"] == "token":
-                        got[msg["id"]].append(msg["content"])
-                    elif msg["type"] == "done":
-                        done[msg["id"]] = msg
-            assert got["a"] == TOKENS and got["b"] == TOKENS
-            assert done["a"]["usage"]["completion_tokens"] == len(TOKENS)  # type: ignore[index]
-            # A long one, cancelled after a few tokens: the backend stops producing it.
-            await ws.send_message(json.dumps({"id": "c", "model": "tiny", "messages": MSG,
-                                              "options": {"num_predict": 10_000}}))  # fmt: skip
-            seen = 0
-            with trio.fail_after(10):
-                while True:
-                    msg = json.loads(await ws.get_message())
-                    if msg["type"] == "token":
-                        seen += 1
-                        if seen == 3:
-                            await ws.send_message(json.dumps({"type": "cancel", "id": "c"}))
-                    elif msg["type"] == "cancelled":
-                        assert msg["id"] == "c"
-                        break
-            with trio.fail_after(2):
-                await backend.wait_cancelled(1)
-            await ws.send_message(json.dumps({"id": "d", "model": "absent", "messages": MSG}))
-            msg = json.loads(await ws.get_message())
-            assert msg["type"] == "error" and "absent" in msg["error"]
+        assert (await client.get(f"{g.url}/metrics", headers=good)).status_code == 200
+        assert (await client.get(f"{g.url}/metrics")).status_code == 401
 
 
 async def test_metrics_in_prometheus_text_format() -> None:
@@ -268,3 +236,100 @@ async def test_non_streaming_replies_through_the_openai_sdk() -> None:
     assert chat.choices[0].message.content == "".join(TOKENS)  # type: ignore[attr-defined]
     assert chat.usage.completion_tokens == len(TOKENS)  # type: ignore[attr-defined]
     assert text.choices[0].text == "".join(TOKENS)  # type: ignore[attr-defined]
+
+
+async def test_sse_keep_alive_comments_start_the_reply_while_the_model_thinks() -> None:
+    """Ollama sends its response head with the first token: until then the gateway's own
+    ``: keep-alive`` comments (and headers) keep the client and any proxy from giving up."""
+    slow = BackendConfig(tokens=TOKENS, interval=0.0, first_token_delay=0.3)
+    body = {"model": "tiny", "stream": True, "messages": MSG}
+    async with (
+        gateway(slow, keepalive_seconds=0.05) as (g, _),
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        async with client.stream("POST", f"{g.url}/v1/chat/completions", json=body) as r:
+            lines = [line async for line in r.aiter_lines()]
+
+        def sdk() -> str:
+            c = openai.OpenAI(base_url=f"{g.url}/v1", api_key="unused")
+            stream = c.chat.completions.create(model="tiny", messages=MSG, stream=True)  # type: ignore[arg-type]
+            return "".join(x.choices[0].delta.content or "" for x in stream if x.choices)
+
+        text = await trio.to_thread.run_sync(sdk)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/event-stream"
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    first = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert lines[0] == ": keep-alive" and set(lines[:first]) == {": keep-alive", ""}
+    assert not any(line.startswith(":") for line in lines[first:])  # none after the first token
+    chunks = [json.loads(x[6:]) for x in lines[first:] if x.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "".join(TOKENS)
+    assert lines[-2] == "data: [DONE]"
+    assert text == "".join(TOKENS)  # the openai SDK skips the comments
+
+
+async def test_a_failure_after_keep_alives_is_an_error_event_before_them_an_http_error() -> None:
+    # The node dies while evaluating the prompt, before any byte of its reply.
+    dies = BackendConfig(first_token_delay=0.2, die_after=0)
+    async with (
+        gateway(dies, keepalive_seconds=0.05) as (g, (backend,)),
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        body = {"model": "tiny", "stream": True, "messages": MSG}
+        r = await client.post(f"{g.url}/v1/chat/completions", json=body)
+        assert r.status_code == 200  # the keep-alive comments had started the reply
+        lines = [x for x in r.text.splitlines() if x]
+        assert lines[0] == ": keep-alive" and lines[-1].startswith("data: ")
+        assert "error" in json.loads(lines[-1][6:])
+        # NDJSON has no comments: nothing is sent before the backend answers, so the client
+        # gets a proper HTTP error.
+        r = await client.post(f"{g.url}/api/chat", json={"model": "tiny", "messages": MSG})
+        assert r.status_code == 502 and "error" in r.json()
+    assert len(backend.requests) == 2
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+async def test_a_client_that_leaves_before_the_first_token_cancels_upstream(path: str) -> None:
+    # 30 s of "prompt evaluation": only the gateway's disconnect watch can end it early.
+    async with (
+        gateway(BackendConfig(first_token_delay=30.0)) as (g, (backend,)),
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+
+        async def ask() -> None:
+            await client.post(f"{g.url}{path}", json={"model": "tiny", "stream": True,
+                                                      "messages": MSG})  # fmt: skip
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            with trio.fail_after(5):
+                await backend.wait_until(lambda: backend.in_flight == 1)
+            nursery.cancel_scope.cancel()
+        left = time.perf_counter()
+        with trio.fail_after(2):
+            await backend.wait_cancelled(1)
+        assert time.perf_counter() - left < 0.1
+        assert (backend.in_flight, backend.completed) == (0, 0)
+
+
+async def test_a_request_a_backend_rejects_as_bad_is_not_tried_elsewhere() -> None:
+    async with (
+        gateway(BackendConfig(), BackendConfig()) as (g, backends),
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        body = {"model": "tiny", "stream": True, "messages": []}
+        r = await client.post(f"{g.url}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and "too short" in r.json()["error"]["message"]
+        r = await client.post(f"{g.url}/api/chat", content=b"{not json")
+        assert r.status_code == 400 and "bad request" in r.json()["error"]
+    assert sum(len(b.requests) for b in backends) == 1
+
+
+async def test_the_version_is_the_oldest_backends_and_other_paths_are_404() -> None:
+    async with (
+        gateway(BackendConfig(version="0.10.1"), BackendConfig(version="0.9.6")) as (g, _),
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        assert (await client.get(f"{g.url}/api/version")).json() == {"version": "0.9.6"}
+        r = await client.get(f"{g.url}/")
+        assert r.status_code == 404 and r.json() == {"error": "no endpoint GET /"}

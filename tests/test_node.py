@@ -445,3 +445,28 @@ async def test_dead_pooled_connection_is_evicted_and_redialled() -> None:
         (peer_stats,) = a.pool_stats().values()
         assert peer_stats["dials"] == 2
         assert peer_stats["evictions"] == 1
+
+
+async def test_a_cancelled_send_publishes_failed_cancelled() -> None:
+    """The caller goes away mid-transfer: watchers of the events stream hear about it, every
+    time (a cancellation can surface wrapped in an exception group from a nursery inside)."""
+    from tensord.events import TransferEvent
+
+    from .chaos import proxied
+
+    settings = fast_settings()
+    noise = np.random.default_rng(5).integers(0, 255, 1 << 22, dtype=np.uint8)  # no lz4 gains
+    for attempt in range(5):
+        async with (
+            running(settings) as a,
+            running(fast_settings()) as b,
+            proxied(b.port, {}, rate=2_000_000) as proxy,
+            a.events.subscribe() as events,
+        ):
+            with trio.move_on_after(0.2 + 0.05 * attempt):
+                await a.send_tensor(proxy.addr, "slow", noise)
+            with trio.fail_after(5):
+                async for ev in events:
+                    if isinstance(ev, TransferEvent) and ev.state == "failed":
+                        assert ev.detail == "cancelled", ev
+                        break

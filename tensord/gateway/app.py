@@ -1,17 +1,23 @@
 """The gateway's HTTP API: Ollama's and OpenAI's endpoints, relayed from the cluster's Ollama nodes.
 
-One hop, one serialization, no buffering: a streaming request is forwarded to a backend's own
-endpoint (``/api/chat`` for Ollama clients, ``/v1/chat/completions`` for OpenAI clients) and every
-line the backend writes - an NDJSON object or an SSE field - is passed to the client the moment
-it is complete, as the backend wrote it. What the gateway adds is around the stream, not in it:
+One hop, one serialization, no buffering: a request is forwarded to a backend's own endpoint
+(``/api/chat`` for Ollama clients, ``/v1/chat/completions`` for OpenAI clients) and every line
+the backend writes - an NDJSON object or an SSE field - is passed to the client the moment it is
+complete, as the backend wrote it. What the gateway adds is around the stream, not in it:
 
-* a backend that fails before the first byte of its reply is tried no more for this request and
-  the next eligible one is used; when none is left the client gets a proper HTTP error;
+* a backend that fails before it starts its reply is tried no more for this request and the
+  next eligible one is used; when none is left the client gets a proper HTTP error (or, if a
+  keep-alive comment already started the reply, an error event);
 * a backend that fails mid-stream ends the stream with an error event (``data: {"error": ...}``
   for SSE, an ``{"error": ...}`` line for NDJSON) - the client never waits on a dead stream;
-* while a slow model has produced nothing yet, SSE clients get ``: keep-alive`` comments;
-* a client that goes away cancels the upstream request at once (its ``http.disconnect`` is
-  watched alongside the relay).
+* while a slow model has produced nothing yet, SSE clients get ``: keep-alive`` comments (Ollama
+  sends its response headers with the first token, so these start the reply themselves);
+* a client that goes away cancels the upstream request at once, whether it was queued for a
+  slot, waiting for the first token or mid-stream (its ``http.disconnect`` is watched for the
+  whole request);
+* one log line and the metrics per request (:class:`_Record`).
+
+``/v1/ws`` carries the same chat requests over a WebSocket, several at once (:meth:`websocket`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -31,12 +39,189 @@ from .. import metrics
 from .._version import __version__
 from ..asgi import Headers, lifespan, send_json
 from .backends import Backend, Backends, Busy, NoBackend
-from .encoders import KEEPALIVE, LineSplitter, openai_error, sse
+from .encoders import (
+    ERROR,
+    KEEPALIVE,
+    TOKEN,
+    LineSplitter,
+    carries_output,
+    line_kind,
+    openai_error,
+    reply_tokens,
+    sse,
+)
 
 log = logging.getLogger("tensord.gateway")
 
 MAX_BODY = 8 << 20
+#: The longest line relayed (and the largest whole reply whose token count is read): Ollama's
+#: final ``/api/generate`` object carries the context's token ids, which can run to megabytes.
+MAX_LINE = 64 << 20
+WS_ENDPOINT = "/v1/ws"
 Json = dict[str, Any]
+Say = Callable[[Json], Awaitable[None]]
+RequestId = str | int
+
+
+@dataclass
+class _Record:
+    """One generation request as its log line and the metrics see it."""
+
+    endpoint: str
+    model: str
+    received: float  # time.perf_counter() when the gateway had the request
+    streamed: bool = True
+    backend: str = ""  # the backend that relayed it ("" if none did)
+    #: ok, client_gone, cancelled (WebSocket), backend_error, no_backend, busy, bad_request;
+    #: it stays client_gone when the request is cancelled because its client left.
+    outcome: str = "client_gone"
+    tokens: int = 0  # token chunks relayed (a whole reply: the completion tokens it reports)
+    first: float | None = None
+    last: float = 0.0
+    gaps: list[float] = field(default_factory=list)
+    reported: bool = False
+
+    def token(self, now: float | None = None) -> None:
+        """One token chunk relayed (at ``now``, the time it arrived from the backend)."""
+        now = time.perf_counter() if now is None else now
+        if self.first is None:
+            self.first = now
+        else:
+            self.gaps.append(now - self.last)
+        self.last = now
+        self.tokens += 1
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first is None else self.first - self.received
+
+    def line(self, took: float) -> str:
+        """The log line's fields, ``key=value`` (logfmt)."""
+        gaps = sorted(self.gaps)
+        mean = sum(gaps) / len(gaps) if gaps else None
+        p99 = gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))] if gaps else None
+        fields = (
+            ("endpoint", self.endpoint),
+            ("model", self.model),
+            ("backend", self.backend or "-"),
+            ("outcome", self.outcome),
+            ("stream", "true" if self.streamed else "false"),
+            ("tokens", str(self.tokens)),
+            ("ttft_ms", _ms(self.ttft)),
+            ("inter_token_mean_ms", _ms(mean, 2)),
+            ("inter_token_p99_ms", _ms(p99, 2)),
+            ("tokens_per_s", f"{self.tokens / took:.1f}" if took > 0 else "-"),
+            ("duration_ms", _ms(took)),
+        )
+        return " ".join(f"{k}={_logfmt(v)}" for k, v in fields)
+
+
+def _ms(seconds: float | None, digits: int = 1) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.{digits}f}"
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/@+\-]+")
+
+
+def _logfmt(value: str) -> str:
+    """A value as is when it is plain, else JSON-quoted (no spaces or newlines from clients)."""
+    return value if _PLAIN.fullmatch(value) else json.dumps(value)
+
+
+def _report(record: _Record) -> None:
+    """The request's metrics and its log line, once: just before the reply's last byte is sent
+    (so a client that has read it sees the metrics counted), or when the request ends."""
+    if record.reported:
+        return
+    record.reported = True
+    took = time.perf_counter() - record.received
+    metrics.GATEWAY_REQUESTS.labels(record.endpoint, record.backend, record.outcome).inc()
+    if record.backend:
+        metrics.GATEWAY_TOKENS.labels(record.backend).inc(record.tokens)
+    ttft = record.ttft
+    if ttft is not None:
+        metrics.GATEWAY_TTFT.labels(record.endpoint).observe(ttft)
+    if record.gaps:
+        inter = metrics.GATEWAY_INTER_TOKEN.labels(record.endpoint)
+        for gap in record.gaps:
+            inter.observe(gap)
+    if log.isEnabledFor(logging.INFO):
+        log.info("gateway request: %s", record.line(took))
+
+
+class _Reply:
+    """The HTTP reply to one generation request, started exactly once: by the first backend
+    reply relayed, by the first keep-alive comment, or by an error.
+
+    Keep-alive comments (SSE only) run in their own task until the first line is relayed; sends
+    that could race with them take ``lock``, so a comment never lands after the end of the reply.
+    """
+
+    def __init__(
+        self, send: ASGISendCallable, record: _Record, *, openai: bool, keepalive: bool
+    ) -> None:
+        self.send = send
+        self.record = record
+        self.openai = openai
+        self.stream = record.streamed
+        self.started = False
+        self.ended = False  # the last byte is on its way: a disconnect now is the normal end
+        self.lock = trio.Lock()
+        self.waiting = trio.CancelScope()  # the keep-alive task, until the first line
+        self.keeping_alive = keepalive  # set before the task starts: it may start late
+
+    async def keep_alive(self, interval: float) -> None:
+        with self.waiting:
+            while True:
+                await trio.sleep(interval)
+                async with self.lock:
+                    await self._start(b"text/event-stream")
+                    await self.send({"type": "http.response.body", "body": KEEPALIVE,
+                                     "more_body": True})  # fmt: skip
+
+    async def _stop_keepalive(self) -> None:
+        if self.keeping_alive:
+            async with self.lock:
+                self.waiting.cancel()
+                self.keeping_alive = False
+
+    async def _start(self, content_type: bytes) -> None:
+        if self.started:
+            return
+        self.started = True
+        headers = [(b"content-type", content_type)]
+        if self.stream:
+            headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    async def start(self, content_type: bytes) -> None:
+        """Start the reply with the backend's content type (unless a keep-alive did)."""
+        async with self.lock:
+            await self._start(content_type)
+
+    async def body(self, data: bytes, *, more: bool = True) -> None:
+        await self._stop_keepalive()
+        if not more:
+            self.ended = True
+            _report(self.record)
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def fail(self, status: int, message: str, headers: Headers | None = None) -> None:
+        """An HTTP error if the reply has not started, else an error event that ends it."""
+        await self._stop_keepalive()
+        if not self.started:
+            self.started = self.ended = True
+            _report(self.record)
+            fail = _openai_fail if self.openai else _ollama_fail
+            await fail(self.send, status, message, headers)
+        else:
+            await self.body(_error_event(message, openai=self.openai), more=False)
+
+
+def _error_event(message: str, *, openai: bool) -> bytes:
+    if openai:
+        return sse(openai_error(message))
+    return json.dumps({"error": message}).encode() + b"\n"
 
 
 class GatewayApp:
@@ -51,6 +236,8 @@ class GatewayApp:
         self.client = backends.client
         self.keepalive = keepalive_seconds
         self.api_keys = api_keys
+        # Compared as bytes: a header is bytes, and hmac refuses non-ASCII str.
+        self._keys = [k.encode() for k in api_keys or ()]
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -63,7 +250,7 @@ class GatewayApp:
             return
         if scope["type"] != "http":
             return
-        method, path = scope["method"], scope["path"].rstrip("/")
+        method, path = scope["method"], scope["path"].rstrip("/") or "/"
         if self.api_keys is not None and not self._authorized(scope):
             await _json(send, 401, openai_error("a valid API key is required", "auth_error"),
                         [(b"www-authenticate", b"Bearer")])  # fmt: skip
@@ -82,10 +269,11 @@ class GatewayApp:
         headers: Any = scope.get("headers", [])
         for name, value in headers:
             if name.lower() == b"authorization":
-                scheme, _, key = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and any(
-                    hmac.compare_digest(key.strip(), k) for k in self.api_keys or ()
-                )
+                scheme, _, key = bytes(value).partition(b" ")
+                key = key.strip()
+                # Every key is compared, so the time taken says nothing about which one matched.
+                matches = [hmac.compare_digest(key, k) for k in self._keys]
+                return scheme.lower() == b"bearer" and any(matches)
         return False
 
     # -- WebSocket ---------------------------------------------------------------------------
@@ -93,23 +281,32 @@ class GatewayApp:
     async def websocket(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        """``/v1/ws``: chat requests in, ``token`` / ``done`` / ``error`` messages out.
+        """``/v1/ws``: chat requests in; ``token``, ``done``, ``cancelled``, ``error`` out.
 
-        Several requests may run at once on one socket, each named by the ``id`` its request
-        carried (or a number the gateway gives it); ``{"type": "cancel", "id": ...}`` stops one.
-        The socket is usable as soon as the handshake completes.
+        Each request is a JSON object with ``model`` and ``messages`` as for Ollama's
+        ``/api/chat``, optionally ``"type": "chat"`` and an ``id`` (a string or an integer,
+        echoed in every message about the request; without one the n-th such request on the
+        socket is ``"n"``). Several may run at once; ``{"type": "cancel", "id": ...}`` stops one.
+        Every request ends with exactly one ``done``, ``cancelled`` or ``error`` message. An
+        ``error`` about a message that started nothing (not JSON, an unknown ``type``, an ``id``
+        already running) leaves every running request alone; the socket stays usable.
+
+        The socket is usable as soon as the handshake completes. Messages are sent one at a
+        time as the backends produce them: a client that reads slowly slows its own requests'
+        upstream reads (TCP backpressure), nothing is queued without bound.
         """
         if (await receive())["type"] != "websocket.connect":
             return
         path: Any = scope.get("path", "")
-        if str(path).rstrip("/") != "/v1/ws" or (
-            self.api_keys is not None and not self._authorized(scope)
-        ):
+        if str(path).rstrip("/") != WS_ENDPOINT:
+            await send({"type": "websocket.close", "code": 1008, "reason": "no such endpoint"})
+            return
+        if self.api_keys is not None and not self._authorized(scope):
             await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
             return
         await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
         lock = trio.Lock()
-        running: dict[str, trio.CancelScope] = {}
+        running: dict[RequestId, trio.CancelScope] = {}
         counter = 0
 
         async def say(msg: Json) -> None:
@@ -120,105 +317,140 @@ class GatewayApp:
             while True:
                 event = await receive()
                 if event["type"] == "websocket.disconnect":
-                    nursery.cancel_scope.cancel()
+                    nursery.cancel_scope.cancel()  # every running request: upstream cancelled
                     return
-                raw: Any = event.get("text") or event.get("bytes") or b""
-                text = raw.decode() if isinstance(raw, bytes) else str(raw)
-                try:
-                    msg = json.loads(text)
-                    if not isinstance(msg, dict):
-                        raise ValueError("expected a JSON object")
-                except ValueError as exc:
-                    await say({"type": "error", "id": None, "error": f"bad message: {exc}"})
+                if event["type"] != "websocket.receive":
                     continue
-                counter += 1
-                rid = str(msg.get("id") or counter)
-                if msg.get("type") == "cancel":
-                    scope_ = running.get(rid)
-                    if scope_ is not None:
+                received = time.perf_counter()
+                try:
+                    msg = _ws_message(event)
+                except ValueError as exc:
+                    await say(_ws_error(None, "bad_message", f"bad message: {exc}"))
+                    continue
+                kind = msg.get("type", "chat")
+                rid: RequestId | None = msg.get("id")
+                if rid is not None and not _valid_id(rid):
+                    problem = "'id' must be a non-empty string or an integer"
+                    await say(_ws_error(None, "bad_message", problem))
+                    continue
+                if kind == "cancel":
+                    if rid is None:
+                        await say(
+                            _ws_error(None, "bad_message", "a cancel needs the request's 'id'")
+                        )
+                    elif (scope_ := running.get(rid)) is not None:
                         scope_.cancel()
+                    continue  # a cancel for a request that has ended is not an error: it raced
+                if kind != "chat":
+                    problem = f"unknown message type {kind!r}: expected 'chat' or 'cancel'"
+                    await say(_ws_error(rid, "unknown_type", problem))
+                    continue
+                if rid is None:
+                    counter += 1
+                    rid = str(counter)
+                if rid in running:
+                    problem = f"a request with id {rid!r} is still running on this socket"
+                    await say(_ws_error(rid, "duplicate_id", problem))
                     continue
                 cancel = trio.CancelScope()
                 running[rid] = cancel
-                nursery.start_soon(self._ws_chat, rid, msg, say, cancel, running)
+                nursery.start_soon(self._ws_chat, rid, msg, say, cancel, running, received)
 
     async def _ws_chat(
         self,
-        rid: str,
+        rid: RequestId,
         msg: Json,
-        say: Callable[[Json], Awaitable[None]],
+        say: Say,
         cancel: trio.CancelScope,
-        running: dict[str, trio.CancelScope],
+        running: dict[RequestId, trio.CancelScope],
+        received: float,
     ) -> None:
-        """One chat request of a WebSocket: failover as for HTTP, tokens as messages."""
-
-        async def error(text: str) -> None:
-            await say({"type": "error", "id": rid, "error": text})
-
+        """One request of a WebSocket, to its one final message (sent outside ``cancel``, so a
+        cancel that races the end cannot make a request end twice)."""
         model = msg.get("model")
-        body = {k: v for k, v in msg.items() if k not in ("type", "id")} | {"stream": True}
-        sent = [0]
+        record = _Record(WS_ENDPOINT, model if isinstance(model, str) else "-", received)
         try:
+            final: Json | None = None
             with cancel:
-                if not isinstance(model, str):
-                    await error("the request has no 'model'")
-                    return
-                tried: set[str] = set()
-                while True:
-                    try:
-                        async with self.backends.acquire(model, tried) as backend:
-                            tried.add(backend.node_id)
-                            problem = await self._ws_relay(rid, backend, body, say, sent)
-                    except NoBackend:
-                        await error(f"no healthy backend has the model {model!r}")
-                        return
-                    except Busy:
-                        await error(f"every backend with {model!r} is busy; retry shortly")
-                        return
-                    if problem is None:
-                        return
-                    if sent[0] or len(tried) >= len(self.backends.candidates(model)):
-                        await error(problem)
-                        return
-            if cancel.cancelled_caught:
-                await say({"type": "cancelled", "id": rid, "tokens": sent[0]})
+                final = await self._ws_serve(rid, msg, say, record)
+            if final is None:  # cancelled by the client's cancel message
+                record.outcome = "cancelled"
+                final = {"type": "cancelled", "id": rid, "tokens": record.tokens}
+            if running.get(rid) is cancel:
+                del running[rid]  # before the final message: the client may reuse the id at once
+            _report(record)
+            await say(final)
         finally:
-            running.pop(rid, None)
+            if running.get(rid) is cancel:
+                del running[rid]
+            _report(record)
+
+    async def _ws_serve(self, rid: RequestId, msg: Json, say: Say, record: _Record) -> Json:
+        """Failover as for HTTP, tokens as messages; the final message (done or error)."""
+        model = msg.get("model")
+        if not isinstance(model, str) or not model:
+            record.outcome = "bad_request"
+            return _ws_error(rid, "bad_request", "the request has no 'model'")
+        body = {k: v for k, v in msg.items() if k not in ("type", "id")} | {"stream": True}
+        tried: set[str] = set()
+        status, problem = 404, f"no healthy backend has the model {model!r}"
+        while True:
+            try:
+                async with self.backends.acquire(model, tried) as backend:
+                    tried.add(backend.node_id)
+                    record.backend = backend.node_id
+                    result = await self._ws_relay(rid, backend, body, say, record)
+            except NoBackend:
+                break
+            except Busy:
+                record.backend, record.outcome = "", "busy"
+                return _ws_error(
+                    rid, "busy", f"every backend with {model!r} is busy; retry shortly"
+                )
+            if isinstance(result, dict):
+                record.outcome = "ok"
+                return result
+            status, problem = result
+            if record.tokens:  # mid-stream: the client has part of a reply, no failover
+                record.outcome = "backend_error"
+                return _ws_error(rid, "backend_error", f"the backend failed mid-stream: {problem}")
+            if status == 400:
+                break  # the request itself is wrong: no other backend would take it
+            _attempt_failed(WS_ENDPOINT, backend, problem)
+        record.backend = ""
+        code = {400: "bad_request", 404: "no_backend"}.get(status, "backend_error")
+        record.outcome = "no_backend" if code == "backend_error" else code
+        return _ws_error(rid, code, problem)
 
     async def _ws_relay(
-        self,
-        rid: str,
-        backend: Backend,
-        body: Json,
-        say: Callable[[Json], Awaitable[None]],
-        sent: list[int],
-    ) -> str | None:
-        """Stream one backend's ``/api/chat`` as token messages; the problem, if it failed."""
-        started = time.perf_counter()
-        ttft: float | None = None
+        self, rid: RequestId, backend: Backend, body: Json, say: Say, record: _Record
+    ) -> Json | tuple[int, str]:
+        """Stream one backend's ``/api/chat`` as token messages: the ``done`` message, or
+        ``(status, problem)`` if the backend failed."""
         try:
             async with self.client.stream("POST", f"{backend.url}/api/chat", json=body) as r:
                 if r.status_code != 200:
                     text = (await r.aread())[:500].decode("utf-8", "replace")
-                    return _error_text(text) or f"HTTP {r.status_code}"
-                splitter = LineSplitter()
+                    return r.status_code, _error_text(text) or f"HTTP {r.status_code}"
+                splitter = LineSplitter(MAX_LINE)
                 async for chunk in r.aiter_raw():
                     for line in splitter.feed(chunk):
                         if not line.strip():
                             continue
                         obj = json.loads(line)
-                        content = (obj.get("message") or {}).get("content", "")
-                        if content:
-                            if ttft is None:
-                                ttft = time.perf_counter() - started
-                            sent[0] += 1
-                            await say({"type": "token", "id": rid, "content": content})
-                        if obj.get("done"):
-                            await say(_ws_done(rid, obj, ttft, started))
-                            return None
+                        if not isinstance(obj, dict):
+                            continue
+                        if "error" in obj:
+                            return 502, _error_text(line.decode("utf-8", "replace"))
+                        if carries_output(obj):
+                            now = time.perf_counter()
+                            await say(_ws_token(rid, obj))
+                            record.token(now)  # once sent: a cancel's count is what was sent
+                        if obj.get("done") is True:
+                            return _ws_done(rid, obj, record)
         except (httpx.HTTPError, ValueError) as exc:
-            return f"the backend failed: {exc}"
-        return "the backend ended the stream early"
+            return 502, f"the backend failed: {exc}"
+        return 502, "the backend ended the stream early"
 
     # -- listings ----------------------------------------------------------------------------
 
@@ -266,7 +498,8 @@ class GatewayApp:
     async def version(
         self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str
     ) -> None:
-        versions = sorted({b.version for b in self.backends.healthy() if b.version})
+        # The oldest: a client that checks the version for a feature gets one every backend has.
+        versions = sorted({b.version for b in self.backends.healthy() if b.version}, key=_version)
         await _json(send, 200, {"version": versions[0] if versions else "0.0.0"})
 
     async def models(self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str) -> None:
@@ -281,181 +514,198 @@ class GatewayApp:
     async def generate(
         self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str
     ) -> None:
+        received = time.perf_counter()
         openai = path.startswith("/v1/")
-        fail = _openai_fail if openai else _ollama_fail
+        record = _Record(path, "-", received)
         try:
             body = await _read_body(receive)
+            if body is None:
+                _report(record)  # the client went away before it had sent its request
+                return
             request = json.loads(body)
             if not isinstance(request, dict) or not isinstance(request.get("model"), str):
                 raise ValueError("expected a JSON object with a 'model'")
         except ValueError as exc:
-            await fail(send, 400, f"bad request: {exc}")
+            record.outcome = "bad_request"
+            _report(record)
+            await (_openai_fail if openai else _ollama_fail)(send, 400, f"bad request: {exc}")
             return
-        model = request["model"]
-        stream = bool(request.get("stream", not openai))  # Ollama streams by default
+        record.model = request["model"]
+        # As the backends read it: OpenAI's stream is a bool (absent: false), Ollama's a *bool
+        # (absent or null: true).
+        stream = request.get("stream") is True if openai else request.get("stream") is not False
+        record.streamed = stream
+        reply = _Reply(send, record, openai=openai, keepalive=stream and openai)
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def watch_client() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    if reply.ended:
+                        return  # hypercorn reports the end of every reply as a disconnect
+                    log.info("gateway: the client went away; cancelling the upstream request")
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_client)
+                if reply.keeping_alive:
+                    nursery.start_soon(reply.keep_alive, self.keepalive)
+                await self._serve(path, body, reply, record)
+                nursery.cancel_scope.cancel()
+        finally:
+            _report(record)
+
+    async def _serve(self, path: str, body: bytes, reply: _Reply, record: _Record) -> None:
+        """Try the backends that have the model until one relays the reply."""
+        model = record.model
         tried: set[str] = set()
-        last_error = f"no healthy backend has the model {model!r}"
-        status = 404
+        status, error = 404, f"no healthy backend has the model {model!r}"
         while True:
             try:
                 async with self.backends.acquire(model, tried) as backend:
                     tried.add(backend.node_id)
-                    outcome = await self._relay(
-                        backend, path, body, stream, openai, receive, send, model
-                    )
-                    if outcome is None:
-                        return  # relayed (or the client went away)
-                    status, last_error = outcome
+                    record.backend = backend.node_id
+                    result = await self._relay(backend, path, body, reply, record)
             except NoBackend:
                 break
             except Busy:
-                metrics.GATEWAY_REQUESTS.labels(path, "", "busy").inc()
-                await fail(send, 503, f"every backend with {model!r} is busy; retry shortly",
-                           headers=[(b"retry-after", b"1")])  # fmt: skip
+                record.backend, record.outcome = "", "busy"
+                await reply.fail(503, f"every backend with {model!r} is busy; retry shortly",
+                                 [(b"retry-after", b"1")])  # fmt: skip
                 return
-        metrics.GATEWAY_REQUESTS.labels(path, "", "no_backend").inc()
-        await fail(send, status if status in (400, 404) else 502, last_error)
+            if result is None:
+                return  # relayed
+            status, error = result
+            if status == 400:
+                break  # the request itself is wrong: no other backend would take it
+        record.backend = ""
+        record.outcome = "bad_request" if status == 400 else "no_backend"
+        await reply.fail(status if status in (400, 404) else 502, error)
 
     async def _relay(
-        self,
-        backend: Backend,
-        path: str,
-        body: bytes,
-        stream: bool,
-        openai: bool,
-        receive: ASGIReceiveCallable,
-        send: ASGISendCallable,
-        model: str,
+        self, backend: Backend, path: str, body: bytes, reply: _Reply, record: _Record
     ) -> tuple[int, str] | None:
         """Relay one backend's reply. Returns ``(status, error)`` if it failed before the reply
         started (the caller tries the next backend), ``None`` once the reply was relayed."""
-        url = f"{backend.url}{path}"
-        started = time.perf_counter()
         request = self.client.build_request(
-            "POST", url, content=body, headers={"content-type": "application/json"}
-        )
+            "POST", f"{backend.url}{path}", content=body,
+            headers={"content-type": "application/json"},
+        )  # fmt: skip
         try:
             upstream = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            metrics.GATEWAY_REQUESTS.labels(path, backend.node_id, "backend_error").inc()
-            backend.last_error = str(exc)
-            log.warning("gateway: %s failed before replying: %s", backend.node_id, exc)
+            _attempt_failed(path, backend, str(exc))
             return 502, f"backend {backend.node_id} failed: {exc}"
         try:
             if upstream.status_code != 200:
-                metrics.GATEWAY_REQUESTS.labels(path, backend.node_id, "backend_error").inc()
                 text = (await upstream.aread())[:500].decode("utf-8", "replace")
+                if upstream.status_code != 400:
+                    _attempt_failed(path, backend, f"HTTP {upstream.status_code}")
                 return upstream.status_code, _error_text(text) or f"HTTP {upstream.status_code}"
-            ctype = upstream.headers.get("content-type", "application/json")
-            headers = [(b"content-type", ctype.encode())]
-            if stream:
-                headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            gauge = metrics.GATEWAY_IN_FLIGHT.labels(backend.node_id)
-            gauge.inc()
-            try:
-                stats = await self._pump(upstream, send, receive, stream and openai, openai)
-            finally:
-                gauge.dec()
+            await reply.start(upstream.headers.get("content-type", "application/json").encode())
+            await self._pump(upstream, reply, record, sse=reply.openai)
         finally:
             await upstream.aclose()
-        ttft, gaps, tokens = stats
-        took = time.perf_counter() - started
-        metrics.GATEWAY_REQUESTS.labels(path, backend.node_id, "ok").inc()
-        metrics.GATEWAY_TOKENS.labels(backend.node_id).inc(tokens)
-        if ttft is not None:
-            metrics.GATEWAY_TTFT.labels(path).observe(ttft)
-        inter = metrics.GATEWAY_INTER_TOKEN.labels(path)
-        for gap in gaps:
-            inter.observe(gap)
-        if tokens:
-            gaps.sort()
-            log.info(
-                "gateway: %s %s via %s: ttft %.1f ms, %d chunks, inter-token mean %.2f ms "
-                "p99 %.2f ms, %.1f chunks/s",
-                path, model, backend.node_id, (ttft or 0) * 1e3, tokens,
-                (sum(gaps) / len(gaps) * 1e3) if gaps else 0.0,
-                (gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))] * 1e3) if gaps else 0.0,
-                tokens / took if took > 0 else 0.0,
-            )  # fmt: skip
         return None
 
     async def _pump(
-        self,
-        upstream: httpx.Response,
-        send: ASGISendCallable,
-        receive: ASGIReceiveCallable,
-        keepalive: bool,
-        openai: bool,
-    ) -> tuple[float | None, list[float], int]:
-        """Copy ``upstream`` to the client line by line until it ends, the client leaves, or the
-        backend fails (then an error event ends the stream)."""
-        splitter = LineSplitter()
-        ttft: float | None = None
-        gaps: list[float] = []
-        lines = 0
-        t0 = last = time.perf_counter()
-
-        async with trio.open_nursery() as nursery:
-
-            async def watch_client() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                log.info("gateway: the client went away; cancelling the upstream request")
-                nursery.cancel_scope.cancel()
-
-            async def keep_alive() -> None:
-                while True:
-                    await trio.sleep(self.keepalive)
-                    await send({"type": "http.response.body", "body": KEEPALIVE,
-                                "more_body": True})  # fmt: skip
-
-            nursery.start_soon(watch_client)
-            waiting = trio.CancelScope()
-            if keepalive:
-
-                async def keep_alive_until_first() -> None:
-                    with waiting:
-                        await keep_alive()
-
-                nursery.start_soon(keep_alive_until_first)
-            try:
+        self, upstream: httpx.Response, reply: _Reply, record: _Record, *, sse: bool
+    ) -> None:
+        """Copy ``upstream`` to the client until it ends or the backend fails (then an error
+        event ends the stream), and set the request's outcome. A stream goes line by line, each
+        line counted as it passes (:func:`line_kind`); a whole reply goes as it comes."""
+        outcome = "ok"
+        open_event = False  # an SSE event's lines were relayed, not yet its blank line
+        try:
+            if not reply.stream:
+                whole = bytearray()
                 async for chunk in upstream.aiter_raw():
-                    out = bytearray()
-                    for line in splitter.feed(chunk):
-                        out += line + b"\n"
-                        if line.strip():
-                            now = time.perf_counter()
-                            if ttft is None:
-                                ttft = now - t0
-                                waiting.cancel()
-                            else:
-                                gaps.append(now - last)
-                            last = now
-                            lines += 1
-                    if out:
-                        await send({"type": "http.response.body", "body": bytes(out),
-                                    "more_body": True})  # fmt: skip
-                tail = splitter.close()
-                end = b"".join(t + b"\n" for t in tail)
-                await send({"type": "http.response.body", "body": end, "more_body": False})
-            except (httpx.HTTPError, ValueError) as exc:
-                log.warning("gateway: backend failed mid-stream: %s", exc)
-                error = (
-                    sse(openai_error(f"the backend failed mid-stream: {exc}"))
-                    if openai
-                    else json.dumps({"error": f"the backend failed mid-stream: {exc}"}).encode()
-                    + b"\n"
-                )
-                await send({"type": "http.response.body", "body": error, "more_body": False})
-            nursery.cancel_scope.cancel()
-        return ttft, gaps, lines
+                    if len(whole) <= MAX_LINE:
+                        whole += chunk
+                    await reply.body(chunk)
+                record.tokens = reply_tokens(bytes(whole))
+                record.outcome = outcome
+                await reply.body(b"", more=False)
+                return
+            splitter = LineSplitter(MAX_LINE)
+            async for chunk in upstream.aiter_raw():
+                lines = splitter.feed(chunk)
+                if not lines:
+                    continue
+                for line in lines:
+                    kind = line_kind(line, sse)
+                    if kind == TOKEN:
+                        record.token()
+                    elif kind == ERROR:
+                        outcome = "backend_error"
+                open_event = sse and bool(lines[-1].strip())
+                await reply.body(b"\n".join(lines) + b"\n")
+            tail = splitter.close()
+            for line in tail:
+                if line_kind(line, sse) == TOKEN:
+                    record.token()
+            record.outcome = outcome
+            await reply.body(b"".join(t + b"\n" for t in tail), more=False)
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("gateway: backend %s failed mid-stream: %s", record.backend, exc)
+            record.outcome = "backend_error"
+            if open_event:
+                await reply.body(b"\n")  # end the event, so the error is an event of its own
+            await reply.fail(502, f"the backend failed mid-stream: {exc}")
 
 
-def _ws_done(rid: str, obj: Json, ttft: float | None, started: float) -> Json:
-    prompt = int(obj.get("prompt_eval_count") or 0)
-    completion = int(obj.get("eval_count") or 0)
-    total = time.perf_counter() - started
+def _version(text: str) -> tuple[int, ...]:
+    """``0.10.1`` sorts after ``0.9.0`` (as numbers, not as text)."""
+    return tuple(int(n) for n in re.findall(r"\d+", text)[:3])
+
+
+def _attempt_failed(endpoint: str, backend: Backend, problem: str) -> None:
+    """A backend failed one attempt (the request may still succeed on another)."""
+    metrics.GATEWAY_REQUESTS.labels(endpoint, backend.node_id, "backend_error").inc()
+    backend.last_error = problem
+    log.warning("gateway: backend %s failed a %s request: %s", backend.node_id, endpoint, problem)
+
+
+def _valid_id(value: object) -> bool:
+    return (isinstance(value, str) and value != "") or (
+        isinstance(value, int) and not isinstance(value, bool)
+    )
+
+
+def _ws_message(event: Any) -> Json:
+    """A WebSocket message (text or UTF-8 bytes) as a JSON object; ValueError if it is not one."""
+    raw: Any = event.get("text")
+    if raw is None:
+        raw = event.get("bytes") or b""
+    text = bytes(raw).decode() if isinstance(raw, bytes | bytearray) else str(raw)
+    msg = json.loads(text)
+    if not isinstance(msg, dict):
+        raise ValueError("expected a JSON object")
+    return msg
+
+
+def _ws_error(rid: RequestId | None, code: str, text: str) -> Json:
+    return {"type": "error", "id": rid, "code": code, "error": text}
+
+
+def _ws_token(rid: RequestId, obj: Json) -> Json:
+    """A ``token`` message from one ``/api/chat`` stream object: its content, and its thinking
+    and tool calls when it has them."""
+    message = obj.get("message")
+    message = message if isinstance(message, dict) else {}
+    content = message.get("content")
+    out: Json = {"type": "token", "id": rid, "content": content if isinstance(content, str) else ""}
+    for extra in ("thinking", "tool_calls"):
+        if message.get(extra):
+            out[extra] = message[extra]
+    return out
+
+
+def _ws_done(rid: RequestId, obj: Json, record: _Record) -> Json:
+    prompt = _count(obj.get("prompt_eval_count"))
+    completion = _count(obj.get("eval_count"))
+    total = time.perf_counter() - record.received
+    ttft = record.ttft
     return {
         "type": "done",
         "id": rid,
@@ -473,12 +723,17 @@ def _ws_done(rid: str, obj: Json, ttft: float | None, started: float) -> Json:
     }
 
 
-async def _read_body(receive: ASGIReceiveCallable) -> bytes:
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+async def _read_body(receive: ASGIReceiveCallable) -> bytes | None:
+    """The request body; None if the client went away first."""
     body = bytearray()
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            raise ValueError("the client went away")
+            return None
         chunk: Any = msg.get("body", b"")
         body += chunk
         if len(body) > MAX_BODY:

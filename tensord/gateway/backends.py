@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
+from .. import metrics
+
 log = logging.getLogger("tensord.gateway")
 
 
@@ -147,9 +149,12 @@ class Backends:
         if chosen is None:
             raise Busy(model)
         chosen.in_flight += 1
+        gauge = metrics.GATEWAY_IN_FLIGHT.labels(chosen.node_id)
+        gauge.inc()
         try:
             yield chosen
         finally:
+            gauge.dec()
             chosen.in_flight -= 1
             chosen.slots.release()
 

@@ -48,6 +48,78 @@ def sse(data: Json | str) -> bytes:
 KEEPALIVE = b": keep-alive\n\n"
 
 
+#: What one line of a backend's stream is (:func:`line_kind`).
+TOKEN, ERROR, OTHER = "token", "error", "other"
+
+#: The fields that carry generated output in a message (Ollama's ``message``, OpenAI's ``delta``).
+_OUTPUT_FIELDS = ("content", "thinking", "reasoning", "tool_calls")
+
+
+def line_kind(line: bytes, sse: bool) -> str:
+    """Classify one line of a backend's stream (NDJSON, or SSE when ``sse``).
+
+    ``TOKEN``: it carries generated output (content, thinking, tool calls) - one token chunk as
+    the client sees it. ``ERROR``: an error object (Ollama writes ``{"error": ...}`` when a
+    generation fails mid-way). ``OTHER``: everything else - blank lines, SSE comments and other
+    fields, ``data: [DONE]``, the final metrics object, OpenAI's closing chunk with only a
+    ``finish_reason``, the usage chunk, and anything that is not a JSON object (relayed all the
+    same: the gateway counts, it does not validate).
+    """
+    if sse:
+        if not line.startswith(b"data:"):
+            return OTHER
+        line = line[5:].strip()
+        if line == b"[DONE]":
+            return OTHER
+    elif not line.strip():
+        return OTHER
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return OTHER
+    if not isinstance(obj, dict):
+        return OTHER
+    if "error" in obj:
+        return ERROR
+    return TOKEN if carries_output(obj) else OTHER
+
+
+def carries_output(obj: Json) -> bool:
+    """Whether a stream object (Ollama chat/generate, OpenAI chat/completion chunk) carries
+    generated output."""
+    message = obj.get("message")  # /api/chat
+    if isinstance(message, dict):
+        return _has_output(message)
+    if obj.get("response") or obj.get("thinking"):  # /api/generate
+        return True
+    choices = obj.get("choices")  # /v1/chat/completions, /v1/completions
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict):
+                delta = choice.get("delta")
+                if (isinstance(delta, dict) and _has_output(delta)) or choice.get("text"):
+                    return True
+    return False
+
+
+def _has_output(message: Json) -> bool:
+    return any(message.get(k) for k in _OUTPUT_FIELDS)
+
+
+def reply_tokens(body: bytes) -> int:
+    """The completion tokens a whole (non-streamed) reply reports: Ollama's ``eval_count`` or
+    OpenAI's ``usage.completion_tokens``; 0 when it reports none."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return 0
+    if not isinstance(obj, dict):
+        return 0
+    usage = obj.get("usage")
+    count = usage.get("completion_tokens") if isinstance(usage, dict) else obj.get("eval_count")
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
 def finish_reason(done_reason: object) -> str:
     return done_reason if isinstance(done_reason, str) and done_reason in FINISH_REASONS else "stop"
 
@@ -56,4 +128,17 @@ def openai_error(message: str, kind: str = "server_error", code: str | None = No
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-__all__ = ["FINISH_REASONS", "KEEPALIVE", "LineSplitter", "finish_reason", "openai_error", "sse"]
+__all__ = [
+    "ERROR",
+    "FINISH_REASONS",
+    "KEEPALIVE",
+    "OTHER",
+    "TOKEN",
+    "LineSplitter",
+    "carries_output",
+    "finish_reason",
+    "line_kind",
+    "openai_error",
+    "reply_tokens",
+    "sse",
+]

@@ -2,8 +2,8 @@
 
 The gateway runs in the daemon's nursery when the cluster file names at least one Ollama node
 (``"ollama": "http://host:11434"`` on a node entry). Bound to a non-loopback address it requires
-API keys (``gateway.api_keys_file``, one key per line): an open token endpoint on the network is
-a hole in the cluster, so without keys it refuses to start.
+API keys (``gateway.api_keys_file``, one key per line, ``#`` comments): an open token endpoint on
+the network is a hole in the cluster, so without keys it refuses to start.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def load_api_keys(settings: Settings) -> set[str] | None:
-    """The API keys clients must present, or None when the gateway is open (loopback only)."""
+    """The API keys clients must present, or None when the gateway is open (loopback only).
+
+    The file holds one key per line; blank lines and lines starting with ``#`` are ignored."""
     path: Path | None = settings.gateway.api_keys_file
     listen = settings.gateway.listen
     if path is None:
@@ -49,7 +51,8 @@ def load_api_keys(settings: Settings) -> set[str] | None:
             )
         return None
     try:
-        keys = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        lines = (line.strip() for line in path.read_text().splitlines())
+        keys = {line for line in lines if line and not line.startswith("#")}
     except OSError as exc:
         raise ConfigError(f"gateway.api_keys_file: cannot read {path}: {exc}") from None
     if not keys:
@@ -89,6 +92,8 @@ class Gateway:
             config.accesslog = None
             config.errorlog = logging.getLogger("tensord.gateway.http")
             config.graceful_timeout = 1.0
+            # WebSocket pings as often as SSE keep-alive comments: proxies see a live socket.
+            config.websocket_ping_interval = g.keepalive_seconds
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.backends.run)
                 binds = await nursery.start(partial(serve, app, config, mode="asgi"))
