@@ -333,3 +333,21 @@ async def test_the_version_is_the_oldest_backends_and_other_paths_are_404() -> N
         assert (await client.get(f"{g.url}/api/version")).json() == {"version": "0.9.6"}
         r = await client.get(f"{g.url}/")
         assert r.status_code == 404 and r.json() == {"error": "no endpoint GET /"}
+
+
+async def test_a_request_body_over_the_limit_is_a_413_and_never_reaches_a_backend() -> None:
+    from tensord.gateway.app import MAX_BODY
+
+    async with (
+        gateway(BackendConfig()) as (g, backends),
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        huge = {"model": "tiny", "messages": [{"role": "user", "content": "x" * MAX_BODY}]}
+        for path in ("/v1/chat/completions", "/api/chat"):
+            r = await client.post(f"{g.url}{path}", json=huge)
+            assert r.status_code == 413, r.text
+            assert f"over {MAX_BODY} bytes" in r.text
+        # The gateway is fine afterwards.
+        r = await client.post(f"{g.url}/api/chat", json={"model": "tiny", "messages": []})
+        assert r.status_code == 200
+    assert len(backends[0].requests) == 1

@@ -528,7 +528,8 @@ class GatewayApp:
         except ValueError as exc:
             record.outcome = "bad_request"
             _report(record)
-            await (_openai_fail if openai else _ollama_fail)(send, 400, f"bad request: {exc}")
+            status = 413 if isinstance(exc, BodyTooLarge) else 400
+            await (_openai_fail if openai else _ollama_fail)(send, status, f"bad request: {exc}")
             return
         record.model = request["model"]
         # As the backends read it: OpenAI's stream is a bool (absent: false), Ollama's a *bool
@@ -727,6 +728,10 @@ def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+class BodyTooLarge(ValueError):
+    """A request body over MAX_BODY: refused with 413 before more of it is read."""
+
+
 async def _read_body(receive: ASGIReceiveCallable) -> bytes | None:
     """The request body; None if the client went away first."""
     body = bytearray()
@@ -737,7 +742,7 @@ async def _read_body(receive: ASGIReceiveCallable) -> bytes | None:
         chunk: Any = msg.get("body", b"")
         body += chunk
         if len(body) > MAX_BODY:
-            raise ValueError(f"the request body is over {MAX_BODY} bytes")
+            raise BodyTooLarge(f"the request body is over {MAX_BODY} bytes")
         if not msg.get("more_body"):
             return bytes(body)
 
@@ -774,9 +779,12 @@ async def _openai_fail(
     message: str,
     headers: Headers | None = None,
 ) -> None:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 503: "server_error"}.get(
-        status, "server_error"
-    )
+    kind = {
+        400: "invalid_request_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        503: "server_error",
+    }.get(status, "server_error")
     await _json(send, status, openai_error(message, kind), headers)
 
 
