@@ -583,6 +583,33 @@ def _env(env: Mapping[str, str], *names: str) -> tuple[str, str] | None:
     return None
 
 
+def _security_paths(sec: SecuritySettings, node: str, env: Mapping[str, str]) -> SecuritySettings:
+    """Paths that one shared cluster file can name for every node: ``{node}`` is this node's
+    id, ``{credentials}`` systemd's ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``, the way a
+    ``DynamicUser=`` service reads root-only keys). With no secret file configured, a
+    ``cluster.secret`` credential is the secret."""
+    creds = env.get("CREDENTIALS_DIRECTORY", "")
+
+    def fill(p: Path) -> Path:
+        text = str(p).replace("{node}", node)
+        if "{credentials}" in text:
+            if not creds:
+                raise ConfigError(
+                    f"security: {p} names {{credentials}} but CREDENTIALS_DIRECTORY is not set "
+                    "(use LoadCredential= in the systemd unit, or a plain path)"
+                )
+            text = text.replace("{credentials}", creds)
+        return Path(text)
+
+    secret = sec.secret_file
+    if secret is None and creds and (Path(creds) / "cluster.secret").is_file():
+        secret = Path(creds) / "cluster.secret"
+    tls = sec.tls
+    if tls is not None:
+        tls = TlsSettings(fill(tls.ca), fill(tls.cert), fill(tls.key))
+    return replace(sec, secret_file=fill(secret) if secret is not None else None, tls=tls)
+
+
 def check_security_policy(settings: Settings) -> str | None:
     """A daemon of a multi-node cluster must authenticate its peers.
 
@@ -715,15 +742,7 @@ def load_settings(
     if (found := _env(env, "TENSORD_TRANSPORT")) is not None:
         transport = parse_choice(found[0], found[1], TRANSPORTS)
 
-    if security.tls is not None:
-        # One cluster file for every node: "{node}" in a TLS path is this node's id.
-        tls = security.tls
-        security = replace(
-            security,
-            tls=TlsSettings(
-                *(Path(str(p).replace("{node}", me)) for p in (tls.ca, tls.cert, tls.key))
-            ),
-        )
+    security = _security_paths(security, me, env)
     return Settings(
         node_id=me,
         listen=addr,

@@ -154,3 +154,29 @@ def test_node_placeholder_in_tls_paths_of_a_shared_cluster_file(tmp_path: Path) 
         Path("/etc/t/ca.crt"), Path("/etc/t/b.crt"), Path("/etc/t/b.key")
     )
     assert isinstance(s.security, SecuritySettings)
+
+
+def test_credentials_placeholder_and_the_cluster_secret_credential(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    from tensord.errors import ConfigError
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "cluster.secret").write_text("s" * 32)
+    cluster = tmp_path / "cluster.json"
+    nodes = [{"id": "a", "addr": "10.0.0.1:7070"}, {"id": "b", "addr": "10.0.0.2:7070"}]
+    tls = {
+        "ca": "{credentials}/ca.crt",
+        "cert": "{credentials}/node.crt",
+        "key": "{credentials}/node.key",
+    }
+    cluster.write_text(json.dumps({"nodes": nodes, "security": {"tls": tls}}))
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    s = load_settings(env, cluster_file=cluster, node_id="a", library=True)
+    assert s.security.secret_file == creds / "cluster.secret"
+    assert s.security.tls == TlsSettings(creds / "ca.crt", creds / "node.crt", creds / "node.key")
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY is not set"):
+        load_settings({}, cluster_file=cluster, node_id="a", library=True)
