@@ -6,7 +6,6 @@ Tests push layers with the registry's own upload API (``POST /v2/<name>/blobs/up
 
 from __future__ import annotations
 
-import crypt
 import hashlib
 import json
 import re
@@ -17,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 import httpx
 
 from .daemons import free_port
@@ -147,8 +147,8 @@ def registry(
     d.mkdir()
     auth = ""
     if user is not None:
-        salt = crypt.mksalt(crypt.METHOD_BLOWFISH)
-        (d / "htpasswd").write_text(f"{user[0]}:{crypt.crypt(user[1], salt)}\n")
+        hashed = bcrypt.hashpw(user[1].encode(), bcrypt.gensalt(rounds=4)).decode()
+        (d / "htpasswd").write_text(f"{user[0]}:{hashed}\n")
         auth = HTPASSWD.format(path=d / "htpasswd")
     if token is not None:
         auth = TOKEN.format(realm=token.url, service=SERVICE, issuer=ISSUER, cert=token.cert_path)
