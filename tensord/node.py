@@ -130,6 +130,19 @@ class _Partial:
 
 
 @dataclass
+class _PulledPartial:
+    """A pull's receive, kept across its attempts so that a retry resumes it."""
+
+    xfer: ReceiveTransfer | None = None
+    sink: Sink | None = None
+
+    async def discard(self) -> None:
+        if self.sink is not None:
+            await self.sink.discard()
+        self.xfer = self.sink = None
+
+
+@dataclass
 class _Active:
     scope: trio.CancelScope
     released: trio.Event
@@ -798,51 +811,84 @@ class TensorNode:
         t = self.settings.transfer
         retries = 0
         missing = False
-        while True:
-            if missing:
-                raise TensorNotFound(f"peer {peer.name} has no tensor {name!r}")
-            try:
-                async with peer.pool.connection() as conn:
-                    if "pull" not in conn.agreement.features:
+        kept = _PulledPartial()  # what an interrupted attempt received, for the next one
+        try:
+            while True:
+                if missing:
+                    raise TensorNotFound(f"peer {peer.name} has no tensor {name!r}")
+                try:
+                    async with peer.pool.connection() as conn:
+                        if "pull" not in conn.agreement.features:
+                            raise TransferFailed(
+                                f"peer {peer.name} does not support pull", code="unsupported"
+                            )
+                        resume = kept.xfer.id if kept.xfer is not None else None
+                        await conn.stream.send(Request(name, resume))
+                        with trio.fail_after(t.io_timeout):
+                            first = await conn.stream.receive()
+                        if isinstance(first, Error):
+                            if first.code == "not_found":
+                                missing = True  # raised above: the connection goes back to the pool
+                                continue
+                            raise ProtocolError(
+                                f"peer {peer.name}: {first.message}", code=first.code
+                            )
+                        if isinstance(first, Begin | Legacy):
+                            if first.meta.name != name:
+                                raise ProtocolError(f"asked for {name!r}, got {first.meta.name!r}")
+                            return await self._receive_pulled(conn, first, peer, store_as, kept)
+                        raise ProtocolError(f"unexpected {type(first).__name__} in reply to a pull")
+                except (TensorNotFound, TransferFailed):
+                    raise
+                except RETRIABLE as exc:
+                    retries += 1
+                    if retries > proto.max_retries:
                         raise TransferFailed(
-                            f"peer {peer.name} does not support pull", code="unsupported"
-                        )
-                    await conn.stream.send(Request(name))
-                    with trio.fail_after(t.io_timeout):
-                        first = await conn.stream.receive()
-                    if isinstance(first, Error):
-                        if first.code == "not_found":
-                            missing = True  # raised below, so the connection goes back to the pool
-                            continue
-                        raise ProtocolError(f"peer {peer.name}: {first.message}", code=first.code)
-                    if isinstance(first, Begin | Legacy):
-                        if first.meta.name != name:
-                            raise ProtocolError(f"asked for {name!r}, got {first.meta.name!r}")
-                        return await self._receive_pulled(conn, first, peer, store_as)
-                    raise ProtocolError(f"unexpected {type(first).__name__} in reply to a pull")
-            except (TensorNotFound, TransferFailed):
-                raise
-            except RETRIABLE as exc:
-                retries += 1
-                if retries > proto.max_retries:
-                    raise TransferFailed(
-                        f"pulling {name!r} from {peer.name} failed after "
-                        f"{retries} attempts: {_why(exc)}"
-                    ) from None
-                await trio.sleep(backoff_delay(proto.retry_base_delay, retries))
+                            f"pulling {name!r} from {peer.name} failed after "
+                            f"{retries} attempts: {_why(exc)}"
+                        ) from None
+                    log.info(
+                        "tensor transfer: pull %r from %s: attempt %d failed (%s)%s",
+                        name,
+                        peer.name,
+                        retries,
+                        _why(exc),
+                        f"; resuming at {kept.xfer.bytes_have} bytes" if kept.xfer else "",
+                    )
+                    await trio.sleep(backoff_delay(proto.retry_base_delay, retries))
+        finally:
+            with trio.CancelScope(shield=True):
+                await kept.discard()
 
     async def _receive_pulled(
-        self, conn: Connection, first: Begin | Legacy, peer: Peer, store_as: str | None
+        self,
+        conn: Connection,
+        first: Begin | Legacy,
+        peer: Peer,
+        store_as: str | None,
+        kept: _PulledPartial,
     ) -> np.ndarray[Any, Any]:
-        """Receive a pulled tensor into a sink; with a store it is committed before returning."""
+        """Receive a pulled tensor into a sink; with a store it is committed before returning.
+        What an interrupted attempt received stays in ``kept`` for the next attempt to resume."""
         t = self.settings.transfer
         xid = first.id if isinstance(first, Begin) else self._next_id()
-        key = f"pull/{peer.name}/{secrets.token_hex(8)}"
         arrays: list[np.ndarray[Any, Any]] = []
-        if isinstance(first, Begin):
-            xfer, sink = self._new_receive(conn, first, key, store_as)
+        if isinstance(first, Begin) and kept.xfer is not None and kept.xfer.matches(first):
+            xfer, sink = kept.xfer, kept.sink
+            assert sink is not None
+            replies = xfer.rebegin(first)
         else:
-            sink = self._sink(first.meta, key, None, store_as)
+            await kept.discard()  # the peer started over (or never was asked to resume)
+            key = f"pull/{peer.name}/{secrets.token_hex(8)}"
+            if isinstance(first, Begin):
+                xfer, sink = self._new_receive(conn, first, key, store_as)
+                replies = [xfer.accept()] if first.resume else []
+                kept.xfer, kept.sink = xfer, sink
+            else:
+                sink = self._sink(first.meta, key, None, store_as)
+                replies = []
+        if replies:
+            await conn.stream.send(*replies)
         meta = first.meta
 
         def progress(done: int) -> None:
@@ -852,7 +898,9 @@ class TensorNode:
         async def complete() -> None:
             arrays.append(await sink.commit(peer.name))
 
-        self._publish_receive(xid, meta, peer.name, "started", 0)
+        self._publish_receive(
+            xid, meta, peer.name, "started", kept.xfer.bytes_have if kept.xfer else 0
+        )
         try:
             if isinstance(first, Begin):
                 await receive_chunked(
@@ -863,10 +911,14 @@ class TensorNode:
             ):
                 raise ProtocolError("legacy tensor failed its checksum")
         finally:
-            if not arrays:
-                self._publish_receive(xid, meta, peer.name, "interrupted", 0)
-                with trio.CancelScope(shield=True):
-                    await sink.discard()
+            if arrays:
+                kept.xfer = kept.sink = None  # committed: nothing left to discard
+            else:
+                have = kept.xfer.bytes_have if kept.xfer else 0
+                self._publish_receive(xid, meta, peer.name, "interrupted", have)
+                if not isinstance(first, Begin):
+                    with trio.CancelScope(shield=True):
+                        await sink.discard()
         self._publish_receive(xid, meta, peer.name, "done", meta.nbytes)
         return arrays[0]
 
@@ -1202,8 +1254,12 @@ class TensorNode:
         if not agr.chunked:
             await send_legacy(conn, meta, data, io_timeout=t.io_timeout)
             return
-        xfer = self._new_send(self._next_id(), meta, data, agr)
-        await send_chunked(conn, xfer, resume=False, io_timeout=t.io_timeout)
+        # A puller retrying an interrupted pull names its transfer: send under that id with a
+        # resuming Begin, and its Accept says which chunks it already has.
+        resume = req.resume is not None and agr.resume
+        xid = req.resume if resume and req.resume is not None else self._next_id()
+        xfer = self._new_send(xid, meta, data, agr)
+        await send_chunked(conn, xfer, resume=resume, io_timeout=t.io_timeout)
 
     def _stored(self, name: str) -> tuple[TensorMeta, np.ndarray[Any, Any]]:
         """A held tensor with its wire metadata (a stored bf16 keeps its wire dtype)."""

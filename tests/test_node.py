@@ -470,3 +470,22 @@ async def test_a_cancelled_send_publishes_failed_cancelled() -> None:
                     if isinstance(ev, TransferEvent) and ev.state == "failed":
                         assert ev.detail == "cancelled", ev
                         break
+
+
+async def test_a_cut_pull_resumes_from_the_chunks_it_already_has() -> None:
+    """The first connection is cut after 12 MiB of a 24 MiB pull: the retry names the
+    interrupted transfer and the peer sends only what is missing."""
+    from .chaos import Fault, proxied
+
+    size = 24 << 20
+    array = np.random.default_rng(9).integers(0, 255, size, dtype=np.uint8)
+    async with running() as a, running() as b:
+        b.put_tensor("big", array)
+        async with proxied(b.port, {0: Fault(down_cut_after=12 << 20)}) as proxy:
+            with trio.fail_after(30):
+                got = await a.pull_tensor(proxy.addr, "big")
+        assert np.array_equal(got, array)
+        assert proxy.conns[0].cut
+        sent_down = sum(c.downstream for c in proxy.conns)
+        # Without resume the second attempt would send all 24 MiB again (>= 36 MiB in all).
+        assert sent_down < size + (4 << 20), sent_down

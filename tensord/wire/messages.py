@@ -122,9 +122,12 @@ class Error:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """Pull: ask the peer to send its tensor ``name`` on this connection."""
+    """Pull: ask the peer to send its tensor ``name`` on this connection. ``resume`` names the
+    transfer of an interrupted pull: the peer sends it again under that id with ``Begin(resume)``
+    so that only the chunks we lack cross the wire (a peer that ignores it starts over)."""
 
     name: str
+    resume: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +239,11 @@ def to_header(msg: Message) -> dict[str, Any]:
             return {"t": "stored", "id": id}
         case Error(code, message, id):
             return {"t": "error", "code": code, "msg": message[:MAX_MESSAGE_LEN], "id": id}
-        case Request(name):
-            return {"t": "request", "name": name}
+        case Request(name, resume):
+            h = {"t": "request", "name": name}
+            if resume is not None:
+                h["id"] = resume
+            return h
         case Legacy(meta, crc, wire_len):
             return {"t": "tensor", "meta": meta.to_wire(), "c": crc, "n": wire_len}
         case Ping(seq):
@@ -403,7 +409,7 @@ _DECODERS: dict[str, Callable[[_Fields, int], Message]] = {
     "end": lambda f, _: End(f.id(), f.opt_crc("c")),
     "stored": lambda f, _: Stored(f.id()),
     "error": _error,
-    "request": lambda f, _: Request(f.str_("name", 256)),
+    "request": lambda f, _: Request(f.str_("name", 256), f.id() if "id" in f.h else None),
     "tensor": _legacy,
     "ping": lambda f, _: Ping(f.int_("s")),
     "pong": lambda f, _: Pong(f.int_("s")),
