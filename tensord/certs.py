@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import TlsSettings, parse_node_id
 from .errors import ConfigError
-from .fsutil import fsync_dir, temp_path, unlink_quietly
+from .fsutil import fsync_dir, unlink_quietly, write_temp
 
 if TYPE_CHECKING:
     import trio
@@ -268,24 +268,14 @@ def _write_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
     directory as it was; a key file is never readable by others, not even for a moment.
     """
     written: list[tuple[Path, Path]] = []
+    current = files[0][0]
     try:
-        for final, data, mode in files:
-            tmp = temp_path(final)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            written.append((tmp, final))
-            try:
-                os.fchmod(fd, mode)  # exact, whatever the umask
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        for tmp, final in written:
-            os.replace(tmp, final)
+        for current, data, mode in files:
+            written.append((write_temp(current, data, mode), current))
+        for tmp, current in written:
+            os.replace(tmp, current)
     except OSError as exc:
-        path = exc.filename if exc.filename else (written[-1][1] if written else files[0][0])
-        raise ConfigError(f"{path}: cannot write the file: {_why(exc)}") from None
+        raise ConfigError(f"{current}: cannot write the file: {_why(exc)}") from None
     finally:
         for tmp, _ in written:
             unlink_quietly(tmp)

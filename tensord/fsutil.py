@@ -52,12 +52,15 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def write_temp(final: Path, data: bytes) -> Path:
-    """``data`` in a fsynced temp file next to ``final``; returns its path."""
+def write_temp(final: Path, data: bytes, mode: int = 0o644) -> Path:
+    """``data`` in a fsynced temp file next to ``final``; returns its path. The file has
+    ``mode`` exactly (whatever the umask) before any byte is written: a key is never readable
+    by others, not even for a moment."""
     tmp = temp_path(final)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
+            os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from tensord.config import SecuritySettings, Settings
 from tensord.node import TensorNode
@@ -63,3 +65,18 @@ async def running(settings: Settings | None = None, **kwargs: Any) -> AsyncItera
     """A started library node, shut down on exit."""
     async with TensorNode(settings if settings is not None else fast_settings(), **kwargs) as node:
         yield node
+
+
+class LogWaiter(logging.Handler):
+    """Sets ``event`` once a record whose message satisfies ``match`` is logged (the handler
+    runs in the trio thread that logs, so setting a trio.Event is safe): a test waits for a
+    log line without polling."""
+
+    def __init__(self, match: Callable[[str], bool]) -> None:
+        super().__init__(logging.INFO)
+        self.match = match
+        self.event = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.match(record.getMessage()):
+            self.event.set()

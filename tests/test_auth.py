@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tensord.wire.auth import ClusterKey, check_auth, check_reply, listener_repl
 from tensord.wire.handshake import ALL_FEATURES, answer_hello, make_hello
 from tensord.wire.messages import Auth, Error, Hello
 
-from .helpers import fast_settings, running
+from .helpers import LogWaiter, fast_settings, running
 
 KEY = ClusterKey(b"k" * 32)
 OTHER = ClusterKey(b"o" * 32)
@@ -189,20 +188,6 @@ async def test_refusals_are_typed_fast_and_logged_on_both_sides(
         r for r in caplog.records if seen.match(r.getMessage()) and target not in r.getMessage()
     ]
     assert len(listener_side) == 1, [r.getMessage() for r in listener_side]
-
-
-class LogWaiter(logging.Handler):
-    """Sets ``event`` when a record whose message satisfies ``match`` is logged (the handler
-    runs in the trio thread that logs, so setting a trio.Event is safe)."""
-
-    def __init__(self, match: Callable[[str], bool]) -> None:
-        super().__init__(logging.INFO)
-        self.match = match
-        self.event = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.match(record.getMessage()):
-            self.event.set()
 
 
 async def test_no_tensor_frame_is_read_before_auth(secrets_dir: tuple[Path, Path]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,20 +15,7 @@ from tensord.certs import init_ca, issue
 from tensord.config import SecuritySettings, Settings, TlsSettings, load_settings
 from tensord.errors import AuthenticationFailed
 
-from .helpers import fast_settings, running
-
-
-class LogWaiter(logging.Handler):
-    """Sets ``event`` once a record whose message satisfies ``match`` is logged."""
-
-    def __init__(self, match: Callable[[str], bool]) -> None:
-        super().__init__(logging.INFO)
-        self.match = match
-        self.event = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.match(record.getMessage()):
-            self.event.set()
+from .helpers import LogWaiter, fast_settings, running
 
 
 @pytest.fixture(scope="module")

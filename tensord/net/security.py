@@ -82,25 +82,21 @@ class PeerSecurity:
 async def client_tls(stream: trio.SocketStream, ctx: ssl.SSLContext) -> trio.SSLStream[Any]:
     """Wrap a dialed stream in TLS and complete the handshake; :class:`AuthenticationFailed` if
     either side refuses the other's certificate (or the listener does not speak TLS)."""
-    from ..certs import describe_tls_error
-
-    tls = trio.SSLStream(stream, ctx, server_hostname=None)
-    try:
-        await tls.do_handshake()
-    except (trio.BrokenResourceError, ssl.SSLError) as exc:
-        raise AuthenticationFailed(f"TLS handshake failed: {describe_tls_error(exc)}") from None
-    return tls
+    return await _handshake(trio.SSLStream(stream, ctx, server_hostname=None))
 
 
 async def server_tls(stream: trio.SocketStream, ctx: ssl.SSLContext) -> trio.SSLStream[Any]:
     """The listener side of :func:`client_tls`; a plaintext tensord peer is told to use TLS."""
-    from ..certs import describe_tls_error
-
     if await _first_byte(stream) != TLS_RECORD_HANDSHAKE:
         why = "this node requires TLS (security.tls in the cluster file), the peer sent plaintext"
         await _tell(stream, why)
         raise AuthenticationFailed(why)
-    tls = trio.SSLStream(stream, ctx, server_side=True)
+    return await _handshake(trio.SSLStream(stream, ctx, server_side=True))
+
+
+async def _handshake(tls: trio.SSLStream[Any]) -> trio.SSLStream[Any]:
+    from ..certs import describe_tls_error
+
     try:
         await tls.do_handshake()
     except (trio.BrokenResourceError, ssl.SSLError) as exc:
