@@ -8,7 +8,7 @@ STAMP_DEV  := $(VENV)/.installed-dev
 STAMP_BENCH := $(VENV)/.installed-bench
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench fuzz clean venv
+.PHONY: run test lint bench chaos fuzz clean venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,32 @@ bench: $(STAMP_BENCH)
 	$(PY) bench/run.py
 	$(PY) bench/downloads.py
 	$(PY) bench/gateway.py
+
+## chaos: the fault-injection suite at full size (cuts, corruption, kill -9, full disks, load, bad input, netns); rewrites docs/RELIABILITY.md
+chaos: $(STAMP_DEV)
+	$(PY) bench/chaos.py
+
+STAMP_FUZZ := $(VENV)/.installed-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_HARNESSES := frames transfer
+
+$(STAMP_FUZZ): pyproject.toml $(STAMP_DEV)
+	$(PIP) install -e '.[test,lint,fuzz]'
+	touch $@
+
+## fuzz: each atheris harness in fuzz/ for $(FUZZ_SECONDS) s; a crash fails it (inputs in fuzz/artifacts/)
+fuzz: $(STAMP_FUZZ)
+	@mkdir -p fuzz/artifacts
+	@status=0; for h in $(FUZZ_HARNESSES); do \
+	    mkdir -p fuzz/work/$$h; \
+	    case $$h in frames) len=8192;; *) len=32768;; esac; \
+	    echo "fuzz: $$h for $(FUZZ_SECONDS) s"; \
+	    $(PY) fuzz/fuzz_$$h.py fuzz/work/$$h fuzz/corpus/$$h -dict=fuzz/wire.dict \
+	        -max_total_time=$(FUZZ_SECONDS) -max_len=$$len -timeout=10 -rss_limit_mb=2048 \
+	        -artifact_prefix=fuzz/artifacts/$$h- -print_final_stats=1 || status=1; \
+	done; \
+	if [ $$status -ne 0 ]; then echo "fuzz: crash; reproducers in fuzz/artifacts/ (see fuzz/README.md)"; fi; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

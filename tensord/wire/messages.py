@@ -330,7 +330,9 @@ def from_header(h: object, max_tensor_bytes: int) -> Message:
     t = h.get("t")
     decoder = _DECODERS.get(t) if isinstance(t, str) else None
     if decoder is None:
-        raise ProtocolError(f"unknown message type {str(t)[:40]!r}", code="unknown_message")
+        # Never str() a peer's value: a deeply nested list would raise RecursionError.
+        shown = repr(t[:40]) if isinstance(t, str) else f"<{type(t).__name__}>"
+        raise ProtocolError(f"unknown message type {shown}", code="unknown_message")
     return decoder(_Fields(h, t), max_tensor_bytes)  # type: ignore[arg-type]
 
 

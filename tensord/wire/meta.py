@@ -18,6 +18,9 @@ from ..errors import ProtocolError
 
 MAX_NAME_LEN = 256
 MAX_NDIM = 32
+#: numpy refuses a shape whose non-zero dimensions multiply out past this many bytes, even for
+#: an empty array (``np.empty((0, 2**62, 4))`` raises ValueError).
+MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
 
 #: dtype names carried as names because numpy has no builtin type for them (bf16, fp8).
 #: Their item size is fixed here so that a peer without ml_dtypes can still validate and store them.
@@ -62,11 +65,26 @@ ALLOWED_DTYPES: dict[str, int] = _allowed_strings()
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+=\-/]*\Z")  # \Z: "$" lets "x\n" through
 
 
+def _preview(value: object, limit: int) -> str:
+    """A peer's value, short and safe to put in an error message.
+
+    Never ``str()`` of a container: a peer controls its size and nesting, and the ``repr`` of a
+    list nested a thousand deep raises RecursionError instead of the ProtocolError we mean.
+    """
+    if isinstance(value, str):
+        return repr(value[:limit])
+    if value is None or isinstance(value, float) or (
+        isinstance(value, int) and value.bit_length() <= 64
+    ):
+        return repr(value)
+    return f"<{type(value).__name__}>"
+
+
 def check_name(name: object) -> str:
     """A tensor name: 1-256 chars of ``[A-Za-z0-9_.:@+=-/]``, no empty, ``.`` or ``..`` segment."""
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_LEN or not _NAME_RE.match(name):
         raise ProtocolError(
-            f"bad tensor name {str(name)[:80]!r}: expected 1-{MAX_NAME_LEN} characters of "
+            f"bad tensor name {_preview(name, 80)}: expected 1-{MAX_NAME_LEN} characters of "
             "letters, digits and _ . : @ + = - /",
             code="bad_name",
         )
@@ -179,7 +197,7 @@ class TensorMeta:
         dtype = raw.get("dtype")
         if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             raise ProtocolError(
-                f"tensor {name!r}: dtype {str(dtype)[:40]!r} is not allowed: "
+                f"tensor {name!r}: dtype {_preview(dtype, 40)} is not allowed: "
                 f"expected one of {_dtype_list()}",
                 code="bad_dtype",
             )
@@ -211,6 +229,11 @@ class TensorMeta:
             raise ProtocolError(
                 f"tensor {name!r}: shape {shape} x itemsize "
                 f"{ALLOWED_DTYPES[dtype]} != nbytes {nbytes}",
+                code="bad_meta",
+            )
+        if math.prod(d for d in shape if d) * ALLOWED_DTYPES[dtype] > MAX_ARRAY_BYTES:
+            raise ProtocolError(
+                f"tensor {name!r}: shape {shape} is too large for an array, even an empty one",
                 code="bad_meta",
             )
         grad = raw.get("grad", False)

@@ -149,10 +149,12 @@ class SendTransfer:
         """The receiver already holds ``msg.have``: never send those again."""
         self._check_id(msg.id)
         self._acked = bytearray(self.nchunks)  # the receiver's word is authoritative
-        for a, b in msg.have:
-            for i in range(a, min(b, self.nchunks)):
-                self._acked[i] = 1
-        self.stats.skipped_by_resume = sum(self._acked)
+        ones = memoryview(b"\x01" * self.nchunks)
+        for a, b in msg.have:  # slices, not a loop per chunk: a peer sends up to 4096 ranges
+            start, end = max(a, 0), min(b, self.nchunks)
+            if start < end:
+                self._acked[start:end] = ones[: end - start]
+        self.stats.skipped_by_resume = self._acked.count(1)
         self._unacked.clear()
         self._pending = deque(i for i in range(self.nchunks) if not self._acked[i])
         if self.state is SendState.ENDED:
@@ -430,6 +432,10 @@ class ReceiveTransfer:
     def on_end(self, end: End) -> list[Message]:
         if end.id != self.id:
             raise ProtocolError(f"end for transfer {end.id} inside transfer {self.id}")
+        if self.state is ReceiveState.FAILED:  # like a chunk after it: nothing to end
+            raise ProtocolError("end after the transfer failed")
+        if self.crc and end.crc is None:
+            raise ProtocolError("end has no crc32c but crc32c was negotiated")
         self._end = end
         if self.have_count == self.nchunks:
             return self._finish()
@@ -454,6 +460,13 @@ class ReceiveTransfer:
         self._unacked.clear()  # Stored (or the checksum Error) answers for every chunk
         if self.crc and self._end.crc is not None:
             whole = combine_all((c, self.chunk_len(i)) for i, c in enumerate(self._raw_crc))
+            if whole != self._end.crc and self.state is ReceiveState.DONE:
+                # A resumed attempt's End for a tensor we already verified and stored: answer
+                # Stored again if it agrees, but never let it discard the verified tensor.
+                raise ProtocolError(
+                    f"tensor {self.meta.name!r}: end crc32c {self._end.crc:#010x} != "
+                    f"{whole:#010x} of the tensor already stored"
+                )
             if whole != self._end.crc:
                 # Every chunk matched its own crc, yet the whole does not: start over rather than
                 # keep anything that might be wrong.
