@@ -68,9 +68,11 @@ hellos = st.builds(
     Hello,
     proto=st.text(utf8, max_size=32),
     versions=st.lists(st.integers(1, (1 << 16) - 1), min_size=1, max_size=16).map(tuple),
-    node=st.text(utf8, max_size=63),
+    node=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", fullmatch=True),
     features=st.frozensets(st.text(utf8, max_size=32), max_size=64),
     max_chunk=st.integers(1, U63),
+    nonce=st.none() | st.binary(min_size=32, max_size=32),
+    proof=st.none() | st.binary(min_size=32, max_size=32),
 )
 ranges = st.lists(
     st.tuples(st.integers(0, (1 << 40) - 2), st.integers(1, 1 << 20)).map(
@@ -91,13 +93,14 @@ acks = st.builds(Ack, id=ids, upto=st.integers(0, U63), ranges=ranges)
 nacks = st.builds(Nack, id=ids, index=st.integers(0, U63))
 ends = st.builds(End, id=ids, crc=crcs)
 storeds = st.builds(Stored, id=ids)
+printable = st.characters(blacklist_categories=("Cs", "Cc"))  # a peer's control chars become "?"
 errors = st.builds(
     Error,
-    code=st.text(utf8, max_size=64),
-    message=st.text(utf8, max_size=1024),
+    code=st.text(printable, max_size=64),
+    message=st.text(printable, max_size=1024),
     id=st.none() | ids,
 )
-requests = st.builds(Request, name=st.text(utf8, max_size=256))
+requests = st.builds(Request, name=st.text(utf8, max_size=256), resume=st.none() | ids)
 pings = st.builds(Ping, seq=st.integers(0, U63))
 pongs = st.builds(Pong, seq=st.integers(0, U63))
 
@@ -593,3 +596,16 @@ def test_long_error_message_is_truncated_not_refused() -> None:
     msg = dec.next_message()
     assert isinstance(msg, Error)
     assert msg.message == "x" * 1024
+
+
+def test_a_peers_error_text_loses_its_control_characters_and_bad_node_ids_are_refused() -> None:
+    dec = FrameDecoder()
+    dec.feed(encode(Error("x\x1b[2J", "line\nbreak\x07 \x9bcsi", None)))
+    assert dec.next_message() == Error("x?[2J", "line?break? ?csi", None)
+    for node in ("", "a b", "x\n", "-lead", "\x1b[31m"):
+        dec = FrameDecoder()
+        hello = {"t": "hello", "proto": "tensord", "v": [1], "node": node, "f": [], "mc": 1}
+        body = msgpack.packb(hello)
+        dec.feed(struct.pack(">I", len(body)) + body)
+        with pytest.raises(ProtocolError, match="node id"):
+            dec.next_message()

@@ -870,3 +870,17 @@ def test_restore_rejects_progress_of_another_shape() -> None:
         receiver.restore(b"\x01\x01", [0, 0])
     with pytest.raises(ValueError):
         receiver.restore(b"\x01\x02\x00", [0, 0, 0])
+
+
+def test_a_peer_sending_only_corrupt_chunks_is_refused() -> None:
+    """Each bad chunk is nacked, but a peer that never gets one right cannot keep the transfer
+    (and its partial) alive forever: after MAX_CRC_ERRORS it is a protocol error."""
+    from tensord.wire.transfer import MAX_CRC_ERRORS
+
+    data = make_data(8 * 4096, "random", 4)
+    _, rx, _ = make_pair(data, 4096, 4)
+    bad = Chunk(XID, 0, 0, 4096, 4096, 12345)
+    for _ in range(MAX_CRC_ERRORS):
+        assert deliver_chunk(rx, bad, bytes(4096)) == [Nack(XID, 0)]
+    with pytest.raises(ProtocolError, match="failed their checksum"):
+        deliver_chunk(rx, bad, bytes(4096))

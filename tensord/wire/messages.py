@@ -356,12 +356,23 @@ def _hello(f: _Fields, _: int) -> Hello:
     return Hello(
         f.str_("proto", 32),
         tuple(versions),
-        f.str_("node", 63),
+        _node_id(f),
         frozenset(features),
         f.int_("mc", 1),
         f.opt_bytes("nc", NONCE_LEN),
         f.opt_bytes("pf", PROOF_LEN),
     )
+
+
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _node_id(f: _Fields) -> str:
+    """A node id as the cluster file allows them (it goes into logs and events)."""
+    node = f.str_("node", 63)
+    if not _NODE_ID_RE.fullmatch(node):
+        raise f._bad("node", "a node id: 1-63 letters, digits, '.', '_' or '-'")
+    return node
 
 
 def _auth(f: _Fields, _: int) -> Auth:
@@ -389,7 +400,15 @@ def _chunk(f: _Fields, _: int) -> Chunk:
 
 def _error(f: _Fields, _: int) -> Error:
     xid = f.id() if f.h.get("id") is not None else None
-    return Error(f.str_("code", 64), f.str_("msg", MAX_MESSAGE_LEN), xid)
+    return Error(_printable(f.str_("code", 64)), _printable(f.str_("msg", MAX_MESSAGE_LEN)), xid)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """A peer's free text goes into our logs: no control characters or terminal escapes."""
+    return _CONTROL.sub("?", text)
 
 
 def _legacy(f: _Fields, max_bytes: int) -> Legacy:

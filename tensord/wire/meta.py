@@ -73,8 +73,10 @@ def _preview(value: object, limit: int) -> str:
     """
     if isinstance(value, str):
         return repr(value[:limit])
-    if value is None or isinstance(value, float) or (
-        isinstance(value, int) and value.bit_length() <= 64
+    if (
+        value is None
+        or isinstance(value, float)
+        or (isinstance(value, int) and value.bit_length() <= 64)
     ):
         return repr(value)
     return f"<{type(value).__name__}>"

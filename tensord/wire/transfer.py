@@ -281,6 +281,10 @@ class ReceiveStats:
     crc_errors: int = 0
 
 
+#: Checksum failures tolerated per transfer before a peer is refused, beyond four per good chunk.
+MAX_CRC_ERRORS = 64
+
+
 class ReceiveTransfer:
     """Receiver side of one transfer, writing into ``dest`` (a flat writable ``B`` memoryview).
 
@@ -410,6 +414,13 @@ class ReceiveTransfer:
         assert wire is not None
         if self.crc and crc32c(wire) != c.crc:
             self.stats.crc_errors += 1
+            # A bad line corrupts some chunks; a peer that sends mostly bad ones (and so keeps
+            # the transfer alive without progress) is refused.
+            if self.stats.crc_errors > MAX_CRC_ERRORS + 4 * self.have_count:
+                raise ProtocolError(
+                    f"transfer {self.id}: {self.stats.crc_errors} chunks failed their checksum "
+                    f"(of {self.nchunks}); giving up on this connection"
+                )
             return [Nack(self.id, i)]
         if c.compressed:
             try:
