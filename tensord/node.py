@@ -18,6 +18,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
@@ -25,7 +26,7 @@ import numpy as np
 import trio
 
 from .address import PeerAddress, resolve_peer
-from .config import MAX_CHUNK_SIZE, Settings
+from .config import MAX_CHUNK_SIZE, HostPort, Settings
 from .errors import (
     AuthenticationFailed,
     BadAddress,
@@ -46,6 +47,7 @@ from .net.connection import (
     send_legacy,
 )
 from .net.pool import PeerPool
+from .net.quic import QuicDialer, dial_quic, serve_quic
 from .net.security import PeerSecurity
 from .net.stream import ConnectionClosed
 from .net.tcp import dial, open_listeners, serve
@@ -54,7 +56,19 @@ from .store import TensorInfo, TensorStore
 from .wire.compress import AdaptiveCompressor
 from .wire.frames import FrameDecoder
 from .wire.handshake import VERSIONS, Agreement, local_features, make_hello
-from .wire.messages import Begin, Error, Hello, Legacy, Ping, Pong, Request
+from .wire.messages import (
+    Accept,
+    Begin,
+    Chunk,
+    End,
+    Error,
+    Hello,
+    Legacy,
+    Ping,
+    Pong,
+    Request,
+    Stored,
+)
 from .wire.meta import TensorMeta, check_name
 from .wire.transfer import ReceiveState, ReceiveTransfer, SendTransfer
 
@@ -127,6 +141,22 @@ class _Partial:
     xfer: ReceiveTransfer
     sink: Sink
     expires: float
+
+
+@dataclass(frozen=True)
+class _Completed:
+    """A receive that was committed, remembered for ``partial_ttl_seconds``: if the sender never
+    got our ``Stored`` (a cut at the last moment) its resumed ``Begin`` is confirmed again, with
+    no second commit, no second arrival and no chunk sent twice."""
+
+    meta: TensorMeta
+    chunk_size: int
+    nchunks: int
+    crc: int | None
+    expires: float
+
+    def matches(self, begin: Begin) -> bool:
+        return begin.meta == self.meta and begin.chunk_size == self.chunk_size
 
 
 @dataclass
@@ -222,11 +252,17 @@ class TensorNode:
         self._hello = make_hello(self.node_id, self.features, MAX_CHUNK_SIZE, versions)
         #: The cluster secret and TLS contexts (read once, here: a bad file fails construction).
         self.security = PeerSecurity.from_settings(self.settings.security)
+        #: One QUIC connection per peer, when this node or any peer in the cluster uses QUIC.
+        uses_quic = self.settings.transport == "quic" or any(
+            n.transport == "quic" for n in self.settings.nodes
+        )
+        self._quic: QuicDialer | None = QuicDialer() if uses_quic else None
         self._tensors: dict[str, np.ndarray[Any, Any]] = {}
         self._arrivals: deque[Arrival] = deque()
         self._arrived = trio.Event()
         self._partials: dict[tuple[str, str], _Partial] = {}
         self._inbound: Counter[str] = Counter()  # inbound connections per peer
+        self._completed: dict[tuple[str, str], _Completed] = {}
         self._active: dict[tuple[str, str], _Active] = {}
         self._jobs: set[trio.CancelScope] = set()
         self._busy = 0
@@ -282,9 +318,10 @@ class TensorNode:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if self.store is not None:
-                    await nursery.start(self._sweep_partials, self.store)
-                nursery.start_soon(self._serve, listeners, nursery)
+                await nursery.start(self._sweep_partials)
+                if self._quic is not None:
+                    await nursery.start(self._quic.run)
+                await nursery.start(self._serve, listeners, nursery)
                 self._state = "running"
                 self._started_at = time.monotonic()
                 log.debug("node %s listening on %s", self.node_id, self.addr)
@@ -302,26 +339,30 @@ class TensorNode:
                     await partial.sink.close()
 
     async def _sweep_partials(
-        self, store: TensorStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Report what a previous run left to resume, then remove abandoned partial receives
-        (untouched for ``transfer.partial_ttl_seconds``) every minute."""
-        found = await trio.to_thread.run_sync(store.partials)
-        for p in found:
-            log.info(
-                "partial receive %s of %r: %d of %d bytes on disk, resumable when its sender "
-                "retries",
-                p.key,
-                p.meta.name,
-                p.bytes_have,
-                p.meta.nbytes,
-            )
+        """Report what a previous run left to resume, then drop abandoned partial receives
+        (untouched for ``transfer.partial_ttl_seconds``) on a timer - an idle node too frees
+        the space they hold - and, with a store, their files."""
+        store = self.store
+        if store is not None:
+            found = await trio.to_thread.run_sync(store.partials)
+            for p in found:
+                log.info(
+                    "partial receive %s of %r: %d of %d bytes on disk, resumable when its "
+                    "sender retries",
+                    p.key,
+                    p.meta.name,
+                    p.bytes_have,
+                    p.meta.nbytes,
+                )
         task_status.started()
+        ttl = self.settings.transfer.partial_ttl_seconds
         while True:
-            await trio.to_thread.run_sync(
-                store.expire_partials, self.settings.transfer.partial_ttl_seconds
-            )
-            await trio.sleep(SWEEP_INTERVAL)
+            self._expire_partials()  # closes expired ones, so the store's sweep may remove them
+            if store is not None:
+                await trio.to_thread.run_sync(store.expire_partials, ttl)
+            await trio.sleep(min(SWEEP_INTERVAL, max(ttl / 2, 0.05)))
 
     async def _run_job(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run a transfer in the caller's task, under a scope that shutdown() cancels."""
@@ -533,16 +574,39 @@ class TensorNode:
                 self._peers[key] = peer
             return peer
 
-    async def _dial(self, addr: PeerAddress) -> Connection:
+    def _transport_for(self, addr: PeerAddress) -> str:
+        """QUIC for a peer whose cluster-file entry says so; for an address that is in no
+        entry, this node's own transport."""
+        entry = self.settings.node(addr.node_id) if addr.node_id is not None else None
+        return entry.transport if entry is not None else self.settings.transport
+
+    async def _dial_any(self, addr: PeerAddress) -> Connection:
         t = self.settings.transfer
+        if self._quic is not None and self._transport_for(addr) == "quic":
+            try:
+                return await dial_quic(
+                    addr.hostport,
+                    self._hello,
+                    self._decoder,
+                    connect_timeout=t.connect_timeout,
+                    key=self.security.key,
+                    tls=self.settings.security.tls,
+                    dialer=self._quic,
+                )
+            except PeerUnreachable as exc:
+                # A peer that does not listen on QUIC (or a network that drops UDP): TCP.
+                log.info("peer %s: no QUIC (%s); dialling over TCP", addr, exc)
+        return await dial(
+            addr.hostport,
+            self._hello,
+            self._decoder,
+            connect_timeout=t.connect_timeout,
+            security=self.security,
+        )
+
+    async def _dial(self, addr: PeerAddress) -> Connection:
         try:
-            conn = await dial(
-                addr.hostport,
-                self._hello,
-                self._decoder,
-                connect_timeout=t.connect_timeout,
-                security=self.security,
-            )
+            conn = await self._dial_any(addr)
         except AuthenticationFailed as exc:
             log.warning("peer %s refused: %s", addr, exc)
             self.events.publish(PeerEvent(str(addr), "connect_failed", str(exc)))
@@ -618,8 +682,13 @@ class TensorNode:
             self.events.publish(
                 TransferEvent(xid, meta.name, peer.name, "send", "started", 0, meta.nbytes)
             )
+        # The retry budget counts consecutive attempts that moved nothing: an attempt that got
+        # chunks acknowledged before it failed (a flaky link, a restarted receiver) starts the
+        # count again, so a long transfer is not failed by interruptions it keeps surviving.
+        stalled = 0
         try:
             while True:
+                acked_before = xfer.bytes_acked if xfer is not None else 0
                 try:
                     async with peer.pool.connection() as conn:
                         connected = True
@@ -646,7 +715,9 @@ class TensorNode:
                     raise
                 except RETRIABLE as exc:
                     retries += 1
-                    if retries > proto.max_retries:
+                    progressed = xfer is not None and xfer.bytes_acked > acked_before
+                    stalled = 0 if progressed else stalled + 1
+                    if stalled > proto.max_retries:
                         err: TensorError
                         if not connected and isinstance(exc, PeerUnreachable):
                             err = PeerUnreachable(
@@ -659,7 +730,7 @@ class TensorNode:
                             )
                         self._transfer_failed(xid, meta, peer, retries, err)
                         raise err from None
-                    delay = backoff_delay(proto.retry_base_delay, retries)
+                    delay = backoff_delay(proto.retry_base_delay, max(1, stalled))
                     log.info(
                         "tensor transfer %s: send %r to %s: attempt %d failed (%s); "
                         "retrying in %.2f s",
@@ -812,6 +883,8 @@ class TensorNode:
         retries = 0
         missing = False
         kept = _PulledPartial()  # what an interrupted attempt received, for the next one
+        stalled = 0  # consecutive attempts that received nothing (the retry budget, as sends)
+        had = 0
         try:
             while True:
                 if missing:
@@ -823,6 +896,7 @@ class TensorNode:
                                 f"peer {peer.name} does not support pull", code="unsupported"
                             )
                         resume = kept.xfer.id if kept.xfer is not None else None
+                        had = kept.xfer.bytes_have if kept.xfer is not None else 0
                         await conn.stream.send(Request(name, resume))
                         with trio.fail_after(t.io_timeout):
                             first = await conn.stream.receive()
@@ -842,7 +916,9 @@ class TensorNode:
                     raise
                 except RETRIABLE as exc:
                     retries += 1
-                    if retries > proto.max_retries:
+                    progressed = kept.xfer is not None and kept.xfer.bytes_have > had
+                    stalled = 0 if progressed else stalled + 1
+                    if stalled > proto.max_retries:
                         raise TransferFailed(
                             f"pulling {name!r} from {peer.name} failed after "
                             f"{retries} attempts: {_why(exc)}"
@@ -855,7 +931,7 @@ class TensorNode:
                         _why(exc),
                         f"; resuming at {kept.xfer.bytes_have} bytes" if kept.xfer else "",
                     )
-                    await trio.sleep(backoff_delay(proto.retry_base_delay, retries))
+                    await trio.sleep(backoff_delay(proto.retry_base_delay, max(1, stalled)))
         finally:
             with trio.CancelScope(shield=True):
                 await kept.discard()
@@ -924,20 +1000,49 @@ class TensorNode:
 
     # -- serving -----------------------------------------------------------------------------
 
-    async def _serve(self, listeners: list[trio.SocketListener], handlers: trio.Nursery) -> None:
+    async def _serve(
+        self,
+        listeners: list[trio.SocketListener],
+        handlers: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         # Connections are handled in the node's nursery, not under the accept loop, so that
         # drain() can stop accepting while the transfers in flight carry on.
+        t = self.settings.transfer
         with self._accepting:
-            await serve(
-                listeners,
-                self._hello,
-                self._decoder,
-                self._serve_connection,
-                handshake_timeout=self.settings.transfer.connect_timeout,
-                handler_nursery=handlers,
-                security=self.security,
-                max_connections=self.settings.transfer.max_connections,
-            )
+            async with trio.open_nursery() as accept:
+                if self.settings.transport == "quic":
+                    # QUIC on the UDP port of the same number, as well as TCP: a peer without
+                    # QUIC still reaches this node.
+                    await accept.start(
+                        partial(
+                            serve_quic,
+                            HostPort(self.settings.listen.host, self._port),
+                            self._hello,
+                            self._decoder,
+                            self._serve_connection,
+                            handshake_timeout=t.connect_timeout,
+                            handler_nursery=handlers,
+                            key=self.security.key,
+                            tls=self.settings.security.tls,
+                            max_connections=t.max_connections,
+                        )
+                    )
+                accept.start_soon(
+                    partial(
+                        serve,
+                        listeners,
+                        self._hello,
+                        self._decoder,
+                        self._serve_connection,
+                        handshake_timeout=t.connect_timeout,
+                        handler_nursery=handlers,
+                        security=self.security,
+                        max_connections=t.max_connections,
+                    )
+                )
+                task_status.started()
 
     async def _serve_connection(self, conn: Connection) -> None:
         """One inbound connection: transfers, pulls and pings, one after another."""
@@ -1025,6 +1130,63 @@ class TensorNode:
         sink.restore(xfer)
         return xfer, sink
 
+    def _remember_completed(
+        self, key: tuple[str, str], begin: Begin, xfer: ReceiveTransfer
+    ) -> None:
+        ttl = self.settings.transfer.partial_ttl_seconds
+        self._completed[key] = _Completed(
+            begin.meta, begin.chunk_size, xfer.nchunks, xfer.end_crc, trio.current_time() + ttl
+        )
+        # Bounded like the partials: the oldest records of this peer go first.
+        mine = [k for k in self._completed if k[0] == key[0]]
+        for old in mine[: max(0, len(mine) - self.settings.transfer.max_peer_transfers)]:
+            del self._completed[old]
+
+    async def _confirm_again(self, conn: Connection, begin: Begin, done: _Completed) -> None:
+        """The sender resumes a transfer we already committed: every chunk is here; answer its
+        ``End`` with ``Stored`` again."""
+        log.info(
+            "tensor transfer %s: %r from %s was already stored; confirming again",
+            begin.id,
+            begin.meta.name,
+            conn.peer_id,
+        )
+        await conn.stream.send(Accept(begin.id, ((0, done.nchunks),) if done.nchunks else ()))
+        with trio.fail_after(self.settings.transfer.io_timeout):
+            while True:
+                msg = await conn.stream.receive()
+                if isinstance(msg, Chunk) and msg.id == begin.id:
+                    await conn.stream.discard_payload()  # not asked for; harmless
+                    continue
+                if not isinstance(msg, End) or msg.id != begin.id:
+                    raise ProtocolError(f"expected end of {begin.id}, got {type(msg).__name__}")
+                if msg.crc is not None and done.crc is not None and msg.crc != done.crc:
+                    await conn.send_error("checksum", "the tensor differs from the one stored")
+                    raise ProtocolError(f"transfer {begin.id}: end crc differs from the stored")
+                await conn.stream.send(Stored(begin.id))
+                return
+
+    async def _drop_superseded(self, peer: str, name: str, key: tuple[str, str]) -> None:
+        """A new transfer of tensor ``name`` from ``peer`` (a restarted sender uses new ids):
+        its older partials of that tensor will never be resumed; free their space now."""
+        for old in [
+            k
+            for k, p in self._partials.items()
+            if k[0] == peer and k != key and p.xfer.meta.name == name
+        ]:
+            partial = self._partials.pop(old)
+            log.info(
+                "tensor transfer %s: dropping the partial of %r from %s: it began again",
+                old[1],
+                name,
+                peer,
+            )
+            await partial.sink.discard()
+        if self.store is not None:
+            await trio.to_thread.run_sync(
+                self.store.discard_partials, f"{peer}/", name, f"{key[0]}/{key[1]}"
+            )
+
     def _check_peer_budget(self, peer: str, nbytes: int) -> None:
         """Refuse a new receive beyond what one peer may hold of this node: transfers in
         flight, and tensor bytes of those and of the partials kept for it (``busy``: the
@@ -1059,6 +1221,8 @@ class TensorNode:
 
     def _expire_partials(self) -> None:
         now = trio.current_time()
+        for key in [k for k, c in self._completed.items() if c.expires < now]:
+            del self._completed[key]
         for key in [k for k, p in self._partials.items() if p.expires < now]:
             partial = self._partials.pop(key)
             if isinstance(partial.sink, StoreSink):
@@ -1068,6 +1232,10 @@ class TensorNode:
     async def _receive(self, conn: Connection, begin: Begin) -> None:
         self._expire_partials()
         key = (conn.peer_id, begin.id)
+        done = self._completed.get(key)
+        if done is not None and begin.resume and done.matches(begin):
+            await self._confirm_again(conn, begin, done)
+            return
         stale = self._active.get(key)
         if stale is not None:
             # The sender gave up on an older connection we still think is alive (a cut that
@@ -1090,6 +1258,7 @@ class TensorNode:
         else:
             if partial is not None:
                 await partial.sink.discard()
+            await self._drop_superseded(conn.peer_id, meta.name, key)
             try:
                 self._check_peer_budget(conn.peer_id, meta.nbytes)
                 xfer, sink = self._new_receive(conn, begin, f"{conn.peer_id}/{begin.id}")
@@ -1158,6 +1327,7 @@ class TensorNode:
             self._idle_if_done()
         if active.scope.cancelled_caught:
             raise ConnectionClosed("superseded by the sender's resumed transfer")
+        self._remember_completed(key, begin, xfer)
         seconds = time.perf_counter() - started
         self._publish_receive(begin.id, meta, conn.peer_id, "done", meta.nbytes)
         log.info(

@@ -638,6 +638,13 @@ class TensorStore:
             partial.discard()
             raise
 
+    def _partial_bytes(self) -> int:
+        total = 0
+        for entry in self._scan(self._partial_dir, hidden=True):
+            with contextlib.suppress(OSError):
+                total += entry.stat(follow_symlinks=False).st_size
+        return total
+
     def used_bytes(self) -> int:
         """Bytes of every file in ``tensors/`` and ``partial/``: what the cap is checked against."""
         total = 0
@@ -716,6 +723,36 @@ class TensorStore:
                 )
             )
         return sorted(out, key=lambda p: p.created)
+
+    def discard_partials(self, key_prefix: str, name: str, keep: str) -> builtins.list[str]:
+        """Remove the partial receives of tensor ``name`` whose key starts with ``key_prefix``
+        (a sender's earlier, abandoned transfers of it), are not open and are not ``keep`` (the
+        transfer starting now, which may resume its own partial); returns their keys.
+
+        A restarted sender sends the tensor again under a new transfer id: its old partial
+        would otherwise hold the space (and count against the cap) until it expires.
+        """
+        open_stems = {encode_component(k) for k in list(self._open.keys())}
+        removed: builtins.list[str] = []
+        for entry in self._scan(self._partial_dir):
+            if not entry.name.endswith(".json"):
+                continue
+            stem = entry.name[: -len(".json")]
+            if stem in open_stems:
+                continue
+            header = self._read_partial_header(stem)
+            if header is None or header.meta.name != name:
+                continue
+            if not header.key.startswith(key_prefix) or header.key == keep:
+                continue
+            self._remove_partial_files(stem)
+            removed.append(header.key)
+            log.info(
+                "discarded partial receive %r of %r: its sender started the tensor again",
+                header.key,
+                name,
+            )
+        return removed
 
     def expire_partials(
         self, older_than_seconds: float, *, now: float | None = None
@@ -878,10 +915,14 @@ class TensorStore:
         if self.max_bytes is not None:
             used = self.used_bytes()
             if used + need > self.max_bytes:
+                partial = self._partial_bytes()
+                held = f" ({partial} of them in partial receives)" if partial else ""
                 raise StoreFull(
                     f"cannot store tensor {meta.name!r} ({meta.nbytes} bytes): the store at "
-                    f"{self.root} holds {used} bytes and its cap is {self.max_bytes} bytes; "
-                    "delete tensors (tensord rm NAME) or raise the store's size cap"
+                    f"{self.root} holds {used} bytes{held} and its cap is {self.max_bytes} bytes; "
+                    "delete tensors (tensord rm NAME) or raise the store's size cap; partial "
+                    "receives are freed when their sender starts the tensor again or after "
+                    "transfer.partial_ttl_seconds"
                 )
         try:
             st = os.statvfs(self.root)

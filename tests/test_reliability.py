@@ -171,7 +171,6 @@ def run(scenario: Callable[..., Awaitable[list[chaos.Row]]], **params: Any) -> c
     return row
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=chaos.BUG_LOST_STORED)
 def test_a_lost_stored_reply_neither_duplicates_nor_resends_the_tensor() -> None:
     row = run(chaos.lost_confirmation, **Q["lost-stored"])
     f = row.figures
@@ -181,7 +180,6 @@ def test_a_lost_stored_reply_neither_duplicates_nor_resends_the_tensor() -> None
     assert f["bytes_resent"] < f["size"] // 2, row.explain()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=chaos.BUG_RETRY_BUDGET)
 def test_attempts_that_make_progress_do_not_use_up_the_retry_budget() -> None:
     row = run(chaos.retry_budget, **Q["retries"])
     f = row.figures
@@ -190,7 +188,6 @@ def test_attempts_that_make_progress_do_not_use_up_the_retry_budget() -> None:
     assert not f["failed"], row.explain()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=chaos.BUG_IDLE_PARTIAL)
 def test_an_abandoned_partial_expires_on_an_idle_node() -> None:
     row = run(chaos.idle_partial_expiry, **Q["idle-partial"])
     if not row.figures["held"]:
@@ -199,7 +196,6 @@ def test_an_abandoned_partial_expires_on_an_idle_node() -> None:
     assert row.figures["files_left"] == 0, row.explain()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=chaos.BUG_PARTIAL_SPACE)
 def test_a_restarted_sender_can_resend_while_its_old_partial_holds_the_space() -> None:
     row = run(chaos.restarted_sender_space, **Q["partial-space"])
     if row.figures["held"] != 1:

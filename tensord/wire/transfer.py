@@ -341,6 +341,11 @@ class ReceiveTransfer:
     def accept(self) -> Accept:
         return Accept(self.id, bitmap_ranges(self._have))
 
+    @property
+    def end_crc(self) -> int | None:
+        """The whole-tensor crc32c the sender's ``End`` carried (once it came)."""
+        return self._end.crc if self._end is not None else None
+
     def progress(self) -> tuple[bytes, list[int]]:
         """What must be persisted to resume after a restart: the chunk bitmap and the chunks'
         crc32c (the whole-tensor check is combined from them, so they must survive too)."""

@@ -1,0 +1,1631 @@
+"""QUIC transport: the chunk protocol over aioquic's sans-I/O ``QuicConnection``, driven by Trio.
+
+Shape
+-----
+* **One QUIC connection per peer** (per peer address *and* local identity: two nodes in one
+  process never share one). A :class:`QuicDialer` keeps the live connections; every
+  :func:`dial_quic` opens a new bidirectional stream on the peer's connection.
+* **One bidirectional stream per** :class:`~tensord.net.connection.Connection`. The pool checks
+  Connections out exclusively, so parallel transfers run as parallel streams - no head-of-line
+  blocking between them, one congestion controller for the peer.
+* **The Hello runs once per QUIC connection, on its first stream** (with the cluster-secret
+  challenge when a key is set). Later streams reuse that stream's ``Agreement``; the listener
+  serves them only once the first stream's handshake succeeded (streams that arrive earlier wait
+  for it, bounded by the handshake timeout, and are refused if it fails).
+* ALPN ``tensord/1``. QUIC is always TLS 1.3.
+
+Driving aioquic from Trio
+-------------------------
+Per QUIC connection one *driver* task owns the output side: it asks ``datagrams_to_send()``,
+writes them to the UDP socket, and then sleeps in a cancel scope whose deadline is
+``get_timer()`` (loss detection, ACK delay, pacing, idle timeout) until either the deadline
+passes (``handle_timer``) or something *kicks* it (a datagram arrived, the application wrote
+data or consumed received data). A receive task per UDP socket feeds ``receive_datagram`` in
+batches and dispatches the events to per-stream state; tasks park on ``trio.lowlevel.ParkingLot``
+and are woken by the events. No polling loops, no sleeps.
+
+Flow control and back-pressure
+------------------------------
+*Sending.* ``QuicConnection.send_stream_data`` appends to the stream's send buffer without any
+limit (``QuicStreamSender._buffer``, a ``bytearray`` that holds every byte until the peer
+acknowledges it). :meth:`QuicStreamTransport.send_buffers` therefore hands aioquic at most
+``QuicTuning.send_buffer`` unacknowledged bytes per stream - measured as
+``sender._buffer_stop - sender._buffer_start`` - and parks until ACKs bring it below half of
+that. Memory per sending stream is bounded; a slow receiver stalls its sender.
+
+*Receiving.* aioquic hands stream data to the application as soon as it is in order, and it
+raises a stream's (and the connection's) flow-control limit by *doubling* it whenever the peer
+has used half of it (``_write_stream_limits`` / ``_write_connection_limits``): credit follows
+what *arrived*, not what the application consumed, so a slow reader buffers without bound.
+:class:`_FlowControlledConnection` overrides those two methods: the stream limit is
+``consumed + stream_window`` (moved by the reader, in steps of a quarter window) and the
+connection limit is ``received - still buffered + connection_window``. A peer that sends
+beyond that gets aioquic's FLOW_CONTROL_ERROR. Per stream at most ``stream_window`` bytes wait
+for the reader, per connection at most ``connection_window``.
+
+Security
+--------
+With ``tls`` (:class:`~tensord.config.TlsSettings`): both ends present their node certificate
+and verify the other's against the cluster CA, and the certificate's node id must be the node
+id claimed in the Hello. aioquic 1.7 can do mutual TLS only halfway: a client answers a
+CertificateRequest with its certificate, but a server sends one only when the private
+``tls.Context._request_client_certificate`` flag is set ("for test purposes only"), and it then
+checks the client's CertificateVerify signature (proof of key possession) but *never* verifies
+the client's chain. So the server sets that flag (:meth:`_FlowControlledConnection._initialize`)
+and verifies the chain itself with aioquic's own ``tls.verify_certificate`` when the handshake
+completes, before any stream data of the connection is looked at; a client without a valid
+certificate is closed with a TLS alert code (CRYPTO_ERROR) and a reason phrase, which the
+client turns into :class:`AuthenticationFailed`.
+
+Without ``tls``: the listener uses an ephemeral self-signed certificate generated when it
+starts, and the dialer verifies nothing. The connection is encrypted but not authenticated by
+TLS; the cluster secret (``key``), if configured, still authenticates both peers inside the
+first stream, exactly as over TCP.
+
+Private aioquic attributes used (checked by the tests against the pinned version):
+``QuicStreamSender._buffer_start/_buffer_stop``, ``QuicConnection._streams``,
+``_local_max_data``, ``_close_event``, ``_state``, ``_write_stream_limits``,
+``_write_connection_limits``, ``_initialize``, ``tls._request_client_certificate``,
+``tls._peer_certificate(_chain)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import socket
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import trio
+from aioquic import tls as aioquic_tls
+from aioquic._buffer import Buffer
+from aioquic.quic import events as qe
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import (
+    CONNECTION_LIMIT_FRAME_CAPACITY,
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    NetworkAddress,
+    QuicConnection,
+    QuicConnectionState,
+)
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicFrameType,
+    QuicHeader,
+    QuicPacketType,
+    pull_quic_header,
+)
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
+from aioquic.quic.stream import QuicStream
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ..config import HostPort, TlsSettings
+from ..errors import AuthenticationFailed, PeerUnreachable, ProtocolError, TensorError
+from ..wire.auth import ClusterKey
+from ..wire.frames import FrameDecoder
+from ..wire.handshake import Agreement
+from ..wire.messages import Hello, Message
+from .connection import Connection, client_handshake, server_handshake
+from .stream import BufferLike, ConnectionClosed, FramedStream
+
+log = logging.getLogger("tensord.net")
+
+ALPN = "tensord/1"
+MiB = 1 << 20
+
+DecoderFactory = Callable[[], FrameDecoder]
+Handler = Callable[[Connection], Awaitable[None]]
+
+# Application error codes (CONNECTION_CLOSE, RESET_STREAM, STOP_SENDING).
+E_NONE = 0x0  # closed on purpose: shutdown, stream done
+E_AUTH = 0x1  # the peer failed authentication (cluster secret, node id)
+E_PROTOCOL = 0x2  # the first stream's handshake failed otherwise
+E_REFUSED = 0x3  # the listener is busy or shutting down
+#: TLS alerts travel as QUIC transport error CRYPTO_ERROR + alert (RFC 9001 section 4.8).
+_CRYPTO_FIRST, _CRYPTO_LAST = QuicErrorCode.CRYPTO_ERROR, QuicErrorCode.CRYPTO_ERROR + 0xFF
+_ALERT_BAD_CERTIFICATE = 42
+_ALERT_CERTIFICATE_REQUIRED = 116
+_ALERT_NO_APPLICATION_PROTOCOL = 120
+
+#: Datagrams read from a socket per scheduler pass, before the events are dispatched and the
+#: driver is woken once (it then answers them all with one batch of ACKs).
+_RECV_BATCH = 64
+_CID_LENGTH = 8
+#: aioquic writes a STREAM frame's length as a 2-byte varint (< 16384), so a bigger packet
+#: would carry a corrupt frame (the peer closes with "Failed to parse frame").
+MAX_DATAGRAM_SIZE = 16000
+
+
+@dataclass(frozen=True)
+class QuicTuning:
+    """The knobs of the QUIC transport; defaults measured on loopback (see the module notes).
+
+    ``stream_window`` / ``connection_window``: receive credit per stream and per connection -
+    what the peer may send ahead of our reader, hence the most that waits in memory. A stream
+    moves at most ``stream_window / RTT`` bytes per second. ``send_buffer``: unacknowledged
+    bytes per stream handed to aioquic before ``send_buffers`` waits. ``max_datagram_size``:
+    UDP payload size; 1452 fits a 1500-byte MTU over IPv6 (aioquic does no path MTU
+    discovery, so a larger value means IP fragmentation on a normal network - raise it only
+    with jumbo frames). ``congestion_control``: aioquic offers ``"reno"`` and ``"cubic"``.
+    ``idle_timeout``: a connection that has heard nothing from its peer for this long is
+    closed; while streams are open a PING every third of it keeps a live peer's connection up,
+    so this is both the dead-peer detection and the linger time of an unused connection.
+    ``socket_buffer``: SO_RCVBUF/SO_SNDBUF (capped by the kernel's rmem_max/wmem_max).
+    """
+
+    stream_window: int = 16 * MiB
+    connection_window: int = 64 * MiB
+    send_buffer: int = 4 * MiB
+    max_datagram_size: int = 1452
+    congestion_control: str = "cubic"
+    idle_timeout: float = 30.0
+    socket_buffer: int = 4 * MiB
+
+    def __post_init__(self) -> None:
+        for name in ("stream_window", "connection_window", "send_buffer"):
+            value = getattr(self, name)
+            if not 64 * 1024 <= value <= 1 << 32:
+                raise ValueError(f"QuicTuning.{name} {value!r}: expected 64 KiB to 4 GiB")
+        if self.connection_window < self.stream_window:
+            raise ValueError("QuicTuning.connection_window must be at least stream_window")
+        if not SMALLEST_MAX_DATAGRAM_SIZE <= self.max_datagram_size <= MAX_DATAGRAM_SIZE:
+            raise ValueError(
+                f"QuicTuning.max_datagram_size {self.max_datagram_size!r}: expected "
+                f"{SMALLEST_MAX_DATAGRAM_SIZE} to {MAX_DATAGRAM_SIZE}"
+            )
+        if self.congestion_control not in ("reno", "cubic"):
+            raise ValueError(
+                f"QuicTuning.congestion_control {self.congestion_control!r}: expected "
+                "'reno' or 'cubic'"
+            )
+        if not self.idle_timeout > 0:
+            raise ValueError(f"QuicTuning.idle_timeout {self.idle_timeout!r}: expected > 0")
+
+
+DEFAULT_TUNING = QuicTuning()
+
+
+# --------------------------------------------------------------------------------------------
+# aioquic with flow control that follows the reader, and a pacer for a 1 ms timer
+
+#: What a Trio deadline can resolve: ``epoll_wait`` takes milliseconds, so a sleep for a
+#: pacing gap of a few microseconds lasts about a millisecond.
+_TIMER_GRANULARITY = 0.001
+
+
+class _CoarsePacer(QuicPacketPacer):
+    """aioquic's token-bucket pacer, with a bucket that holds two timer ticks of sending.
+
+    aioquic caps the bucket at 16 packets' worth of time. Its driver then sleeps until the
+    next packet is due - microseconds at LAN rates - but a Trio deadline wakes about 1 ms
+    later, so at most 16 packets go out per millisecond: 23 MB/s with 1452-byte datagrams,
+    whatever the congestion window says. With room for 2 ms the pacer still spreads a
+    window over the RTT at millisecond granularity, and the rate is the congestion
+    controller's again.
+    """
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        super().update_rate(congestion_window, smoothed_rtt)
+        self.bucket_max = max(self.bucket_max, 2 * _TIMER_GRANULARITY)
+
+
+class _FlowControlledConnection(QuicConnection):
+    """A ``QuicConnection`` whose receive credit is granted as the application consumes.
+
+    ``app_buffered`` is kept by the session: bytes delivered by aioquic that the application
+    has not read yet. Stream limits are moved by :meth:`QuicStreamTransport.recv_into`
+    (``consumed + stream_window``); the two overrides below only stop aioquic's doubling and
+    compute the connection limit.
+    """
+
+    def __init__(
+        self, *, connection_window: int, request_client_certificate: bool, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self._loss._pacer = _CoarsePacer(max_datagram_size=self._max_datagram_size)
+        self.app_buffered = 0
+        self.flow_window = connection_window
+        self.flow_step = connection_window // 4
+        self._request_client_cert = request_client_certificate
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if self._request_client_cert:
+            # aioquic's only switch for a server to send CertificateRequest (private, marked
+            # "for test purposes only"). The client's chain is verified by the session.
+            self.tls._request_client_certificate = True
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        max_data = self._local_max_data
+        target = max_data.used - self.app_buffered + self.flow_window
+        if target - max_data.value >= self.flow_step:
+            max_data.value = target
+        for limit in (max_data, self._local_max_streams_bidi, self._local_max_streams_uni):
+            if limit is not max_data and limit.sent - limit.used >= limit.value - limit.sent:
+                continue  # batch MAX_STREAMS like aioquic does
+            if limit.value != limit.sent:
+                buf = builder.start_frame(
+                    limit.frame_type,
+                    capacity=CONNECTION_LIMIT_FRAME_CAPACITY,
+                    handler=self._on_connection_limit_delivery,
+                    handler_args=(limit,),
+                )
+                buf.push_uint_var(limit.value)
+                limit.sent = limit.value
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
+    ) -> None:
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            assert stream.stream_id is not None
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+# --------------------------------------------------------------------------------------------
+# One bidirectional stream: the ByteTransport
+
+
+class QuicStreamTransport:
+    """One bidirectional QUIC stream as a :class:`~tensord.net.stream.ByteTransport`.
+
+    ``recv_into`` copies from the packets aioquic delivered into the caller's buffer (aioquic
+    decrypts into new ``bytes`` per packet, so one copy is unavoidable); ``send_buffers``
+    copies into aioquic's send buffer, bounded as described in the module notes. ``fileno``
+    is -1: there is no descriptor per stream.
+    """
+
+    def __init__(self, session: QuicSession, stream_id: int) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self._chunks: deque[bytes] = deque()
+        self._offset = 0  # into _chunks[0]
+        self._buffered = 0
+        self._consumed = 0
+        self._eof = False
+        self._recv_error: str | None = None  # why receiving is broken
+        self._send_error: str | None = None
+        self._fin_sent = False
+        self._closed = False
+        self._sending = False
+        self._readers = trio.lowlevel.ParkingLot()
+        self._writers = trio.lowlevel.ParkingLot()
+        #: Bytes handed to aioquic so far, and high-water marks: for tests and diagnostics.
+        self.bytes_queued = 0
+        self.max_receive_buffered = 0
+        self.max_send_buffered = 0
+
+    @property
+    def session(self) -> QuicSession:
+        """The QUIC connection this stream belongs to."""
+        return self._session
+
+    @property
+    def receive_buffered(self) -> int:
+        """Bytes received and not yet read by the application."""
+        return self._buffered
+
+    @property
+    def send_buffered(self) -> int:
+        """Bytes handed to aioquic and not yet acknowledged by the peer."""
+        qs = self._session.quic._streams.get(self.stream_id)
+        if qs is None:
+            return 0
+        return qs.sender._buffer_stop - qs.sender._buffer_start
+
+    # -- ByteTransport -----------------------------------------------------------------------
+
+    async def recv_into(self, buf: memoryview, nbytes: int) -> int:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._chunks:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+            if self._recv_error is not None:
+                raise trio.BrokenResourceError(self._recv_error)
+            if self._eof:
+                return 0
+            await self._readers.park()
+        if buf.format != "B" or buf.ndim != 1:
+            buf = buf.cast("B")
+        want = min(nbytes, len(buf))
+        chunks = self._chunks
+        n = 0
+        while n < want and chunks:
+            head = chunks[0]
+            off = self._offset
+            k = min(len(head) - off, want - n)
+            if off == 0 and k == len(head):
+                buf[n : n + k] = head
+                chunks.popleft()
+            else:
+                buf[n : n + k] = memoryview(head)[off : off + k]
+                if off + k == len(head):
+                    chunks.popleft()
+                    self._offset = 0
+                else:
+                    self._offset = off + k
+            n += k
+        self._buffered -= n
+        self._consumed += n
+        self._session._consumed(self, n)
+        return n
+
+    async def send_buffers(self, buffers: Sequence[BufferLike]) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._sending = True
+        session = self._session
+        limit = session.tuning.send_buffer
+        try:
+            for b in buffers:
+                view = memoryview(b).cast("B")
+                while view:
+                    self._check_send()
+                    room = limit - self.send_buffered
+                    if room <= 0:
+                        session._blocked_writers.add(self)
+                        await self._writers.park()
+                        continue
+                    piece = view[:room]
+                    # aioquic types ``data`` as bytes; it only does ``bytearray += data``.
+                    session.quic.send_stream_data(self.stream_id, piece)  # type: ignore[arg-type]
+                    view = view[len(piece) :]
+                    self.bytes_queued += len(piece)
+                    buffered = self.send_buffered
+                    if buffered > self.max_send_buffered:
+                        self.max_send_buffered = buffered
+                    session.kick()
+        finally:
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def aclose(self) -> None:
+        """Send FIN, tell the peer to stop sending (if it has not finished), forget the stream.
+
+        Buffered unread data is dropped and its connection-level credit returned.
+        """
+        self._close()
+        await trio.lowlevel.checkpoint()
+
+    def fileno(self) -> int:
+        return -1
+
+    def looks_alive(self) -> bool:
+        """For an idle pooled connection: usable, and nothing unexpected waiting to be read.
+
+        ``Connection.looks_alive`` cannot ``select`` a QUIC stream (``fileno`` is -1); it
+        should ask this instead (see the integration notes).
+        """
+        return (
+            not self._closed
+            and self._recv_error is None
+            and self._send_error is None
+            and not self._eof
+            and not self._chunks
+            and self._session.failure is None
+        )
+
+    # -- used by the session ----------------------------------------------------------------
+
+    def _feed(self, data: bytes, end: bool) -> None:
+        if data:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            self._session.quic.app_buffered += len(data)
+            if self._buffered > self.max_receive_buffered:
+                self.max_receive_buffered = self._buffered
+        if end:
+            self._eof = True
+        self._readers.unpark_all()
+
+    def _fail(self, why: str, *, receive: bool = True, send: bool = True) -> None:
+        if receive and self._recv_error is None and not self._eof:
+            self._recv_error = why
+        if send and self._send_error is None:
+            self._send_error = why
+        self._readers.unpark_all()
+        self._writers.unpark_all()
+
+    def _check_send(self) -> None:
+        if self._closed or self._fin_sent:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._send_error is not None:
+            raise trio.BrokenResourceError(self._send_error)
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        session = self._session
+        if session.failure is None:
+            quic = session.quic
+            try:
+                if not self._fin_sent and self._send_error is None:
+                    quic.send_stream_data(self.stream_id, b"", end_stream=True)
+                if not self._eof and self._recv_error is None:
+                    quic.stop_stream(self.stream_id, E_NONE)
+            except (ValueError, RuntimeError, AssertionError):
+                pass  # aioquic already finished or reset the stream
+            session.kick()
+        self._fin_sent = True
+        session.quic.app_buffered -= self._buffered
+        self._chunks.clear()
+        self._buffered = 0
+        self._readers.unpark_all()
+        self._writers.unpark_all()
+        session._stream_closed(self)
+
+
+# --------------------------------------------------------------------------------------------
+# One QUIC connection
+
+
+class _UdpSocket:
+    """A non-blocking UDP socket shared by the tasks that send on it.
+
+    Several drivers send on a listener's socket; only one task at a time may wait for it to
+    become writable, hence the lock (taken only when the kernel says EAGAIN).
+    """
+
+    def __init__(self, sock: socket.socket, *, connected: bool) -> None:
+        self.sock = sock
+        self.connected = connected
+        self._write_lock = trio.Lock()
+
+    async def send_all(self, datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
+        """Send in order; a plain loop of syscalls until the kernel says EAGAIN."""
+        sock = self.sock
+        connected = self.connected
+        i = 0
+        while i < len(datagrams):
+            data, addr = datagrams[i]
+            try:
+                if connected:
+                    sock.send(data)
+                else:
+                    sock.sendto(data, addr)
+                i += 1
+            except BlockingIOError:
+                async with self._write_lock:
+                    await trio.lowlevel.wait_writable(sock)
+
+    def send_nowait(self, data: bytes, addr: NetworkAddress) -> None:
+        """Best effort, for the CONNECTION_CLOSE sent while a driver is being cancelled."""
+        try:
+            if self.connected:
+                self.sock.send(data)
+            else:
+                self.sock.sendto(data, addr)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+class QuicSession:
+    """One QUIC connection to a peer and the Trio tasks that drive it.
+
+    Created by :class:`QuicDialer` (client) or by :func:`serve_quic` (server). Its
+    ``failure`` is set as soon as the connection starts closing, for whatever reason; from then
+    on every stream raises ``trio.BrokenResourceError`` (data already received can still be
+    read) and a dialer waiting on it gets the typed error.
+    """
+
+    def __init__(
+        self,
+        quic: _FlowControlledConnection,
+        udp: _UdpSocket,
+        peer_addr: NetworkAddress,
+        *,
+        name: str,
+        tuning: QuicTuning,
+        verify_cadata: bytes | None = None,
+        on_stream: Callable[[QuicStreamTransport], bool] | None = None,
+    ) -> None:
+        self.quic = quic
+        self.udp = udp
+        self.peer_addr = peer_addr
+        self.name = name
+        self.tuning = tuning
+        self.is_client = quic.configuration.is_client
+        self._verify_cadata = verify_cadata
+        self._on_stream = on_stream
+        self.streams: dict[int, QuicStreamTransport] = {}
+        self._blocked_writers: set[QuicStreamTransport] = set()
+        self._wakeup = trio.Event()
+        self._stream_step = max(tuning.stream_window // 4, 1)
+        # Peer streams we closed while aioquic still tracks them: late data for them is not
+        # a new stream (ids alone cannot tell: with reordering, stream 12 may start after 16).
+        self._closed_ids: set[int] = set()
+        self._keepalive_at = math.inf
+        self._terminated = False
+        #: Set when the connection starts closing; the typed error a dialer raises.
+        self.failure: TensorError | None = None
+        self.close_reason = ""
+        #: The node id in the peer's certificate (with TLS), checked against its Hello.
+        self.peer_node_id: str | None = None
+        self.established = trio.Event()  # TLS handshake done (or failed: see ``failure``)
+        self.closed = trio.Event()  # the driver has finished
+        # The first stream's Hello, shared by every later stream.
+        self.agreement: Agreement | None = None
+        self.hello_started = False
+        self.hello_done = trio.Event()
+        self.hello_failure: TensorError | None = None
+        self.on_idle: Callable[[QuicSession], None] | None = None  # last stream closed
+        self.on_closed: Callable[[QuicSession], None] | None = None
+        self.cids: set[bytes] = {quic.host_cid}
+
+    def __repr__(self) -> str:
+        return f"<QuicSession {self.name} streams={len(self.streams)}>"
+
+    @property
+    def stream_count(self) -> int:
+        return len(self.streams)
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+
+    def kick(self) -> None:
+        """Wake the driver: there may be something to send."""
+        self._wakeup.set()
+
+    def close(self, error_code: int = E_NONE, reason: str = "", *, transport: bool = False) -> None:
+        """Start closing: CONNECTION_CLOSE goes out with the next flush."""
+        frame_type = QuicFrameType.PADDING if transport else None
+        self.quic.close(error_code=error_code, frame_type=frame_type, reason_phrase=reason)
+        self._check_closing()
+        self.kick()
+
+    def open_stream(self) -> QuicStreamTransport:
+        """A new locally initiated bidirectional stream (created in aioquic right away, so the
+        next call gets the next id; nothing is sent until data is)."""
+        if self.failure is not None:
+            raise trio.BrokenResourceError(f"QUIC connection to {self.name}: {self.close_reason}")
+        sid = self.quic.get_next_available_stream_id()
+        self.quic.send_stream_data(sid, b"")
+        stream = QuicStreamTransport(self, sid)
+        self.streams[sid] = stream
+        return stream
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    async def drive(self) -> None:
+        """Send what aioquic has to send, then sleep until its timer or a kick; repeat until
+        the connection is terminated. On cancellation, close with a best-effort
+        CONNECTION_CLOSE so the peer knows at once instead of after its idle timeout."""
+        quic = self.quic
+        interval = self.tuning.idle_timeout / 3
+        try:
+            while not self._terminated:
+                self._wakeup = trio.Event()
+                await self._flush()
+                if self._terminated:
+                    break
+                timer = quic.get_timer()
+                deadline = math.inf if timer is None else timer
+                keepalive = bool(self.streams) and self.failure is None
+                if keepalive:
+                    deadline = min(deadline, self._keepalive_at)
+                with trio.move_on_at(deadline):
+                    await self._wakeup.wait()
+                now = trio.current_time()
+                if timer is not None and now >= timer:
+                    quic.handle_timer(now)
+                    self._process()
+                if keepalive and now >= self._keepalive_at:
+                    quic.send_ping(0)
+                    self._keepalive_at = now + interval
+        finally:
+            if not self._terminated:
+                self._abort()
+            self._finish()
+
+    async def receive_loop(self) -> None:
+        """Client side: read the session's own connected socket."""
+        sock = self.udp.sock
+        quic = self.quic
+        addr = self.peer_addr
+        buf = bytearray(65536)
+        view = memoryview(buf)
+        while not self._terminated:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            for _ in range(_RECV_BATCH):
+                try:
+                    n = sock.recv_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    self._unreachable(exc)
+                    return
+                quic.receive_datagram(bytes(view[:n]), addr, now)
+            self.after_receive(now)
+
+    def after_receive(self, now: float) -> None:
+        """After a batch of datagrams: dispatch events, wake writers, kick the driver."""
+        self._process()
+        self._keepalive_at = now + self.tuning.idle_timeout / 3
+        self._wakeup.set()
+
+    async def _flush(self) -> None:
+        datagrams = self.quic.datagrams_to_send(now=trio.current_time())
+        if not datagrams:
+            return
+        try:
+            await self.udp.send_all(datagrams)
+        except OSError as exc:
+            self._unreachable(exc)
+            return
+        # Sending may end the connection (the closing period starts after CONNECTION_CLOSE).
+        self._process()
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        quic = self.quic
+        while (event := quic.next_event()) is not None:
+            if isinstance(event, qe.StreamDataReceived):
+                self._on_data(event)
+            elif isinstance(event, qe.HandshakeCompleted):
+                self._on_handshake(event)
+            elif isinstance(event, qe.StreamReset):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    why = "reset" if event.error_code != E_REFUSED else "refused"
+                    stream._fail(
+                        f"QUIC stream {event.stream_id} to {self.name}: the peer {why} it",
+                        send=False,
+                    )
+            elif isinstance(event, qe.StopSendingReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream._fail(
+                        f"QUIC stream {event.stream_id} to {self.name}: the peer stopped "
+                        "reading it",
+                        receive=False,
+                    )
+            elif isinstance(event, qe.ConnectionTerminated):
+                self._on_terminated(event)
+            elif isinstance(event, qe.ConnectionIdIssued):
+                self.cids.add(event.connection_id)
+            elif isinstance(event, qe.ConnectionIdRetired):
+                self.cids.discard(event.connection_id)
+        self._check_closing()
+        if self._blocked_writers:
+            low = self.tuning.send_buffer // 2
+            for stream in list(self._blocked_writers):
+                if stream.send_buffered <= low or stream._send_error is not None or stream._closed:
+                    self._blocked_writers.discard(stream)
+                    stream._writers.unpark_all()
+
+    def _on_data(self, event: qe.StreamDataReceived) -> None:
+        sid = event.stream_id
+        stream = self.streams.get(sid)
+        if stream is None:
+            peer_initiated = (sid & 1) == (1 if self.is_client else 0)
+            if self.failure is not None or not peer_initiated or sid in self._closed_ids:
+                return  # data for a stream we closed: aioquic counted it, credit is returned
+            stream = QuicStreamTransport(self, sid)
+            if self._on_stream is None or sid & 2 or not self._on_stream(stream):
+                self._closed_ids.add(sid)
+                self._refuse_stream(sid)
+                return
+            self.streams[sid] = stream
+        stream._feed(event.data, event.end_stream)
+
+    def _refuse_stream(self, sid: int) -> None:
+        try:
+            self.quic.stop_stream(sid, E_REFUSED)
+            self.quic.reset_stream(sid, E_REFUSED)
+        except (ValueError, RuntimeError):
+            pass
+        self.kick()
+
+    def _on_handshake(self, event: qe.HandshakeCompleted) -> None:
+        tls = self.quic.tls
+        if self._verify_cadata is not None or self.is_client:
+            cert = tls._peer_certificate
+            if self._verify_cadata is not None and not self.is_client:
+                # aioquic checked the client's CertificateVerify signature, not its chain.
+                if cert is None:
+                    self.close(
+                        QuicErrorCode.CRYPTO_ERROR + _ALERT_CERTIFICATE_REQUIRED,
+                        "this node requires a client certificate from the cluster CA "
+                        "(security.tls); the peer presented none",
+                        transport=True,
+                    )
+                    return
+                try:
+                    aioquic_tls.verify_certificate(
+                        certificate=cert,
+                        chain=tls._peer_certificate_chain,
+                        cadata=self._verify_cadata,
+                    )
+                except aioquic_tls.Alert as exc:
+                    self.close(
+                        QuicErrorCode.CRYPTO_ERROR + exc.description,
+                        f"client certificate refused: {_explain_verify(str(exc))}",
+                        transport=True,
+                    )
+                    return
+            if cert is not None:
+                from ..certs import node_id_of
+
+                self.peer_node_id = node_id_of(cert.public_bytes(serialization.Encoding.DER))
+        self.established.set()
+
+    def _check_closing(self) -> None:
+        """Fail everything as soon as aioquic decides to close, not 3 PTOs later when the
+        ``ConnectionTerminated`` event comes out of the closing/draining period."""
+        if self.failure is None:
+            event = self.quic._close_event
+            if event is not None:
+                self._on_close(event)
+
+    def _on_close(self, event: qe.ConnectionTerminated) -> None:
+        # DRAINING: the peer sent CONNECTION_CLOSE; otherwise we (or aioquic for us) closed.
+        by_peer = self.quic._state is QuicConnectionState.DRAINING
+        self.failure, self.close_reason = _close_failure(event, by_peer=by_peer)
+        if self.failure is not None and not isinstance(self.failure, PeerUnreachable):
+            log.debug("QUIC connection to %s closing: %s", self.name, self.close_reason)
+        broken = f"QUIC connection to {self.name} closed: {self.close_reason}"
+        for stream in list(self.streams.values()):
+            stream._fail(broken)
+        self._blocked_writers.clear()
+        self.established.set()
+
+    def _on_terminated(self, event: qe.ConnectionTerminated) -> None:
+        if self.failure is None:
+            self._on_close(event)
+        self._terminated = True
+
+    def _unreachable(self, exc: OSError) -> None:
+        """The socket failed (ICMP port unreachable shows up as ECONNREFUSED on a connected
+        UDP socket): nothing more can be sent or received."""
+        if exc.errno == errno.ECONNREFUSED:
+            why = f"nothing is listening for QUIC (UDP) at {self.name}: connection refused"
+        else:
+            why = (exc.strerror or str(exc)).lower()
+        if self.failure is None:
+            self.failure = PeerUnreachable(why)
+            self.close_reason = why
+            broken = f"QUIC connection to {self.name}: {why}"
+            for stream in list(self.streams.values()):
+                stream._fail(broken)
+            self.established.set()
+        self._terminated = True
+        self._wakeup.set()
+
+    def _abort(self) -> None:
+        """Cancelled: close now, without waiting for the closing period."""
+        if self.quic._close_event is None:
+            self.quic.close(error_code=E_NONE, reason_phrase="the node is shutting down")
+        try:
+            for data, addr in self.quic.datagrams_to_send(now=trio.current_time()):
+                self.udp.send_nowait(data, addr)
+        except Exception:  # best effort while being cancelled
+            pass
+        if self.failure is None:
+            self.failure = PeerUnreachable("the connection was closed locally")
+            self.close_reason = "closed locally"
+        broken = f"QUIC connection to {self.name} closed locally"
+        for stream in list(self.streams.values()):
+            stream._fail(broken)
+        self._terminated = True
+
+    def _finish(self) -> None:
+        self.established.set()
+        self.hello_done.set()
+        self.closed.set()
+        if self.on_closed is not None:
+            self.on_closed(self)
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def _consumed(self, stream: QuicStreamTransport, n: int) -> None:
+        """The reader took ``n`` bytes: extend the peer's credit in quarter-window steps."""
+        quic = self.quic
+        quic.app_buffered -= n
+        qs = quic._streams.get(stream.stream_id)
+        if qs is not None and not qs.receiver.is_finished:
+            target = stream._consumed + self.tuning.stream_window
+            if target - qs.max_stream_data_local >= self._stream_step:
+                qs.max_stream_data_local = target
+                self._wakeup.set()
+                return
+        limit = quic._local_max_data
+        if limit.used - quic.app_buffered + quic.flow_window - limit.value >= quic.flow_step:
+            self._wakeup.set()
+
+    def _stream_closed(self, stream: QuicStreamTransport) -> None:
+        sid = stream.stream_id
+        self.streams.pop(sid, None)
+        self._blocked_writers.discard(stream)
+        if (sid & 1) == (1 if self.is_client else 0):
+            self._closed_ids.add(sid)
+            if len(self._closed_ids) > 64:  # forget the ones aioquic has discarded
+                live = self.quic._streams
+                self._closed_ids = {i for i in self._closed_ids if i in live}
+        if not self.streams and self.on_idle is not None:
+            self.on_idle(self)
+
+
+def _close_failure(event: qe.ConnectionTerminated, *, by_peer: bool) -> tuple[TensorError, str]:
+    """The typed error a dialer raises for a connection that ended with ``event``."""
+    code, reason = event.error_code, event.reason_phrase
+    if event.frame_type is not None and _CRYPTO_FIRST <= code <= _CRYPTO_LAST:
+        alert = code - _CRYPTO_FIRST
+        if alert == _ALERT_NO_APPLICATION_PROTOCOL:
+            why = f"the peer does not speak {ALPN} over QUIC"
+            return ProtocolError(why, code="bad_protocol"), why
+        if by_peer:
+            why = f"TLS: the peer refused our certificate: {reason or f'alert {alert}'}"
+        else:
+            why = f"TLS: the peer's certificate was refused: {_explain_verify(reason)}"
+        return AuthenticationFailed(why), why
+    if event.frame_type is None:  # an application close: ours or the peer's tensord
+        if code == E_AUTH:
+            why = reason or "authentication failed"
+            return AuthenticationFailed(f"the peer refused us: {why}" if by_peer else why), why
+        if code == E_PROTOCOL:
+            return ProtocolError(reason or "handshake failed"), reason
+        if code == E_REFUSED:
+            why = f"the peer refused the connection: {reason or 'busy'}"
+            return PeerUnreachable(why), why
+        why = f"closed by the peer: {reason}" if by_peer else f"closed: {reason or 'done'}"
+        return PeerUnreachable(why), why
+    if reason == "Idle timeout":
+        why = "no packet from the peer within the idle timeout (gone, or idle too long)"
+        return PeerUnreachable(why), why
+    why = f"QUIC error 0x{code:x}{': ' + reason if reason else ''}"
+    return PeerUnreachable(why), why
+
+
+def _explain_verify(reason: str) -> str:
+    low = reason.lower()
+    if "cluster's ca" in low or "renew it" in low or "clocks" in low:
+        return reason  # explained already (a reason phrase we wrote)
+    if "issuer" in low or "self-signed" in low or "self signed" in low:
+        return (
+            f"{reason}: it was not issued by this cluster's CA (a node of another cluster, a "
+            "certificate from another CA directory, or a peer without security.tls)"
+        )
+    if "no longer valid" in low or "expired" in low:
+        return f"{reason}: it has expired (renew it with `tensord certs issue`)"
+    if "not valid yet" in low:
+        return f"{reason}: check both machines' clocks"
+    return reason
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and certificates
+
+
+def _base_config(tuning: QuicTuning, *, is_client: bool) -> QuicConfiguration:
+    return QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[ALPN],
+        congestion_control_algorithm=tuning.congestion_control,
+        idle_timeout=tuning.idle_timeout,
+        max_data=tuning.connection_window,
+        max_stream_data=tuning.stream_window,
+        max_datagram_size=tuning.max_datagram_size,
+        connection_id_length=_CID_LENGTH,
+    )
+
+
+def _read_ca(tls: TlsSettings) -> bytes:
+    from ..certs import client_context
+
+    client_context(tls)  # the three files, checked with one clear line per mistake
+    return tls.ca.read_bytes()
+
+
+def _client_config(tls: TlsSettings | None, tuning: QuicTuning) -> QuicConfiguration:
+    cfg = _base_config(tuning, is_client=True)
+    if tls is None:
+        cfg.verify_mode = ssl.CERT_NONE
+        return cfg
+    cfg.load_verify_locations(cadata=_read_ca(tls))
+    cfg.load_cert_chain(tls.cert, tls.key)
+    cfg.verify_mode = ssl.CERT_REQUIRED
+    # No server_name: the identity is the node id in the certificate, checked after the Hello.
+    return cfg
+
+
+def _server_config(tls: TlsSettings | None, tuning: QuicTuning) -> tuple[QuicConfiguration, bytes]:
+    """The listener's configuration and the CA (empty without TLS) to verify clients with."""
+    cfg = _base_config(tuning, is_client=False)
+    if tls is None:
+        cert, key = ephemeral_certificate()
+        cfg.certificate, cfg.private_key = cert, key
+        return cfg, b""
+    cadata = _read_ca(tls)
+    cfg.load_verify_locations(cadata=cadata)
+    cfg.load_cert_chain(tls.cert, tls.key)
+    return cfg, cadata
+
+
+def ephemeral_certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A throwaway self-signed certificate for a listener without ``security.tls``: QUIC
+    cannot run without one. Nobody verifies it; it only keys the encryption."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tensord ephemeral")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _check_identity(session: QuicSession, claimed: str, tls: TlsSettings | None) -> None:
+    if tls is not None and session.peer_node_id != claimed:
+        raise AuthenticationFailed(
+            f"the peer claims to be node {claimed!r} but its certificate is for "
+            f"{session.peer_node_id!r}"
+        )
+
+
+def _tune_socket(sock: socket.socket, tuning: QuicTuning) -> None:
+    sock.setblocking(False)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, tuning.socket_buffer)
+
+
+# --------------------------------------------------------------------------------------------
+# Dialing
+
+
+@dataclass
+class DialerStats:
+    connections: int = 0  # QUIC connections opened
+    streams: int = 0  # Connections (streams) handed out
+
+
+@dataclass
+class QuicDialer:
+    """The client side's registry: one live QUIC connection per (peer address, local
+    identity, security), reused by every dial, its tasks run in :meth:`run`'s nursery.
+
+    A node should own one (``await nursery.start(dialer.run)``) and pass it to
+    :func:`dial_quic`; without one, :func:`dial_quic` uses a dialer per Trio run, started as a
+    system task and cancelled when the run ends.
+    """
+
+    tuning: QuicTuning = DEFAULT_TUNING
+    stats: DialerStats = field(default_factory=DialerStats)
+
+    def __post_init__(self) -> None:
+        self._sessions: dict[tuple[Any, ...], QuicSession] = {}
+        self._configs: dict[TlsSettings | None, QuicConfiguration] = {}
+        self._nursery: trio.Nursery | None = None
+        self._running = trio.Event()
+
+    def connections(self) -> list[QuicSession]:
+        """The live QUIC connections."""
+        return [s for s in self._sessions.values() if s.failure is None]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drive the dialer's connections until cancelled (then they are closed)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._running.set()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    async def dial(
+        self,
+        addr: HostPort,
+        hello: Hello,
+        decoder: DecoderFactory,
+        *,
+        connect_timeout: float,
+        key: ClusterKey | None = None,
+        tls: TlsSettings | None = None,
+    ) -> Connection:
+        """A new stream on the peer's QUIC connection (dialled if there is none), as a
+        handshaken :class:`Connection`. Errors as :func:`dial_quic`."""
+        session: QuicSession | None = None
+        try:
+            with trio.fail_after(connect_timeout):
+                session = await self._session(addr, hello, key, tls)
+                conn = await self._open(session, hello, decoder, key, tls)
+                self.stats.streams += 1
+                return conn
+        except (TimeoutError, trio.TooSlowError):
+            if session is not None and session.failure is not None:
+                raise _with_addr(session.failure, addr) from None
+            raise PeerUnreachable(
+                f"{addr}: no QUIC handshake within {connect_timeout:g} s (transfer.connect_timeout)"
+            ) from None
+        except ProtocolError as exc:
+            if exc.code == "auth":
+                raise AuthenticationFailed(f"{addr}: {exc}") from None
+            raise
+        except (AuthenticationFailed, PeerUnreachable) as exc:
+            raise _with_addr(exc, addr) from None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
+            if session is not None and session.failure is not None:
+                raise _with_addr(session.failure, addr) from None
+            raise PeerUnreachable(f"{addr}: the QUIC connection was lost") from None
+
+    async def _session(
+        self, addr: HostPort, hello: Hello, key: ClusterKey | None, tls: TlsSettings | None
+    ) -> QuicSession:
+        ident = (addr.host, addr.port, hello, key, tls)
+        session = self._sessions.get(ident)
+        if session is None or session.failure is not None:
+            session = await self._connect(ident, addr, tls)
+        await session.established.wait()
+        if session.failure is not None:
+            raise _copy(session.failure)
+        return session
+
+    async def _connect(
+        self, ident: tuple[Any, ...], addr: HostPort, tls: TlsSettings | None
+    ) -> QuicSession:
+        if self._nursery is None:
+            raise RuntimeError("QuicDialer.run() is not running")
+        cfg = self._configs.get(tls)
+        if cfg is None:
+            cfg = self._configs[tls] = _client_config(tls, self.tuning)
+        try:
+            infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise PeerUnreachable(f"cannot resolve {addr.host!r}: {exc}") from None
+        # Another task may have connected while we resolved.
+        existing = self._sessions.get(ident)
+        if existing is not None and existing.failure is None:
+            return existing
+        family, _, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+        try:
+            _tune_socket(sock, self.tuning)
+            sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            raise PeerUnreachable(f"{addr}: {(exc.strerror or str(exc)).lower()}") from None
+        quic = _FlowControlledConnection(
+            configuration=cfg,
+            connection_window=self.tuning.connection_window,
+            request_client_certificate=False,
+        )
+        session = QuicSession(
+            quic, _UdpSocket(sock, connected=True), sockaddr, name=str(addr), tuning=self.tuning
+        )
+
+        def closed(s: QuicSession) -> None:
+            if self._sessions.get(ident) is s:
+                del self._sessions[ident]
+
+        session.on_closed = closed
+        self._sessions[ident] = session
+        self.stats.connections += 1
+        quic.connect(sockaddr, now=trio.current_time())
+        self._nursery.start_soon(_run_client_session, session, name=f"quic-client {addr}")
+        return session
+
+    async def _open(
+        self,
+        session: QuicSession,
+        hello: Hello,
+        decoder: DecoderFactory,
+        key: ClusterKey | None,
+        tls: TlsSettings | None,
+    ) -> Connection:
+        """The hello gate: the first caller runs the Hello on the first stream; the others
+        wait for it and reuse its agreement."""
+        while True:
+            if session.agreement is not None:
+                framed = FramedStream(session.open_stream(), decoder())
+                return Connection(framed, session.agreement, outbound=True)
+            if session.hello_failure is not None:
+                raise _copy(session.hello_failure)
+            if session.failure is not None:
+                raise _copy(session.failure)
+            if not session.hello_started:
+                break
+            await session.hello_done.wait()
+        session.hello_started = True
+        stream = session.open_stream()
+        framed = FramedStream(stream, decoder())
+        try:
+            conn = await client_handshake(framed, hello, key)
+            try:
+                _check_identity(session, conn.peer_id, tls)
+            except AuthenticationFailed as exc:
+                await conn.send_error("auth", str(exc))
+                raise
+        except BaseException as exc:
+            failure = _hello_failure(session, exc)
+            session.hello_failure = failure
+            code = E_AUTH if isinstance(failure, AuthenticationFailed) else E_PROTOCOL
+            session.close(code, str(failure))
+            stream._close()
+            session.hello_done.set()
+            raise
+        session.agreement = conn.agreement
+        session.hello_done.set()
+        return conn
+
+
+def _hello_failure(session: QuicSession, exc: BaseException) -> TensorError:
+    if session.failure is not None:
+        return session.failure
+    if isinstance(exc, ProtocolError) and exc.code == "auth":
+        return AuthenticationFailed(str(exc))
+    if isinstance(exc, TensorError):
+        return exc
+    return PeerUnreachable("the handshake on the connection's first stream did not complete")
+
+
+def _copy(exc: TensorError, prefix: str = "") -> TensorError:
+    """A fresh copy of a session's stored error (each raise gets its own traceback)."""
+    msg = f"{prefix}{exc}"
+    if isinstance(exc, AuthenticationFailed):
+        return AuthenticationFailed(msg)
+    if isinstance(exc, ProtocolError):
+        return ProtocolError(msg, code=exc.code)
+    return PeerUnreachable(msg)
+
+
+def _with_addr(exc: TensorError, addr: HostPort) -> TensorError:
+    """The error, naming the peer."""
+    return _copy(exc, f"{addr}: ")
+
+
+async def _run_client_session(session: QuicSession) -> None:
+    """A client connection's two tasks; never raises into the dialer's nursery."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.receive_loop)
+            await session.drive()
+            nursery.cancel_scope.cancel()
+    except Exception:  # a bug in a driver must not take the other connections down
+        log.exception("QUIC connection to %s failed", session.name)
+    finally:
+        session.udp.close()
+
+
+_default_dialer: trio.lowlevel.RunVar[QuicDialer] = trio.lowlevel.RunVar("tensord_quic_dialer")
+
+
+async def default_dialer() -> QuicDialer:
+    """The dialer of this Trio run, started on first use as a system task."""
+    try:
+        dialer = _default_dialer.get()
+    except LookupError:
+        dialer = QuicDialer()
+        _default_dialer.set(dialer)
+        trio.lowlevel.spawn_system_task(dialer.run, name="tensord QUIC dialer")
+    await dialer._running.wait()
+    return dialer
+
+
+async def dial_quic(
+    addr: HostPort,
+    hello: Hello,
+    decoder: DecoderFactory,
+    *,
+    connect_timeout: float,
+    key: ClusterKey | None = None,
+    tls: TlsSettings | None = None,
+    dialer: QuicDialer | None = None,
+) -> Connection:
+    """Open a stream to ``addr`` (on its live QUIC connection, or a new one) and hand it out as
+    a handshaken :class:`Connection`, within ``connect_timeout``.
+
+    Raises :class:`PeerUnreachable` (no answer, refused, timed out), :class:`AuthenticationFailed`
+    (TLS, node id, or cluster secret refused, either way), or :class:`ProtocolError`.
+    """
+    if dialer is None:
+        dialer = await default_dialer()
+    return await dialer.dial(
+        addr, hello, decoder, connect_timeout=connect_timeout, key=key, tls=tls
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+
+
+async def open_quic_socket(addr: HostPort, tuning: QuicTuning = DEFAULT_TUNING) -> socket.socket:
+    """Bind the listener's UDP socket (port 0 picks a free port; ``::`` also takes IPv4)."""
+    host = None if addr.host in ("0.0.0.0", "::", "") else addr.host
+    if addr.host == "::":
+        family = socket.AF_INET6
+    elif host is None:
+        family = socket.AF_INET
+    else:
+        infos = await trio.socket.getaddrinfo(
+            host, addr.port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+        )
+        family = infos[0][0]
+        host = str(infos[0][4][0])
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6 and host is None:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        _tune_socket(sock, tuning)
+        sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), addr.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Listener:
+    """The server side: one UDP socket, its QUIC connections, and their streams' handlers."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        hello: Hello,
+        decoder: DecoderFactory,
+        handler: Handler,
+        *,
+        handshake_timeout: float,
+        key: ClusterKey | None,
+        tls: TlsSettings | None,
+        max_connections: int | None,
+        tuning: QuicTuning,
+    ) -> None:
+        self.udp = _UdpSocket(sock, connected=False)
+        self.hello = hello
+        self.decoder = decoder
+        self.handler = handler
+        self.handshake_timeout = handshake_timeout
+        self.key = key
+        self.tls = tls
+        self.max_connections = max_connections
+        self.tuning = tuning
+        self.config, cadata = _server_config(tls, tuning)
+        self.cadata = cadata or None
+        self.routes: dict[bytes, QuicSession] = {}
+        self.sessions: set[QuicSession] = set()
+        self.accepting = True
+        self.open_streams = 0
+        self._warned_at = -1e9
+        self._nursery: trio.Nursery | None = None
+        self._handlers: trio.Nursery | None = None
+
+    async def run(
+        self, handlers: trio.Nursery | None, *, task_status: trio.TaskStatus[int]
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._handlers = handlers or nursery
+                nursery.start_soon(self._receive_loop)
+                task_status.started(self.udp.sock.getsockname()[1])
+        finally:
+            self.udp.close()
+
+    def stop_accepting(self) -> None:
+        """No new connections or streams; idle connections close now, busy ones when their
+        last stream ends; the socket closes with the last connection."""
+        self.accepting = False
+        for session in list(self.sessions):
+            if not session.streams:
+                session.close(E_NONE, "the node is shutting down")
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if not self.accepting and not self.sessions and self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _receive_loop(self) -> None:
+        sock = self.udp.sock
+        routes = self.routes
+        touched: set[QuicSession] = set()
+        # recvfrom(65536) would allocate (and shrink) 64 KiB per datagram: receive into one
+        # buffer and copy out the datagram.
+        buf = bytearray(65536)
+        view = memoryview(buf)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            for _ in range(_RECV_BATCH):
+                try:
+                    n, addr = sock.recvfrom_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    continue  # an ICMP error for some earlier datagram: not fatal here
+                data = bytes(view[:n])
+                try:
+                    header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
+                except ValueError:
+                    continue
+                session = routes.get(header.destination_cid)
+                if session is None:
+                    session = self._new_session(header.destination_cid, header, data, addr)
+                    if session is None:
+                        continue
+                session.quic.receive_datagram(data, addr, now)
+                touched.add(session)
+            for session in touched:
+                session.after_receive(now)
+                for cid in session.cids:
+                    if cid not in routes:
+                        routes[cid] = session
+            touched.clear()
+
+    def _new_session(
+        self, dcid: bytes, header: QuicHeader, data: bytes, addr: NetworkAddress
+    ) -> QuicSession | None:
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
+            or header.version not in self.config.supported_versions
+            or not self.accepting
+        ):
+            return None
+        assert self._nursery is not None
+        quic = _FlowControlledConnection(
+            configuration=self.config,
+            original_destination_connection_id=dcid,
+            connection_window=self.tuning.connection_window,
+            request_client_certificate=self.cadata is not None,
+        )
+        host, port = addr[0], addr[1]
+        session = QuicSession(
+            quic,
+            self.udp,
+            addr,
+            name=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            tuning=self.tuning,
+            verify_cadata=self.cadata,
+            on_stream=self._on_stream,
+        )
+        session.cids.add(dcid)
+        session.on_closed = self._on_closed
+        session.on_idle = self._on_idle
+        self.sessions.add(session)
+        for cid in session.cids:
+            self.routes[cid] = session
+        self._nursery.start_soon(self._drive, session, name=f"quic-server {session.name}")
+        return session
+
+    async def _drive(self, session: QuicSession) -> None:
+        try:
+            await session.drive()
+        except Exception:
+            log.exception("QUIC connection from %s failed", session.name)
+
+    def _on_closed(self, session: QuicSession) -> None:
+        self.sessions.discard(session)
+        for cid, s in list(self.routes.items()):
+            if s is session:
+                del self.routes[cid]
+        if session.hello_failure is None and isinstance(session.failure, AuthenticationFailed):
+            log.warning("peer connection from %s refused: %s", session.name, session.failure)
+        self._maybe_finish()
+
+    def _on_idle(self, session: QuicSession) -> None:
+        if not self.accepting:
+            session.close(E_NONE, "the node is shutting down")
+
+    def _on_stream(self, stream: QuicStreamTransport) -> bool:
+        """A new stream from a peer: serve it (the first one carries the Hello), or refuse."""
+        session = stream.session
+        if not self.accepting:
+            return False
+        if self.max_connections is not None and self.open_streams >= self.max_connections:
+            if trio.current_time() - self._warned_at > 10:
+                self._warned_at = trio.current_time()
+                log.warning(
+                    "peer stream from %s refused: %d connections open (transfer.max_connections)",
+                    session.name,
+                    self.open_streams,
+                )
+            return False
+        self.open_streams += 1
+        # Decided here, in arrival order: tasks may start in any order.
+        first = not session.hello_started
+        session.hello_started = True
+        assert self._handlers is not None
+        self._handlers.start_soon(
+            self._serve_stream, stream, first, name=f"quic-stream {session.name}"
+        )
+        return True
+
+    async def _serve_stream(self, stream: QuicStreamTransport, first: bool) -> None:
+        session = stream.session
+        framed = FramedStream(stream, self.decoder())
+        try:
+            if first:
+                try:
+                    conn = await self._first_stream(session, framed)
+                finally:
+                    session.hello_done.set()
+                if conn is None:
+                    return
+            else:
+                with trio.move_on_after(self.handshake_timeout):
+                    await session.hello_done.wait()
+                if session.agreement is None:
+                    stream._close()
+                    return
+                conn = Connection(framed, session.agreement, outbound=False)
+            try:
+                await self.handler(conn)
+            finally:
+                await conn.aclose()
+        finally:
+            self.open_streams -= 1
+            stream._close()
+
+    async def _first_stream(self, session: QuicSession, framed: FramedStream) -> Connection | None:
+        """The Hello (and cluster-secret check) on a QUIC connection's first stream; a failure
+        closes the whole connection, with the reason in CONNECTION_CLOSE."""
+        if self.tls is not None:
+            framed = _IdentityCheckedStream(framed.transport, framed.decoder, session, self.tls)
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                conn = await server_handshake(framed, self.hello, self.key)
+        except (AuthenticationFailed, ProtocolError) as exc:
+            auth = isinstance(exc, AuthenticationFailed) or exc.code == "auth"
+            if session.failure is None:
+                session.hello_failure = AuthenticationFailed(str(exc)) if auth else exc
+                if auth:
+                    log.warning("peer connection from %s refused: %s", session.name, exc)
+                else:
+                    log.info(
+                        "peer connection from %s refused during handshake: %s", session.name, exc
+                    )
+                session.close(E_AUTH if auth else E_PROTOCOL, str(exc))
+            return None
+        except (
+            TimeoutError,
+            trio.TooSlowError,
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            ConnectionClosed,
+        ) as exc:
+            why = session.close_reason or str(exc) or type(exc).__name__
+            if isinstance(session.failure, AuthenticationFailed):
+                log.warning("peer connection from %s refused: %s", session.name, why)
+            else:
+                log.info("peer connection from %s failed during handshake: %s", session.name, why)
+            if session.failure is None:
+                session.hello_failure = PeerUnreachable(why)
+                session.close(E_PROTOCOL, "no handshake on the first stream")
+            return None
+        session.agreement = conn.agreement
+        return conn
+
+
+class _IdentityCheckedStream(FramedStream):
+    """The listener's first stream with TLS: the dialer's Hello must claim the node id of its
+    certificate, checked as it is read - an impostor never even gets our Hello back."""
+
+    def __init__(
+        self,
+        transport: QuicStreamTransport | Any,
+        decoder: FrameDecoder,
+        session: QuicSession,
+        tls: TlsSettings,
+    ) -> None:
+        super().__init__(transport, decoder)
+        self._session = session
+        self._tls: TlsSettings | None = tls
+
+    async def receive(self) -> Message:
+        msg = await super().receive()
+        if isinstance(msg, Hello) and self._tls is not None:
+            tls, self._tls = self._tls, None
+            _check_identity(self._session, msg.node, tls)
+        return msg
+
+
+async def serve_quic(
+    addr_or_socket: HostPort | socket.socket,
+    hello: Hello,
+    decoder: DecoderFactory,
+    handler: Handler,
+    *,
+    handshake_timeout: float,
+    handler_nursery: trio.Nursery | None = None,
+    key: ClusterKey | None = None,
+    tls: TlsSettings | None = None,
+    max_connections: int | None = None,
+    tuning: QuicTuning = DEFAULT_TUNING,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve QUIC until cancelled: every stream whose connection passed its first-stream
+    handshake becomes a :class:`Connection` passed to ``handler``. Reports the bound UDP port
+    with ``task_status.started(port)``.
+
+    With ``handler_nursery``, the connections (their UDP socket included) live in that nursery:
+    cancelling ``serve_quic`` only stops accepting - new QUIC connections and new streams are
+    refused, idle connections are closed, the transfers in flight carry on, and the socket is
+    closed after the last connection (this is what ``TensorNode.drain`` needs). Without it,
+    cancelling ``serve_quic`` closes everything. ``max_connections`` bounds the streams served
+    at once (the QUIC analogue of TCP connections).
+    """
+    sock = (
+        addr_or_socket
+        if isinstance(addr_or_socket, socket.socket)
+        else await open_quic_socket(addr_or_socket, tuning)
+    )
+    sock.setblocking(False)
+    try:
+        listener = _Listener(
+            sock,
+            hello,
+            decoder,
+            handler,
+            handshake_timeout=handshake_timeout,
+            key=key,
+            tls=tls,
+            max_connections=max_connections,
+            tuning=tuning,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    if handler_nursery is None:
+        try:
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(listener.run, None)
+                task_status.started(port)
+        finally:
+            listener.accepting = False
+        return
+    port = await handler_nursery.start(listener.run, handler_nursery)
+    task_status.started(port)
+    try:
+        await trio.sleep_forever()
+    finally:
+        listener.stop_accepting()
+
+
+__all__ = [
+    "ALPN",
+    "DEFAULT_TUNING",
+    "DialerStats",
+    "QuicDialer",
+    "QuicSession",
+    "QuicStreamTransport",
+    "QuicTuning",
+    "default_dialer",
+    "dial_quic",
+    "ephemeral_certificate",
+    "open_quic_socket",
+    "serve_quic",
+]

@@ -1,0 +1,485 @@
+"""The QUIC transport over real UDP sockets on 127.0.0.1: handshake, streams, flow control,
+loss, idle timeout, and the refusals of mutual TLS and the cluster secret."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from tensord.certs import init_ca, issue
+from tensord.config import HostPort, TlsSettings
+from tensord.errors import AuthenticationFailed, PeerUnreachable
+from tensord.net.connection import Connection
+from tensord.net.quic import (
+    DEFAULT_TUNING,
+    QuicDialer,
+    QuicSession,
+    QuicStreamTransport,
+    QuicTuning,
+    serve_quic,
+)
+from tensord.net.stream import ConnectionClosed
+from tensord.wire.auth import ClusterKey
+from tensord.wire.frames import FrameDecoder
+from tensord.wire.handshake import ALL_FEATURES, make_hello
+from tensord.wire.messages import Chunk, Hello, Ping, Pong
+
+MiB = 1 << 20
+KEY = ClusterKey(b"x" * 32)
+
+Handler = Callable[[Connection], Awaitable[None]]
+
+
+def hello(node: str) -> Hello:
+    return make_hello(node, ALL_FEATURES, 16 * MiB)
+
+
+def payload(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def transport(conn: Connection) -> QuicStreamTransport:
+    t = conn.stream.transport
+    assert isinstance(t, QuicStreamTransport)
+    return t
+
+
+async def echo(conn: Connection) -> None:
+    """Ping -> Pong; a Chunk's payload is compared with ``payload(int(id, 16), len)`` and
+    answered Pong(1) if it is byte-exact, Pong(0) if not."""
+    try:
+        while True:
+            msg = await conn.stream.receive()
+            if isinstance(msg, Ping):
+                await conn.stream.send(Pong(msg.seq))
+            elif isinstance(msg, Chunk):
+                buf = bytearray(msg.wire_len)
+                await conn.stream.receive_payload_into(memoryview(buf))
+                exact = buf == payload(int(msg.id, 16), msg.wire_len)
+                await conn.stream.send(Pong(1 if exact else 0))
+    except (ConnectionClosed, trio.BrokenResourceError):
+        return
+
+
+async def send_payload(conn: Connection, seed: int, n: int) -> bool:
+    chunk = Chunk(f"{seed:016x}", 0, 0, n, n, None)
+    await conn.stream.send_with_payload(chunk, payload(seed, n))
+    return await conn.stream.receive() == Pong(1)
+
+
+async def ping(conn: Connection, seq: int = 7) -> bool:
+    await conn.stream.send(Ping(seq))
+    return await conn.stream.receive() == Pong(seq)
+
+
+@asynccontextmanager
+async def quic_server(
+    handler: Handler = echo,
+    *,
+    node: str = "server",
+    key: ClusterKey | None = None,
+    tls: TlsSettings | None = None,
+    tuning: QuicTuning = DEFAULT_TUNING,
+) -> AsyncIterator[int]:
+    """A listener on 127.0.0.1, port chosen by the kernel; yields the port."""
+    async with trio.open_nursery() as nursery:
+        port: int = await nursery.start(
+            partial(
+                serve_quic,
+                HostPort("127.0.0.1", 0),
+                hello(node),
+                FrameDecoder,
+                handler,
+                handshake_timeout=5,
+                key=key,
+                tls=tls,
+                tuning=tuning,
+            )
+        )
+        yield port
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def quic_dialer(tuning: QuicTuning = DEFAULT_TUNING) -> AsyncIterator[QuicDialer]:
+    dialer = QuicDialer(tuning)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dialer.run)
+        yield dialer
+        nursery.cancel_scope.cancel()
+
+
+async def dial(
+    dialer: QuicDialer,
+    port: int,
+    *,
+    node: str = "client",
+    key: ClusterKey | None = None,
+    tls: TlsSettings | None = None,
+) -> Connection:
+    return await dialer.dial(
+        HostPort("127.0.0.1", port),
+        hello(node),
+        FrameDecoder,
+        connect_timeout=5,
+        key=key,
+        tls=tls,
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cluster CA with certificates for client and server; another CA's for both."""
+    root = tmp_path_factory.mktemp("pki")
+    init_ca(root / "ca")
+    init_ca(root / "other-ca")
+    for node in ("client", "server"):
+        issue(root / "ca", node, root / "certs")
+        issue(root / "other-ca", node, root / "other")
+    # Trusting both CAs (as during a CA rotation): such a node accepts this cluster's peers,
+    # so only their verification of its other-CA certificate can refuse it.
+    both = (root / "ca" / "ca.crt").read_bytes() + (root / "other-ca" / "ca.crt").read_bytes()
+    (root / "both.crt").write_bytes(both)
+    return root
+
+
+def tls_for(pki: Path, node: str, certs: str = "certs", ca: str = "") -> TlsSettings:
+    """``certs``: this cluster's; ``other``: a node of another cluster (its own CA)."""
+    ca_file = pki / ca if ca else pki / ("ca" if certs == "certs" else "other-ca") / "ca.crt"
+    return TlsSettings(ca_file, pki / certs / f"{node}.crt", pki / certs / f"{node}.key")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+async def test_hello_then_frames_and_a_payload() -> None:
+    seen: list[Connection] = []
+
+    async def handler(conn: Connection) -> None:
+        seen.append(conn)
+        await echo(conn)
+
+    with trio.fail_after(10):
+        async with quic_server(handler) as port, quic_dialer() as dialer:
+            conn = await dial(dialer, port)
+            assert conn.outbound and conn.peer_id == "server"
+            assert conn.agreement.chunked and conn.agreement.crc
+            assert conn.stream.transport.fileno() == -1
+            assert await ping(conn, 1) and await ping(conn, 2)
+            assert await send_payload(conn, 11, 3 * MiB + 17)
+            assert seen[0].peer_id == "client" and not seen[0].outbound
+            assert transport(conn).looks_alive()
+            await conn.aclose()
+
+
+async def test_cluster_secret_and_mutual_tls_together(pki: Path) -> None:
+    with trio.fail_after(10):
+        async with (
+            quic_server(key=KEY, tls=tls_for(pki, "server")) as port,
+            quic_dialer() as dialer,
+        ):
+            conn = await dial(dialer, port, key=KEY, tls=tls_for(pki, "client"))
+            assert conn.peer_id == "server"
+            assert transport(conn).session.peer_node_id == "server"
+            assert await ping(conn)
+            assert await send_payload(conn, 5, MiB)
+
+
+async def test_many_concurrent_streams_share_one_quic_connection() -> None:
+    server_sessions: set[QuicSession] = set()
+    stream_ids: set[int] = set()
+
+    async def handler(conn: Connection) -> None:
+        server_sessions.add(transport(conn).session)
+        stream_ids.add(transport(conn).stream_id)
+        await echo(conn)
+
+    results: list[bool] = []
+    with trio.fail_after(25):
+        async with quic_server(handler) as port, quic_dialer() as dialer:
+
+            async def one(seed: int) -> None:
+                conn = await dial(dialer, port)
+                results.append(await send_payload(conn, seed, 4 * MiB))
+                await conn.aclose()
+
+            async with trio.open_nursery() as nursery:
+                for seed in range(16):
+                    nursery.start_soon(one, seed)
+            assert dialer.stats.connections == 1 and len(dialer.connections()) == 1
+            assert dialer.stats.streams == 16
+    assert results == [True] * 16
+    assert len(server_sessions) == 1 and len(stream_ids) == 16
+
+
+async def test_concurrent_first_dials_run_one_hello() -> None:
+    """Dials racing on a fresh connection wait for the first stream's Hello and reuse it."""
+    with trio.fail_after(10):
+        async with quic_server() as port, quic_dialer() as dialer:
+            conns: list[Connection] = []
+
+            async def one() -> None:
+                conns.append(await dial(dialer, port))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(one)
+            assert dialer.stats.connections == 1
+            assert len({id(c.agreement) for c in conns}) == 1
+            for i, conn in enumerate(conns):
+                assert await ping(conn, i)
+
+
+async def test_slow_reader_bounds_what_both_sides_buffer() -> None:
+    tuning = QuicTuning(stream_window=256 * 1024, connection_window=1 * MiB, send_buffer=256 * 1024)
+    release = trio.Event()
+    server_side: list[QuicStreamTransport] = []
+
+    async def slow(conn: Connection) -> None:
+        server_side.append(transport(conn))
+        await release.wait()  # a reader that does not read yet
+        await echo(conn)
+
+    size = 16 * MiB
+    with trio.fail_after(25):
+        async with quic_server(slow, tuning=tuning) as port, quic_dialer(tuning) as dialer:
+            conn = await dial(dialer, port)
+            done = trio.Event()
+            exact: list[bool] = []
+
+            async def sender() -> None:
+                exact.append(await send_payload(conn, 3, size))
+                done.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender)
+                # Everything settles once flow control has stopped the sender.
+                await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+                assert not done.is_set()
+                # The sender is held back, not buffering it all.
+                assert transport(conn).bytes_queued < size / 2
+                assert transport(conn).max_send_buffered <= tuning.send_buffer
+                assert server_side[0].receive_buffered <= tuning.stream_window
+                release.set()
+            assert exact == [True]
+            # The bounds held for the whole transfer, on both sides.
+            assert transport(conn).max_send_buffered <= tuning.send_buffer
+            assert server_side[0].max_receive_buffered <= tuning.stream_window
+
+
+@pytest.mark.parametrize(("loss", "seed"), [(0.01, 1), (0.05, 2)])
+async def test_loss_and_reordering_stay_byte_exact(loss: float, seed: int) -> None:
+    from .udp_proxy import UdpProxy
+
+    results: list[bool] = []
+    with trio.fail_after(25):
+        async with quic_server() as port, quic_dialer() as dialer:
+            proxy = UdpProxy(("127.0.0.1", port), loss=loss, reorder=0.03, seed=seed)
+            async with trio.open_nursery() as nursery:
+                proxy_port = await nursery.start(proxy.run)
+
+                async def one(i: int) -> None:
+                    conn = await dial(dialer, proxy_port)
+                    results.append(await send_payload(conn, 100 + i, 2 * MiB))
+                    await conn.aclose()
+
+                async with trio.open_nursery() as inner:
+                    for i in range(2):
+                        inner.start_soon(one, i)
+                nursery.cancel_scope.cancel()
+    assert results == [True, True]
+    assert proxy.stats.dropped > 0 and proxy.stats.reordered > 0
+
+
+async def test_idle_connection_closes_and_the_next_dial_reconnects() -> None:
+    tuning = QuicTuning(idle_timeout=0.3)
+    with trio.fail_after(10):
+        async with quic_server(tuning=tuning) as port, quic_dialer(tuning) as dialer:
+            conn = await dial(dialer, port)
+            assert await ping(conn)
+            session = transport(conn).session
+            await conn.aclose()  # no stream left: nothing keeps the connection alive
+            await session.wait_closed()
+            assert isinstance(session.failure, PeerUnreachable)
+            assert "idle" in str(session.failure)
+            assert dialer.connections() == []
+
+            again = await dial(dialer, port)
+            assert transport(again).session is not session
+            assert dialer.stats.connections == 2
+            assert await ping(again)
+
+
+async def test_open_stream_keeps_a_quiet_connection_alive() -> None:
+    tuning = QuicTuning(idle_timeout=0.3)
+    with trio.fail_after(10):
+        async with quic_server(tuning=tuning) as port, quic_dialer(tuning) as dialer:
+            conn = await dial(dialer, port)
+            # Not synchronisation: the scenario is time passing with nothing sent.
+            await trio.sleep(1.0)
+            assert await ping(conn)
+            assert dialer.stats.connections == 1
+
+
+async def test_connection_loss_breaks_streams_and_redial_is_unreachable() -> None:
+    with trio.fail_after(10):
+        async with quic_dialer() as dialer:
+            async with quic_server() as port:
+                conn = await dial(dialer, port)
+                assert await ping(conn)
+            # The listener is gone: it sent CONNECTION_CLOSE as it was cancelled.
+            with pytest.raises(trio.BrokenResourceError):
+                await conn.stream.receive()
+            assert not transport(conn).looks_alive()
+            with pytest.raises(PeerUnreachable, match=r"nothing is listening|refused"):
+                await dial(dialer, port)
+
+
+async def test_unreachable_port_fails_fast_and_typed() -> None:
+    sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # a port nobody listens on: ICMP port unreachable
+    with trio.fail_after(3):
+        async with quic_dialer() as dialer:
+            with pytest.raises(PeerUnreachable, match="nothing is listening"):
+                await dial(dialer, port)
+
+
+async def test_listener_only_accepts_until_cancelled_with_a_handler_nursery() -> None:
+    """Like drain(): a cancelled listener lets the streams in flight finish."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as handlers, quic_dialer() as dialer:
+            scope = trio.CancelScope()
+            ready: list[int] = []
+
+            async def listen(task_status: trio.TaskStatus[int]) -> None:
+                with scope:
+                    await serve_quic(
+                        HostPort("127.0.0.1", 0),
+                        hello("server"),
+                        FrameDecoder,
+                        echo,
+                        handshake_timeout=5,
+                        handler_nursery=handlers,
+                        task_status=task_status,
+                    )
+
+            ready.append(await handlers.start(listen))
+            conn = await dial(dialer, ready[0])
+            assert await ping(conn)
+            scope.cancel()
+            assert await send_payload(conn, 9, MiB)  # the stream in flight carries on
+            later = await dial(dialer, ready[0])  # reuses the agreement, no round trip
+            with pytest.raises((trio.BrokenResourceError, ConnectionClosed)):
+                await ping(later)  # but the listener refuses the new stream
+            await conn.aclose()
+            # The last stream closed: the listener closes the connection and its socket.
+            await transport(conn).session.wait_closed()
+            handlers.cancel_scope.cancel()
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("server_certs", "client_certs", "client_ca", "client_node", "server_node", "match"),
+    [
+        ("certs", "other", "both.crt", "client", "server", "refused our certificate"),
+        ("other", "certs", "", "client", "server", "certificate was refused.*cluster's CA"),
+        ("certs", "other", "", "client", "server", "certificate was refused.*cluster's CA"),
+        ("certs", "certs", "", "server", "server", "refused us.*certificate is for 'client'"),
+        ("certs", "certs", "", "client", "client", "certificate is for 'server'"),
+    ],
+    ids=[
+        "client-cert-other-ca",
+        "server-cert-other-ca",
+        "other-cluster",
+        "client-id-lie",
+        "server-id-lie",
+    ],
+)
+async def test_mutual_tls_refusals_are_authentication_failures(
+    pki: Path,
+    server_certs: str,
+    client_certs: str,
+    client_ca: str,
+    client_node: str,
+    server_node: str,
+    match: str,
+) -> None:
+    server_tls = tls_for(pki, "server", server_certs)
+    client_tls = tls_for(pki, "client", client_certs, client_ca)
+    with trio.fail_after(3):
+        async with (
+            quic_server(node=server_node, tls=server_tls) as port,
+            quic_dialer() as dialer,
+        ):
+            with pytest.raises(AuthenticationFailed, match=match):
+                await dial(dialer, port, node=client_node, tls=client_tls)
+            assert dialer.connections() == []
+
+
+async def test_plaintext_dialer_is_refused_by_a_tls_listener(pki: Path) -> None:
+    with trio.fail_after(3):
+        async with quic_server(tls=tls_for(pki, "server")) as port, quic_dialer() as dialer:
+            with pytest.raises(AuthenticationFailed, match="client certificate"):
+                await dial(dialer, port)
+
+
+async def test_tls_dialer_refuses_a_listener_without_tls(pki: Path) -> None:
+    with trio.fail_after(3):
+        async with quic_server() as port, quic_dialer() as dialer:
+            with pytest.raises(AuthenticationFailed, match="cluster's CA"):
+                await dial(dialer, port, tls=tls_for(pki, "client"))
+
+
+@pytest.mark.parametrize(
+    ("server_key", "client_key", "match"),
+    [
+        (KEY, ClusterKey(b"y" * 32), "cluster-secret check"),
+        (KEY, None, "did not authenticate"),
+        (None, KEY, "did not prove"),
+    ],
+    ids=["mismatch", "dialer-without-secret", "listener-without-secret"],
+)
+async def test_cluster_secret_refusals(
+    server_key: ClusterKey | None, client_key: ClusterKey | None, match: str
+) -> None:
+    with trio.fail_after(3):
+        async with quic_server(key=server_key) as port, quic_dialer() as dialer:
+            with pytest.raises(AuthenticationFailed, match=match):
+                await dial(dialer, port, key=client_key)
+
+
+def test_the_aioquic_internals_this_transport_relies_on_exist() -> None:
+    """The module overrides and reads private aioquic API: fail loudly on an upgrade."""
+    from aioquic import tls
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.recovery import QuicPacketPacer
+    from aioquic.quic.stream import QuicStreamSender
+
+    for name in ("_write_stream_limits", "_write_connection_limits", "_initialize"):
+        assert callable(getattr(QuicConnection, name))
+    sender = QuicStreamSender(stream_id=0, writable=True)
+    assert sender._buffer_stop - sender._buffer_start == 0
+    context = tls.Context(is_client=False)
+    assert context._request_client_certificate is False
+    assert context._peer_certificate is None
+    assert callable(QuicPacketPacer.update_rate)
+
+
+def test_tuning_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_datagram_size"):
+        QuicTuning(max_datagram_size=65000)
+    with pytest.raises(ValueError, match="congestion_control"):
+        QuicTuning(congestion_control="bbr")
+    with pytest.raises(ValueError, match="connection_window"):
+        QuicTuning(stream_window=8 * MiB, connection_window=4 * MiB)

@@ -1,0 +1,116 @@
+"""A test-owned UDP proxy that drops, reorders and delays datagrams, reproducibly.
+
+Clients send to the proxy's port; each client address gets its own upstream socket connected
+to the target, so replies find their way back. Every datagram, in either direction, draws from
+one seeded ``random.Random``: with probability ``loss`` it is dropped, with probability
+``reorder`` it is held back for ``reorder_delay`` seconds (so the datagrams behind it overtake
+it), and otherwise it is forwarded after ``delay`` seconds (0: at once). The same seed and the
+same traffic give the same decisions.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+Address = tuple[str, int]
+
+
+@dataclass
+class ProxyStats:
+    forwarded: int = 0
+    dropped: int = 0
+    reordered: int = 0
+
+
+@dataclass
+class UdpProxy:
+    target: Address
+    loss: float = 0.0
+    reorder: float = 0.0
+    reorder_delay: float = 0.003
+    delay: float = 0.0
+    seed: int = 0
+    stats: ProxyStats = field(default_factory=ProxyStats)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        self._front = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._upstreams: dict[Address, trio.socket.SocketType] = {}
+        # (due time, sequence, socket, data, destination or None for a connected socket)
+        self._queue: list[tuple[float, int, trio.socket.SocketType, bytes, Address | None]] = []
+        self._seq = 0
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Proxy until cancelled; reports the port clients should send to."""
+        await self._front.bind(("127.0.0.1", 0))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._release)
+                task_status.started(self._front.getsockname()[1])
+                while True:
+                    data, client = await self._front.recvfrom(65536)
+                    upstream = self._upstreams.get(client)
+                    if upstream is None:
+                        upstream = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                        await upstream.connect(self.target)
+                        self._upstreams[client] = upstream
+                        nursery.start_soon(self._backward, upstream, client)
+                    self._submit(upstream, data, None)
+        finally:
+            self._front.close()
+            for s in self._upstreams.values():
+                s.close()
+
+    async def _backward(self, upstream: trio.socket.SocketType, client: Address) -> None:
+        while True:
+            try:
+                data = await upstream.recv(65536)
+            except ConnectionRefusedError:
+                continue  # the target is gone for now; the client's retransmits find out
+            self._submit(self._front, data, client)
+
+    def _submit(self, sock: trio.socket.SocketType, data: bytes, dest: Address | None) -> None:
+        r = self._rng.random()
+        if r < self.loss:
+            self.stats.dropped += 1
+            return
+        hold = self.delay
+        if r < self.loss + self.reorder:
+            self.stats.reordered += 1
+            hold += self.reorder_delay
+        self.stats.forwarded += 1
+        self._seq += 1
+        heapq.heappush(self._queue, (trio.current_time() + hold, self._seq, sock, data, dest))
+        self._wake.set()
+
+    async def _release(self) -> None:
+        """Send held datagrams when they are due (a network's delay, not synchronisation)."""
+        while True:
+            self._wake = trio.Event()
+            now = trio.current_time()
+            while self._queue and self._queue[0][0] <= now:
+                _, _, sock, data, dest = heapq.heappop(self._queue)
+                await self._forward(sock, data, dest)
+            due = self._queue[0][0] if self._queue else math.inf
+            with trio.move_on_at(due):
+                await self._wake.wait()
+
+    async def _forward(
+        self, sock: trio.socket.SocketType, data: bytes, dest: Address | None
+    ) -> None:
+        try:
+            if dest is None:
+                await sock.send(data)
+            else:
+                await sock.sendto(data, dest)
+        except OSError:
+            pass
