@@ -732,9 +732,7 @@ async def sender_restart(
         + "; no partial files left"
     )
     row.resent = f"{fmt_bytes(max(0, bytes_sent - (size - held_bytes)))} (what the partial held)"
-    row.notes = "; ".join(
-        [f"partial_ttl_seconds = {ttl:g}", *notes]
-    )
+    row.notes = "; ".join([f"partial_ttl_seconds = {ttl:g}", *notes])
     row.figures |= {"size": size, "partial_bytes": held_bytes, "bytes_sent": bytes_sent}
     row.seconds = time.perf_counter() - started
     return [row]
