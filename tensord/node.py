@@ -47,7 +47,7 @@ from .net.connection import (
     send_legacy,
 )
 from .net.pool import PeerPool
-from .net.quic import QuicDialer, dial_quic, serve_quic
+from .net.quic import QuicDialer, QuicStreamTransport, dial_quic, serve_quic
 from .net.security import PeerSecurity
 from .net.stream import ConnectionClosed
 from .net.tcp import dial, open_listeners, serve
@@ -116,11 +116,16 @@ class TransferResult:
     chunks_compressed: int = 0
     nacks: int = 0
     legacy: bool = False
+    transport: str = "tcp"  # of the attempt that completed: "tcp" or "quic"
 
     @property
     def rate(self) -> float:
         """Bytes per second."""
         return self.nbytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _transport_of(conn: Connection) -> str:
+    return "quic" if isinstance(conn.stream.transport, QuicStreamTransport) else "tcp"
 
 
 def _only_cancelled(exc: BaseException) -> bool:
@@ -686,12 +691,14 @@ class TensorNode:
         # chunks acknowledged before it failed (a flaky link, a restarted receiver) starts the
         # count again, so a long transfer is not failed by interruptions it keeps surviving.
         stalled = 0
+        transport = "tcp"
         try:
             while True:
                 acked_before = xfer.bytes_acked if xfer is not None else 0
                 try:
                     async with peer.pool.connection() as conn:
                         connected = True
+                        transport = _transport_of(conn)
                         agr = conn.agreement
                         if not agr.chunked:
                             legacy = True
@@ -791,6 +798,7 @@ class TensorNode:
             ),
             nacks=stats.nacks if stats else 0,
             legacy=legacy,
+            transport=transport,
         )
         log.info(
             "tensor transfer %s: sent %r to %s: %d bytes in %.3f s (%.1f MB/s), %d retries%s",

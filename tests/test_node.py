@@ -51,7 +51,7 @@ def random_tensor(n: int, dtype: str = "float32") -> np.ndarray:
     ],
     ids=["f32", "i64", "f16", "scalar", "empty", "bool", "multi-chunk"],
 )
-async def test_basic_send_receive(array: np.ndarray) -> None:
+async def test_basic_send_receive(array: np.ndarray, transport: str) -> None:
     async with running() as a, running() as b:
         result = await a.send_tensor(b.addr, "layer.0/weight", array)
         got = await b.receive_tensor()
@@ -60,10 +60,11 @@ async def test_basic_send_receive(array: np.ndarray) -> None:
         assert got.array.dtype == array.dtype and got.array.shape == array.shape
         assert got.array.tobytes() == array.tobytes()
         assert result.nbytes == array.nbytes and result.retries == 0
+        assert result.transport == transport
         assert np.array_equal(b.get_tensor("layer.0/weight"), array)
 
 
-async def test_bf16_carried_as_two_byte_dtype_name() -> None:
+async def test_bf16_carried_as_two_byte_dtype_name(transport: str) -> None:
     raw = rng.integers(0, 2**16, size=(4, 8), dtype=np.uint16)
     async with running() as a, running() as b:
         await a.send_tensor(b.addr, "bf", raw, dtype="bfloat16", requires_grad=True)
@@ -72,7 +73,7 @@ async def test_bf16_carried_as_two_byte_dtype_name() -> None:
         assert got.array.view(np.uint16).tobytes() == raw.tobytes()
 
 
-async def test_non_contiguous_array_is_sent_as_its_values() -> None:
+async def test_non_contiguous_array_is_sent_as_its_values(transport: str) -> None:
     base = np.arange(64, dtype=np.int32).reshape(8, 8)
     view = base[:, ::2]
     async with running() as a, running() as b:
@@ -92,7 +93,7 @@ async def test_bad_tensor_names_and_dtypes_are_refused_locally() -> None:
 # 2. pull of an existing tensor -------------------------------------------------------------
 
 
-async def test_pull_existing_tensor() -> None:
+async def test_pull_existing_tensor(transport: str) -> None:
     array = random_tensor(250_000)
     async with running() as a, running() as b:
         a.put_tensor("shared", array)
@@ -106,7 +107,7 @@ async def test_pull_existing_tensor() -> None:
 # 3. concurrent sends -----------------------------------------------------------------------
 
 
-async def test_concurrent_sends() -> None:
+async def test_concurrent_sends(transport: str) -> None:
     arrays = {f"t{i}": random_tensor(10_000 + 997 * i) for i in range(24)}
     settings = fast_settings()
     settings = settings.with_pool(max_connections=4)
@@ -126,7 +127,7 @@ async def test_concurrent_sends() -> None:
 # 4. rapid-fire sends -----------------------------------------------------------------------
 
 
-async def test_rapid_fire_1000_small_tensors() -> None:
+async def test_rapid_fire_1000_small_tensors(transport: str) -> None:
     async with running() as a, running() as b:
         for i in range(1000):
             await a.send_tensor(b.addr, f"s{i}", np.full(16, i, dtype=np.int32))
@@ -145,10 +146,11 @@ async def test_rapid_fire_1000_small_tensors() -> None:
 
 
 @pytest.mark.slow
-async def test_large_tensor_512_mib_byte_exact() -> None:
+async def test_large_tensor_512_mib_byte_exact(transport: str) -> None:
     big = np.random.default_rng(5).integers(0, 2**63, size=(512 << 20) // 8, dtype=np.uint64)
     async with running() as a, running() as b:
         result = await a.send_tensor(b.addr, "big", big)
+        assert result.transport == transport
         got = b.get_tensor("big")
         assert got.nbytes == 512 << 20
         assert np.array_equal(got, big)
@@ -160,7 +162,7 @@ async def test_large_tensor_512_mib_byte_exact() -> None:
 # 6. several receivers ----------------------------------------------------------------------
 
 
-async def test_several_receivers() -> None:
+async def test_several_receivers(transport: str) -> None:
     array = random_tensor(300_000)
     async with running() as a, running() as b, running() as c, running() as d:
         async with trio.open_nursery() as nursery:
@@ -205,7 +207,7 @@ async def test_send_before_peer_is_ready_retries_then_succeeds() -> None:
 # 8. immediate shutdown mid-transfer --------------------------------------------------------
 
 
-async def test_shutdown_mid_transfer_cancels_cleanly() -> None:
+async def test_shutdown_mid_transfer_cancels_cleanly(transport: str) -> None:
     big = random_tensor(64 << 20)  # 256 MiB: long enough to be caught in flight
     async with running() as b:
         a = TensorNode(fast_settings())
@@ -294,7 +296,7 @@ async def test_unreachable_peer_is_a_typed_error() -> None:
 # 10. pull of a non-existent tensor ---------------------------------------------------------
 
 
-async def test_pull_missing_tensor_raises_not_found() -> None:
+async def test_pull_missing_tensor_raises_not_found(transport: str) -> None:
     async with running() as a, running() as b:
         with pytest.raises(TensorNotFound, match="nope"):
             await b.pull_tensor(a.addr, "nope")
@@ -392,7 +394,7 @@ async def test_receive_waiter_is_woken_by_shutdown() -> None:
 # 13. pool reuse and idle expiry ------------------------------------------------------------
 
 
-async def test_pool_reuses_one_connection() -> None:
+async def test_pool_reuses_one_connection(transport: str) -> None:
     async with running() as a, running() as b:
         for i in range(50):
             await a.send_tensor(b.addr, f"p{i}", np.full(100, i))

@@ -15,7 +15,7 @@ import trio.testing
 
 from tensord.certs import init_ca, issue
 from tensord.config import HostPort, TlsSettings
-from tensord.errors import AuthenticationFailed, PeerUnreachable
+from tensord.errors import AuthenticationFailed, PeerUnreachable, ProtocolError
 from tensord.net.connection import Connection
 from tensord.net.quic import (
     DEFAULT_TUNING,
@@ -23,6 +23,9 @@ from tensord.net.quic import (
     QuicSession,
     QuicStreamTransport,
     QuicTuning,
+    default_dialer,
+    dial_quic,
+    open_quic_socket,
     serve_quic,
 )
 from tensord.net.stream import ConnectionClosed
@@ -177,6 +180,52 @@ async def test_hello_then_frames_and_a_payload() -> None:
             assert seen[0].peer_id == "client" and not seen[0].outbound
             assert transport(conn).looks_alive()
             await conn.aclose()
+
+
+async def test_dial_quic_reuses_the_runs_default_dialer_and_a_prebound_socket() -> None:
+    sock = await open_quic_socket(HostPort("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            reported = await nursery.start(
+                partial(serve_quic, sock, hello("server"), FrameDecoder, echo, handshake_timeout=5)
+            )
+            assert reported == port
+            addr = HostPort("127.0.0.1", port)
+            conns = [
+                await dial_quic(addr, hello("client"), FrameDecoder, connect_timeout=5)
+                for _ in range(3)
+            ]
+            for i, conn in enumerate(conns):
+                assert await ping(conn, i)
+            dialer = await default_dialer()
+            assert dialer.stats.connections == 1 and dialer.stats.streams == 3
+            assert len({transport(c).session for c in conns}) == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_streams_beyond_max_connections_are_refused() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery, quic_dialer() as dialer:
+            port = await nursery.start(
+                partial(
+                    serve_quic,
+                    HostPort("127.0.0.1", 0),
+                    hello("server"),
+                    FrameDecoder,
+                    echo,
+                    handshake_timeout=5,
+                    max_connections=1,
+                )
+            )
+            first = await dial(dialer, port)
+            assert await ping(first)
+            second = await dial(dialer, port)
+            with pytest.raises(trio.BrokenResourceError, match="refused"):
+                await ping(second)
+            assert await ping(first)  # the connection itself is fine
+            await first.aclose()
+            nursery.cancel_scope.cancel()
 
 
 async def test_cluster_secret_and_mutual_tls_together(pki: Path) -> None:
@@ -334,8 +383,9 @@ async def test_connection_loss_breaks_streams_and_redial_is_unreachable() -> Non
             async with quic_server() as port:
                 conn = await dial(dialer, port)
                 assert await ping(conn)
-            # The listener is gone: it sent CONNECTION_CLOSE as it was cancelled.
-            with pytest.raises(trio.BrokenResourceError):
+            # The listener is gone: its handler ended the stream (FIN) as it was cancelled,
+            # then the listener sent CONNECTION_CLOSE; either ends the read.
+            with pytest.raises((trio.BrokenResourceError, ConnectionClosed)):
                 await conn.stream.receive()
             assert not transport(conn).looks_alive()
             with pytest.raises(PeerUnreachable, match=r"nothing is listening|refused"):
@@ -351,6 +401,27 @@ async def test_unreachable_port_fails_fast_and_typed() -> None:
         async with quic_dialer() as dialer:
             with pytest.raises(PeerUnreachable, match="nothing is listening"):
                 await dial(dialer, port)
+
+
+async def test_silent_peer_times_out_as_unreachable() -> None:
+    sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))  # bound, never answers
+    with trio.fail_after(3), sock:
+        async with quic_dialer() as dialer:
+            addr = HostPort("127.0.0.1", sock.getsockname()[1])
+            with pytest.raises(PeerUnreachable, match=r"no QUIC handshake within 0\.3 s"):
+                await dialer.dial(addr, hello("client"), FrameDecoder, connect_timeout=0.3)
+
+
+async def test_version_mismatch_is_a_protocol_error_with_its_code() -> None:
+    with trio.fail_after(3):
+        async with quic_server() as port, quic_dialer() as dialer:
+            future = make_hello("client", ALL_FEATURES, MiB, versions=(99,))
+            with pytest.raises(ProtocolError) as info:
+                await dialer.dial(
+                    HostPort("127.0.0.1", port), future, FrameDecoder, connect_timeout=3
+                )
+            assert info.value.code == "version"
 
 
 async def test_listener_only_accepts_until_cancelled_with_a_handler_nursery() -> None:

@@ -46,14 +46,12 @@ class UdpProxy:
         self._queue: list[tuple[float, int, trio.socket.SocketType, bytes, Address | None]] = []
         self._seq = 0
         self._wake = trio.Event()
-        self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Proxy until cancelled; reports the port clients should send to."""
         await self._front.bind(("127.0.0.1", 0))
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 nursery.start_soon(self._release)
                 task_status.started(self._front.getsockname()[1])
                 while True:
