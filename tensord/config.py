@@ -127,6 +127,17 @@ class ControlSettings:
 
 
 @dataclass(frozen=True)
+class QuicSettings:
+    """The QUIC transport's knobs (tensord/net/quic.py QuicTuning explains each)."""
+
+    max_datagram_size: int = 1452  # 8952 on jumbo-frame networks: ~4.5x the throughput
+    congestion_control: str = "reno"
+    idle_timeout: float = 30.0
+    stream_window: int = 8 * MiB
+    connection_window: int = 32 * MiB
+
+
+@dataclass(frozen=True)
 class StoreSettings:
     """The tensor store under ``state_dir``: ``max_bytes`` caps it (``None``: the disk does)."""
 
@@ -150,6 +161,7 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     control: ControlSettings = field(default_factory=ControlSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    quic: QuicSettings = field(default_factory=QuicSettings)
     transport: str = "tcp"
     state_dir: Path | None = None
     log_level: str = "info"
@@ -385,6 +397,13 @@ _DOWNLOAD_KEYS: dict[str, Callable[[str, object], Any]] = {
 }
 _CONTROL_KEYS: dict[str, Callable[[str, object], Any]] = {"socket": _nullable(parse_path)}
 _STORE_KEYS: dict[str, Callable[[str, object], Any]] = {"max_bytes": _nullable(_int_in(0, 1 << 62))}
+_QUIC_KEYS: dict[str, Callable[[str, object], Any]] = {
+    "max_datagram_size": _int_in(1200, 16000),
+    "congestion_control": lambda w, v: parse_choice(w, v, ("reno", "cubic")),
+    "idle_timeout": _float_min(1.0),
+    "stream_window": _int_in(64 * KiB, 4 * GiB),
+    "connection_window": _int_in(64 * KiB, 4 * GiB),
+}
 
 
 def _parse_tls(where: str, value: object) -> TlsSettings | None:
@@ -409,6 +428,13 @@ def _parse_security(where: str, value: object) -> SecuritySettings:
         "insecure": _json_bool,
     }
     return SecuritySettings(**_section(where, value, keys))
+
+
+def _quic_settings(where: str, values: dict[str, Any]) -> QuicSettings:
+    q = QuicSettings(**values)
+    if q.connection_window < q.stream_window:
+        raise ConfigError(f"{where}: connection_window must be at least stream_window")
+    return q
 
 
 def _parse_gateway(where: str, value: object) -> GatewaySettings:
@@ -459,6 +485,7 @@ _FILE_KEYS: dict[str, Callable[[str, object], Any]] = {
     "gateway": _parse_gateway,
     "control": lambda w, v: ControlSettings(**_section(w, v, _CONTROL_KEYS)),
     "store": lambda w, v: StoreSettings(**_section(w, v, _STORE_KEYS)),
+    "quic": lambda w, v: _quic_settings(w, _section(w, v, _QUIC_KEYS)),
     "state_dir": _nullable(parse_path),
     "log_level": lambda w, v: parse_choice(w, v, LOG_LEVELS),
 }
@@ -757,6 +784,7 @@ def load_settings(
         gateway=gateway,
         control=control,
         store=store,
+        quic=file.get("quic", base.quic),
         transport=transport,
         state_dir=state_dir,
         log_level=level,

@@ -47,7 +47,7 @@ from .net.connection import (
     send_legacy,
 )
 from .net.pool import PeerPool
-from .net.quic import QuicDialer, QuicStreamTransport, dial_quic, serve_quic
+from .net.quic import QuicDialer, QuicStreamTransport, QuicTuning, dial_quic, serve_quic
 from .net.security import PeerSecurity
 from .net.stream import ConnectionClosed
 from .net.tcp import dial, open_listeners, serve
@@ -261,7 +261,15 @@ class TensorNode:
         uses_quic = self.settings.transport == "quic" or any(
             n.transport == "quic" for n in self.settings.nodes
         )
-        self._quic: QuicDialer | None = QuicDialer() if uses_quic else None
+        q = self.settings.quic
+        self._quic_tuning = QuicTuning(
+            max_datagram_size=q.max_datagram_size,
+            congestion_control=q.congestion_control,
+            idle_timeout=q.idle_timeout,
+            stream_window=q.stream_window,
+            connection_window=q.connection_window,
+        )
+        self._quic: QuicDialer | None = QuicDialer(self._quic_tuning) if uses_quic else None
         self._tensors: dict[str, np.ndarray[Any, Any]] = {}
         self._arrivals: deque[Arrival] = deque()
         self._arrived = trio.Event()
@@ -1035,6 +1043,7 @@ class TensorNode:
                             key=self.security.key,
                             tls=self.settings.security.tls,
                             max_connections=t.max_connections,
+                            tuning=self._quic_tuning,
                         )
                     )
                 accept.start_soon(

@@ -36,6 +36,8 @@ class UdpProxy:
     reorder_delay: float = 0.003
     delay: float = 0.0
     seed: int = 0
+    #: While True every datagram is dropped: the path goes dark (a cable pulled, a peer gone).
+    blackhole: bool = False
     stats: ProxyStats = field(default_factory=ProxyStats)
 
     def __post_init__(self) -> None:
@@ -78,7 +80,7 @@ class UdpProxy:
 
     def _submit(self, sock: trio.socket.SocketType, data: bytes, dest: Address | None) -> None:
         r = self._rng.random()
-        if r < self.loss:
+        if self.blackhole or r < self.loss:
             self.stats.dropped += 1
             return
         hold = self.delay

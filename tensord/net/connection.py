@@ -86,8 +86,9 @@ class Connection:
         if self.closed:
             return False
         fd = self.stream.transport.fileno()
-        if fd < 0:
-            return True
+        if fd < 0:  # no socket to poll (a QUIC stream, a TLS or memory stream): ask the transport
+            alive = getattr(self.stream.transport, "looks_alive", None)
+            return (alive is None or bool(alive())) and not self.stream.decoder.buffered
         try:
             readable, _, _ = select.select([fd], [], [], 0)
         except (OSError, ValueError):

@@ -1,0 +1,103 @@
+"""TensorNode over QUIC: resume after the path goes dark, tuning from the settings, fallback."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import trio
+
+from tensord.config import QuicSettings, Settings
+from tensord.events import TransferEvent
+
+from .helpers import fast_settings, running
+from .udp_proxy import UdpProxy
+
+MiB = 1 << 20
+
+
+def quic(**quic: object) -> Settings:
+    base = replace(fast_settings(), transport="quic")
+    return replace(base, quic=replace(base.quic, **quic))  # type: ignore[arg-type]
+
+
+async def test_a_transfer_resumes_over_quic_after_the_path_went_dark() -> None:
+    """Mid-transfer every datagram is dropped: the attempt times out, the QUIC connection dies
+    (idle timeout), the sender dials a new one and resumes from what the receiver holds."""
+    size = 24 * MiB
+    array = np.random.default_rng(2).integers(0, 255, size, dtype=np.uint8)
+    sender = quic(idle_timeout=1.0).with_transfer(io_timeout=1.0, window_bytes=4 * MiB)
+    async with running(sender) as a, running(quic()) as b, trio.open_nursery() as nursery:
+        proxy = UdpProxy(("127.0.0.1", b.port))
+        port = await nursery.start(proxy.run)
+        results = []
+
+        async def send() -> None:
+            results.append(
+                await a.send_tensor(f"tensord://{b.node_id}@127.0.0.1:{port}", "w", array)
+            )
+
+        dark = False
+        async with a.events.subscribe() as events:
+            nursery.start_soon(send)
+            with trio.fail_after(60):
+                async for ev in events:
+                    if not isinstance(ev, TransferEvent):
+                        continue
+                    if ev.state == "progress" and ev.bytes_done >= 8 * MiB and not dark:
+                        proxy.blackhole = dark = True  # once
+                    elif ev.state == "retry":
+                        proxy.blackhole = False  # the path is back for the next attempt
+                    elif ev.state in ("done", "failed"):
+                        break
+        got = await b.receive_tensor()
+        assert np.array_equal(got.array, array)
+        (result,) = results
+        assert result.transport == "quic" and result.retries >= 1
+        # Only what was in flight when the path went dark travelled twice.
+        assert result.bytes_resent <= 4 * MiB + 2 * MiB, result
+        nursery.cancel_scope.cancel()
+
+
+async def test_jumbo_datagrams_from_the_settings() -> None:
+    array = np.random.default_rng(3).standard_normal(1 << 20).astype(np.float32)
+    async with (
+        running(quic(max_datagram_size=8952)) as a,
+        running(quic(max_datagram_size=8952)) as b,
+    ):
+        result = await a.send_tensor(b.addr, "w", array)
+        assert result.transport == "quic"
+        assert np.array_equal((await b.receive_tensor()).array, array)
+
+
+async def test_a_peer_without_quic_is_reached_over_tcp() -> None:
+    array = np.arange(10_000, dtype=np.int64)
+    async with running(quic()) as a, running(fast_settings()) as b:  # b listens on TCP only
+        result = await a.send_tensor(b.addr, "w", array)
+        assert result.transport == "tcp"
+        assert np.array_equal((await b.receive_tensor()).array, array)
+
+
+def test_the_quic_section_of_the_cluster_file(tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    from tensord.config import load_settings
+    from tensord.errors import ConfigError
+
+    path = Path(str(tmp_path)) / "c.json"
+    path.write_text(
+        json.dumps({"quic": {"max_datagram_size": 8952, "congestion_control": "cubic"}})
+    )
+    s = load_settings({}, cluster_file=path, library=True)
+    assert s.quic == QuicSettings(max_datagram_size=8952, congestion_control="cubic")
+    for bad in (
+        {"congestion_control": "bbr"},
+        {"max_datagram_size": 65000},
+        {"stream_window": 1 << 30, "connection_window": 1 << 20},
+    ):
+        path.write_text(json.dumps({"quic": bad}))
+        with pytest.raises(ConfigError, match="quic"):
+            load_settings({}, cluster_file=path, library=True)
