@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .config import Settings, load_settings
 from .errors import (
+    AuthenticationFailed,
     BadAddress,
     ConfigError,
     NodeClosed,
@@ -31,6 +32,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AsyncClient",
+    "AuthenticationFailed",
     "BadAddress",
     "Client",
     "ConfigError",
