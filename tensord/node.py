@@ -732,7 +732,7 @@ class TensorNode:
                     retries += 1
                     progressed = xfer is not None and xfer.bytes_acked > acked_before
                     stalled = 0 if progressed else stalled + 1
-                    if stalled > proto.max_retries:
+                    if stalled > proto.max_retries or not proto.max_retries:
                         err: TensorError
                         if not connected and isinstance(exc, PeerUnreachable):
                             err = PeerUnreachable(
@@ -934,7 +934,7 @@ class TensorNode:
                     retries += 1
                     progressed = kept.xfer is not None and kept.xfer.bytes_have > had
                     stalled = 0 if progressed else stalled + 1
-                    if stalled > proto.max_retries:
+                    if stalled > proto.max_retries or not proto.max_retries:
                         raise TransferFailed(
                             f"pulling {name!r} from {peer.name} failed after "
                             f"{retries} attempts: {_why(exc)}"
