@@ -46,6 +46,7 @@ lint: $(STAMP_DEV)
 ## bench: tensord side by side with a plain socket, pyzmq and Arrow Flight; downloads vs aria2c and curl
 bench: $(STAMP_BENCH)
 	$(PY) bench/run.py
+	$(PY) bench/quic.py
 	$(PY) bench/downloads.py
 	$(PY) bench/gateway.py
 
