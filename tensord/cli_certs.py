@@ -119,6 +119,13 @@ def _issue(args: argparse.Namespace) -> int:
         "and point its cluster file at them (adjust the paths to where they are there):"
     )
     print(f'  "security": {json.dumps({"tls": tls})}')
+    shared = {
+        "ca": "/etc/tensord/tls/ca.crt",
+        "cert": "/etc/tensord/tls/{node}.crt",
+        "key": "/etc/tensord/tls/{node}.key",
+    }
+    print("or, in a cluster file shared by every node ({node} is each node's own id):")
+    print(f'  "security": {json.dumps({"tls": shared})}')
     return 0
 
 

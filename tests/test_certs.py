@@ -636,7 +636,8 @@ def test_cli_init_ca_and_issue(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert san.get_values_for_type(x509.DNSName) == ["n1", "n1.lan"]
 
     # The snippet it prints is a valid "security" section that configures a working node.
-    (line,) = [x for x in out.splitlines() if x.lstrip().startswith('"security":')]
+    line, shared = [x for x in out.splitlines() if x.lstrip().startswith('"security":')]
+    assert "{node}.crt" in shared  # the form for a cluster file that every node shares
     security = json.loads("{" + line + "}")["security"]
     assert security == {"tls": {"ca": str(ca / "ca.crt"), "cert": str(cert), "key": str(key)}}
     cluster_file = tmp_path / "cluster.json"
