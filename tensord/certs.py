@@ -83,10 +83,32 @@ def init_ca(
                 "or remove the old CA deliberately)"
             )
     _make_dir(directory)
+    key, builder = _self_signed(common_name, days)
+    cert = (
+        builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_files([(key_path, _private_pem(key), 0o600), (cert_path, _cert_pem(cert), 0o644)])
+    return cert_path, key_path
+
+
+def ephemeral_certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A throwaway self-signed certificate for a QUIC listener without ``security.tls``: QUIC
+    cannot run without one. Nobody verifies it; it only keys the encryption."""
+    key, builder = _self_signed("tensord ephemeral", 365)
+    return builder.sign(key, hashes.SHA256()), key
+
+
+def _self_signed(
+    common_name: str, days: int
+) -> tuple[ec.EllipticCurvePrivateKey, x509.CertificateBuilder]:
+    """A new P-256 key and a certificate builder naming it as its own issuer."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.now(UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -94,13 +116,8 @@ def init_ca(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _CLOCK_SKEW)
         .not_valid_after(now + timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
-    _write_files([(key_path, _private_pem(key), 0o600), (cert_path, _cert_pem(cert), 0o644)])
-    return cert_path, key_path
+    return key, builder
 
 
 def issue(

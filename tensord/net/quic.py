@@ -96,7 +96,6 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import trio
@@ -121,10 +120,7 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from ..config import HostPort, TlsSettings
 from ..errors import AuthenticationFailed, PeerUnreachable, ProtocolError, TensorError
@@ -1028,6 +1024,8 @@ def _server_config(tls: TlsSettings | None, tuning: QuicTuning) -> tuple[QuicCon
     """The listener's configuration and the CA (empty without TLS) to verify clients with."""
     cfg = _base_config(tuning, is_client=False)
     if tls is None:
+        from ..certs import ephemeral_certificate
+
         cert, key = ephemeral_certificate()
         cfg.certificate, cfg.private_key = cert, key
         return cfg, b""
@@ -1035,25 +1033,6 @@ def _server_config(tls: TlsSettings | None, tuning: QuicTuning) -> tuple[QuicCon
     cfg.load_verify_locations(cadata=cadata)
     cfg.load_cert_chain(tls.cert, tls.key)
     return cfg, cadata
-
-
-def ephemeral_certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A throwaway self-signed certificate for a listener without ``security.tls``: QUIC
-    cannot run without one. Nobody verifies it; it only keys the encryption."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tensord ephemeral")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=365))
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
 
 
 def _check_identity(session: QuicSession, claimed: str, tls: TlsSettings | None) -> None:
@@ -1705,7 +1684,6 @@ __all__ = [
     "QuicTuning",
     "default_dialer",
     "dial_quic",
-    "ephemeral_certificate",
     "open_quic_socket",
     "serve_quic",
 ]
