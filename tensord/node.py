@@ -1199,10 +1199,26 @@ class TensorNode:
                 peer,
             )
             await partial.sink.discard()
-        if self.store is not None:
-            await trio.to_thread.run_sync(
-                self.store.discard_partials, f"{peer}/", name, f"{key[0]}/{key[1]}"
+
+    async def _new_receive_freeing(
+        self, conn: Connection, begin: Begin
+    ) -> tuple[ReceiveTransfer, Sink]:
+        """:meth:`_new_receive`; when the store is too full, first free what the same sender
+        left on disk of the same tensor before this process started (the partials of this
+        process were freed by :meth:`_drop_superseded`), then try once more. The directory is
+        read only then, not on every receive."""
+        key = f"{conn.peer_id}/{begin.id}"
+        try:
+            return self._new_receive(conn, begin, key)
+        except TransferFailed as exc:
+            if exc.code != "quota" or self.store is None:
+                raise
+            freed = await trio.to_thread.run_sync(
+                self.store.discard_partials, f"{conn.peer_id}/", begin.meta.name, key
             )
+            if not freed:
+                raise
+        return self._new_receive(conn, begin, key)
 
     def _check_peer_budget(self, peer: str, nbytes: int) -> None:
         """Refuse a new receive beyond what one peer may hold of this node: transfers in
@@ -1278,7 +1294,7 @@ class TensorNode:
             await self._drop_superseded(conn.peer_id, meta.name, key)
             try:
                 self._check_peer_budget(conn.peer_id, meta.nbytes)
-                xfer, sink = self._new_receive(conn, begin, f"{conn.peer_id}/{begin.id}")
+                xfer, sink = await self._new_receive_freeing(conn, begin)
             except TransferFailed as exc:
                 log.warning("tensor transfer %s: refused %r: %s", begin.id, meta.name, exc)
                 await conn.send_error(exc.code, str(exc), begin.id)
