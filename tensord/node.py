@@ -275,7 +275,8 @@ class TensorNode:
         self._arrived = trio.Event()
         self._partials: dict[tuple[str, str], _Partial] = {}
         self._inbound: Counter[str] = Counter()  # inbound connections per peer
-        self._completed: dict[tuple[str, str], _Completed] = {}
+        #: Committed receives per peer, oldest first (``_Completed``), keyed by transfer id.
+        self._completed: dict[str, dict[str, _Completed]] = {}
         self._active: dict[tuple[str, str], _Active] = {}
         self._jobs: set[trio.CancelScope] = set()
         self._busy = 0
@@ -1151,13 +1152,13 @@ class TensorNode:
         self, key: tuple[str, str], begin: Begin, xfer: ReceiveTransfer
     ) -> None:
         ttl = self.settings.transfer.partial_ttl_seconds
-        self._completed[key] = _Completed(
+        mine = self._completed.setdefault(key[0], {})
+        mine[key[1]] = _Completed(
             begin.meta, begin.chunk_size, xfer.nchunks, xfer.end_crc, trio.current_time() + ttl
         )
         # Bounded like the partials: the oldest records of this peer go first.
-        mine = [k for k in self._completed if k[0] == key[0]]
-        for old in mine[: max(0, len(mine) - self.settings.transfer.max_peer_transfers)]:
-            del self._completed[old]
+        while len(mine) > self.settings.transfer.max_peer_transfers:
+            del mine[next(iter(mine))]
 
     async def _confirm_again(self, conn: Connection, begin: Begin, done: _Completed) -> None:
         """The sender resumes a transfer we already committed: every chunk is here; answer its
@@ -1254,8 +1255,11 @@ class TensorNode:
 
     def _expire_partials(self) -> None:
         now = trio.current_time()
-        for key in [k for k, c in self._completed.items() if c.expires < now]:
-            del self._completed[key]
+        for peer, mine in list(self._completed.items()):
+            for xid in [x for x, c in mine.items() if c.expires < now]:
+                del mine[xid]
+            if not mine:
+                del self._completed[peer]
         for key in [k for k, p in self._partials.items() if p.expires < now]:
             partial = self._partials.pop(key)
             if isinstance(partial.sink, StoreSink):
@@ -1263,9 +1267,9 @@ class TensorNode:
                 partial.sink.partial.close()
 
     async def _receive(self, conn: Connection, begin: Begin) -> None:
-        self._expire_partials()
+        # (Expiry of partials and completed records runs on the sweep's timer, not here.)
         key = (conn.peer_id, begin.id)
-        done = self._completed.get(key)
+        done = self._completed.get(conn.peer_id, {}).get(begin.id)
         if done is not None and begin.resume and done.matches(begin):
             await self._confirm_again(conn, begin, done)
             return
