@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import trio
@@ -392,6 +392,45 @@ class GatewayApp:
             record.outcome = "bad_request"
             return _ws_error(rid, "bad_request", "the request has no 'model'")
         body = {k: v for k, v in msg.items() if k not in ("type", "id")} | {"stream": True}
+        final: list[Json] = []
+
+        async def attempt(backend: Backend) -> tuple[int, str] | None:
+            result = await self._ws_relay(rid, backend, body, say, record)
+            if isinstance(result, dict):
+                record.outcome = "ok"
+                final.append(result)
+                return None
+            status, problem = result
+            if record.tokens:  # mid-stream: the client has part of a reply, no failover
+                record.outcome = "backend_error"
+                final.append(
+                    _ws_error(rid, "backend_error", f"the backend failed mid-stream: {problem}")
+                )
+                return None
+            if status != 400:
+                _attempt_failed(WS_ENDPOINT, backend, problem)
+            return result
+
+        outcome = await self._try_backends(model, record, attempt)
+        if outcome is None:
+            return final[0]
+        if outcome == "busy":
+            return _ws_error(rid, "busy", f"every backend with {model!r} is busy; retry shortly")
+        status, problem = outcome
+        code = {400: "bad_request", 404: "no_backend"}.get(status, "backend_error")
+        record.outcome = "no_backend" if code == "backend_error" else code
+        return _ws_error(rid, code, problem)
+
+    async def _try_backends(
+        self,
+        model: str,
+        record: _Record,
+        attempt: Callable[[Backend], Awaitable[tuple[int, str] | None]],
+    ) -> tuple[int, str] | Literal["busy"] | None:
+        """Failover, for HTTP and WebSocket alike: run ``attempt`` on the healthy backends that
+        have ``model`` (least busy first) until one returns ``None`` (done) or a 400 says the
+        request itself is wrong. Returns ``None``, ``"busy"`` (every one at its limit), or the
+        last ``(status, problem)`` when none is left."""
         tried: set[str] = set()
         status, problem = 404, f"no healthy backend has the model {model!r}"
         while True:
@@ -399,28 +438,19 @@ class GatewayApp:
                 async with self.backends.acquire(model, tried) as backend:
                     tried.add(backend.node_id)
                     record.backend = backend.node_id
-                    result = await self._ws_relay(rid, backend, body, say, record)
+                    failed = await attempt(backend)
             except NoBackend:
                 break
             except Busy:
                 record.backend, record.outcome = "", "busy"
-                return _ws_error(
-                    rid, "busy", f"every backend with {model!r} is busy; retry shortly"
-                )
-            if isinstance(result, dict):
-                record.outcome = "ok"
-                return result
-            status, problem = result
-            if record.tokens:  # mid-stream: the client has part of a reply, no failover
-                record.outcome = "backend_error"
-                return _ws_error(rid, "backend_error", f"the backend failed mid-stream: {problem}")
+                return "busy"
+            if failed is None:
+                return None
+            status, problem = failed
             if status == 400:
                 break  # the request itself is wrong: no other backend would take it
-            _attempt_failed(WS_ENDPOINT, backend, problem)
         record.backend = ""
-        code = {400: "bad_request", 404: "no_backend"}.get(status, "backend_error")
-        record.outcome = "no_backend" if code == "backend_error" else code
-        return _ws_error(rid, code, problem)
+        return status, problem
 
     async def _ws_relay(
         self, rid: RequestId, backend: Backend, body: Json, say: Say, record: _Record
@@ -559,27 +589,16 @@ class GatewayApp:
     async def _serve(self, path: str, body: bytes, reply: _Reply, record: _Record) -> None:
         """Try the backends that have the model until one relays the reply."""
         model = record.model
-        tried: set[str] = set()
-        status, error = 404, f"no healthy backend has the model {model!r}"
-        while True:
-            try:
-                async with self.backends.acquire(model, tried) as backend:
-                    tried.add(backend.node_id)
-                    record.backend = backend.node_id
-                    result = await self._relay(backend, path, body, reply, record)
-            except NoBackend:
-                break
-            except Busy:
-                record.backend, record.outcome = "", "busy"
-                await reply.fail(503, f"every backend with {model!r} is busy; retry shortly",
-                                 [(b"retry-after", b"1")])  # fmt: skip
-                return
-            if result is None:
-                return  # relayed
-            status, error = result
-            if status == 400:
-                break  # the request itself is wrong: no other backend would take it
-        record.backend = ""
+        outcome = await self._try_backends(
+            model, record, lambda backend: self._relay(backend, path, body, reply, record)
+        )
+        if outcome is None:
+            return  # relayed
+        if outcome == "busy":
+            await reply.fail(503, f"every backend with {model!r} is busy; retry shortly",
+                             [(b"retry-after", b"1")])  # fmt: skip
+            return
+        status, error = outcome
         record.outcome = "bad_request" if status == 400 else "no_backend"
         await reply.fail(status if status in (400, 404) else 502, error)
 
