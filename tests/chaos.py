@@ -15,6 +15,9 @@ bytes it still has to send (``cut_in_transfer``), flip a byte inside chosen chun
 (``corrupt_chunks``, or ``RandomFaults.corrupt_rate``), and cut the connection instead of
 forwarding the first reply of a given type (``cut_before_down="stored"``: the receiver stored
 the tensor but its confirmation is lost).
+
+:func:`faulty_path` gives a test that runs over both transports the same byte faults (cut,
+flip, downstream cut) from this proxy or, for QUIC, from the UDP proxy (tests/udp_proxy.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Any
 
 import msgpack
 import trio
+
+from .udp_proxy import UdpFault, UdpProxy
 
 
 @dataclass
@@ -455,6 +460,25 @@ async def proxied(
             policy=policy,
             random_faults=random_faults,
         )
+        await nursery.start(proxy.run)
+        yield proxy
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def faulty_path(transport: str, port: int, faults: dict[int, Fault]) -> AsyncIterator[Any]:
+    """A proxy in front of ``port`` applying ``faults`` per connection: the TCP chaos proxy,
+    or the UDP proxy (same numbering, same ``addr``/``conns[i].upstream|cut|corrupted``)."""
+    if transport == "tcp":
+        async with proxied(port, faults) as proxy:
+            yield proxy
+        return
+    udp = {
+        i: UdpFault(cut_after=f.cut_after, corrupt_at=f.corrupt_at, down_cut_after=f.down_cut_after)
+        for i, f in faults.items()
+    }
+    async with trio.open_nursery() as nursery:
+        proxy = UdpProxy(("127.0.0.1", port), faults=udp)
         await nursery.start(proxy.run)
         yield proxy
         nursery.cancel_scope.cancel()

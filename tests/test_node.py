@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from tensord.wire import Hello, encode, make_hello
 from tensord.wire.frames import FrameDecoder
 from tensord.wire.handshake import ALL_FEATURES
 
+from .chaos import Fault, faulty_path
 from .helpers import fast_settings, running
 
 rng = np.random.default_rng(1234)
@@ -178,12 +180,19 @@ async def test_several_receivers(transport: str) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port number free for TCP and for UDP (a QUIC node listens on both)."""
+    while True:
+        with socket.socket() as s, socket.socket(type=socket.SOCK_DGRAM) as u:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
-async def test_send_before_peer_is_ready_retries_then_succeeds() -> None:
+async def test_send_before_peer_is_ready_retries_then_succeeds(transport: str) -> None:
     port = _free_port()
     array = random_tensor(50_000)
     receiver_settings = replace(fast_settings(), listen=HostPort("127.0.0.1", port))
@@ -202,6 +211,7 @@ async def test_send_before_peer_is_ready_retries_then_succeeds() -> None:
                 got = await b.receive_tensor()
                 assert np.array_equal(got.array, array)
         assert results[0].retries >= 1
+        assert results[0].transport == transport
 
 
 # 8. immediate shutdown mid-transfer --------------------------------------------------------
@@ -263,6 +273,41 @@ async def test_connect_timeout_against_a_silent_peer() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_quic_handshake_timeout_against_a_silent_peer() -> None:
+    """A peer whose UDP port swallows every datagram and whose TCP port accepts and says
+    nothing: each attempt gives up on QUIC after connect_timeout, tries TCP, and the send ends
+    in a typed error. The retry dials a new QUIC connection (the first never answered)."""
+    settings = replace(fast_settings(max_retries=1), transport="quic").with_transfer(
+        connect_timeout=0.2
+    )
+    udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await udp.bind(("127.0.0.1", 0))
+    port = udp.getsockname()[1]
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    sources: set[tuple[str, int]] = set()
+    accepted: list[trio.SocketStream] = []
+
+    async def swallow() -> None:
+        while True:
+            _, source = await udp.recvfrom(65536)
+            sources.add(source)
+
+    async def silent(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    with udp:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(swallow)
+            nursery.start_soon(trio.serve_listeners, silent, listeners)
+            async with running(settings) as a:
+                with trio.fail_after(10), pytest.raises(PeerUnreachable, match="after 2 attempts"):
+                    await a.send_tensor(f"127.0.0.1:{port}", "x", np.zeros(10))
+            assert len(sources) == 2  # a QUIC connection per attempt
+            assert len(accepted) == 2  # ...and the TCP fallback of each
+            nursery.cancel_scope.cancel()
+
+
 async def test_io_timeout_when_peer_stops_acknowledging() -> None:
     """A peer that handshakes, then reads but never acknowledges: the attempt times out."""
     settings = fast_settings(max_retries=1, authenticated=False).with_transfer(io_timeout=0.3)
@@ -286,7 +331,45 @@ async def test_io_timeout_when_peer_stops_acknowledging() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_unreachable_peer_is_a_typed_error() -> None:
+async def test_io_timeout_when_a_quic_peer_stops_acknowledging() -> None:
+    """Over QUIC: a peer that reads every stream but never answers. Its QUIC stack still
+    acknowledges packets, so the peer is alive: the retry opens a new stream on the same QUIC
+    connection (a dead path would get a new connection), and times out again."""
+    from tensord.net.connection import Connection
+    from tensord.net.quic import serve_quic
+
+    settings = replace(
+        fast_settings(max_retries=1, authenticated=False), transport="quic"
+    ).with_transfer(io_timeout=0.3)
+    streams: list[Connection] = []
+
+    async def mute(conn: Connection) -> None:
+        streams.append(conn)
+        buf = memoryview(bytearray(65536))
+        while await conn.stream.transport.recv_into(buf, len(buf)):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            partial(
+                serve_quic,
+                HostPort("127.0.0.1", 0),
+                make_hello("mute", ALL_FEATURES, 1 << 26),
+                FrameDecoder,
+                mute,
+                handshake_timeout=5,
+            )
+        )
+        async with running(settings) as a:
+            with trio.fail_after(10), pytest.raises(TransferFailed, match="no progress"):
+                await a.send_tensor(f"127.0.0.1:{port}", "x", np.zeros(1 << 20))
+        assert len(streams) == 2  # one attempt + one retry...
+        sessions = {id(getattr(c.stream.transport, "session", None)) for c in streams}
+        assert len(sessions) == 1  # ...on one QUIC connection
+        nursery.cancel_scope.cancel()
+
+
+async def test_unreachable_peer_is_a_typed_error(transport: str) -> None:
     settings = fast_settings(max_retries=2)
     async with running(settings) as a:
         with pytest.raises(PeerUnreachable, match="after 3 attempts"):
@@ -412,7 +495,9 @@ async def test_pool_reuses_one_connection(transport: str) -> None:
         }
 
 
-async def test_pool_idle_connections_expire(autojump_clock: trio.testing.MockClock) -> None:
+async def test_pool_idle_connections_expire(
+    autojump_clock: trio.testing.MockClock, transport: str
+) -> None:
     settings = fast_settings().with_pool(max_idle_seconds=300)
     settings = settings.with_transfer(io_timeout=1e6, connect_timeout=1e6)
     async with running(settings) as a, running(settings) as b:
@@ -429,7 +514,7 @@ async def test_pool_idle_connections_expire(autojump_clock: trio.testing.MockClo
         assert a.pool_size() == 1
 
 
-async def test_dead_pooled_connection_is_evicted_and_redialled() -> None:
+async def test_dead_pooled_connection_is_evicted_and_redialled(transport: str) -> None:
     async with running() as a:
         b = TensorNode(fast_settings())
         async with trio.open_nursery() as nursery:
@@ -474,20 +559,21 @@ async def test_a_cancelled_send_publishes_failed_cancelled() -> None:
                         break
 
 
-async def test_a_cut_pull_resumes_from_the_chunks_it_already_has() -> None:
+async def test_a_cut_pull_resumes_from_the_chunks_it_already_has(transport: str) -> None:
     """The first connection is cut after 12 MiB of a 24 MiB pull: the retry names the
-    interrupted transfer and the peer sends only what is missing."""
-    from .chaos import Fault, proxied
-
+    interrupted transfer and the peer sends only what is missing. (Over QUIC the path of the
+    first connection goes dark: the puller notices the silence at io_timeout.)"""
     size = 24 << 20
     array = np.random.default_rng(9).integers(0, 255, size, dtype=np.uint8)
-    async with running() as a, running() as b:
+    settings = fast_settings().with_transfer(connect_timeout=1.0, io_timeout=1.5)
+    async with running(settings) as a, running() as b:
         b.put_tensor("big", array)
-        async with proxied(b.port, {0: Fault(down_cut_after=12 << 20)}) as proxy:
+        async with faulty_path(transport, b.port, {0: Fault(down_cut_after=12 << 20)}) as proxy:
             with trio.fail_after(30):
                 got = await a.pull_tensor(proxy.addr, "big")
         assert np.array_equal(got, array)
         assert proxy.conns[0].cut
         sent_down = sum(c.downstream for c in proxy.conns)
-        # Without resume the second attempt would send all 24 MiB again (>= 36 MiB in all).
-        assert sent_down < size + (4 << 20), sent_down
+        # Without resume the second attempt would send all 24 MiB again (>= 36 MiB in all);
+        # QUIC adds a few % of packet overhead.
+        assert sent_down < (size + (4 << 20)) * (1 if transport == "tcp" else 1.05), sent_down

@@ -6,6 +6,15 @@ one seeded ``random.Random``: with probability ``loss`` it is dropped, with prob
 ``reorder`` it is held back for ``reorder_delay`` seconds (so the datagrams behind it overtake
 it), and otherwise it is forwarded after ``delay`` seconds (0: at once). The same seed and the
 same traffic give the same decisions.
+
+Each client address is one connection (tensord's QUIC dialer opens a UDP socket per QUIC
+connection), numbered from 0 in the order of first datagram, with bytes forwarded counted per
+direction. Per-connection faults (``faults``, by number) are the QUIC analogues of the TCP
+chaos proxy's byte faults: ``cut_after`` (``down_cut_after``) - once this many bytes went
+upstream (downstream) on that connection, its path goes dark for good in both directions
+(QUIC has no RST: a peer gone or a NAT mapping lost look exactly like this); ``corrupt_at`` -
+one byte of the upstream datagram holding this offset is flipped (QUIC's packet protection
+rejects the datagram, so it is as if lost).
 """
 
 from __future__ import annotations
@@ -29,6 +38,21 @@ class ProxyStats:
 
 
 @dataclass
+class UdpFault:
+    cut_after: int | None = None  # upstream bytes, then every datagram of the flow is dropped
+    corrupt_at: int | None = None  # flip the upstream byte at this offset
+    down_cut_after: int | None = None  # the same cut, counted in downstream bytes
+
+
+@dataclass
+class UdpConnStats:
+    upstream: int = 0  # bytes let through the faults, client -> target
+    downstream: int = 0
+    cut: bool = False
+    corrupted: bool = False
+
+
+@dataclass
 class UdpProxy:
     target: Address
     loss: float = 0.0
@@ -38,12 +62,19 @@ class UdpProxy:
     seed: int = 0
     #: While True every datagram is dropped: the path goes dark (a cable pulled, a peer gone).
     blackhole: bool = False
+    faults: dict[int, UdpFault] = field(default_factory=dict)
     stats: ProxyStats = field(default_factory=ProxyStats)
+    conns: list[UdpConnStats] = field(default_factory=list)
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def __post_init__(self) -> None:
+        self.port = 0
         self._rng = random.Random(self.seed)
         self._front = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._upstreams: dict[Address, trio.socket.SocketType] = {}
+        self._upstreams: dict[Address, tuple[trio.socket.SocketType, int]] = {}
         # (due time, sequence, socket, data, destination or None for a connected socket)
         self._queue: list[tuple[float, int, trio.socket.SocketType, bytes, Address | None]] = []
         self._seq = 0
@@ -52,31 +83,65 @@ class UdpProxy:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Proxy until cancelled; reports the port clients should send to."""
         await self._front.bind(("127.0.0.1", 0))
+        self.port = self._front.getsockname()[1]
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._release)
                 task_status.started(self._front.getsockname()[1])
                 while True:
                     data, client = await self._front.recvfrom(65536)
-                    upstream = self._upstreams.get(client)
-                    if upstream is None:
+                    known = self._upstreams.get(client)
+                    if known is None:
                         upstream = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                         await upstream.connect(self.target)
-                        self._upstreams[client] = upstream
-                        nursery.start_soon(self._backward, upstream, client)
-                    self._submit(upstream, data, None)
+                        known = self._upstreams[client] = (upstream, len(self.conns))
+                        self.conns.append(UdpConnStats())
+                        nursery.start_soon(self._backward, known, client)
+                    upstream, index = known
+                    data = self._fault(index, data)
+                    if data is not None:
+                        self._submit(upstream, data, None)
         finally:
             self._front.close()
-            for s in self._upstreams.values():
+            for s, _ in self._upstreams.values():
                 s.close()
 
-    async def _backward(self, upstream: trio.socket.SocketType, client: Address) -> None:
+    async def _backward(self, known: tuple[trio.socket.SocketType, int], client: Address) -> None:
+        upstream, index = known
+        conn = self.conns[index]
         while True:
             try:
                 data = await upstream.recv(65536)
             except ConnectionRefusedError:
                 continue  # the target is gone for now; the client's retransmits find out
+            fault = self.faults.get(index)
+            limit = fault.down_cut_after if fault is not None else None
+            if limit is not None and conn.downstream + len(data) > limit:
+                conn.cut = True
+            if conn.cut:
+                self.stats.dropped += 1
+                continue
+            conn.downstream += len(data)
             self._submit(self._front, data, client)
+
+    def _fault(self, index: int, data: bytes) -> bytes | None:
+        """Apply connection ``index``'s faults to an upstream datagram (None: dropped)."""
+        conn = self.conns[index]
+        fault = self.faults.get(index)
+        start = conn.upstream
+        if fault is not None and fault.cut_after is not None:
+            conn.cut = conn.cut or start + len(data) > fault.cut_after
+        if conn.cut:
+            self.stats.dropped += 1
+            return None
+        conn.upstream += len(data)
+        at = fault.corrupt_at if fault is not None else None
+        if at is not None and start <= at < start + len(data):
+            damaged = bytearray(data)
+            damaged[at - start] ^= 0xFF
+            conn.corrupted = True
+            return bytes(damaged)
+        return data
 
     def _submit(self, sock: trio.socket.SocketType, data: bytes, dest: Address | None) -> None:
         r = self._rng.random()

@@ -578,6 +578,8 @@ class QuicSession:
         # a new stream (ids alone cannot tell: with reordering, stream 12 may start after 16).
         self._closed_ids: set[int] = set()
         self._keepalive_at = math.inf
+        #: When a datagram from the peer last arrived (see :meth:`silent_for`).
+        self.last_heard = trio.current_time()
         self._terminated = False
         #: Set when the connection starts closing; the typed error a dialer raises.
         self.failure: TensorError | None = None
@@ -734,8 +736,21 @@ class QuicSession:
         """After a batch of datagrams: dispatch events, wake writers, send the ACKs and
         whatever the ACKs let out."""
         self._dispatch()
+        self.last_heard = now
         self._keepalive_at = now + self._keepalive_interval()
         self.flush()
+
+    def silent_for(self, now: float) -> float:
+        """How long the peer has left our packets unanswered: the time since it was last heard
+        while something of ours awaits its acknowledgement (0 when nothing does).
+
+        A live peer's QUIC stack acknowledges within a round trip even when its application
+        is stalled, so a long silence means the peer or the path is gone - which QUIC (no RST)
+        otherwise learns only at the idle timeout.
+        """
+        if self.quic._loss.bytes_in_flight == 0:
+            return 0.0
+        return max(0.0, now - self.last_heard)
 
     def _keepalive_interval(self) -> float:
         """A third of the idle timeout both ends agreed on (the smaller of the two)."""
@@ -1105,11 +1120,14 @@ class QuicDialer:
         tls: TlsSettings | None = None,
     ) -> Connection:
         """A new stream on the peer's QUIC connection (dialled if there is none), as a
-        handshaken :class:`Connection`. Errors as :func:`dial_quic`."""
+        handshaken :class:`Connection`. Errors as :func:`dial_quic`.
+
+        A connection whose peer has left our packets unanswered for ``connect_timeout`` is
+        closed and replaced (see :meth:`QuicSession.silent_for`)."""
         session: QuicSession | None = None
         try:
             with trio.fail_after(connect_timeout):
-                session = await self._session(addr, hello, key, tls)
+                session = await self._session(addr, hello, key, tls, connect_timeout)
                 conn = await self._open(session, hello, decoder, key, tls)
                 self.stats.streams += 1
                 return conn
@@ -1131,10 +1149,24 @@ class QuicDialer:
             raise PeerUnreachable(f"{addr}: the QUIC connection was lost") from None
 
     async def _session(
-        self, addr: HostPort, hello: Hello, key: ClusterKey | None, tls: TlsSettings | None
+        self,
+        addr: HostPort,
+        hello: Hello,
+        key: ClusterKey | None,
+        tls: TlsSettings | None,
+        silence_limit: float,
     ) -> QuicSession:
         ident = (addr.host, addr.port, hello, key, tls)
         session = self._sessions.get(ident)
+        if session is not None and session.failure is None:
+            silent = session.silent_for(trio.current_time())
+            if silent >= silence_limit:
+                # The attempt that failed before this dial most likely timed out on this
+                # connection: do not hand out another stream on it (the idle timeout may be
+                # long away); its streams fail now and the retry gets a new connection.
+                why = f"no answer from the peer for {silent:.1f} s"
+                log.info("QUIC connection to %s: %s; dialling a new one", addr, why)
+                session.close(E_NONE, why)
         if session is None or session.failure is not None:
             session = await self._connect(ident, addr, tls)
         await session.established.wait()
