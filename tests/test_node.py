@@ -425,7 +425,7 @@ def test_good_addresses_parse() -> None:
     assert parse_address("gpu-3.cluster.local:9000").host == "gpu-3.cluster.local"
 
 
-async def test_bad_address_in_send_and_wrong_node_id() -> None:
+async def test_bad_address_in_send_and_wrong_node_id(transport: str) -> None:
     async with running() as a, running() as b:
         with pytest.raises(BadAddress):
             await a.send_tensor("not an address", "x", np.zeros(1))
@@ -440,7 +440,7 @@ async def test_bad_address_in_send_and_wrong_node_id() -> None:
 # 12. calls after shutdown ------------------------------------------------------------------
 
 
-async def test_calls_after_shutdown_raise_node_closed() -> None:
+async def test_calls_after_shutdown_raise_node_closed(transport: str) -> None:
     async with running() as b:
         a = TensorNode(fast_settings())
         with pytest.raises(NodeClosed):
@@ -459,7 +459,7 @@ async def test_calls_after_shutdown_raise_node_closed() -> None:
                 pass
 
 
-async def test_receive_waiter_is_woken_by_shutdown() -> None:
+async def test_receive_waiter_is_woken_by_shutdown(transport: str) -> None:
     a = TensorNode(fast_settings())
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
