@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import trio
@@ -101,3 +102,51 @@ def test_the_quic_section_of_the_cluster_file(tmp_path: object) -> None:
         path.write_text(json.dumps({"quic": bad}))
         with pytest.raises(ConfigError, match="quic"):
             load_settings({}, cluster_file=path, library=True)
+
+
+async def test_a_quic_receiver_killed_mid_transfer_is_resumed_after_its_restart(
+    tmp_path: Path,
+) -> None:
+    """The receiver daemon is SIGKILLed mid-transfer - no CONNECTION_CLOSE, only silence - and
+    restarted on the same port: the attempt ends at io_timeout, the retry's dial replaces the
+    silent QUIC connection (the idle timeout is 30 s away), and the transfer resumes from what
+    the restarted receiver found on disk."""
+    from bench import chaos
+
+    size, window = 96 * MiB, 4 * MiB
+    data = np.random.default_rng(4).integers(0, 255, size, dtype=np.uint8)
+    sender = quic().with_transfer(io_timeout=1.5, connect_timeout=1.0, window_bytes=window)
+    port = chaos.free_port()
+    saved = chaos.Watermark()
+    results = []
+    with trio.fail_after(90):
+        async with running(sender) as a, trio.open_nursery() as nursery:
+            async with (
+                chaos.receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d,
+                trio.open_nursery() as watch,
+            ):
+                await watch.start(chaos.watch_receives, d.socket, saved)
+
+                async def send() -> None:
+                    addr = f"tensord://r@127.0.0.1:{port}"
+                    results.append(await a.send_tensor(addr, "big", data))
+
+                nursery.start_soon(send)
+                await saved.wait_for(16 * MiB)  # a checkpoint is on disk: kill now
+                at_kill = saved.value
+                d.proc.kill()
+                await d.proc.wait()
+                watch.cancel_scope.cancel()
+            async with chaos.receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d:
+                await d.wait_for("tensor arrived: 'big'")
+                found = chaos._ON_DISK.search(d.text)
+            nursery.cancel_scope.cancel()
+    (result,) = results
+    assert result.transport == "quic" and result.retries >= 1, result
+    assert at_kill < size  # killed mid-transfer, after a checkpoint
+    assert chaos.stored_digests(tmp_path / "state", ["big"])["big"] == chaos.digest(data)
+    assert found is not None
+    on_disk = int(found.group(1))
+    assert on_disk >= at_kill  # the restart found the checkpoint...
+    # ...and the retry resumed from it: starting over would re-send at least that much again.
+    assert result.bytes_resent < on_disk, (result, on_disk)
