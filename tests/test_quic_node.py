@@ -150,3 +150,40 @@ async def test_a_quic_receiver_killed_mid_transfer_is_resumed_after_its_restart(
     assert on_disk >= at_kill  # the restart found the checkpoint...
     # ...and the retry resumed from it: starting over would re-send at least that much again.
     assert result.bytes_resent < on_disk, (result, on_disk)
+
+
+async def test_a_restarted_receiver_resets_the_connection_at_once(tmp_path: Path) -> None:
+    """kill -9, then the receiver is back on the same port before the sender sends again: the
+    sender's pooled QUIC connection is dead but nothing told it. Its next packet reaches the
+    new process, which answers with a stateless reset (a token derived from the cluster secret
+    and the node id, so the old process's tokens are known to the new one): the attempt fails
+    at once and the retry dials a new connection - no io_timeout, no idle timeout."""
+    from bench import chaos
+
+    sender = quic().with_transfer(io_timeout=60.0, connect_timeout=10.0)
+    port = chaos.free_port()
+    addr = f"tensord://r@127.0.0.1:{port}"
+    with trio.fail_after(30):
+        async with running(sender) as a:
+            async with chaos.receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d:
+                first = await a.send_tensor(addr, "one", np.arange(1000))
+                d.proc.kill()
+                await d.proc.wait()
+            async with (
+                chaos.receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d,
+                a.events.subscribe() as events,
+            ):
+                with trio.fail_after(10):  # far less than io_timeout or the idle timeout
+                    second = await a.send_tensor(addr, "two", np.arange(2000))
+                await d.wait_for("tensor arrived: 'two'")
+                retries = []
+                while True:
+                    try:
+                        ev = events.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    if isinstance(ev, TransferEvent) and ev.state == "retry":
+                        retries.append(ev.detail)
+    assert first.transport == second.transport == "quic"
+    assert second.retries == 1, second
+    assert len(retries) == 1 and "stateless reset" in retries[0], retries

@@ -129,6 +129,7 @@ from ..wire.frames import FrameDecoder
 from ..wire.handshake import Agreement
 from ..wire.messages import Hello, Message
 from .connection import Connection, client_handshake, server_handshake
+from .quic_reset import ResetTokens, is_stateless_reset, reset_key
 from .stream import BufferLike, ByteTransport, ConnectionClosed, FramedStream
 
 log = logging.getLogger("tensord.net")
@@ -242,14 +243,31 @@ class _FlowControlledConnection(QuicConnection):
     """
 
     def __init__(
-        self, *, connection_window: int, request_client_certificate: bool, **kwargs: Any
+        self,
+        *,
+        connection_window: int,
+        request_client_certificate: bool,
+        reset_tokens: ResetTokens | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._reset_tokens = reset_tokens
+        self._derive_reset_tokens()
         self._loss._pacer = _CoarsePacer(max_datagram_size=self._max_datagram_size)
         self.app_buffered = 0
         self.flow_window = connection_window
         self.flow_step = connection_window // 4
         self._request_client_cert = request_client_certificate
+
+    def _derive_reset_tokens(self) -> None:
+        """A listener's connection ids get derived stateless reset tokens (see quic_reset)."""
+        if self._reset_tokens is not None:
+            for cid in self._host_cids:
+                cid.stateless_reset_token = self._reset_tokens.token(cid.cid)
+
+    def _replenish_connection_ids(self) -> None:
+        super()._replenish_connection_ids()
+        self._derive_reset_tokens()
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -729,6 +747,12 @@ class QuicSession:
                 except OSError as exc:
                     self._unreachable(exc)
                     return
+                if is_stateless_reset(view[:n], quic._peer_cid.stateless_reset_token):
+                    self._lost(
+                        "the peer no longer knows this connection (stateless reset: it "
+                        "restarted or lost its state)"
+                    )
+                    return
                 quic.receive_datagram(bytes(view[:n]), addr, now)
             self.after_receive(now)
 
@@ -885,6 +909,10 @@ class QuicSession:
             why = f"nothing is listening for QUIC (UDP) at {self.name}: connection refused"
         else:
             why = (exc.strerror or str(exc)).lower()
+        self._lost(why)
+
+    def _lost(self, why: str) -> None:
+        """The connection is gone without a CONNECTION_CLOSE: fail everything now."""
         if self.failure is None:
             self.failure = PeerUnreachable(why)
             self.close_reason = why
@@ -1401,6 +1429,12 @@ class _Listener:
         self.tuning = tuning
         self.config, cadata = _server_config(tls, tuning)
         self.cadata = cadata or None
+        key_material = reset_key(
+            hello.node,
+            tls_key=tls.key.read_bytes() if tls is not None else None,
+            secret=key.secret if key is not None else None,
+        )
+        self.reset_tokens = ResetTokens(key_material, _CID_LENGTH)
         self.routes: dict[bytes, QuicSession] = {}
         self.sessions: set[QuicSession] = set()
         self.accepting = True
@@ -1464,6 +1498,8 @@ class _Listener:
                     session = routes.get(header.destination_cid)
                     if session is None:
                         session = self._new_session(header.destination_cid, header, data, addr)
+                        if session is None and data[0] < 0x80:
+                            session = self._unknown_connection(header.destination_cid, data, addr)
                         if session is None:
                             continue
                 session.quic.receive_datagram(data, addr, now)
@@ -1474,6 +1510,21 @@ class _Listener:
                     if cid not in routes:
                         routes[cid] = session
             touched.clear()
+
+    def _unknown_connection(
+        self, dcid: bytes, data: bytes, addr: NetworkAddress
+    ) -> QuicSession | None:
+        """A short-header packet for a connection id with no route: a connection of ours that
+        issued the id since its routes were last updated (route it), or one this process never
+        had - a previous incarnation's: answer with a stateless reset."""
+        for session in self.sessions:
+            if dcid in session.cids:
+                self.routes[dcid] = session
+                return session
+        reset = self.reset_tokens.reset_for(data)
+        if reset is not None:
+            self.udp.send_nowait(reset, addr)
+        return None
 
     def _new_session(
         self, dcid: bytes, header: QuicHeader, data: bytes, addr: NetworkAddress
@@ -1491,6 +1542,7 @@ class _Listener:
             original_destination_connection_id=dcid,
             connection_window=self.tuning.connection_window,
             request_client_certificate=self.cadata is not None,
+            reset_tokens=self.reset_tokens,
         )
         host, port = addr[0], addr[1]
         session = QuicSession(
