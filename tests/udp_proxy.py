@@ -14,7 +14,9 @@ chaos proxy's byte faults: ``cut_after`` (``down_cut_after``) - once this many b
 upstream (downstream) on that connection, its path goes dark for good in both directions
 (QUIC has no RST: a peer gone or a NAT mapping lost look exactly like this); ``corrupt_at`` -
 one byte of the upstream datagram holding this offset is flipped (QUIC's packet protection
-rejects the datagram, so it is as if lost).
+rejects the datagram, so it is as if lost); ``rebind_after`` - a NAT rebinding: from then on
+the target sees the connection's datagrams come from a new address, and what it sends to the
+old one is dropped (the connection's counts carry on).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class ProxyStats:
     forwarded: int = 0
     dropped: int = 0
     reordered: int = 0
+    rebound: int = 0  # NAT rebindings done (rebind_after)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class UdpFault:
     cut_after: int | None = None  # upstream bytes, then every datagram of the flow is dropped
     corrupt_at: int | None = None  # flip the upstream byte at this offset
     down_cut_after: int | None = None  # the same cut, counted in downstream bytes
+    rebind_after: int | None = None  # upstream bytes, then a NAT rebinding (module notes)
 
 
 @dataclass
@@ -75,6 +79,8 @@ class UdpProxy:
         self._rng = random.Random(self.seed)
         self._front = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._upstreams: dict[Address, tuple[trio.socket.SocketType, int]] = {}
+        self._rebind: set[Address] = set()
+        self._old: list[trio.socket.SocketType] = []  # upstream sockets replaced by a rebind
         # (due time, sequence, socket, data, destination or None for a connected socket)
         self._queue: list[tuple[float, int, trio.socket.SocketType, bytes, Address | None]] = []
         self._seq = 0
@@ -91,11 +97,24 @@ class UdpProxy:
                 while True:
                     data, client = await self._front.recvfrom(65536)
                     known = self._upstreams.get(client)
-                    if known is None:
+                    if known is not None:
+                        fault = self.faults.get(known[1])
+                        at = fault.rebind_after if fault is not None else None
+                        if at is not None and self.conns[known[1]].upstream >= at:
+                            fault.rebind_after = None  # once
+                            self._rebind.add(client)
+                    if known is None or client in self._rebind:
+                        self._rebind.discard(client)
                         upstream = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                         await upstream.connect(self.target)
-                        known = self._upstreams[client] = (upstream, len(self.conns))
-                        self.conns.append(UdpConnStats())
+                        if known is None:
+                            self.conns.append(UdpConnStats())
+                            index = len(self.conns) - 1
+                        else:
+                            self._old.append(known[0])
+                            self.stats.rebound += 1
+                            index = known[1]
+                        known = self._upstreams[client] = (upstream, index)
                         nursery.start_soon(self._backward, known, client)
                     upstream, index = known
                     data = self._fault(index, data)
@@ -104,6 +123,8 @@ class UdpProxy:
         finally:
             self._front.close()
             for s, _ in self._upstreams.values():
+                s.close()
+            for s in self._old:
                 s.close()
 
     async def _backward(self, known: tuple[trio.socket.SocketType, int], client: Address) -> None:
@@ -114,6 +135,9 @@ class UdpProxy:
                 data = await upstream.recv(65536)
             except ConnectionRefusedError:
                 continue  # the target is gone for now; the client's retransmits find out
+            if self._upstreams[client] is not known:  # rebound: the old mapping is gone
+                self.stats.dropped += 1
+                continue
             fault = self.faults.get(index)
             limit = fault.down_cut_after if fault is not None else None
             if limit is not None and conn.downstream + len(data) > limit:

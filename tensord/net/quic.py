@@ -748,10 +748,9 @@ class QuicSession:
                     self._unreachable(exc)
                     return
                 if is_stateless_reset(view[:n], quic._peer_cid.stateless_reset_token):
-                    self._lost(
-                        "the peer no longer knows this connection (stateless reset: it "
-                        "restarted or lost its state)"
-                    )
+                    why = "stateless reset: the peer restarted or lost the connection's state"
+                    log.info("QUIC connection to %s: %s", self.name, why)
+                    self._lost(why)
                     return
                 quic.receive_datagram(bytes(view[:n]), addr, now)
             self.after_receive(now)
