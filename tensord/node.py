@@ -969,6 +969,7 @@ class TensorNode:
         if isinstance(first, Begin) and kept.xfer is not None and kept.xfer.matches(first):
             xfer, sink = kept.xfer, kept.sink
             assert sink is not None
+            xfer.lz4 = conn.agreement.lz4
             replies = xfer.rebegin(first)
         else:
             await kept.discard()  # the peer started over (or never was asked to resume)
@@ -1138,6 +1139,7 @@ class TensorNode:
                 sink.buffer,
                 sender=conn.peer_id,
                 crc=conn.agreement.crc,
+                lz4=conn.agreement.lz4,
                 max_chunk=MAX_CHUNK_SIZE,
             )
         except BaseException:
@@ -1283,6 +1285,7 @@ class TensorNode:
         partial = self._partials.pop(key, None)
         if partial is not None and partial.xfer.matches(begin):
             xfer, sink = partial.xfer, partial.sink
+            xfer.lz4 = conn.agreement.lz4
             replies = xfer.rebegin(begin)
             log.info(
                 "tensor transfer %s: resuming %r from %s at %d of %d bytes",

@@ -653,6 +653,15 @@ def test_payload_length_mismatch_is_refused() -> None:
     assert rx.place(Chunk(h.id, 0, 0, 4096, lz4_bound(4096), h.crc, True))[0] is Placement.SCRATCH
 
 
+def test_a_compressed_chunk_is_refused_unless_lz4_was_negotiated() -> None:
+    rx, h, _ = a_good_chunk()
+    compressed = Chunk(h.id, 0, 0, 4096, 100, h.crc, compressed=True)
+    assert rx.place(compressed)[0] is Placement.SCRATCH
+    rx.lz4 = False  # what the node sets from an agreement without lz4
+    assert "not negotiated" in str(refuse(rx, compressed))
+    assert rx.place(h)[0] is Placement.DIRECT  # plain chunks are still fine
+
+
 def test_chunk_of_another_transfer_or_without_crc_is_refused() -> None:
     rx, h, _ = a_good_chunk()
     refuse(rx, Chunk("f" * 16, 0, 0, 4096, 4096, h.crc))

@@ -299,6 +299,7 @@ class ReceiveTransfer:
         *,
         sender: str = "",
         crc: bool = True,
+        lz4: bool = True,
         max_chunk: int = 64 << 20,
     ) -> None:
         if not MIN_CHUNK <= begin.chunk_size <= max_chunk:
@@ -314,6 +315,9 @@ class ReceiveTransfer:
         self.sender = sender
         self.dest = dest
         self.crc = crc
+        #: Compressed chunks are accepted only if lz4 was negotiated (on the connection now
+        #: carrying the transfer: a resume sets it again).
+        self.lz4 = lz4
         self.chunk_size = begin.chunk_size
         self.nchunks = chunk_count(begin.meta.nbytes, begin.chunk_size)
         self.state = ReceiveState.RECEIVING
@@ -392,6 +396,8 @@ class ReceiveTransfer:
                 f"match {c.index * self.chunk_size}/{expected}"
             )
         if c.compressed:
+            if not self.lz4:
+                raise ProtocolError(f"chunk {c.index} is lz4-compressed but lz4 was not negotiated")
             if c.wire_len > lz4_bound(expected):
                 raise ProtocolError(f"chunk {c.index}: compressed length {c.wire_len} too large")
         elif c.wire_len != expected:
