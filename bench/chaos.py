@@ -84,6 +84,7 @@ from tensord.wire.messages import Ping, Pong  # noqa: E402
 from tests.chaos import Fault, RandomFaults, proxied  # noqa: E402
 from tests.daemons import Daemon, cluster_secret, daemon, free_port  # noqa: E402
 from tests.helpers import IN_CI, fast_settings  # noqa: E402
+from tests.udp_proxy import UdpFault, UdpProxy  # noqa: E402
 
 DOC = ROOT / "docs" / "RELIABILITY.md"
 
@@ -1783,6 +1784,145 @@ async def restarted_sender_space(*, size: int = 16 * MiB, cap: float = 1.5) -> l
 
 # -- the runner ------------------------------------------------------------------------------
 
+# -- 12. QUIC: a lossy path that goes dark, a rebinding, a restarted receiver ----------------
+
+
+async def quic_path_faults(
+    *,
+    transfers: int = 40,
+    max_size: int = 32 * MiB,
+    cuts: int = 6,
+    loss: float = 0.01,
+    seed: int = 12,
+) -> list[Row]:
+    """Transfers over QUIC to a daemon through the UDP proxy (``tests/udp_proxy.py``): every
+    datagram may be lost or reordered, ``cuts`` connections have their path go dark for good at
+    a random byte (QUIC has no RST: the sender learns it from silence), one gets a corrupted
+    datagram, one a NAT rebinding. Then the receiver is killed with SIGKILL and restarted on
+    the same port, and one more transfer goes over the connection the sender still holds."""
+    started = time.perf_counter()
+    row = Row(
+        "12. QUIC path faults",
+        f"QUIC through a UDP proxy losing {loss:.0%} and reordering {loss:.0%} of datagrams; "
+        f"{cuts} connections go dark at a random byte, one corrupted datagram, one NAT "
+        "rebinding; then the receiver is SIGKILLed and restarted",
+    )
+    rng = random.Random(seed)
+    sizes = [log_uniform(rng, 1 * KiB, max_size) for _ in range(transfers)]
+    total = sum(sizes)
+    # Connection i goes dark after a random share of what an even split would carry, so that
+    # every cut happens; the first surviving connection gets the corruption and the rebinding.
+    spans = [int(rng.uniform(0.2, 1.0) * total / (cuts + 1)) for _ in range(cuts)]
+    faults = {i: UdpFault(cut_after=span) for i, span in enumerate(spans)}
+    faults[cuts] = UdpFault(corrupt_at=total // (4 * (cuts + 1)), rebind_after=total // (cuts + 1))
+    settings = replace(
+        fast_settings(max_retries=3 * cuts + 5),
+        node_id="s",
+        transport="quic",
+    ).with_transfer(connect_timeout=1.0, io_timeout=1.5)
+    port = free_port()
+    datas = [random_bytes((seed, i), n) for i, n in enumerate(sizes)]
+    results: list[TransferResult] = []
+    failures: list[str] = []
+    resets = _LogCount("stateless reset")
+    net_log = logging.getLogger("tensord.net")
+    level = net_log.level
+    net_log.addHandler(resets)
+    net_log.setLevel(logging.INFO)
+    try:
+        with tempfile.TemporaryDirectory(prefix="tensord-chaos-") as tmp:
+            home = Path(tmp)
+            async with TensorNode(settings) as node, trio.open_nursery() as nursery:
+                proxy = UdpProxy(
+                    ("127.0.0.1", port), loss=loss, reorder=loss, seed=seed, faults=faults
+                )
+                await nursery.start(proxy.run)
+                addr = f"tensord://r@{proxy.addr}"
+                async with receiver(home, port, TENSORD_TRANSPORT="quic") as d:
+                    for i, data in enumerate(datas):
+                        try:
+                            results.append(await node.send_tensor(addr, f"t{i}", data))
+                        except TensorError as exc:
+                            failures.append(f"t{i}: {exc}")
+                    await flush_arrivals(d, port)
+                    logs = [d.text]
+                    d.proc.kill()
+                    await d.proc.wait()
+                last = random_bytes((seed, transfers), 1 * MiB)
+                async with receiver(home, port, TENSORD_TRANSPORT="quic") as d:
+                    try:
+                        with trio.fail_after(10):  # well below io_timeout + idle timeout
+                            after = await node.send_tensor(addr, "last", last)
+                    except (TensorError, trio.TooSlowError) as exc:
+                        failures.append(f"after the restart: {exc!r}")
+                        after = None
+                    await d.wait_for("tensor arrived: 'last'") if after else None
+                    logs.append(d.text)
+                nursery.cancel_scope.cancel()
+            names = [f"t{i}" for i in range(transfers)]
+            stored = stored_digests(home / "state", [*names, "last"])
+            leftovers = partial_files(home / "state")
+    finally:
+        net_log.removeHandler(resets)
+        net_log.setLevel(level)
+    seen = arrivals(*logs)
+    bad = [n for n, data in zip(names, datas, strict=True) if stored[n] != digest(data)]
+    if stored["last"] != digest(last):
+        bad.append("last")
+    row.lost = len(bad)
+    row.duplicates = sum(max(0, seen[n] - 1) for n in [*names, "last"])
+    row.check(not failures, f"transfers failed: {failures}")
+    row.check(not bad, f"not stored byte-exact: {bad}")
+    dark = sum(c.cut for c in proxy.conns)
+    row.check(dark == cuts, f"{dark} of {cuts} paths went dark")
+    row.check(proxy.stats.rebound == 1, "the NAT rebinding did not happen")
+    row.check(proxy.conns[cuts].corrupted, "no datagram was corrupted")
+    row.check(resets.count >= 1, "the restarted receiver's stateless reset was not seen")
+    row.check(after is not None and after.retries <= 1, f"after the restart: {after}")
+    row.check(not leftovers, f"partial files left: {leftovers}")
+    retries = sum(r.retries for r in results)
+    resent = sum(r.bytes_resent for r in results)
+    row.tried = (
+        f"{transfers} transfers ({fmt_bytes(min(sizes))}-{fmt_bytes(max(sizes))}, "
+        f"{fmt_bytes(total)}) on {len(proxy.conns)} QUIC connections; "
+        f"{proxy.stats.dropped} datagrams dropped, {proxy.stats.reordered} reordered; "
+        f"1 kill -9 of the receiver"
+    )
+    row.outcome = (
+        f"{transfers - len([b for b in bad if b != 'last'])}/{transfers} byte-exact, each "
+        f"announced once; {retries} retries for {dark} dark paths (each noticed at io_timeout, "
+        "the retry on a new connection); the rebinding cost no retry; after the restart the "
+        f"old connection was reset at once ({after.retries if after else '?'} retry)"
+    )
+    row.resent = f"{fmt_bytes(resent)} ({resent / total:.1%} of the tensors' bytes)"
+    row.figures = {
+        "transfers": transfers,
+        "tensor_bytes": total,
+        "connections": len(proxy.conns),
+        "dark_paths": dark,
+        "retries": retries,
+        "bytes_resent": resent,
+        "datagrams_dropped": proxy.stats.dropped,
+        "datagrams_reordered": proxy.stats.reordered,
+        "stateless_resets": resets.count,
+    }
+    row.seconds = time.perf_counter() - started
+    return [row]
+
+
+class _LogCount(logging.Handler):
+    """Counts log records containing ``needle``."""
+
+    def __init__(self, needle: str) -> None:
+        super().__init__(logging.INFO)
+        self.needle = needle
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage():
+            self.count += 1
+
+
 Scenario = Callable[..., Awaitable[list[Row]]]
 
 SCENARIOS: dict[str, Scenario] = {
@@ -1797,6 +1937,7 @@ SCENARIOS: dict[str, Scenario] = {
     "retries": retry_budget,
     "idle-partial": idle_partial_expiry,
     "partial-space": restarted_sender_space,
+    "quic": quic_path_faults,
 }
 
 FULL: dict[str, dict[str, Any]] = {
@@ -1811,6 +1952,7 @@ FULL: dict[str, dict[str, Any]] = {
     "retries": {"size": 64 * MiB},
     "idle-partial": {"size": 64 * MiB},
     "partial-space": {"size": 64 * MiB},
+    "quic": {},
 }
 
 #: The shortened form tests/test_reliability.py runs (well under 90 s in all on 2 cores).
@@ -1839,6 +1981,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "retries": {},
     "idle-partial": {"wait": 2.0},
     "partial-space": {},
+    "quic": {"transfers": 10, "max_size": 4 * MiB, "cuts": 2},
 }
 
 LIMITS = {"kills": 600.0, "load": 300.0, "sender": 300.0}
@@ -1931,14 +2074,16 @@ def render(rows: list[Row], m: dict[str, Any], quick: bool, seconds: float) -> s
         "receiver (its store checkpoints progress to disk). This report is what happens when",
         "things go wrong on purpose: connections cut at random bytes, chunk payloads corrupted, a",
         "receiver killed with SIGKILL again and again, a sender restarted, the disk filling up,",
-        "fifty peers at once, hostile and unauthenticated peers, and two hosts (network",
-        "namespaces) whose link goes down. Receivers are real `tensord serve` processes; what",
+        "fifty peers at once, hostile and unauthenticated peers, two hosts (network",
+        "namespaces) whose link goes down, and QUIC paths that lose datagrams, go dark and",
+        "rebind. Receivers are real `tensord serve` processes; what",
         "they stored is read back from their store and compared by SHA-256 with what was sent,",
         "and duplicates are counted from the arrivals in their logs. **Data lost must be 0.**",
         "",
         "Regenerate with `make chaos` (full sizes, several minutes; `bench/chaos.py --quick` for",
         "the shortened form). CI runs every scenario in the shortened form as",
-        "`tests/test_reliability.py`. Faults come from the test-owned proxy `tests/chaos.py`.",
+        "`tests/test_reliability.py`. Faults come from the test-owned proxies `tests/chaos.py`",
+        "(TCP) and `tests/udp_proxy.py` (QUIC).",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram'] / GiB:.1f} GiB RAM, {m['kernel']},",
         f"  Python {m['python']}{', as root' if m['root'] else ''}",

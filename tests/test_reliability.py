@@ -202,3 +202,11 @@ def test_a_restarted_sender_can_resend_while_its_old_partial_holds_the_space() -
         raise RuntimeError(f"the scenario itself went wrong: {row.explain()}")
     assert not row.figures["failed"], row.explain()
     assert row.lost == 0, row.explain()
+
+
+async def test_quic_paths_that_go_dark_rebind_or_restart_lose_and_duplicate_nothing() -> None:
+    with trio.fail_after(60):
+        rows = await chaos.quic_path_faults(**Q["quic"])
+    assert_clean(rows)
+    f = rows[0].figures
+    assert f["dark_paths"] == Q["quic"]["cuts"] and f["stateless_resets"] >= 1, f
