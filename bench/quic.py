@@ -43,9 +43,15 @@ Packet loss. QUIC rows go through ``tests/udp_proxy.py`` (a Trio UDP proxy in it
 process, dropping each datagram with probability ``LOSS`` in both directions, seeded); the
 sender dials the proxy. The proxy is Python and touches every datagram, so it costs CPU on a
 2-core machine: the row "QUIC, udp_proxy, 0 % loss" shows how much of the loss row's figure is
-the proxy itself. TCP cannot go through a UDP proxy, and this machine has neither netem, nft nor
-iptables; its kernel does have ``cls_bpf``, so the TCP rows with loss run in a network
-namespace of their own (``ip netns add``; never the host's loopback) whose ``lo`` drops each
+the proxy itself. With loss it costs more than its CPU (~0.4 cores): QUIC's window is then
+loss-limited and moves one window per round trip, and every datagram waits for the proxy's
+turn on a core, so the netns row below ("QUIC with the kernel drop", no proxy) reaches 1.5-2x
+the proxy row. The proxy's sockets also keep the kernel's default 208 KiB receive buffer,
+which QUIC's loss-free bursts overflow (``RcvbufErrors``, ~0.2 % of the datagrams in front of
+the proxy, not in its ``dropped`` count): the 0 % proxy row is not quite loss-free. TCP
+cannot go through a UDP proxy, and this machine has neither netem, nft nor iptables; its
+kernel does have ``cls_bpf``, so the TCP rows with loss run in a network namespace of their
+own (``ip netns add``; never the host's loopback) whose ``lo`` drops each
 arriving packet with probability ``LOSS``: a ``tc`` ``clsact`` *ingress* filter running a
 4-instruction classic BPF program (``ld rand; jge``). Ingress, because a drop at egress is
 reported back to TCP as local congestion (it re-sends at once, no loss recovery); at ingress

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from aioquic._buffer import Buffer
+from aioquic.quic.events import StreamDataReceived
+from aioquic.quic.packet import pull_quic_header
 
 from tensord.certs import init_ca, issue
 from tensord.config import HostPort, TlsSettings
@@ -19,10 +22,14 @@ from tensord.errors import AuthenticationFailed, PeerUnreachable, ProtocolError
 from tensord.net.connection import Connection
 from tensord.net.quic import (
     DEFAULT_TUNING,
+    MAX_ACK_DELAY_MS,
     QuicDialer,
     QuicSession,
     QuicStreamTransport,
     QuicTuning,
+    _client_config,
+    _FlowControlledConnection,
+    _server_config,
     default_dialer,
     dial_quic,
     open_quic_socket,
@@ -537,8 +544,17 @@ def test_the_aioquic_internals_this_transport_relies_on_exist() -> None:
     from aioquic.quic.recovery import QuicPacketPacer
     from aioquic.quic.stream import QuicStreamSender
 
-    for name in ("_write_stream_limits", "_write_connection_limits", "_initialize"):
+    for name in (
+        "_write_stream_limits",
+        "_write_connection_limits",
+        "_initialize",
+        "_serialize_transport_parameters",
+    ):
         assert callable(getattr(QuicConnection, name))
+    from aioquic.quic.recovery import QuicPacketSpace
+
+    space = QuicPacketSpace()  # read and moved by _FlowControlledConnection.receive_datagram
+    assert space.ack_at is None and space.largest_received_packet == -1
     sender = QuicStreamSender(stream_id=0, writable=True)
     assert sender._buffer_stop - sender._buffer_start == 0
     context = tls.Context(is_client=False)
@@ -554,3 +570,108 @@ def test_tuning_is_validated() -> None:
         QuicTuning(congestion_control="bbr")
     with pytest.raises(ValueError, match="connection_window"):
         QuicTuning(stream_window=8 * MiB, connection_window=4 * MiB)
+
+
+# --------------------------------------------------------------------------------------------
+# Acknowledgements and loss recovery, sans I/O: two connections wired by hand, on a clock that
+# only moves when the test says so (aioquic needs no sockets, so nothing here is timing).
+
+
+class _Pair:
+    """A client and a server ``_FlowControlledConnection``, handshake done, wired by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.client = _FlowControlledConnection(
+            configuration=_client_config(None, DEFAULT_TUNING),
+            connection_window=DEFAULT_TUNING.connection_window,
+            request_client_certificate=False,
+        )
+        self.client.connect(("127.0.0.1", 2), now=self.now)
+        first = self.send(self.client)
+        dcid = pull_quic_header(Buffer(data=first[0]), host_cid_length=8).destination_cid
+        server_config, _ = _server_config(None, DEFAULT_TUNING)
+        self.server = _FlowControlledConnection(
+            configuration=server_config,
+            original_destination_connection_id=dcid,
+            connection_window=DEFAULT_TUNING.connection_window,
+            request_client_certificate=False,
+        )
+        self.deliver(first, self.server)
+        for _ in range(20):  # the handshake, ACK timers included, until all is said
+            self.now += 0.0015  # past the 1 ms ACK timer: RTT samples of ~1.5 ms
+            for conn in (self.client, self.server):
+                conn.handle_timer(self.now)
+            to_client, to_server = self.send(self.server), self.send(self.client)
+            if not to_client and not to_server:
+                break
+            self.deliver(to_client, self.client)
+            self.deliver(to_server, self.server)
+        self.received(self.client)
+        self.received(self.server)
+        assert self.client._handshake_confirmed and self.server._handshake_complete
+
+    def tick(self) -> float:
+        """One hop: far less than any timer, which therefore never comes due."""
+        self.now += 0.00005
+        return self.now
+
+    def send(self, conn: _FlowControlledConnection) -> list[bytes]:
+        return [data for data, _ in conn.datagrams_to_send(now=self.tick())]
+
+    def deliver(self, datagrams: list[bytes], to: _FlowControlledConnection) -> None:
+        now = self.tick()  # one batch, as the receive loops read them
+        for data in datagrams:
+            to.receive_datagram(data, ("127.0.0.1", 2 if to is self.client else 1), now)
+
+    @staticmethod
+    def received(conn: _FlowControlledConnection) -> bytes:
+        data = b""
+        while (event := conn.next_event()) is not None:
+            if isinstance(event, StreamDataReceived):
+                data += event.data
+        return data
+
+
+def test_both_ends_announce_a_short_max_ack_delay() -> None:
+    """aioquic announces 25 ms, which the peer adds to every probe timeout (PTO): a sender
+    whose last ACK was lost waited that long for what comes within a couple of ms."""
+    pair = _Pair()
+    assert MAX_ACK_DELAY_MS < 25
+    assert (
+        pair.client._loss.max_ack_delay
+        == pair.server._loss.max_ack_delay
+        == MAX_ACK_DELAY_MS / 1000
+    )
+
+
+def test_a_burst_is_acknowledged_at_once_and_its_loss_repaired_by_that_ack() -> None:
+    """A burst with a lost packet: the receiver acknowledges what it read without waiting for
+    its ACK timer, and that ACK lets the sender declare the loss (three later packets were
+    acknowledged) and resend it - no timer fires at either end, no probe timeout."""
+    pair = _Pair()
+    client, server = pair.client, pair.server
+    sid = client.get_next_available_stream_id()
+    data = payload(5, 8 * 1200)
+    client.send_stream_data(sid, data, end_stream=True)
+    burst = pair.send(client)
+    assert len(burst) >= 6
+    pair.deliver(burst[:1] + burst[2:], server)  # the second datagram is lost
+    acks = pair.send(server)
+    assert acks, "the server waited for its ACK timer"
+    pair.deliver(acks, client)
+    pair.deliver(pair.send(client), server)  # the retransmission, sent on that ACK
+    assert pair.received(server) == data
+
+
+def test_a_lone_packet_still_waits_for_the_ack_timer() -> None:
+    """One small packet (a request) is not acknowledged at once: the ACK can ride on the
+    answer (or goes when the 1 ms timer fires) - no extra datagram per request."""
+    pair = _Pair()
+    client, server = pair.client, pair.server
+    client.send_stream_data(client.get_next_available_stream_id(), b"ping")
+    pair.deliver(pair.send(client), server)
+    assert pair.received(server) == b"ping"
+    assert pair.send(server) == []
+    pair.now += 0.002  # the ACK timer
+    assert pair.send(server) != []
