@@ -46,9 +46,9 @@ sender dials the proxy. The proxy is Python and touches every datagram, so it co
 the proxy itself. With loss it costs more than its CPU (~0.4 cores): QUIC's window is then
 loss-limited and moves one window per round trip, and every datagram waits for the proxy's
 turn on a core, so the netns row below ("QUIC with the kernel drop", no proxy) reaches 1.5-2x
-the proxy row. The proxy's sockets also keep the kernel's default 208 KiB receive buffer,
-which QUIC's loss-free bursts overflow (``RcvbufErrors``, ~0.2 % of the datagrams in front of
-the proxy, not in its ``dropped`` count): the 0 % proxy row is not quite loss-free. TCP
+the proxy row. (The proxy's sockets ask for 4 MiB buffers, as tensord's do: with the
+kernel's default 208 KiB, QUIC's loss-free bursts overflowed it - ``RcvbufErrors``, ~0.2 % of
+the datagrams, not in its ``dropped`` count.) TCP
 cannot go through a UDP proxy, and this machine has neither netem, nft nor iptables; its
 kernel does have ``cls_bpf``, so the TCP rows with loss run in a network namespace of their
 own (``ip netns add``; never the host's loopback) whose ``lo`` drops each
