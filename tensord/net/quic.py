@@ -22,9 +22,16 @@ writes them to the UDP socket, and then sleeps in a cancel scope whose deadline 
 passes (``handle_timer``) or something *kicks* it (a datagram arrived, the application wrote
 data or consumed received data). A receive task per UDP socket feeds ``receive_datagram`` in
 batches and dispatches the events to per-stream state; tasks park on ``trio.lowlevel.ParkingLot``
-and are woken by the events. No polling loops, no sleeps. While streams are open, a PING every
-third of the idle timeout keeps a live peer's connection up; when the peer stops answering, the
-idle timeout ends the connection and every stream raises ``trio.BrokenResourceError``.
+and are woken by the events. (Not a memory channel per stream: received data waits in a deque
+counted in bytes, which is what flow control is granted in, and a channel would bound it in
+items and add a hop per packet.) No polling loops, no sleeps. While streams are open, a PING
+every third of the idle timeout keeps a live peer's connection up; when the peer stops
+answering, the idle timeout ends the connection and every stream raises
+``trio.BrokenResourceError``. Two ways to learn sooner: the dialer does not hand out a stream
+on a connection whose peer has left our packets unacknowledged for ``connect_timeout``
+(:meth:`QuicSession.silent_for`: the path went dark, a retry gets a new connection), and a
+restarted listener answers its predecessor's connections with a stateless reset, which the
+dialer recognises (``quic_reset.py``).
 
 Flow control and back-pressure
 ------------------------------
