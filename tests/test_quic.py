@@ -35,6 +35,7 @@ from tensord.net.quic import (
     open_quic_socket,
     serve_quic,
 )
+from tensord.net.quic_reset import ResetTokens
 from tensord.net.stream import ConnectionClosed
 from tensord.wire.auth import ClusterKey
 from tensord.wire.frames import FrameDecoder
@@ -580,7 +581,7 @@ def test_tuning_is_validated() -> None:
 class _Pair:
     """A client and a server ``_FlowControlledConnection``, handshake done, wired by hand."""
 
-    def __init__(self) -> None:
+    def __init__(self, reset_tokens: ResetTokens | None = None) -> None:
         self.now = 1000.0
         self.client = _FlowControlledConnection(
             configuration=_client_config(None, DEFAULT_TUNING),
@@ -596,6 +597,7 @@ class _Pair:
             original_destination_connection_id=dcid,
             connection_window=DEFAULT_TUNING.connection_window,
             request_client_certificate=False,
+            reset_tokens=reset_tokens,
         )
         self.deliver(first, self.server)
         for _ in range(20):  # the handshake, ACK timers included, until all is said
@@ -675,3 +677,20 @@ def test_a_lone_packet_still_waits_for_the_ack_timer() -> None:
     assert pair.send(server) == []
     pair.now += 0.002  # the ACK timer
     assert pair.send(server) != []
+
+
+def test_the_listeners_reset_tokens_reach_the_dialer_for_every_connection_id() -> None:
+    """The tokens a listener's connection hands out (transport parameter, NEW_CONNECTION_ID)
+    are the derived ones, so a restarted process can make them; the dialer keeps them where
+    its receive loop looks (``_peer_cid``), and can tell when something is in flight."""
+    tokens = ResetTokens(b"k" * 32, cid_length=8)
+    pair = _Pair(tokens)
+    client = pair.client
+    assert client._peer_cid.stateless_reset_token == tokens.token(client._peer_cid.cid)
+    assert client._peer_cid_available, "the server issued no further connection ids"
+    for cid in client._peer_cid_available:
+        assert cid.stateless_reset_token == tokens.token(cid.cid)
+    assert client._loss.bytes_in_flight == 0  # read by QuicSession.silent_for
+    client.send_ping(1)
+    pair.send(client)
+    assert client._loss.bytes_in_flight > 0

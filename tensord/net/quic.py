@@ -107,7 +107,9 @@ Private aioquic API used (the tests check it exists): ``QuicStreamSender._buffer
 ``_state``, ``_loss._pacer``, ``_remote_max_idle_timeout``, ``_write_stream_limits``,
 ``_write_connection_limits``, ``_initialize``, ``_serialize_transport_parameters``,
 ``_spaces`` (a packet space's ``ack_at`` and ``largest_received_packet``),
-``_max_datagram_size``, ``tls._request_client_certificate``, ``tls._peer_certificate(_chain)``.
+``_max_datagram_size``, ``_host_cids`` and ``_replenish_connection_ids`` (reset tokens),
+``_peer_cid.stateless_reset_token``, ``_loss.bytes_in_flight``, ``tls._request_client_certificate``,
+``tls._peer_certificate(_chain)``.
 """
 
 from __future__ import annotations
