@@ -242,40 +242,7 @@ def _check(result: TransferResult, transport: str) -> None:
         )
 
 
-def throughput_sender(
-    out: Reporter,
-    port: int,
-    transport: str,
-    quic: dict[str, Any],
-    netns: str | None,
-    size: int,
-    reps: int,
-) -> dict[str, Any]:
-    """One warm-up send and ``reps`` timed sends of the ``size``-byte tensor."""
-    enter_netns(netns)
-    data = make_tensor(size)
-    peer = f"127.0.0.1:{port}"
-
-    async def main() -> dict[str, Any]:
-        times: list[float] = []
-        retries = 0
-        async with TensorNode(node_settings(transport, quic)) as node:
-            _check(await node.send_tensor(peer, "warm", data), transport)
-            out.send("timing")
-            cpu = cpu_seconds()
-            for i in range(reps):
-                t = time.perf_counter()
-                result = await node.send_tensor(peer, f"bulk-{i}", data)
-                times.append(time.perf_counter() - t)
-                _check(result, transport)
-                retries += result.retries
-            cpu = cpu_seconds() - cpu
-        return {"seconds": times, "retries": retries, "cpu": cpu}
-
-    return trio.run(main)
-
-
-def latency_sender(
+def sequential_sender(
     out: Reporter,
     port: int,
     transport: str,
@@ -285,7 +252,9 @@ def latency_sender(
     n: int,
     warmup: int,
 ) -> dict[str, Any]:
-    """Seconds of each of ``n`` sequential sends of a small tensor on the pooled connection."""
+    """Seconds of each of ``n`` sequential sends of the ``nbytes``-byte tensor on the pooled
+    connection, after ``warmup`` untimed ones: the throughput rows (one warm-up, ``REPS``
+    sends) and the latency rows (``LAT_N`` small sends)."""
     enter_netns(netns)
     data = make_tensor(nbytes)
     peer = f"127.0.0.1:{port}"
@@ -300,7 +269,7 @@ def latency_sender(
             cpu = cpu_seconds()
             for i in range(n):
                 t = time.perf_counter()
-                result = await node.send_tensor(peer, f"lat-{i}", data)
+                result = await node.send_tensor(peer, f"seq-{i}", data)
                 times.append(time.perf_counter() - t)
                 _check(result, transport)
                 retries += result.retries
@@ -518,10 +487,10 @@ def measure(row: Row, cfg: Config, ns: str | None) -> Figure:
             px = kids.start("udp proxy", proxy, port, row.route.loss, cfg.seed, counters)
             port = px.recv(timeout=30)["port"]
         if row.metric == "throughput":
-            args: tuple[Any, ...] = (row.size, cfg.reps)
-            fn: Callable[..., Any] = throughput_sender
+            args: tuple[Any, ...] = (row.size, cfg.reps, 1)
+            fn: Callable[..., Any] = sequential_sender
         elif row.metric == "latency":
-            args, fn = (row.size, cfg.lat_n, cfg.lat_warmup), latency_sender
+            args, fn = (row.size, cfg.lat_n, cfg.lat_warmup), sequential_sender
         else:
             args, fn = (row.size, cfg.tasks, cfg.reps), concurrent_sender
         before = netns_counters(ns) if netns else None
