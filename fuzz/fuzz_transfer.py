@@ -124,7 +124,7 @@ class ReceiveProbe:
     def rebegin(self, begin: Begin) -> list[Message]:
         """A new connection resumes the transfer (the node checks ``matches`` first)."""
         assert self.rx.matches(begin)
-        replies = self.rx.rebegin(begin)
+        replies = self.rx.rebegin(begin, lz4=True)
         self._after(replies)
         assert [type(r) for r in replies] == ([Accept] if begin.resume else [])
         return replies

@@ -969,8 +969,7 @@ class TensorNode:
         if isinstance(first, Begin) and kept.xfer is not None and kept.xfer.matches(first):
             xfer, sink = kept.xfer, kept.sink
             assert sink is not None
-            xfer.lz4 = conn.agreement.lz4
-            replies = xfer.rebegin(first)
+            replies = xfer.rebegin(first, lz4=conn.agreement.lz4)
         else:
             await kept.discard()  # the peer started over (or never was asked to resume)
             key = f"pull/{peer.name}/{secrets.token_hex(8)}"
@@ -1285,8 +1284,7 @@ class TensorNode:
         partial = self._partials.pop(key, None)
         if partial is not None and partial.xfer.matches(begin):
             xfer, sink = partial.xfer, partial.sink
-            xfer.lz4 = conn.agreement.lz4
-            replies = xfer.rebegin(begin)
+            replies = xfer.rebegin(begin, lz4=conn.agreement.lz4)
             log.info(
                 "tensor transfer %s: resuming %r from %s at %d of %d bytes",
                 begin.id,

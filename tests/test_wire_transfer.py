@@ -216,7 +216,7 @@ class Wire:
             begin, _ = through_codec(self._dec_rx, begin)
         assert isinstance(begin, Begin)
         assert self.receiver.matches(begin)
-        replies = self.receiver.rebegin(begin)
+        replies = self.receiver.rebegin(begin, lz4=True)
         assert len(replies) == 1 and isinstance(replies[0], Accept)
         accept = replies[0]
         assert sum(b - a for a, b in accept.have) == self.receiver.have_count
@@ -412,7 +412,7 @@ def test_resume_after_everything_arrived_but_end_was_lost() -> None:
     assert tx.wants_end
     tx.end()  # ... and it is lost with the connection
     begin = tx.begin(resume=True)
-    (accept,) = rx.rebegin(begin)
+    (accept,) = rx.rebegin(begin, lz4=True)
     assert accept == Accept(XID, ((0, 10),))
     tx.on_message(accept)
     assert tx.next_chunk() is None and tx.wants_end
@@ -426,7 +426,7 @@ def test_resume_after_everything_arrived_but_end_was_lost() -> None:
 
 def test_rebegin_without_resume_returns_nothing() -> None:
     tx, rx, _ = make_pair(bytes(8192), 4096, 2)
-    assert rx.rebegin(tx.begin(resume=False)) == []
+    assert rx.rebegin(tx.begin(resume=False), lz4=True) == []
 
 
 def test_matches_only_the_same_transfer() -> None:
@@ -657,7 +657,7 @@ def test_a_compressed_chunk_is_refused_unless_lz4_was_negotiated() -> None:
     rx, h, _ = a_good_chunk()
     compressed = Chunk(h.id, 0, 0, 4096, 100, h.crc, compressed=True)
     assert rx.place(compressed)[0] is Placement.SCRATCH
-    rx.lz4 = False  # what the node sets from an agreement without lz4
+    rx.rebegin(Begin(h.id, rx.meta, rx.chunk_size, 4, True), lz4=False)  # lz4 not agreed
     assert "not negotiated" in str(refuse(rx, compressed))
     assert rx.place(h)[0] is Placement.DIRECT  # plain chunks are still fine
 
@@ -770,7 +770,7 @@ def test_end_crc_is_combined_even_for_chunks_skipped_by_resume() -> None:
     assert rx.have_count == rx.nchunks == 6 and not rx.complete  # ...but not its End
     # a new SendTransfer for the same transfer (say, the sending process restarted)
     again = SendTransfer(XID, first.meta, memoryview(data), chunk_size=4096, window=8)
-    (accept,) = rx.rebegin(again.begin(resume=True))
+    (accept,) = rx.rebegin(again.begin(resume=True), lz4=True)
     again.on_message(accept)
     assert again.stats.skipped_by_resume == 6
     assert again.next_chunk() is None and again.stats.chunks_sent == 0
@@ -850,7 +850,7 @@ def test_progress_survives_a_restart_and_the_resume_is_exact(
     begin = sender.begin(resume=True)
     fresh = ReceiveTransfer(begin, memoryview(dest2))
     fresh.restore(have, crcs)
-    (accept,) = fresh.rebegin(begin)
+    (accept,) = fresh.rebegin(begin, lz4=True)
     assert isinstance(accept, Accept)
     sender.on_message(accept)
     replies: list[Message] = []

@@ -316,7 +316,7 @@ class ReceiveTransfer:
         self.dest = dest
         self.crc = crc
         #: Compressed chunks are accepted only if lz4 was negotiated (on the connection now
-        #: carrying the transfer: a resume sets it again).
+        #: carrying the transfer: :meth:`rebegin` sets it again).
         self.lz4 = lz4
         self.chunk_size = begin.chunk_size
         self.nchunks = chunk_count(begin.meta.nbytes, begin.chunk_size)
@@ -336,8 +336,11 @@ class ReceiveTransfer:
             begin.id == self.id and begin.meta == self.meta and begin.chunk_size == self.chunk_size
         )
 
-    def rebegin(self, begin: Begin) -> list[Message]:
-        """A resumed attempt on a new connection: forget the old End, report what we have."""
+    def rebegin(self, begin: Begin, *, lz4: bool) -> list[Message]:
+        """A resumed attempt on a new connection: forget the old End, report what we have.
+        ``lz4``: whether that connection negotiated lz4 (its agreement, not the first one's,
+        decides whether compressed chunks are accepted from now on)."""
+        self.lz4 = lz4
         self._end = None
         self._unacked.clear()
         return [self.accept()] if begin.resume else []
