@@ -119,22 +119,11 @@ def check(data: bytes) -> list[tuple[Message, bytes]]:
     return reader.out
 
 
-def fuzz_one_input(data: bytes) -> None:
-    check(data)
-
-
 def main() -> None:
-    import atheris  # only here: the test suite imports check() without atheris installed
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from mutator import mutate_frames
+    from mutator import run_fuzzer
 
-    def mutate(data: bytes, max_size: int, seed: int) -> bytes:
-        return mutate_frames(data, max_size, seed, atheris.Mutate)
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, fuzz_one_input, custom_mutator=mutate)
-    atheris.Fuzz()
+    run_fuzzer(check)
 
 
 if __name__ == "__main__":

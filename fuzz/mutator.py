@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -124,3 +125,20 @@ def mutate_frames(
     if len(out) > max_size:
         return fallback(data, max_size)
     return bytes(out)
+
+
+def run_fuzzer(check: Callable[[bytes], object]) -> None:
+    """A harness's ``main``: fuzz ``check`` with atheris (its arguments from ``sys.argv``) and
+    this mutator. atheris is imported only here: the test suite imports the harnesses' checks
+    without it installed."""
+    import atheris
+
+    def one_input(data: bytes) -> None:
+        check(data)
+
+    def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+        return mutate_frames(data, max_size, seed, atheris.Mutate)
+
+    atheris.instrument_all()
+    atheris.Setup(sys.argv, one_input, custom_mutator=mutate)
+    atheris.Fuzz()
