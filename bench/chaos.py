@@ -83,7 +83,7 @@ from tensord.wire.handshake import ALL_FEATURES, make_hello  # noqa: E402
 from tensord.wire.messages import Ping, Pong  # noqa: E402
 from tests.chaos import Fault, RandomFaults, proxied  # noqa: E402
 from tests.daemons import Daemon, cluster_secret, daemon, free_port  # noqa: E402
-from tests.helpers import IN_CI, fast_settings  # noqa: E402
+from tests.helpers import IN_CI, LogWaiter, fast_settings  # noqa: E402
 from tests.udp_proxy import UdpFault, UdpProxy  # noqa: E402
 
 DOC = ROOT / "docs" / "RELIABILITY.md"
@@ -1662,21 +1662,6 @@ async def retry_budget(*, size: int = 16 * MiB, cuts: int = 4, max_retries: int 
     return [row]
 
 
-class _LogWaiter(logging.Handler):
-    """Sets ``event`` when a record containing ``needle`` is logged - from any thread (the
-    store's sweep logs from a worker thread), so the event is set by the trio loop itself."""
-
-    def __init__(self, needle: str) -> None:
-        super().__init__(logging.INFO)
-        self.needle = needle
-        self.event = trio.Event()
-        self._token = trio.lowlevel.current_trio_token()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.needle in record.getMessage():
-            self._token.run_sync_soon(self.event.set)
-
-
 async def idle_partial_expiry(
     *, size: int = 8 * MiB, ttl: float = 0.3, sweep: float = 0.1, wait: float = 5.0
 ) -> list[Row]:
@@ -1689,16 +1674,15 @@ async def idle_partial_expiry(
         f"sender gives up mid-transfer, then no traffic (partial_ttl_seconds = {ttl:g}, store "
         f"sweep every {sweep:g} s)",
     )
-    waiter = _LogWaiter("expired partial receive")
-    store_log = logging.getLogger("tensord.store")
-    old_level = store_log.level
-    store_log.setLevel(logging.INFO)
-    store_log.addHandler(waiter)
     old_sweep = tensord.node.SWEEP_INTERVAL
     tensord.node.SWEEP_INTERVAL = sweep
     expired = None
+    waiter = LogWaiter(lambda message: "expired partial receive" in message)
     try:
-        with tempfile.TemporaryDirectory(prefix="tensord-chaos-") as tmp:
+        with (
+            waiter.watching("tensord.store"),
+            tempfile.TemporaryDirectory(prefix="tensord-chaos-") as tmp,
+        ):
             state = Path(tmp)
             settings = replace(
                 fast_settings().with_transfer(partial_ttl_seconds=ttl), state_dir=state
@@ -1720,8 +1704,6 @@ async def idle_partial_expiry(
                 left = partial_files(state)
     finally:
         tensord.node.SWEEP_INTERVAL = old_sweep
-        store_log.removeHandler(waiter)
-        store_log.setLevel(old_level)
     row.figures = {"held": bool(held), "expired_after_s": expired, "files_left": len(left)}
     row.check(bool(held), "the cut left no partial to expire")
     row.check(expired is not None, f"not expired {wait:g} s after the TTL: {left}")
@@ -1824,47 +1806,41 @@ async def quic_path_faults(
     datas = [random_bytes((seed, i), n) for i, n in enumerate(sizes)]
     results: list[TransferResult] = []
     failures: list[str] = []
-    resets = _LogCount("stateless reset")
-    net_log = logging.getLogger("tensord.net")
-    level = net_log.level
-    net_log.addHandler(resets)
-    net_log.setLevel(logging.INFO)
-    try:
-        with tempfile.TemporaryDirectory(prefix="tensord-chaos-") as tmp:
-            home = Path(tmp)
-            async with TensorNode(settings) as node, trio.open_nursery() as nursery:
-                proxy = UdpProxy(
-                    ("127.0.0.1", port), loss=loss, reorder=loss, seed=seed, faults=faults
-                )
-                await nursery.start(proxy.run)
-                addr = f"tensord://r@{proxy.addr}"
-                async with receiver(home, port, TENSORD_TRANSPORT="quic") as d:
-                    for i, data in enumerate(datas):
-                        try:
-                            results.append(await node.send_tensor(addr, f"t{i}", data))
-                        except TensorError as exc:
-                            failures.append(f"t{i}: {exc}")
-                    await flush_arrivals(d, port)
-                    logs = [d.text]
-                    d.proc.kill()
-                    await d.proc.wait()
-                last = random_bytes((seed, transfers), 1 * MiB)
-                async with receiver(home, port, TENSORD_TRANSPORT="quic") as d:
+    resets = LogWaiter(lambda message: "stateless reset" in message)
+    with (
+        resets.watching("tensord.net"),
+        tempfile.TemporaryDirectory(prefix="tensord-chaos-") as tmp,
+    ):
+        home = Path(tmp)
+        async with TensorNode(settings) as node, trio.open_nursery() as nursery:
+            proxy = UdpProxy(("127.0.0.1", port), loss=loss, reorder=loss, seed=seed, faults=faults)
+            await nursery.start(proxy.run)
+            addr = f"tensord://r@{proxy.addr}"
+            async with receiver(home, port, TENSORD_TRANSPORT="quic") as d:
+                for i, data in enumerate(datas):
                     try:
-                        with trio.fail_after(10):  # well below io_timeout + idle timeout
-                            after = await node.send_tensor(addr, "last", last)
-                    except (TensorError, trio.TooSlowError) as exc:
-                        failures.append(f"after the restart: {exc!r}")
-                        after = None
-                    await d.wait_for("tensor arrived: 'last'") if after else None
-                    logs.append(d.text)
-                nursery.cancel_scope.cancel()
-            names = [f"t{i}" for i in range(transfers)]
-            stored = stored_digests(home / "state", [*names, "last"])
-            leftovers = partial_files(home / "state")
-    finally:
-        net_log.removeHandler(resets)
-        net_log.setLevel(level)
+                        results.append(await node.send_tensor(addr, f"t{i}", data))
+                    except TensorError as exc:
+                        failures.append(f"t{i}: {exc}")
+                await flush_arrivals(d, port)
+                logs = [d.text]
+                d.proc.kill()
+                await d.proc.wait()
+            last = random_bytes((seed, transfers), 1 * MiB)
+            async with receiver(home, port, TENSORD_TRANSPORT="quic") as d:
+                try:
+                    with trio.fail_after(10):  # well below io_timeout + idle timeout
+                        after = await node.send_tensor(addr, "last", last)
+                except (TensorError, trio.TooSlowError) as exc:
+                    failures.append(f"after the restart: {exc!r}")
+                    after = None
+                if after is not None:
+                    await d.wait_for("tensor arrived: 'last'")
+                logs.append(d.text)
+            nursery.cancel_scope.cancel()
+        names = [f"t{i}" for i in range(transfers)]
+        stored = stored_digests(home / "state", [*names, "last"])
+        leftovers = partial_files(home / "state")
     seen = arrivals(*logs)
     bad = [n for n, data in zip(names, datas, strict=True) if stored[n] != digest(data)]
     if stored["last"] != digest(last):
@@ -1908,19 +1884,6 @@ async def quic_path_faults(
     }
     row.seconds = time.perf_counter() - started
     return [row]
-
-
-class _LogCount(logging.Handler):
-    """Counts log records containing ``needle``."""
-
-    def __init__(self, needle: str) -> None:
-        super().__init__(logging.INFO)
-        self.needle = needle
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.needle in record.getMessage():
-            self.count += 1
 
 
 Scenario = Callable[..., Awaitable[list[Row]]]

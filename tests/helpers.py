@@ -6,8 +6,8 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -73,15 +73,32 @@ async def running(settings: Settings | None = None, **kwargs: Any) -> AsyncItera
 
 
 class LogWaiter(logging.Handler):
-    """Sets ``event`` once a record whose message satisfies ``match`` is logged (the handler
-    runs in the trio thread that logs, so setting a trio.Event is safe): a test waits for a
-    log line without polling."""
+    """Counts the records whose message satisfies ``match`` and sets ``event`` at the first: a
+    test waits for a log line without polling. Records may come from any thread (the store's
+    sweep logs from a worker thread), so the event is set by the trio loop it was made in."""
 
     def __init__(self, match: Callable[[str], bool]) -> None:
         super().__init__(logging.INFO)
         self.match = match
         self.event = trio.Event()
+        self.count = 0
+        self._token = trio.lowlevel.current_trio_token()
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.match(record.getMessage()):
-            self.event.set()
+            self.count += 1
+            self._token.run_sync_soon(self.event.set)
+
+    @contextmanager
+    def watching(self, logger: str) -> Iterator[LogWaiter]:
+        """Attached to ``logger`` (with INFO records let through) for the block."""
+        log = logging.getLogger(logger)
+        level = log.level
+        if not log.isEnabledFor(logging.INFO):
+            log.setLevel(logging.INFO)
+        log.addHandler(self)
+        try:
+            yield self
+        finally:
+            log.removeHandler(self)
+            log.setLevel(level)

@@ -169,8 +169,7 @@ async def test_refusals_are_typed_fast_and_logged_on_both_sides(
     files = {"a": secrets_dir[0], "b": secrets_dir[1], None: None}
     caplog.set_level(logging.INFO, logger="tensord")
     seen = LogWaiter(lambda m: "refused" in m and listener_logs in m)
-    logging.getLogger("tensord").addHandler(seen)
-    try:
+    with seen.watching("tensord"):
         async with (
             running(with_secret(files[dialer])) as d,
             running(with_secret(files[listener])) as lis,
@@ -180,8 +179,6 @@ async def test_refusals_are_typed_fast_and_logged_on_both_sides(
                 await d.send_tensor(target, "w", np.zeros(16))
             with trio.fail_after(5):
                 await seen.event.wait()  # the listener's side of the story, in its log
-    finally:
-        logging.getLogger("tensord").removeHandler(seen)
     # One attempt: an authentication failure is not retried (the same keys fail the same way).
     # (The dialer's own log lines name the listener's address; the listener's do not.)
     listener_side = [

@@ -102,16 +102,13 @@ async def test_refusals_are_typed_fast_and_logged(
 
     caplog.set_level(logging.INFO, logger="tensord")
     seen = LogWaiter(lambda m: "refused" in m and listener_logs in m)
-    logging.getLogger("tensord").addHandler(seen)
-    try:
+    with seen.watching("tensord"):
         async with running(settings(dialer, "a")) as d, running(settings(listener, "b")) as lis:
             target = f"127.0.0.1:{lis.port}"
             with trio.fail_after(10), pytest.raises(AuthenticationFailed, match=dialer_says):
                 await d.send_tensor(target, "w", np.zeros(16))
             with trio.fail_after(10):
                 await seen.event.wait()
-    finally:
-        logging.getLogger("tensord").removeHandler(seen)
 
 
 def test_node_placeholder_in_tls_paths_of_a_shared_cluster_file(tmp_path: Path) -> None:
