@@ -159,7 +159,7 @@ from ..wire.frames import FrameDecoder
 from ..wire.handshake import Agreement
 from ..wire.messages import Hello, Message
 from .connection import Connection, client_handshake, server_handshake
-from .quic_reset import ResetTokens, is_stateless_reset, reset_key
+from .quic_reset import MAX_RESET_SIZE, ResetTokens, is_stateless_reset, reset_key
 from .stream import BufferLike, ByteTransport, ConnectionClosed, FramedStream
 
 log = logging.getLogger("tensord.net")
@@ -825,7 +825,9 @@ class QuicSession:
                 except OSError as exc:
                     self._unreachable(exc)
                     return
-                if is_stateless_reset(view[:n], quic._peer_cid.stateless_reset_token):
+                if n <= MAX_RESET_SIZE and is_stateless_reset(
+                    view[:n], quic._peer_cid.stateless_reset_token
+                ):
                     why = "stateless reset: the peer restarted or lost the connection's state"
                     log.info("QUIC connection to %s: %s", self.name, why)
                     self._lost(why)

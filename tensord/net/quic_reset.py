@@ -27,8 +27,9 @@ import os
 TOKEN_LENGTH = 16
 MIN_RESET_SIZE = 21
 #: RFC 9000: a reset answering a packet of at most this size is one byte shorter than it
-#: (so that two endpoints cannot reset each other forever); bigger packets get this size.
-_RESET_SIZE_CAP = 43
+#: (so that two endpoints cannot reset each other forever); bigger packets get this size. So
+#: no tensord reset is longer, and a receive loop looks for one only in datagrams this short.
+MAX_RESET_SIZE = 43
 
 _CONTEXT = b"tensord quic stateless reset\x00"
 
@@ -59,7 +60,7 @@ class ResetTokens:
         if len(datagram) <= MIN_RESET_SIZE or datagram[0] & 0x80:
             return None
         cid = datagram[1 : 1 + self._cid_length]
-        size = min(len(datagram) - 1, _RESET_SIZE_CAP)
+        size = min(len(datagram) - 1, MAX_RESET_SIZE)
         head = bytearray(os.urandom(size - TOKEN_LENGTH))
         head[0] = 0x40 | (head[0] & 0x3F)  # looks like a short-header packet
         return bytes(head) + self.token(cid)
@@ -75,4 +76,11 @@ def is_stateless_reset(datagram: bytes | memoryview, token: bytes | None) -> boo
     )
 
 
-__all__ = ["MIN_RESET_SIZE", "TOKEN_LENGTH", "ResetTokens", "is_stateless_reset", "reset_key"]
+__all__ = [
+    "MAX_RESET_SIZE",
+    "MIN_RESET_SIZE",
+    "TOKEN_LENGTH",
+    "ResetTokens",
+    "is_stateless_reset",
+    "reset_key",
+]
