@@ -90,6 +90,11 @@ class TransferSettings:
     max_peer_transfers: int = 64  # receives from one peer in flight (and partials kept)
     max_peer_pending_bytes: int = 64 * GiB  # tensor bytes of those receives and partials
     max_connections: int = 1024  # inbound connections, all peers, handshakes included
+    # Before a peer has proved who it is (TLS, secret, Hello) it gets a short deadline and a
+    # small budget of its own; when the budget is full the oldest such connection is dropped
+    # for the new one (sshd's MaxStartups), so idle strangers cannot lock members out.
+    handshake_timeout: float = 5.0  # inbound: accept to authenticated Hello
+    max_unauthenticated: int = 32  # inbound connections still in their handshake
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class DownloadSettings:
     min_chunk_size: int = 8 * MiB
     max_concurrent: int = 2
     credentials_file: Path | None = None
+    max_bytes: int = 256 * GiB  # largest blob or URL download; a bigger Content-Length is refused
 
 
 @dataclass(frozen=True)
@@ -119,11 +125,15 @@ class GatewaySettings:
     listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 11435))
     api_keys_file: Path | None = None
     keepalive_seconds: float = 15.0
+    max_connections: int = 1024  # client connections open at once
+    read_timeout: float = 30.0  # a request (headers and body) must arrive within this
 
 
 @dataclass(frozen=True)
 class ControlSettings:
     socket: Path | None = None
+    max_connections: int = 64  # control clients connected at once
+    read_timeout: float = 30.0  # a request (headers and body) must arrive within this
 
 
 @dataclass(frozen=True)
@@ -388,14 +398,21 @@ _TRANSFER_KEYS: dict[str, Callable[[str, object], Any]] = {
     "max_peer_transfers": _int_in(1, 1 << 16),
     "max_peer_pending_bytes": _int_in(1, 1 << 62),
     "max_connections": _int_in(1, 1 << 20),
+    "handshake_timeout": _float_min(0.001),
+    "max_unauthenticated": _int_in(1, 1 << 16),
 }
 _DOWNLOAD_KEYS: dict[str, Callable[[str, object], Any]] = {
     "connections": _int_in(1, 64),
     "min_chunk_size": _int_in(64 * KiB, 1 * GiB),
     "max_concurrent": _int_in(1, 64),
     "credentials_file": _nullable(parse_path),
+    "max_bytes": _int_in(1, 1 << 50),
 }
-_CONTROL_KEYS: dict[str, Callable[[str, object], Any]] = {"socket": _nullable(parse_path)}
+_CONTROL_KEYS: dict[str, Callable[[str, object], Any]] = {
+    "socket": _nullable(parse_path),
+    "max_connections": _int_in(1, 1 << 16),
+    "read_timeout": _float_min(0.1),
+}
 _STORE_KEYS: dict[str, Callable[[str, object], Any]] = {"max_bytes": _nullable(_int_in(0, 1 << 62))}
 _QUIC_KEYS: dict[str, Callable[[str, object], Any]] = {
     "max_datagram_size": _int_in(1200, 16000),
@@ -442,6 +459,8 @@ def _parse_gateway(where: str, value: object) -> GatewaySettings:
         "listen": parse_hostport,
         "api_keys_file": _nullable(parse_path),
         "keepalive_seconds": _float_min(0.1),
+        "max_connections": _int_in(1, 1 << 20),
+        "read_timeout": _float_min(0.1),
     }
     return GatewaySettings(**_section(where, value, keys))
 
@@ -567,6 +586,7 @@ ENV_VARS: tuple[str, ...] = (
     "TENSORD_GATEWAY_LISTEN",
     "TENSORD_TRANSPORT",
     "TENSORD_DOWNLOAD_CONNECTIONS",
+    "TENSORD_DOWNLOAD_MAX_BYTES",
     "TENSORD_CLUSTER_SECRET_FILE",
 )
 
@@ -704,6 +724,8 @@ def load_settings(
     downloads = file.get("downloads", base.downloads)
     if (found := _env(env, "TENSORD_DOWNLOAD_CONNECTIONS")) is not None:
         downloads = replace(downloads, connections=parse_int(*found, 1, 64))
+    if (found := _env(env, "TENSORD_DOWNLOAD_MAX_BYTES")) is not None:
+        downloads = replace(downloads, max_bytes=parse_int(*found, 1, 1 << 50))
     gateway = file.get("gateway", base.gateway)
     if (found := _env(env, "TENSORD_GATEWAY_LISTEN")) is not None:
         gateway = replace(gateway, listen=parse_hostport(*found, allow_port_zero=True))
