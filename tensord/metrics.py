@@ -66,6 +66,21 @@ DOWNLOADS = Counter(
 DOWNLOAD_BYTES = Counter(
     "tensord_download_bytes", "Bytes of completed downloads", registry=REGISTRY
 )
+UNEXPECTED_ERRORS = Counter(
+    "tensord_unexpected_errors",
+    "Unexpected exceptions stopped at an error boundary, by boundary (peer, quic, control, "
+    "gateway, download): each is a bug; only the connection or job it hit was closed",
+    ["boundary"],
+    registry=REGISTRY,
+)
+PEER_CONNECTIONS_DROPPED = Counter(
+    "tensord_peer_connections_dropped",
+    "Inbound peer connections closed before they authenticated, by reason (budget: the oldest "
+    "unauthenticated one made room for a newer one; limit: max_connections was reached; "
+    "deadline: no authenticated hello in transfer.handshake_timeout)",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 
 def exposition() -> tuple[bytes, str]:
@@ -81,8 +96,10 @@ __all__ = [
     "GATEWAY_REQUESTS",
     "GATEWAY_TOKENS",
     "GATEWAY_TTFT",
+    "PEER_CONNECTIONS_DROPPED",
     "REGISTRY",
     "TRANSFERS",
     "TRANSFER_BYTES",
+    "UNEXPECTED_ERRORS",
     "exposition",
 ]
