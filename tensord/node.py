@@ -26,6 +26,7 @@ import numpy as np
 import trio
 
 from .address import PeerAddress, resolve_peer
+from .boundary import report_unexpected
 from .config import MAX_CHUNK_SIZE, HostPort, Settings
 from .errors import (
     AuthenticationFailed,
@@ -52,10 +53,11 @@ from .net.security import PeerSecurity
 from .net.stream import ConnectionClosed
 from .net.tcp import dial, open_listeners, serve
 from .sink import MemorySink, Sink, StoreSink, flat_bytes
-from .store import TensorInfo, TensorStore
+from .store import TensorInfo, TensorStore, checked_name
 from .wire.compress import AdaptiveCompressor
 from .wire.frames import FrameDecoder
 from .wire.handshake import VERSIONS, Agreement, local_features, make_hello
+from .wire.limits import chunk_size_for
 from .wire.messages import (
     Accept,
     Begin,
@@ -69,7 +71,7 @@ from .wire.messages import (
     Request,
     Stored,
 )
-from .wire.meta import TensorMeta, check_name
+from .wire.meta import TensorMeta
 from .wire.transfer import ReceiveState, ReceiveTransfer, SendTransfer
 
 log = logging.getLogger("tensord.transfer")
@@ -713,7 +715,7 @@ class TensorNode:
                             legacy = True
                             await send_legacy(conn, meta, data, io_timeout=t.io_timeout)
                         else:
-                            chunk = min(proto.chunk_size, agr.peer_max_chunk)
+                            chunk = self._chunk_size(meta, agr)
                             resume = xfer is not None and agr.resume
                             if xfer is None or xfer.crc != agr.crc or xfer.chunk_size != chunk:
                                 xfer = self._new_send(xid, meta, data, agr)
@@ -850,10 +852,11 @@ class TensorNode:
         ``store_as`` is given.
         """
         self._check_running()
+        for n in (name, store_as):
+            if n is not None:
+                checked_name(n)
         addr = self._resolve(peer)
         p = await self._peer(addr)
-        if store_as is not None:
-            check_name(store_as)
         array = await self._run_job(lambda: self._pull_job(p, name, store_as))
         if self.store is None and store_as is not None:
             self._tensors[store_as] = array
@@ -921,6 +924,8 @@ class TensorNode:
                             if first.code == "not_found":
                                 missing = True  # raised above: the connection goes back to the pool
                                 continue
+                            if first.code == "bad_name":  # the same name would fail again
+                                raise BadTensor(f"peer {peer.name}: {first.message}")
                             raise ProtocolError(
                                 f"peer {peer.name}: {first.message}", code=first.code
                             )
@@ -929,7 +934,7 @@ class TensorNode:
                                 raise ProtocolError(f"asked for {name!r}, got {first.meta.name!r}")
                             return await self._receive_pulled(conn, first, peer, store_as, kept)
                         raise ProtocolError(f"unexpected {type(first).__name__} in reply to a pull")
-                except (TensorNotFound, TransferFailed):
+                except (TensorNotFound, TransferFailed, BadTensor):
                     raise
                 except RETRIABLE as exc:
                     retries += 1
@@ -1083,6 +1088,11 @@ class TensorNode:
                 del self._inbound[conn.peer_id]
 
     async def _serve_messages(self, conn: Connection, idle: float) -> None:
+        """The connection's error boundary: whatever a peer's messages make us do, the worst
+        outcome is that this connection ends with a logged, typed error (and an ``error`` frame
+        where one can still be sent). An exception nobody planned for is a bug: logged with its
+        traceback, counted, and it closes this connection only - never the node."""
+        msg: object = None
         try:
             while True:
                 msg = None
@@ -1119,6 +1129,14 @@ class TensorNode:
             trio.TooSlowError,
         ) as exc:
             log.info("peer %s: connection lost: %s", conn.peer_id, _why(exc))
+        except TensorError as exc:
+            # Typed but not expected here (a store refusing a name, say): the peer hears why.
+            what = _kind(msg)
+            log.warning("peer %s: %s refused, closing the connection: %s", conn.peer_id, what, exc)
+            await conn.send_error(getattr(exc, "code", "refused"), str(exc)[:512])
+        except Exception as exc:
+            report_unexpected(log, "peer", f"peer {conn.peer_id}, {_kind(msg)}", exc)
+            await conn.send_error("internal", f"internal error while handling {_kind(msg)}")
 
     def _sink(
         self, meta: TensorMeta, key: str, chunk_size: int | None, store_as: str | None = None
@@ -1456,6 +1474,9 @@ class TensorNode:
                 Error("not_found", f"no tensor named {req.name[:256]!r} on node {self.node_id}")
             )
             return
+        except BadTensor as exc:  # the decoder checked the name; the store may still refuse it
+            await conn.stream.send(Error("bad_name", str(exc)[:512]))
+            return
         data = flat_bytes(array)
         t = self.settings.transfer
         agr = conn.agreement
@@ -1477,12 +1498,21 @@ class TensorNode:
         array = self.get_tensor(name)
         return _meta_of(name, array), array
 
+    def _chunk_size(self, meta: TensorMeta, agr: Agreement) -> int:
+        """The configured chunk size, as the peer's Hello allows, within the protocol's bounds."""
+        try:
+            return chunk_size_for(
+                meta.nbytes, self.settings.tensor_protocol.chunk_size, agr.peer_max_chunk
+            )
+        except ValueError as exc:
+            raise TransferFailed(f"cannot send {meta.name!r}: {exc}", code="too_large") from None
+
     def _new_send(
         self, xid: str, meta: TensorMeta, data: memoryview, agr: Agreement
     ) -> SendTransfer:
         """A sender state machine for what this connection agreed (chunk size, crc, lz4)."""
         proto = self.settings.tensor_protocol
-        chunk = min(proto.chunk_size, agr.peer_max_chunk)
+        chunk = self._chunk_size(meta, agr)
         comp = AdaptiveCompressor(
             enabled=agr.lz4 and proto.enable_compression, threshold=proto.compression_threshold
         )
@@ -1512,6 +1542,16 @@ def _meta_of(
         raise BadTensor(str(exc)) from None
     except TypeError as exc:
         raise BadTensor(f"tensor {name!r}: {exc}") from None
+
+
+def _kind(msg: object) -> str:
+    """A message as a log line names it: its type and the tensor it is about."""
+    if msg is None:
+        return "no message"
+    meta = getattr(msg, "meta", None)
+    name = meta.name if isinstance(meta, TensorMeta) else getattr(msg, "name", None)
+    kind = type(msg).__name__.lower()
+    return f"{kind} {name[:80]!r}" if isinstance(name, str) else kind
 
 
 def _why(exc: BaseException) -> str:

@@ -167,7 +167,9 @@ def _validated(meta: TensorMeta) -> TensorMeta:
         raise BadTensor(str(exc)) from None
 
 
-def _checked_name(name: str) -> str:
+def checked_name(name: str) -> str:
+    """A tensor name from a caller (API, control request, CLI), checked by the one validator
+    the wire uses too (:func:`~tensord.wire.meta.check_name`); :class:`BadTensor` if bad."""
     try:
         return check_name(name)
     except ProtocolError as exc:
@@ -827,7 +829,7 @@ class TensorStore:
                 log.info("removed leftover file %s", path)
 
     def _find(self, name: str) -> _Sidecar:
-        found = self._read_sidecar(encode_component(_checked_name(name)))
+        found = self._read_sidecar(encode_component(checked_name(name)))
         if found is None or found.info.name != name:
             raise TensorNotFound(f"no tensor named {name!r} in the store at {self.root}")
         return found

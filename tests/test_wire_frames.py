@@ -70,7 +70,7 @@ hellos = st.builds(
     versions=st.lists(st.integers(1, (1 << 16) - 1), min_size=1, max_size=16).map(tuple),
     node=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", fullmatch=True),
     features=st.frozensets(st.text(utf8, max_size=32), max_size=64),
-    max_chunk=st.integers(1, U63),
+    max_chunk=st.integers(4096, U63),
     nonce=st.none() | st.binary(min_size=32, max_size=32),
     proof=st.none() | st.binary(min_size=32, max_size=32),
 )
@@ -100,7 +100,7 @@ errors = st.builds(
     message=st.text(printable, max_size=1024),
     id=st.none() | ids,
 )
-requests = st.builds(Request, name=st.text(utf8, max_size=256), resume=st.none() | ids)
+requests = st.builds(Request, name=names, resume=st.none() | ids)
 pings = st.builds(Ping, seq=st.integers(0, U63))
 pongs = st.builds(Pong, seq=st.integers(0, U63))
 
@@ -571,6 +571,30 @@ def test_invalid_fields_raise_protocol_error(header: object) -> None:
     dec = FrameDecoder()
     dec.feed(raw_frame(header))
     with pytest.raises(ProtocolError):
+        dec.next_message()
+
+
+@pytest.mark.parametrize(
+    "name", ["layers//0", "a/../b", "/abs", "x/", ".", "nul\x00byte", "x" * 4096, "", 7, None]
+)
+def test_a_request_with_a_bad_name_is_refused_as_bad_name(name: object) -> None:
+    """The pull that killed the serving daemon (issue 12): a bad name never leaves the decoder."""
+    dec = FrameDecoder()
+    dec.feed(raw_frame({"t": "request", "name": name}))
+    with pytest.raises(ProtocolError, match="bad tensor name") as info:
+        dec.next_message()
+    assert info.value.code == "bad_name"
+
+
+@pytest.mark.parametrize("mc", [0, 1, 4095])
+def test_a_hello_announcing_a_tiny_max_chunk_is_refused(mc: int) -> None:
+    """A peer's ``mc`` sizes our chunking of what we send it: below 4 KiB it would make the
+    sender build per-chunk state for one-byte chunks (80 bytes of RAM per tensor byte)."""
+    dec = FrameDecoder()
+    dec.feed(
+        raw_frame({"t": "hello", "proto": "tensord", "v": [1], "node": "n", "f": [], "mc": mc})
+    )
+    with pytest.raises(ProtocolError, match="'mc'"):
         dec.next_message()
 
 

@@ -138,7 +138,11 @@ async def server_handshake(
     stream: FramedStream, hello: Hello, key: ClusterKey | None = None
 ) -> Connection:
     """Listener side. With ``key``, nothing but a valid ``Auth`` is read after our reply."""
-    first = await stream.receive()
+    try:
+        first = await stream.receive()
+    except ProtocolError as exc:  # a malformed hello (a max chunk below 4 KiB, say): say why
+        await _refuse(stream, exc)
+        raise
     if not isinstance(first, Hello):
         raise ProtocolError(f"expected hello, got {type(first).__name__}")
     try:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ProtocolError
-from .meta import TensorMeta
+from .limits import MIN_CHUNK
+from .meta import TensorMeta, check_name
 
 PROTOCOL_NAME = "tensord"
 _ID_RE = re.compile(r"^[0-9a-f]{8,64}\Z")  # \Z: "$" lets "x\n" through
@@ -286,6 +287,10 @@ class _Fields:
             raise self._bad(key, f"a string of at most {max_len} characters")
         return v
 
+    def name(self, key: str = "name") -> str:
+        """A tensor name, checked by the one validator every entry uses (``bad_name``)."""
+        return check_name(self.h.get(key))
+
     def id(self, key: str = "id") -> str:
         v = self.h.get(key)
         if not isinstance(v, str) or not _ID_RE.match(v):
@@ -358,7 +363,7 @@ def _hello(f: _Fields, _: int) -> Hello:
         tuple(versions),
         _node_id(f),
         frozenset(features),
-        f.int_("mc", 1),
+        f.int_("mc", MIN_CHUNK),  # a peer's max chunk sizes our chunking of what we send it
         f.opt_bytes("nc", NONCE_LEN),
         f.opt_bytes("pf", PROOF_LEN),
     )
@@ -430,7 +435,7 @@ _DECODERS: dict[str, Callable[[_Fields, int], Message]] = {
     "end": lambda f, _: End(f.id(), f.opt_crc("c")),
     "stored": lambda f, _: Stored(f.id()),
     "error": _error,
-    "request": lambda f, _: Request(f.str_("name", 256), f.id() if "id" in f.h else None),
+    "request": lambda f, _: Request(f.name(), f.id() if "id" in f.h else None),
     "tensor": _legacy,
     "ping": lambda f, _: Ping(f.int_("s")),
     "pong": lambda f, _: Pong(f.int_("s")),

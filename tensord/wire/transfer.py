@@ -29,13 +29,8 @@ from ..errors import ProtocolError
 from .compress import AdaptiveCompressor, decompress_into, lz4_bound
 from .crc import combine_all, crc32c
 from .messages import Accept, Ack, Begin, Chunk, End, Error, Message, Nack, Ranges, Stored
+from .limits import MAX_CHUNK, MAX_CHUNKS, MIN_CHUNK, chunk_count
 from .meta import TensorMeta
-
-MIN_CHUNK = 4096
-
-
-def chunk_count(nbytes: int, chunk_size: int) -> int:
-    return -(-nbytes // chunk_size)
 
 
 def to_ranges(indices: Iterable[int]) -> Ranges:
@@ -101,6 +96,15 @@ class SendTransfer:
     ) -> None:
         if len(data) != meta.nbytes:
             raise ValueError("data length does not match the metadata")
+        # The same floors and ceilings a receiver holds us to (a peer's Hello chose chunk_size).
+        if not MIN_CHUNK <= chunk_size <= MAX_CHUNK or chunk_count(meta.nbytes, chunk_size) > (
+            MAX_CHUNKS
+        ):
+            raise ProtocolError(
+                f"chunk size {chunk_size} for {meta.nbytes} bytes is outside "
+                f"{MIN_CHUNK}..{MAX_CHUNK} or makes over {MAX_CHUNKS} chunks",
+                code="too_large",
+            )
         self.id = xid
         self.meta = meta
         self.data = data
@@ -300,11 +304,18 @@ class ReceiveTransfer:
         sender: str = "",
         crc: bool = True,
         lz4: bool = True,
-        max_chunk: int = 64 << 20,
+        max_chunk: int = MAX_CHUNK,
     ) -> None:
         if not MIN_CHUNK <= begin.chunk_size <= max_chunk:
             raise ProtocolError(
                 f"chunk size {begin.chunk_size} is outside {MIN_CHUNK}..{max_chunk}",
+                code="too_large",
+            )
+        if chunk_count(begin.meta.nbytes, begin.chunk_size) > MAX_CHUNKS:
+            raise ProtocolError(
+                f"{begin.meta.nbytes} bytes in chunks of {begin.chunk_size} make over "
+                f"{MAX_CHUNKS} chunks: use chunks of at least "
+                f"{-(-begin.meta.nbytes // MAX_CHUNKS)} bytes",
                 code="too_large",
             )
         if len(dest) != begin.meta.nbytes:

@@ -1,0 +1,140 @@
+"""One connection's worst case is its own end (issue 12): a well-formed but hostile message gets a
+typed error and a close, and the node - a library node or a daemon - carries on serving others."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from tensord import metrics
+from tensord.config import Settings
+from tensord.errors import BadTensor
+from tensord.node import TensorNode
+from tensord.wire import Error, Ping, Pong, Request, encode
+
+from .daemons import daemon, free_port
+from .helpers import LogWaiter, fast_settings, running
+from .test_hostile import RawPeer, header, unauthenticated
+
+BAD_NAMES = ["layers//0", "a/../b", "/etc/passwd", "nul\x00", "x" * 4096]
+
+
+def with_store(tmp_path: Path) -> Settings:
+    s = unauthenticated()
+    return Settings(**{**s.__dict__, "state_dir": tmp_path})
+
+
+async def still_serving(node: TensorNode) -> None:
+    """A fresh connection gets its ping answered and a real peer's send is stored."""
+    peer = await RawPeer.connect(node.port)
+    await peer.stream.send_all(encode(Ping(7)))
+    with trio.fail_after(5):
+        assert await peer.next_message() == Pong(7)
+    async with running(unauthenticated()) as good:
+        await good.send_tensor(node.addr, "fine", np.arange(4, dtype=np.float32))
+    assert np.array_equal(node.get_tensor("fine"), np.arange(4, dtype=np.float32))
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+async def test_a_pull_of_a_bad_name_is_refused_and_the_node_carries_on(
+    tmp_path: Path, name: str
+) -> None:
+    """On the old main ``request 'layers//0'`` reached the store, whose BadTensor left the
+    connection handler and tore down the node's nursery."""
+    async with running(with_store(tmp_path)) as node:
+        node.put_tensor("w", np.ones(3, np.float32))
+        peer = await RawPeer.connect(node.port)
+        await peer.stream.send_all(header({"t": "request", "name": name}))
+        err = await peer.expect_error_then_close("bad_name")
+        assert err.message.startswith("bad tensor name")
+        assert node.running
+        await still_serving(node)
+        assert sorted(node.tensor_names()) == ["fine", "w"]
+
+
+async def test_a_daemon_survives_a_pull_of_a_bad_name(tmp_path: Path) -> None:
+    """The reported attack, end to end: a ``tensord serve`` asked for ``layers//0`` exited 1."""
+    port = free_port()
+    env = {"TENSORD_LISTEN": f"127.0.0.1:{port}", "TENSORD_CLUSTER_SECRET_FILE": ""}
+    async with daemon(env) as d:
+        await d.wait_for("listening")
+        for name in BAD_NAMES:
+            peer = await RawPeer.connect(port)
+            await peer.stream.send_all(header({"t": "request", "name": name}))
+            await peer.expect_error_then_close("bad_name")
+        peer = await RawPeer.connect(port)
+        await peer.stream.send_all(encode(Request("absent")))
+        with trio.fail_after(5):
+            reply = await peer.next_message()
+        assert isinstance(reply, Error) and reply.code == "not_found"
+        assert d.proc.returncode is None, d.text
+
+
+async def test_a_puller_checks_the_name_before_it_dials(tmp_path: Path) -> None:
+    async with running() as node:
+        for name in BAD_NAMES:
+            with pytest.raises(BadTensor, match="bad tensor name"):
+                await node.pull_tensor("127.0.0.1:9", name)  # never dialled: port 9 is closed
+        with pytest.raises(BadTensor, match="bad tensor name"):
+            await node.pull_tensor("127.0.0.1:9", "fine", store_as="a/../b")
+
+
+async def test_a_hello_with_a_one_byte_max_chunk_is_refused() -> None:
+    """``mc=1`` made the owner of a 4 MiB tensor build per-chunk state for 4 M one-byte chunks
+    (66 -> 400 MiB RSS); now the Hello itself is refused."""
+    async with running(unauthenticated()) as node:
+        node.put_tensor("w", np.zeros(1 << 20, np.float32))
+        peer = await RawPeer.connect(node.port, hello=False)
+        hello = {"t": "hello", "proto": "tensord", "v": [1], "node": "raw", "f": [], "mc": 1}
+        await peer.stream.send_all(header(hello))
+        with trio.fail_after(5):
+            reply = await peer.next_message()
+            assert isinstance(reply, Error) and "'mc'" in reply.message
+            assert await peer.next_message() is None  # closed
+        await still_serving(node)
+
+
+async def test_an_unexpected_exception_closes_only_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in a handler (injected here) is logged with its traceback, counted, answered with an
+    ``internal`` error, and closes that connection: the node and its other peers carry on."""
+
+    async def broken(self: TensorNode, conn: object, req: Request) -> None:
+        raise RuntimeError("injected bug")
+
+    before = metrics.UNEXPECTED_ERRORS.labels("peer")._value.get()
+    async with running(unauthenticated()) as node:
+        monkeypatch.setattr(TensorNode, "_serve_pull", broken)
+        errors = LogWaiter(lambda m: "unexpected RuntimeError: injected bug" in m)
+        with errors.watching("tensord.transfer"):
+            peer = await RawPeer.connect(node.port)
+            await peer.stream.send_all(encode(Request("w")))
+            err = await peer.expect_error_then_close("internal")
+        assert "request 'w'" in err.message
+        assert errors.count == 1
+        assert metrics.UNEXPECTED_ERRORS.labels("peer")._value.get() == before + 1
+        assert node.running
+        await still_serving(node)
+
+
+async def test_a_send_to_a_peer_whose_max_chunk_forbids_the_chunk_count_fails_cleanly() -> None:
+    """The sender holds itself to the receiver's bounds: a peer accepting only 4 KiB chunks gets
+    a typed refusal for a tensor that would need over a million of them, not a send it refuses."""
+    from tensord.wire.limits import MAX_CHUNKS, chunk_size_for
+
+    assert chunk_size_for(10 * (1 << 30), 4096, 1 << 26) == 16384  # raised to fit
+    with pytest.raises(ValueError, match="at most"):
+        chunk_size_for(MAX_CHUNKS * 4096 + 1, 4096, 4096)
+
+
+def test_the_boundary_logs_at_error(caplog: pytest.LogCaptureFixture) -> None:
+    from tensord.boundary import report_unexpected
+
+    with caplog.at_level(logging.ERROR):
+        report_unexpected(logging.getLogger("x"), "peer", "peer p, ping", ValueError("boom"))
+    assert "peer p, ping: unexpected ValueError: boom" in caplog.text
