@@ -192,9 +192,19 @@ def _exit_status(exc: BaseException) -> int:
             print(f"{e}" if str(e).startswith("tensord ") else f"tensord: {e}", file=sys.stderr)
             return EX_UNAVAILABLE
         if isinstance(e, TensorError | OSError):
-            print(f"tensord: {e}", file=sys.stderr)
+            print(f"tensord: {_error_text(e)}", file=sys.stderr)
             return 1
     raise exc
+
+
+def _error_text(e: BaseException) -> str:
+    """An error's text, never empty nor ending in a colon: what its causes say is added."""
+    text = str(e).strip()
+    cause = e.__cause__ or e.__context__
+    if (not text or text.endswith(":")) and cause is not None and cause is not e:
+        more = _error_text(cause)
+        text = f"{text} {more}" if text else more
+    return text or f"{type(e).__name__} (no detail given)"
 
 
 def _client(args: argparse.Namespace) -> AsyncClient:
@@ -792,6 +802,11 @@ async def _follow_download(
                         if ev["state"] in ("done", "failed", "cancelled"):
                             break
                 connections = bars.max_connections
+            if last["state"] == "done":
+                # Progress events are rate-limited (a fast pull may publish none with
+                # connections open) and the final one has none: the job knows its peak.
+                final = await client.download_job(job["id"])
+                connections = max(connections, int(final.get("peak_connections") or 0))
     if last["state"] == "failed":
         raise ControlError(last.get("detail") or last.get("error") or "the download failed")
     if last["state"] == "cancelled":
@@ -799,8 +814,9 @@ async def _follow_download(
     seconds = time.perf_counter() - started
     size = int(last.get("bytes_total") or last.get("bytes_done") or 0)
     line = f"downloaded {job['source']}: {human_bytes(size)} in {seconds:.2f} s"
-    if seconds > 0 and job["state"] != "done":
-        line += f" ({human_rate(size / seconds)}, up to {connections} connections"
+    if seconds > 0 and job["state"] != "done" and connections > 0:
+        used = _plural(connections, "connection", "connections")
+        line += f" ({human_rate(size / seconds)}, up to {used}"
         line += f", {_plural(int(last.get('retries') or 0), 'retry', 'retries')})"
     print(line)
     return 0

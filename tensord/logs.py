@@ -12,6 +12,8 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+#: Library loggers kept at WARNING unless log_level is debug.
+_CHATTY = ("httpx", "httpcore", "hpack", "hypercorn.access")
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
 
 
@@ -33,3 +35,8 @@ def setup_logging(level: str, env: Mapping[str, str]) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(level, logging.INFO))
+    # Libraries log every request at INFO (httpx: one line per download range): their chatter
+    # reaches the daemon's log only when debugging.
+    quiet = logging.DEBUG if level == "debug" else logging.WARNING
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(quiet)

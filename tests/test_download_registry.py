@@ -12,7 +12,7 @@ import pytest
 
 from tensord.download.fetch import DownloadError, FetchConfig
 from tensord.download.pull import PullProgress, manifest_path, pull_model
-from tensord.download.registry import DEFAULT_REGISTRY, Reference, parse_reference
+from tensord.download.registry import DEFAULT_REGISTRY, Credential, Reference, parse_reference
 
 from .registry import registry
 from .token_issuer import token_issuer
@@ -29,7 +29,13 @@ FAST = FetchConfig(connections=4, min_piece=2 * MiB, backoff_base=0.01)
         ("me/model:q4", Reference(DEFAULT_REGISTRY, "me/model", "q4")),
         ("ghcr.io/org/m:v1", Reference("ghcr.io", "org/m", "v1")),
         ("http://127.0.0.1:5000/m/x:t", Reference("127.0.0.1:5000", "m/x", "t", scheme="http")),
-        ("localhost/m", Reference("localhost", "m", "latest")),
+        # Loopback registries speak plain HTTP unless told otherwise (Docker's convention).
+        ("localhost/m", Reference("localhost", "m", "latest", scheme="http")),
+        ("127.0.0.1:5000/m/x:t", Reference("127.0.0.1:5000", "m/x", "t", scheme="http")),
+        ("127.9.0.1/m", Reference("127.9.0.1", "m", "latest", scheme="http")),
+        ("[::1]:5000/m", Reference("[::1]:5000", "m", "latest", scheme="http")),
+        ("https://localhost:5000/m", Reference("localhost:5000", "m", "latest")),
+        ("10.0.0.1:5000/m", Reference("10.0.0.1:5000", "m", "latest")),
         (
             "r.io/m@sha256:" + "a" * 64,
             Reference("r.io", "m", None, "sha256:" + "a" * 64),
@@ -108,7 +114,9 @@ async def test_bearer_token_flow_with_a_token_issuer(tmp_path: Path) -> None:
         async with httpx.AsyncClient() as client:
             with pytest.raises(DownloadError, match=r"token request .* failed: HTTP 401"):
                 await pull_model(client, ref, tmp_path / "a", config=FAST)
-            creds = {reg.host: ("alice", "s3cret")}
+            # The issuer is another host:port: the credentials go there only if named for it.
+            issuer_host = issuer.url.split("/")[2]
+            creds = {reg.host: Credential("alice", "s3cret", (issuer_host,))}
             m = await pull_model(client, ref, tmp_path / "b", credentials=creds, config=FAST)
         path = tmp_path / "b" / "blobs" / m.layers[0].digest.replace(":", "-")
         assert path.read_bytes() == content

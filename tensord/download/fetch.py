@@ -8,9 +8,16 @@ What the known downloaders get wrong, and what this does instead:
   ``slow_ratio`` of the median for ``slow_seconds``) or stalled is cancelled and its remaining
   range goes back to the queue for a fresh connection.
 * **Range replies are checked, never trusted.** Every ranged reply must be ``206`` with a
-  ``Content-Range`` naming exactly the bytes asked for; a ``200`` (a server or CDN that dropped
-  the Range header) is an error for that piece and is never appended. Bytes are written at their
-  offset (``pwrite``), so a reply can only ever fill its own range.
+  ``Content-Range`` naming exactly the bytes asked for, inside the size the manifest promised,
+  and a matching ``Content-Length``; a ``200`` to a piece (a server or CDN that dropped the
+  Range header) is an error for that piece and is never appended. Bytes are written at their
+  offset (``pwrite``) and every body is cut at the length expected of it, so a reply can only
+  ever fill its own range: a server that lies about a range or a size gets a :class:`BadReply`,
+  which is not retried, and whatever the download wrote is removed (:class:`Refused`).
+* **Sizes are bounded before they size anything.** The promised size (manifest) or, for a plain
+  URL, the ``Content-Length`` / ``Content-Range`` total is checked against ``max_bytes``
+  (``downloads.max_bytes``) before the first write, and a body without a length is counted as it
+  streams: past the ceiling it is a :class:`TooLarge`.
 * **Redirects are followed here, not by the HTTP client,** so the ``Range`` header is sent on
   every hop and ``Authorization`` is dropped as soon as the host changes.
 * **Resume across restarts.** Data goes to ``<name>.incomplete`` at its offsets; the completed
@@ -32,6 +39,7 @@ import logging
 import os
 import random
 import re
+import ssl
 import statistics
 import time
 from collections import deque
@@ -64,11 +72,30 @@ MAX_REDIRECTS = 10
 PIECE_CAP = 32 << 20
 WRITE_QUEUE = 256  # reads (~64 KiB each) waiting for the writer thread
 WRITE_BATCH = 64  # reads written per trip to the thread
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# At most 19 digits: a 10,000-digit number must not cost a big-int parse (nor Python's
+# int-from-str limit's ValueError); 19 digits already exceed any max_bytes.
+_CONTENT_RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
+_CONTENT_LENGTH = re.compile(r"\d{1,19}")
+DEFAULT_MAX_BYTES = 256 << 30
 
 
 class DownloadError(TensorError):
     """A blob could not be downloaded: the message names the URL, status and range."""
+
+
+class Refused(DownloadError):
+    """The download was refused for what the server said (not for a network fault): nothing it
+    wrote is kept, and it is not retried."""
+
+
+class BadReply(Refused):
+    """The server answered something other than what was asked: a range other than the one
+    requested, more bytes than the size promised, a ``Content-Length`` that contradicts its
+    ``Content-Range``."""
+
+
+class TooLarge(Refused):
+    """The blob is bigger than ``downloads.max_bytes`` (promised, declared or counted)."""
 
 
 class DiskFull(DownloadError):
@@ -84,6 +111,42 @@ async def no_auth(url: str, challenge: str | None) -> dict[str, str]:
     return {}
 
 
+def describe_http_error(exc: BaseException, url: str) -> str:
+    """One line naming what failed for a ``httpx`` error whose own text may be empty (a TLS
+    failure under trio is ``ConnectError('')`` caused by ``BrokenResourceError('')`` caused by
+    the ``ssl.SSLError`` that says what happened): the texts along the cause chain, and for a
+    TLS failure the hint that the server may speak plain HTTP."""
+    texts: list[str] = []
+    tls = False
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tls = tls or isinstance(e, ssl.SSLError)
+        text = str(e).strip()
+        if text and not any(text in t for t in texts):
+            texts.append(text)
+        e = e.__cause__ or e.__context__
+    cause = "; ".join(texts) if texts else "the connection failed without a reason"
+    line = f"GET {url}: {type(exc).__name__}: {cause}"
+    if tls and url.startswith("https://"):
+        line += (
+            " (the TLS handshake failed: if the server speaks plain HTTP, "
+            "write the address with http:// in front)"
+        )
+    return line
+
+
+def content_length(resp: httpx.Response, url: str) -> int | None:
+    """The reply's ``Content-Length`` (``None`` if absent), refused if malformed."""
+    value = resp.headers.get("content-length")
+    if value is None:
+        return None
+    if not _CONTENT_LENGTH.fullmatch(value.strip()):
+        raise BadReply(f"GET {url}: a bad Content-Length {value[:40]!r}")
+    return int(value)
+
+
 @dataclass
 class FetchConfig:
     connections: int = 4
@@ -96,6 +159,7 @@ class FetchConfig:
     slow_seconds: float = 1.5
     checkpoint_seconds: float = 1.0
     chunk: int = 1 << 20  # bytes read from a reply between writes
+    max_bytes: int = DEFAULT_MAX_BYTES  # the largest blob (downloads.max_bytes)
 
 
 @dataclass
@@ -208,22 +272,34 @@ class BlobFetch:
         self._save_lock = trio.Lock()
         self._writes: trio.MemorySendChannel[tuple[int, memoryview]] | None = None
         self._pending_first = (0, 0)
+        self._workers: trio.Nursery | None = None
+        self._expected: int | None = None  # the single stream's length, when declared
 
     # -- entry point -------------------------------------------------------------------------
 
     async def run(self) -> Path:
         """Download, verify and rename into place; returns ``dest``. Refetches once from zero
-        after a digest mismatch or a 416 on a partial."""
-        for attempt in (1, 2):
-            try:
-                return await self._run_once()
-            except _StartOver as exc:
-                if attempt == 2:
-                    raise DownloadError(str(exc)) from None
-                log.warning(
-                    "download %s: %s; discarding the partial and starting over", self.url, exc
-                )
-                self._discard()
+        after a digest mismatch or a 416 on a partial. A :class:`Refused` download (the server
+        lied about a range or a size, or the blob is over ``max_bytes``) and one whose digest
+        is still wrong the second time leave nothing behind; one cut by the network keeps its
+        partial for a resume."""
+        try:
+            for attempt in (1, 2):
+                try:
+                    return await self._run_once()
+                except _StartOver as exc:
+                    self._discard()
+                    if attempt == 2:
+                        raise DownloadError(str(exc)) from None
+                    log.warning(
+                        "download %s: %s; discarding the partial and starting over", self.url, exc
+                    )
+        except Refused as exc:
+            log.warning("download %s: refused: %s", self.url, exc)
+            self._discard()
+            raise
+        except httpx.HTTPError as exc:
+            raise DownloadError(describe_http_error(exc, self.url)) from None
         raise AssertionError("unreachable")
 
     async def _run_once(self) -> Path:
@@ -235,6 +311,11 @@ class BlobFetch:
             raise first_error(group) from None
 
     async def _run_once_inner(self) -> Path:
+        if self.size is not None and self.size > self.cfg.max_bytes:
+            raise TooLarge(
+                f"{self.url}: the blob is {self.size} bytes, more than downloads.max_bytes "
+                f"({self.cfg.max_bytes}); raise downloads.max_bytes to fetch it"
+            )
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         total, first = await self._probe()
         try:
@@ -270,17 +351,35 @@ class BlobFetch:
         # A bounded first range even when the size is unknown: a server clamps it to the blob,
         # and the rest is split among the connections.
         resp = await self._open(start, want_end)
+        try:
+            return await self._check_probe(resp, resumed, start, want_end)
+        except BaseException:
+            await resp.aclose()
+            raise
+
+    async def _check_probe(
+        self, resp: httpx.Response, resumed: int | None, start: int, want_end: int
+    ) -> tuple[int | None, httpx.Response | None]:
         status = resp.status_code
         if status == 206 and "content-encoding" not in resp.headers:
             s, e, total = self._content_range(resp, start, None)
             if total is None:
-                await resp.aclose()
-                raise DownloadError(f"GET {self.url}: 206 without a total length")
+                raise BadReply(f"GET {self.url}: 206 without a total length")
             if self.size is not None and total != self.size:
-                await resp.aclose()
-                raise DownloadError(
+                raise BadReply(
                     f"GET {self.url}: the server has {total} bytes, the manifest says {self.size}"
                 )
+            if total > self.cfg.max_bytes:
+                raise TooLarge(
+                    f"GET {self.url}: the server has {total} bytes, more than "
+                    f"downloads.max_bytes ({self.cfg.max_bytes}); raise it to fetch this"
+                )
+            if e >= want_end or e >= total:
+                raise BadReply(
+                    f"GET {self.url}: asked for bytes {start}-{want_end - 1} of {total}, got "
+                    f"Content-Range {resp.headers['content-range']!r}"
+                )
+            self._check_length(resp, e + 1 - s)
             if resumed is not None and resumed != total:
                 await resp.aclose()
                 raise _StartOver(f"the blob is now {total} bytes, the partial was for {resumed}")
@@ -296,16 +395,40 @@ class BlobFetch:
             await resp.aclose()
             raise _StartOver("the server refused the partial's range (416)")
         if status == 200:
-            # No ranges (or a Content-Encoding): one stream from the start.
+            # No ranges: the whole blob, from byte 0, whatever range was asked for. It must be
+            # the promised size (or, for a plain URL, within max_bytes), and is cut there.
+            encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                # Asked for identity: a compressed body could inflate without bound.
+                raise BadReply(f"GET {self.url}: a {encoding[:40]!r} body, asked for identity")
+            length = content_length(resp, self.url)
+            if length is not None and self.size is not None and length != self.size:
+                raise BadReply(
+                    f"GET {self.url}: the server sends {length} bytes, the manifest says "
+                    f"{self.size}"
+                )
+            if length is not None and length > self.cfg.max_bytes:
+                raise TooLarge(
+                    f"GET {self.url}: the server sends {length} bytes, more than "
+                    f"downloads.max_bytes ({self.cfg.max_bytes}); raise it to fetch this"
+                )
             if resumed is not None and self.done.total:
                 log.info("download %s: the server ignores Range; starting from zero", self.url)
                 self._discard()
-            self._open_partial(self.size)
+            self._expected = self.size if self.size is not None else length
+            self._open_partial(self._expected)
             self._single_reply = resp
             return self.size, None
-        body = (await resp.aread())[:200]
-        await resp.aclose()
+        body = await read_capped(resp, 200)
         raise DownloadError(f"GET {self.url} (bytes {start}-): HTTP {status}: {body!r}")
+
+    def _check_length(self, resp: httpx.Response, want: int) -> None:
+        length = content_length(resp, self.url)
+        if length is not None and length != want:
+            raise BadReply(
+                f"GET {self.url}: Content-Range {resp.headers.get('content-range')!r} is "
+                f"{want} bytes, Content-Length says {length}"
+            )
 
     # -- single stream -----------------------------------------------------------------------
 
@@ -315,17 +438,31 @@ class BlobFetch:
             return  # the partial was already complete
         self.connections = 1
         pos = 0
+        expected = self._expected
+        limit = expected if expected is not None else self.cfg.max_bytes
         async with self._writing():
             try:
-                async for data in resp.aiter_bytes(self.cfg.chunk):
+                # Raw: asked for identity and checked (no decoder to inflate a small body).
+                async for data in resp.aiter_raw():
+                    if pos + len(data) > limit:
+                        if expected is None:
+                            raise TooLarge(
+                                f"GET {self.url}: more than downloads.max_bytes ({limit}) "
+                                "bytes; raise it to fetch this"
+                            )
+                        raise BadReply(
+                            f"GET {self.url}: the server sent more than the {limit} bytes "
+                            "it promised"
+                        )
                     await self._queue_write(pos, memoryview(data))
                     pos += len(data)
             except httpx.HTTPError as exc:
-                raise DownloadError(f"GET {self.url}: {exc} after {pos} bytes") from None
+                cause = describe_http_error(exc, self.url)
+                raise DownloadError(f"{cause} (after {pos} bytes)") from None
             finally:
                 await resp.aclose()
-        if self.size is not None and pos != self.size:
-            raise DownloadError(f"GET {self.url}: got {pos} bytes, expected {self.size}")
+        if expected is not None and pos != expected:
+            raise DownloadError(f"GET {self.url}: got {pos} bytes, expected {expected}")
         self.size = pos
 
     # -- parallel ----------------------------------------------------------------------------
@@ -355,6 +492,7 @@ class BlobFetch:
             nursery.start_soon(self._checkpoints)
             nursery.start_soon(self._watch_slow)
             async with self._writing(), trio.open_nursery() as workers:
+                self._workers = workers
                 workers.start_soon(self._worker, (s0, e0), first)
                 for _ in range(self.cfg.connections - 1):
                     workers.start_soon(self._worker, None, None)
@@ -408,18 +546,23 @@ class BlobFetch:
                 try:
                     with task.scope:
                         if reply is None:
-                            reply = await self._open(task.pos, task.end)
+                            # A thief may lower task.end while the request is in flight: the
+                            # reply is checked against what was asked, and read up to task.end.
+                            asked = task.end
+                            reply = await self._open(task.pos, asked)
                             if reply.status_code != 206:
+                                # Never read: a 200 here is the whole blob, not this piece.
                                 raise DownloadError(
-                                    f"GET {self.url} (bytes {task.pos}-{task.end - 1}): HTTP "
+                                    f"GET {self.url} (bytes {task.pos}-{asked - 1}): HTTP "
                                     f"{reply.status_code} instead of 206 Partial Content"
                                 )
                             _, last, _ = self._content_range(reply, task.pos, self.size)
-                            if last != task.end - 1:
-                                raise DownloadError(
-                                    f"GET {self.url}: asked for bytes {task.pos}-{task.end - 1}, "
+                            if last != asked - 1:
+                                raise BadReply(
+                                    f"GET {self.url}: asked for bytes {task.pos}-{asked - 1}, "
                                     f"got Content-Range {reply.headers['content-range']!r}"
                                 )
+                            self._check_length(reply, asked - task.pos)
                         await self._read_into(reply, task)
                     if task.scope.cancelled_caught:
                         # Too slow or stalled: give the rest back for a fresh connection.
@@ -430,7 +573,15 @@ class BlobFetch:
                         raise DownloadError(
                             f"GET {self.url}: reply ended at byte {task.pos} of {task.end}"
                         )
+                except Refused as exc:
+                    # A lying server is not asked again: the whole download stops.
+                    self._failed = exc
+                    if self._workers is not None:
+                        self._workers.cancel_scope.cancel()
+                    return
                 except (DownloadError, httpx.HTTPError, OSError) as exc:
+                    if isinstance(exc, httpx.HTTPError):
+                        exc = DownloadError(describe_http_error(exc, self.url))
                     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                         self._failed = DiskFull(
                             f"download {self.url}: the disk holding {self.partial.parent} is "
@@ -542,13 +693,11 @@ class BlobFetch:
         value = resp.headers.get("content-range", "")
         m = _CONTENT_RANGE.fullmatch(value.strip())
         if m is None:
-            raise DownloadError(f"GET {self.url}: 206 with a bad Content-Range {value!r}")
+            raise BadReply(f"GET {self.url}: 206 with a bad Content-Range {value[:80]!r}")
         s, e = int(m.group(1)), int(m.group(2))
         t = None if m.group(3) == "*" else int(m.group(3))
-        if s != start or (total is not None and t != total):
-            raise DownloadError(
-                f"GET {self.url}: asked for bytes {start}-, got Content-Range {value!r}"
-            )
+        if s != start or e < s or (total is not None and t != total):
+            raise BadReply(f"GET {self.url}: asked for bytes {start}-, got Content-Range {value!r}")
         return s, e, t
 
     # -- files -------------------------------------------------------------------------------
@@ -730,6 +879,21 @@ class BlobFetch:
         return self.dest
 
 
+async def read_capped(resp: httpx.Response, cap: int) -> bytes:
+    """At most ``cap`` bytes of ``resp``'s body (raw: no decoder inflates it), then close it."""
+    out = bytearray()
+    try:
+        async for data in resp.aiter_raw():
+            out += data[: cap - len(out)]
+            if len(out) >= cap:
+                break
+    except httpx.HTTPError:
+        pass  # an error body is for the message only
+    finally:
+        await resp.aclose()
+    return bytes(out)
+
+
 class _StartOver(Exception):
     """The partial cannot be trusted: discard it and fetch the blob once more from zero."""
 
@@ -750,7 +914,7 @@ def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     for leaf in leaves:
         if isinstance(leaf, OSError) and leaf.errno in (errno.ENOSPC, errno.EDQUOT):
             return DiskFull(f"the disk filled up: {leaf}; free space and pull again")
-    for kind in (DiskFull, _StartOver, DownloadError):
+    for kind in (DiskFull, Refused, _StartOver, DownloadError):
         for leaf in leaves:
             if isinstance(leaf, kind):
                 return leaf
@@ -759,12 +923,19 @@ def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "Auth",
+    "BadReply",
     "BlobFetch",
     "DiskFull",
     "DownloadError",
     "FetchConfig",
     "Progress",
+    "Refused",
+    "TooLarge",
+    "content_length",
+    "describe_http_error",
     "first_error",
     "no_auth",
+    "read_capped",
 ]

@@ -28,7 +28,7 @@ from ..config import DownloadSettings
 from ..events import DownloadEvent, EventBus
 from ..fsutil import atomic_write
 from .blobs import BlobStore
-from .fetch import BlobFetch, DownloadError, FetchConfig, Progress
+from .fetch import BlobFetch, DownloadError, FetchConfig, Progress, describe_http_error
 from .pull import BlobLocks, PullProgress, pull_model
 from .registry import load_credentials, parse_reference
 
@@ -50,6 +50,8 @@ class Job:
     bytes_done: int = 0
     bytes_total: int | None = None
     connections: int = 0
+    #: The most connections this job had open at once (``connections`` is 0 once it ends).
+    peak_connections: int = 0
     retries: int = 0
     error: str = ""
     created: float = field(default_factory=time.time)
@@ -155,8 +157,11 @@ class DownloadManager:
                     await self._download(job)
                 except DownloadError as exc:
                     self._finish(job, "failed", str(exc))
-                except (OSError, httpx.HTTPError) as exc:
-                    self._finish(job, "failed", f"{job.source}: {exc}")
+                except httpx.HTTPError as exc:
+                    self._finish(job, "failed", describe_http_error(exc, job.source))
+                except OSError as exc:
+                    why = str(exc) or type(exc).__name__
+                    self._finish(job, "failed", f"{job.source}: {why}")
                 except Exception as exc:  # a bug: this job fails, the daemon carries on
                     log.exception("download %s: %s failed unexpectedly", job.id, job.source)
                     self._finish(job, "failed", f"{job.source}: internal error: {exc!r}")
@@ -170,12 +175,15 @@ class DownloadManager:
     async def _download(self, job: Job) -> None:
         assert self._client is not None
         s = self.settings
-        cfg = FetchConfig(connections=s.connections, min_piece=s.min_chunk_size)
+        cfg = FetchConfig(
+            connections=s.connections, min_piece=s.min_chunk_size, max_bytes=s.max_bytes
+        )
         if job.kind == "model":
 
             def on_model(p: PullProgress) -> None:
                 job.bytes_done, job.bytes_total = p.done, p.total
                 job.connections, job.retries = p.connections, p.retries
+                job.peak_connections = max(job.peak_connections, p.connections)
                 for digest, bp in p.blobs.items():
                     job.layers[digest] = [bp.done, bp.total or 0]
                 self._publish(job)
@@ -199,6 +207,7 @@ class DownloadManager:
         def on_url(p: Progress) -> None:
             job.bytes_done, job.bytes_total = p.done, p.total
             job.connections, job.retries = p.connections, p.retries
+            job.peak_connections = max(job.peak_connections, p.connections)
             job.layers[digest] = [p.done, p.total or 0]
             self._publish(job)
 

@@ -20,7 +20,7 @@ import trio
 from ..fsutil import atomic_write
 from .blobs import BlobStore
 from .fetch import BlobFetch, FetchConfig, Progress, first_error
-from .registry import Manifest, Reference, RegistryAuth, fetch_manifest
+from .registry import Credentials, Manifest, Reference, RegistryAuth, fetch_manifest
 
 log = logging.getLogger("tensord.download")
 
@@ -73,7 +73,7 @@ async def pull_model(
     ref: Reference,
     root: Path,
     *,
-    credentials: dict[str, tuple[str, str]] | None = None,
+    credentials: Credentials | None = None,
     config: FetchConfig | None = None,
     max_concurrent: int = 2,
     progress: Callable[[PullProgress], None] | None = None,
@@ -86,7 +86,8 @@ async def pull_model(
     """
     locks = blob_locks if blob_locks is not None else BlobLocks()
     auth = RegistryAuth(client, credentials or {})
-    manifest = await fetch_manifest(client, ref, auth)
+    max_bytes = (config or FetchConfig()).max_bytes
+    manifest = await fetch_manifest(client, ref, auth, max_bytes=max_bytes)
     blobs = BlobStore(root)
     state = PullProgress(str(ref), manifest.total)
     todo = []

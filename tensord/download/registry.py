@@ -6,24 +6,49 @@ challenge: anonymous first, then Basic or the Bearer token flow (``WWW-Authentic
 realm=...,service=...,scope=...``) with the token cached until ``expires_in``. Credentials come
 from a file (Docker's ``config.json`` format or ``{"registries": {host: {username, password}}}``)
 and are never logged.
+
+**Credentials never leave the registry they were configured for.** Redirects are followed here,
+not by the HTTP client: ``Authorization`` (Basic, or a token obtained with the credentials) is
+sent only to the registry's own scheme, host and port; a ``401`` from any other host (where the
+registry redirected a request) is an error, never answered. A Bearer challenge's ``realm`` gets
+the credentials only if it is on the registry's host, or on a host the credentials file names
+for it (``"token_hosts": ["auth.example.com"]`` in the registry's entry), and never over plain
+HTTP when the registry is HTTPS; a realm elsewhere is asked anonymously only when no
+credentials are configured. Everything the registry sends is bounded before it is parsed:
+manifests (``MAX_MANIFEST_BYTES``), token replies, layer counts and layer sizes
+(``downloads.max_bytes``).
+
+A registry on loopback (``localhost``, ``127.0.0.0/8``, ``::1``) is spoken to over plain HTTP
+unless the reference says ``https://``: Docker's convention.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
+import ipaddress
 import json
 import logging
+import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 
-from .fetch import DownloadError
+from .fetch import (
+    DEFAULT_MAX_BYTES,
+    MAX_REDIRECTS,
+    DownloadError,
+    content_length,
+    describe_http_error,
+    read_capped,
+)
 
 log = logging.getLogger("tensord.download")
 
@@ -42,6 +67,17 @@ ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _REPO_RE = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+#: The largest manifest (or index) read; real ones are a few KiB.
+MAX_MANIFEST_BYTES = 4 << 20
+#: The most layers (or index entries) a manifest may list.
+MAX_LAYERS = 4096
+#: The largest token reply read.
+MAX_TOKEN_BYTES = 64 << 10
+
+
+class RegistryAuthError(DownloadError):
+    """Authentication with a registry failed, or was asked for where tensord will not send the
+    credentials (another host than the registry's)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +115,7 @@ def parse_reference(text: str) -> Reference:
     registry on loopback in tests, or inside a trusted network).
     """
     original = text
-    scheme = "https"
+    scheme = ""
     for prefix in ("http://", "https://"):
         if text.startswith(prefix):
             scheme, text = prefix[:-3], text[len(prefix) :]
@@ -105,7 +141,23 @@ def parse_reference(text: str) -> Reference:
         raise DownloadError(
             f"bad model reference {original!r}: expected [REGISTRY/]NAME[:TAG][@sha256:DIGEST]"
         )
+    if not scheme:
+        scheme = "http" if is_loopback(registry) else "https"
     return Reference(registry, path, tag, digest, scheme)
+
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` (``name[:port]`` or ``[v6]:port``) ``localhost``, ``127.0.0.0/8`` or ``::1``?"""
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -133,27 +185,85 @@ class Manifest:
         return sum(b.size for b in self.blobs)
 
 
-def load_credentials(path: Path | None) -> dict[str, tuple[str, str]]:
-    """host -> (username, password) from Docker's ``config.json`` ``auths`` or our own form."""
+@dataclass(frozen=True)
+class Credential:
+    """A registry's username and password, and the other hosts (``host[:port]``) allowed to
+    receive them as a token service (``token_hosts``; the registry's own host always is)."""
+
+    username: str
+    password: str
+    token_hosts: tuple[str, ...] = ()
+
+
+#: registry host -> its credentials (a plain ``(username, password)`` pair is accepted too).
+Credentials = Mapping[str, "Credential | tuple[str, str]"]
+
+
+def load_credentials(path: Path | None) -> dict[str, Credential]:
+    """host -> credentials from Docker's ``config.json`` ``auths`` or our own form,
+    ``{"registries": {host: {"username", "password", "token_hosts": [host, ...]}}}``
+    (``token_hosts`` is accepted in an ``auths`` entry too)."""
     if path is None:
         return {}
     try:
         doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
         raise DownloadError(f"cannot read the registry credentials file {path}: {exc}") from None
-    out: dict[str, tuple[str, str]] = {}
-    for host, entry in (doc.get("auths") or {}).items():
-        if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
-            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            out[_host(host)] = (user, password)
-    for host, entry in (doc.get("registries") or {}).items():
-        if isinstance(entry, dict):
-            out[_host(host)] = (str(entry.get("username", "")), str(entry.get("password", "")))
+    out: dict[str, Credential] = {}
+    for section in ("auths", "registries"):
+        entries = doc.get(section) or {}
+        if not isinstance(entries, dict):
+            raise DownloadError(f"registry credentials file {path}: {section!r} is not an object")
+        for host, entry in entries.items():
+            if not isinstance(entry, dict):
+                continue
+            hosts = entry.get("token_hosts") or []
+            if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+                raise DownloadError(
+                    f"registry credentials file {path}: {host}: token_hosts must be a list of "
+                    "host[:port] strings"
+                )
+            token_hosts = tuple(_host(h) for h in hosts)
+            if section == "auths":
+                if not isinstance(entry.get("auth"), str):
+                    continue
+                try:
+                    decoded = base64.b64decode(entry["auth"], validate=True).decode()
+                except (binascii.Error, UnicodeDecodeError):
+                    raise DownloadError(
+                        f"registry credentials file {path}: the auth of {host} is not base64 of "
+                        "user:password"
+                    ) from None
+                user, _, password = decoded.partition(":")
+            else:
+                user, password = str(entry.get("username", "")), str(entry.get("password", ""))
+            out[_host(host)] = Credential(user, password, token_hosts)
     return out
 
 
 def _host(value: str) -> str:
     return value.split("://", 1)[-1].split("/", 1)[0]
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # a bad port matches nothing
+    if port is None:
+        port = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, parts.hostname, port
+
+
+def _netloc(url: str) -> str:
+    """``host[:port]`` of ``url`` as a credentials file names it (no user info)."""
+    scheme, host, port = _origin(url)
+    shown = f"[{host}]" if host and ":" in host else str(host)
+    return shown if port == {"http": 80, "https": 443}.get(scheme) else f"{shown}:{port}"
 
 
 def _challenge_params(header: str) -> tuple[str, dict[str, str]]:
@@ -163,11 +273,18 @@ def _challenge_params(header: str) -> tuple[str, dict[str, str]]:
 
 
 class RegistryAuth:
-    """Answers registry challenges; one instance per pull (tokens are scoped to a repository)."""
+    """Answers registry challenges; one instance per pull (tokens are scoped to a repository).
 
-    def __init__(self, client: httpx.AsyncClient, credentials: dict[str, tuple[str, str]]) -> None:
+    Called only for URLs on the registry's own origin (the fetcher and :func:`fetch_manifest`
+    drop ``Authorization`` once a redirect leaves it); what it returns for a host is never sent
+    to another."""
+
+    def __init__(self, client: httpx.AsyncClient, credentials: Credentials) -> None:
         self.client = client
-        self.credentials = credentials
+        self.credentials: dict[str, Credential] = {
+            host: c if isinstance(c, Credential) else Credential(*c)
+            for host, c in credentials.items()
+        }
         self._tokens: dict[str, tuple[str, float]] = {}  # host -> (header value, expiry)
 
     async def __call__(self, url: str, challenge: str | None) -> dict[str, str]:
@@ -181,43 +298,99 @@ class RegistryAuth:
         creds = self.credentials.get(host)
         if scheme == "basic":
             if creds is None:
-                raise DownloadError(
+                raise RegistryAuthError(
                     f"{host} wants a username and password: add them to the "
                     "credentials file (downloads.credentials_file)"
                 )
-            value = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
-            self._tokens[host] = (value, float("inf"))
+            pair = f"{creds.username}:{creds.password}".encode()
+            value = "Basic " + base64.b64encode(pair).decode()
+            self._tokens[host] = (value, math.inf)
             return {"Authorization": value}
         if scheme == "bearer" and "realm" in params:
-            query: dict[str, str] = {k: params[k] for k in ("service", "scope") if k in params}
-            realm = params["realm"] + ("?" + urlencode(query) if query else "")
-            auth = httpx.BasicAuth(*creds) if creds is not None else None
-            resp = await self.client.get(realm, auth=auth)
-            if resp.status_code != 200:
-                raise DownloadError(
-                    f"token request to {params['realm']} failed: HTTP {resp.status_code}"
-                    + ("" if creds else " (no credentials configured for " + host + ")")
-                )
-            doc = resp.json()
-            token = doc.get("token") or doc.get("access_token")
-            if not isinstance(token, str):
-                raise DownloadError(f"token reply from {params['realm']} holds no token")
-            expires = float(doc.get("expires_in") or 60)
-            value = f"Bearer {token}"
-            # Renewed a little early so a long pull never sends an expired token.
-            self._tokens[host] = (value, time.monotonic() + max(expires - 10, expires / 2))
+            value = await self._token(url, host, params, creds)
             return {"Authorization": value}
-        raise DownloadError(f"{host} asks for unsupported authentication {scheme!r}")
+        raise RegistryAuthError(f"{host} asks for unsupported authentication {scheme[:40]!r}")
+
+    async def _token(
+        self, url: str, host: str, params: dict[str, str], creds: Credential | None
+    ) -> str:
+        realm_url = params["realm"]
+        realm_scheme, realm_name, _ = _origin(realm_url)
+        if realm_scheme not in ("http", "https") or not realm_name:
+            raise RegistryAuthError(f"{host} names a bad token service {realm_url[:200]!r}")
+        realm_host = _netloc(realm_url)
+        if creds is not None:
+            if realm_host != host and realm_host not in creds.token_hosts:
+                raise RegistryAuthError(
+                    f"{host} sends tensord for a token to {realm_host}, another host: the "
+                    f"credentials for {host} are sent only to {host}. If {realm_host} is its "
+                    f'token service, add "token_hosts": ["{realm_host}"] to the entry for '
+                    f"{host} in the credentials file (downloads.credentials_file)"
+                )
+            if realm_scheme == "http" and urlsplit(url).scheme == "https":
+                raise RegistryAuthError(
+                    f"{host} asks for a token over plain HTTP ({realm_url[:200]}): tensord does "
+                    "not send the credentials of an HTTPS registry unencrypted"
+                )
+        query: dict[str, str] = {k: params[k] for k in ("service", "scope") if k in params}
+        realm = realm_url + (("&" if "?" in realm_url else "?") + urlencode(query) if query else "")
+        auth = httpx.BasicAuth(creds.username, creds.password) if creds is not None else None
+        try:
+            async with self.client.stream("GET", realm, auth=auth) as resp:
+                body = await read_capped(resp, MAX_TOKEN_BYTES + 1)
+        except httpx.HTTPError as exc:
+            raise RegistryAuthError(describe_http_error(exc, realm_url)) from None
+        if resp.status_code != 200:
+            raise RegistryAuthError(
+                f"token request to {realm_url[:200]} failed: HTTP {resp.status_code}"
+                + ("" if creds else " (no credentials configured for " + host + ")")
+            )
+        if len(body) > MAX_TOKEN_BYTES:
+            raise RegistryAuthError(
+                f"token reply from {realm_url[:200]} is over {MAX_TOKEN_BYTES} bytes"
+            )
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
+        if not isinstance(token, str) or not token.isprintable():
+            raise RegistryAuthError(f"token reply from {realm_url[:200]} holds no token")
+        try:
+            expires = float(doc.get("expires_in") or 60) if isinstance(doc, dict) else 60.0
+        except (TypeError, ValueError):
+            expires = 60.0
+        expires = min(max(expires, 1.0), 86400.0) if math.isfinite(expires) else 60.0
+        value = f"Bearer {token}"
+        # Renewed a little early so a long pull never sends an expired token.
+        self._tokens[host] = (value, time.monotonic() + max(expires - 10, expires / 2))
+        return value
 
 
 async def fetch_manifest(
-    client: httpx.AsyncClient, ref: Reference, auth: RegistryAuth, *, platform: str = "linux/amd64"
+    client: httpx.AsyncClient,
+    ref: Reference,
+    auth: RegistryAuth,
+    *,
+    platform: str = "linux/amd64",
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Manifest:
     """Resolve ``ref`` to a manifest (an index is resolved to ``platform``'s entry, else its
-    first), checking the digest of what the registry sent."""
+    first), checking the digest of what the registry sent. Layers over ``max_bytes`` (and
+    manifests over ``MAX_LAYERS`` layers) are refused here, before anything is fetched."""
+    try:
+        return await _fetch_manifest(client, ref, auth, platform, max_bytes)
+    except httpx.HTTPError as exc:
+        url = ref.url("manifests", ref.ref)
+        raise DownloadError(f"{ref}: {describe_http_error(exc, url)}") from None
+
+
+async def _fetch_manifest(
+    client: httpx.AsyncClient, ref: Reference, auth: RegistryAuth, platform: str, max_bytes: int
+) -> Manifest:
     doc, digest, media = await _get_manifest(client, ref, ref.ref, auth)
     if media in INDEX_TYPES or "manifests" in doc:
-        entries = doc.get("manifests") or []
+        entries = [m for m in _entries(doc, "manifests", ref) if isinstance(m, dict)]
         want_os, _, want_arch = platform.partition("/")
         chosen = next(
             (
@@ -231,11 +404,27 @@ async def fetch_manifest(
         if chosen is None or not DIGEST_RE.fullmatch(str(chosen.get("digest"))):
             raise DownloadError(f"{ref}: the index has no usable manifest")
         doc, digest, media = await _get_manifest(client, ref, chosen["digest"], auth)
-    layers = [layer for x in doc.get("layers") or [] if (layer := _layer(x, ref)) is not None]
-    return Manifest(digest, media, _layer(doc.get("config"), ref), tuple(layers))
+    layers = [
+        layer
+        for x in _entries(doc, "layers", ref)
+        if (layer := _layer(x, ref, max_bytes)) is not None
+    ]
+    return Manifest(digest, media, _layer(doc.get("config"), ref, max_bytes), tuple(layers))
 
 
-def _layer(entry: Any, ref: Reference) -> Layer | None:
+def _entries(doc: dict[str, Any], key: str, ref: Reference) -> list[Any]:
+    entries = doc.get(key) or []
+    if not isinstance(entries, list):
+        raise DownloadError(f"{ref}: the manifest's {key!r} is not a list")
+    if len(entries) > MAX_LAYERS:
+        raise DownloadError(
+            f"{ref}: the manifest lists {len(entries)} {key}, more than tensord accepts "
+            f"({MAX_LAYERS})"
+        )
+    return entries
+
+
+def _layer(entry: Any, ref: Reference, max_bytes: int) -> Layer | None:
     if entry is None:
         return None
     if not isinstance(entry, dict):
@@ -244,27 +433,49 @@ def _layer(entry: Any, ref: Reference) -> Layer | None:
     if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
         raise DownloadError(f"{ref}: bad blob digest {str(digest)[:80]!r} in the manifest")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise DownloadError(f"{ref}: bad blob size {size!r} in the manifest")
-    return Layer(digest, size, str(entry.get("mediaType", "")))
+        raise DownloadError(f"{ref}: bad blob size {str(size)[:40]!r} in the manifest")
+    if size > max_bytes:
+        raise DownloadError(
+            f"{ref}: blob {digest} is {size} bytes, more than downloads.max_bytes "
+            f"({max_bytes}); raise downloads.max_bytes to pull this model"
+        )
+    return Layer(digest, size, str(entry.get("mediaType", ""))[:200])
 
 
 async def _get_manifest(
     client: httpx.AsyncClient, ref: Reference, which: str, auth: RegistryAuth
 ) -> tuple[dict[str, Any], str, str]:
-    url = ref.url("manifests", which)
+    registry_url = url = ref.url("manifests", which)
     challenge: str | None = None
-    for _ in range(2):
-        headers = {"Accept": ACCEPT} | await auth(url, challenge)
-        resp = await client.get(url, headers=headers, follow_redirects=True)
-        if resp.status_code == 401 and challenge is None:
-            challenge = resp.headers.get("www-authenticate", "")
-            continue
-        break
-    if resp.status_code == 404:
-        raise DownloadError(f"{ref}: no such model or tag on {ref.registry} (GET {url}: 404)")
-    if resp.status_code != 200:
-        raise DownloadError(f"GET {url}: HTTP {resp.status_code}: {resp.text[:200]!r}")
-    body = resp.content
+    for _ in range(MAX_REDIRECTS + 2):
+        on_registry = _origin(url) == _origin(registry_url)
+        headers = {"Accept": ACCEPT, "Accept-Encoding": "identity"}
+        if on_registry:
+            headers |= await auth(url, challenge)
+        async with client.stream("GET", url, headers=headers) as resp:
+            status = resp.status_code
+            if status in (301, 302, 303, 307, 308) and "location" in resp.headers:
+                url = urljoin(url, resp.headers["location"])
+                continue
+            if status == 401 and challenge is None:
+                if not on_registry:
+                    raise RegistryAuthError(
+                        f"GET {registry_url} was redirected to {_netloc(url)}, which asks for "
+                        f"authentication: tensord sends credentials only to {ref.registry}"
+                    )
+                challenge = resp.headers.get("www-authenticate", "")
+                continue
+            if status == 404:
+                raise DownloadError(
+                    f"{ref}: no such model or tag on {ref.registry} (GET {url}: 404)"
+                )
+            if status != 200:
+                text = await read_capped(resp, 200)
+                raise DownloadError(f"GET {url}: HTTP {status}: {text!r}")
+            body = await _manifest_body(resp, url)
+            break
+    else:
+        raise DownloadError(f"GET {registry_url}: more than {MAX_REDIRECTS} redirects")
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     if DIGEST_RE.fullmatch(which) and digest != which:
         raise DownloadError(f"GET {url}: the manifest's digest is {digest}, not {which}")
@@ -277,17 +488,42 @@ async def _get_manifest(
     media = resp.headers.get("content-type", "").split(";")[0].strip() or str(
         doc.get("mediaType", "")
     )
-    return doc, digest, media
+    return doc, digest, media[:200]
+
+
+async def _manifest_body(resp: httpx.Response, url: str) -> bytes:
+    """The manifest, refused past ``MAX_MANIFEST_BYTES`` (declared or counted)."""
+    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise DownloadError(f"GET {url}: a {encoding[:40]!r} manifest, asked for identity")
+    length = content_length(resp, url)
+    if length is not None and length > MAX_MANIFEST_BYTES:
+        raise DownloadError(
+            f"GET {url}: a manifest of {length} bytes, more than tensord reads "
+            f"({MAX_MANIFEST_BYTES})"
+        )
+    body = await read_capped(resp, MAX_MANIFEST_BYTES + 1)
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise DownloadError(
+            f"GET {url}: the manifest is over {MAX_MANIFEST_BYTES} bytes, more than tensord reads"
+        )
+    return body
 
 
 __all__ = [
     "ACCEPT",
     "DEFAULT_REGISTRY",
+    "MAX_LAYERS",
+    "MAX_MANIFEST_BYTES",
+    "Credential",
+    "Credentials",
     "Layer",
     "Manifest",
     "Reference",
     "RegistryAuth",
+    "RegistryAuthError",
     "fetch_manifest",
+    "is_loopback",
     "load_credentials",
     "parse_reference",
 ]
