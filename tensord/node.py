@@ -1059,10 +1059,11 @@ class TensorNode:
                         self._hello,
                         self._decoder,
                         self._serve_connection,
-                        handshake_timeout=t.connect_timeout,
+                        handshake_timeout=t.handshake_timeout,
                         handler_nursery=handlers,
                         security=self.security,
                         max_connections=t.max_connections,
+                        max_unauthenticated=t.max_unauthenticated,
                     )
                 )
                 task_status.started()

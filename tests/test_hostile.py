@@ -186,7 +186,7 @@ async def test_truncated_frame_then_close_leaves_nothing() -> None:
 
 
 async def test_slowloris_handshake_is_dropped() -> None:
-    settings = fast_settings(authenticated=False).with_transfer(connect_timeout=0.2)
+    settings = fast_settings(authenticated=False).with_transfer(handshake_timeout=0.2)
     async with running(settings) as node:
         stream = await trio.open_tcp_stream("127.0.0.1", node.port)
         await stream.send_all(b"\x00\x00")  # half a length prefix, then nothing

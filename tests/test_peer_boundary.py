@@ -138,3 +138,42 @@ def test_the_boundary_logs_at_error(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR):
         report_unexpected(logging.getLogger("x"), "peer", "peer p, ping", ValueError("boom"))
     assert "peer p, ping: unexpected ValueError: boom" in caplog.text
+
+
+async def test_idle_strangers_cannot_lock_members_out() -> None:
+    """Hole 2: one host held every ``transfer.max_connections`` slot with idle TCP connections
+    and real peers were refused. Strangers (not yet authenticated) now share a smaller budget;
+    when it - or the node-wide cap - is full, the oldest stranger is dropped for the newcomer."""
+    settings = fast_settings().with_transfer(
+        max_connections=8, max_unauthenticated=4, handshake_timeout=600.0
+    )
+    before = metrics.PEER_CONNECTIONS_DROPPED.labels("budget")._value.get()
+    async with running(settings) as node, running() as member:
+        idle = [await trio.open_tcp_stream("127.0.0.1", node.port) for _ in range(12)]
+        # The member gets in, authenticates and its tensor is stored, the strangers idle on.
+        await member.send_tensor(node.addr, "w", np.ones(8, np.float32))
+        assert np.array_equal(node.get_tensor("w"), np.ones(8, np.float32))
+        # The oldest strangers were closed to make room (12 arrived, 4 fit the budget).
+        with trio.fail_after(5):
+            for stream in idle[:8]:
+                assert await stream.receive_some(100) == b""
+        assert metrics.PEER_CONNECTIONS_DROPPED.labels("budget")._value.get() >= before + 8
+        # ...and the member's pooled connection is not a stranger: more strangers do not drop it.
+        more = [await trio.open_tcp_stream("127.0.0.1", node.port) for _ in range(8)]
+        await member.send_tensor(node.addr, "w2", np.zeros(8, np.float32))
+        assert member.pool_stats()[node.node_id]["dials"] == 1
+        for stream in idle + more:
+            await stream.aclose()
+
+
+async def test_when_every_slot_is_held_by_members_a_newcomer_is_refused() -> None:
+    settings = fast_settings().with_transfer(max_connections=2, max_unauthenticated=2)
+    before = metrics.PEER_CONNECTIONS_DROPPED.labels("limit")._value.get()
+    async with running(settings) as node, running() as a, running() as b:
+        await a.send_tensor(node.addr, "a", np.ones(2, np.float32))
+        await b.send_tensor(node.addr, "b", np.ones(2, np.float32))
+        stranger = await trio.open_tcp_stream("127.0.0.1", node.port)
+        with trio.fail_after(5):
+            assert await stranger.receive_some(100) == b""
+        assert metrics.PEER_CONNECTIONS_DROPPED.labels("limit")._value.get() == before + 1
+        await a.send_tensor(node.addr, "a2", np.ones(2, np.float32))  # members carry on

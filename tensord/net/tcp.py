@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from .. import metrics
+from ..boundary import report_unexpected
 from ..certs import describe_tls_error
 from ..config import HostPort
 from ..errors import AuthenticationFailed, PeerUnreachable, ProtocolError
@@ -123,42 +125,72 @@ async def serve(
     handler_nursery: trio.Nursery | None = None,
     security: PeerSecurity | None = None,
     max_connections: int | None = None,
+    max_unauthenticated: int | None = None,
 ) -> None:
     """Accept connections forever; each one is handshaken and passed to ``handler``.
 
-    A connection that fails its handshake is logged and closed; it never affects the others.
-    Beyond ``max_connections`` open at once (handshakes included), new ones are closed at once.
+    A connection that fails its handshake is logged and closed; it never affects the others,
+    and neither does anything ``handler`` raises (a bug there is logged and counted).
+
+    Until a connection has completed its (authenticated) handshake it is a stranger: it gets
+    ``handshake_timeout`` seconds in all, and strangers share a budget of
+    ``max_unauthenticated`` connections. When the budget - or ``max_connections``, which counts
+    every open connection - is full, the oldest stranger is dropped to make room for the new
+    one (sshd's ``MaxStartups`` idea): a host holding idle connections cannot lock cluster
+    members out. Only when every slot is held by an authenticated peer is a newcomer refused.
     """
 
     sec = security or PeerSecurity()
-
+    limit = max_connections if max_connections is not None else 1 << 62
+    budget = max_unauthenticated if max_unauthenticated is not None else limit
     open_now = 0
     warned_at = -1e9
+    #: Connections still in their handshake, oldest first, with the scope that drops them.
+    strangers: dict[object, trio.CancelScope] = {}
+    dropped: set[object] = set()
+
+    def drop_oldest_stranger() -> None:
+        key, scope = next(iter(strangers.items()))
+        del strangers[key]
+        dropped.add(key)
+        scope.cancel()
+        metrics.PEER_CONNECTIONS_DROPPED.labels("budget").inc()
 
     async def on_stream(stream: trio.SocketStream) -> None:
         nonlocal open_now, warned_at
-        if max_connections is not None and open_now >= max_connections:
+        if open_now >= limit and not strangers:
+            metrics.PEER_CONNECTIONS_DROPPED.labels("limit").inc()
             if trio.current_time() - warned_at > 10:  # one line per 10 s, not one per attempt
                 warned_at = trio.current_time()
                 log.warning(
-                    "peer connection from %s refused: %d connections open "
+                    "peer connection from %s refused: %d connections open, all authenticated "
                     "(transfer.max_connections)",
                     _remote(stream),
                     open_now,
                 )
             await _close(stream)
             return
+        if open_now >= limit or len(strangers) >= budget:
+            drop_oldest_stranger()
+        key = object()
+        scope = trio.CancelScope(deadline=trio.current_time() + handshake_timeout)
+        strangers[key] = scope
         open_now += 1
         try:
-            await _serve_one(stream)
+            await _serve_one(stream, key, scope)
+        except Exception as exc:  # the boundary: one connection's bug is logged, not fatal
+            report_unexpected(log, "peer", f"peer connection from {_remote(stream)}", exc)
         finally:
             open_now -= 1
+            strangers.pop(key, None)
+            dropped.discard(key)
 
-    async def _serve_one(stream: trio.SocketStream) -> None:
+    async def _serve_one(stream: trio.SocketStream, key: object, scope: trio.CancelScope) -> None:
         _tune(stream)
         framed: FramedStream | None = None
+        conn: Connection | None = None
         try:
-            with trio.fail_after(handshake_timeout):
+            with scope:
                 tls = None
                 if sec.server_ssl is not None:
                     tls = await server_tls(stream, sec.server_ssl)
@@ -184,19 +216,26 @@ async def serve(
                 log.info("peer connection refused during handshake: %s", _describe(exc))
             await _close(stream, framed)
             return
-        except (
-            TimeoutError,
-            trio.TooSlowError,
-            OSError,
-            trio.BrokenResourceError,
-            ConnectionClosed,
-        ) as exc:
+        except (OSError, trio.BrokenResourceError, ConnectionClosed) as exc:
             log.info("peer connection refused during handshake: %s", _describe(exc))
             await _close(stream, framed)
             return
+        if conn is None:  # the scope was cancelled: dropped, or out of time
+            if key in dropped:
+                why = "dropped for a newer one (transfer.max_unauthenticated)"
+            else:
+                metrics.PEER_CONNECTIONS_DROPPED.labels("deadline").inc()
+                why = f"no handshake within {handshake_timeout:g} s (transfer.handshake_timeout)"
+            log.info(
+                "peer connection from %s closed before it authenticated: %s", _remote(stream), why
+            )
+            await _close(stream, framed)
+            return
+        strangers.pop(key, None)  # authenticated: out of the strangers' budget
         try:
             await handler(conn)
         finally:
-            await conn.aclose()
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
 
     await trio.serve_listeners(on_stream, listeners, handler_nursery=handler_nursery)
