@@ -21,6 +21,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +143,18 @@ class Daemon:
         from .control.app import ControlApp
         from .control.server import serve_control
 
-        path = self.settings.control.socket
+        control = self.settings.control
+        path = control.socket
         assert path is not None, "load_settings gives the daemon a control socket"
-        started: Path = await nursery.start(serve_control, ControlApp(self), path)
+        started: Path = await nursery.start(
+            partial(
+                serve_control,
+                ControlApp(self),
+                path,
+                max_connections=control.max_connections,
+                read_timeout=control.read_timeout,
+            )
+        )
         return started
 
     # -- reload ------------------------------------------------------------------------------
@@ -269,9 +279,12 @@ class Daemon:
             )
         return out
 
-    def status(self) -> dict[str, Any]:
-        """``GET /v1/status`` (scans the store directory: call it off the event loop)."""
-        return {
+    async def status(self) -> dict[str, Any]:
+        """``GET /v1/status``. Built on the event loop: the peer table, the node's pools and the
+        transfer table are the loop's, mutated by its tasks, and a worker thread iterating them
+        races those tasks ("dictionary changed size during iteration"). Only the store scan,
+        which reads the disk and nothing of the loop's, runs in a thread."""
+        doc = {
             "node_id": self.node.node_id,
             "version": __version__,
             "uptime": time.time() - self.started_at,
@@ -279,13 +292,18 @@ class Daemon:
             "cluster": self.settings.cluster_name,
             "peers": self.peer_list(),
             "transfers": self.transfers.in_flight(),
-            "store": {
-                "root": str(self.store.root),
-                "tensors": len(self.store.list()),
-                "used_bytes": self.store.used_bytes(),
-                "max_bytes": self.store.max_bytes,
-            },
         }
+        store = self.store
+        tensors, used = await trio.to_thread.run_sync(
+            lambda: (len(store.list()), store.used_bytes())
+        )
+        doc["store"] = {
+            "root": str(store.root),
+            "tensors": tensors,
+            "used_bytes": used,
+            "max_bytes": store.max_bytes,
+        }
+        return doc
 
     def status_line(self) -> str:
         up = sum(1 for p in self.peers.values() if p.state == "up")

@@ -7,6 +7,14 @@ exception from the layers below, turned here into one status code and a JSON bod
 
 Long calls (send, pull) run while a second task watches for ``http.disconnect``: a client that
 goes away (Ctrl-C on ``tensord send``) cancels its transfer instead of leaving it running.
+
+Every request is a trust boundary (docs/SECURITY.md): tensor names (in the URL, ``name``, ``as``)
+go through the wire's own :func:`~tensord.wire.meta.check_name` (a bad one is a ``400
+bad_name``), a JSON body may hold only the fields its endpoint knows, each of the right type
+(``400``), a file named by ``path`` is opened only if it is a regular file the *caller* could
+read (tensord/control/files.py: ``400``/``403``), and that file work runs on the app's own small
+thread limiter. Anything unexpected in a handler is logged once with the endpoint, counted in
+``tensord_errors_total{where="control"}`` and answered ``500``: the daemon carries on.
 """
 
 from __future__ import annotations
@@ -45,8 +53,11 @@ from ..errors import (
 from ..events import ArrivalEvent, DownloadEvent, Event, PeerEvent, TransferEvent
 from ..node import TransferResult
 from ..store import PartialReceive, StoreFull, TensorInfo, TensorStore
-from ..tensorfile import read_tensor_file
+from ..tensorfile import FileTensor, read_tensor_file
 from ..wire.meta import TensorMeta, check_name, wire_dtype
+from .files import FILE_THREADS, NotAllowed, open_for_caller
+from .server import CALLER_KEY, Caller
+from .serving import ERRORS, RequestTimeout
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -70,6 +81,10 @@ def error_for(exc: BaseException) -> HTTPError:
     msg = str(exc)
     if isinstance(exc, HTTPError):
         return exc
+    if isinstance(exc, NotAllowed):
+        return HTTPError(403, "forbidden", msg)
+    if isinstance(exc, RequestTimeout):
+        return HTTPError(408, "timeout", msg)
     if isinstance(exc, BadAddress):
         return HTTPError(404, "unknown_peer", msg)
     if isinstance(exc, TensorNotFound):
@@ -151,9 +166,34 @@ class Request:
             doc = json.loads(body)
         except ValueError as exc:
             raise HTTPError(400, "bad_request", f"the body is not JSON: {exc}") from None
+        except RecursionError:
+            raise HTTPError(
+                400, "bad_request", "the body is not JSON tensord accepts: nested too deep"
+            ) from None
         if not isinstance(doc, dict):
             raise HTTPError(400, "bad_request", "the body must be a JSON object")
         return doc
+
+    async def fields(self, *known: str) -> dict[str, Any]:
+        """The JSON body, refused (400) if it has a field the endpoint does not know."""
+        doc = await self.json()
+        unknown = sorted(k for k in doc if k not in known)
+        if unknown:
+            raise HTTPError(
+                400,
+                "bad_request",
+                f"unknown field{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(repr(k[:80]) for k in unknown[:5])}: this endpoint takes "
+                f"{', '.join(repr(k) for k in known)} (see docs/CONTROL.md)",
+            )
+        return doc
+
+    @property
+    def caller(self) -> Caller | None:
+        """Who sent the request (the control socket's SO_PEERCRED), if known."""
+        ext: Any = self.scope.get("extensions") or {}
+        caller = ext.get(CALLER_KEY)
+        return caller if isinstance(caller, Caller) else None
 
     async def wait_disconnect(self) -> None:
         while True:
@@ -173,8 +213,23 @@ def field(doc: dict[str, Any], key: str, *, required: bool = True) -> str | None
     return value
 
 
+def tensor_name(value: str, where: str) -> str:
+    """A tensor name, checked by the wire's own validator: ``400 bad_name`` if bad."""
+    try:
+        return check_name(value)
+    except (ProtocolError, BadTensor) as exc:
+        raise HTTPError(400, "bad_name", f"bad name in {where}: {exc}") from None
+
+
+def name_field(doc: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = field(doc, key, required=required)
+    return None if value is None else tensor_name(value, f"field {key!r}")
+
+
 def file_path(value: str) -> Path:
     path = Path(value)
+    if "\0" in value:
+        raise HTTPError(400, "bad_request", f"path {value[:200]!r} holds a NUL character")
     if not path.is_absolute():
         raise HTTPError(
             400, "bad_request", f"path {value!r} must be absolute (the daemon resolves it)"
@@ -191,6 +246,8 @@ class ControlApp:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.node = daemon.node
+        #: Threads for the files requests name: never the default limiter the receive path uses.
+        self.file_threads = trio.CapacityLimiter(FILE_THREADS)
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -217,8 +274,9 @@ class ControlApp:
             await self._error(send, exc)
         except (TensorError, OSError) as exc:
             await self._error(send, error_for(exc))
-        except Exception as exc:
-            log.exception("control API: %s %s failed", scope["method"], path)
+        except Exception as exc:  # a bug: log it once, count it, answer 500, carry on
+            ERRORS.labels("control").inc()
+            log.exception("control API: %s %s failed (a bug)", scope["method"], path)
             await self._error(send, error_for(exc))
 
     def _route(self, method: str, parts: list[str]) -> tuple[Handler, list[str]]:
@@ -253,6 +311,8 @@ class ControlApp:
             raise HTTPError(
                 405, "method_not_allowed", f"{method} not allowed here: use {', '.join(routes)}"
             )
+        if key == "tensors" and args:
+            tensor_name(args[0], "the URL")
         return handler, args
 
     # -- replies
@@ -298,7 +358,7 @@ class ControlApp:
     # -- handlers
 
     async def status(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
-        await self._json(send, 200, await trio.to_thread.run_sync(self.daemon.status))
+        await self._json(send, 200, await self.daemon.status())
 
     async def peers(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
         await self._json(send, 200, {"peers": self.daemon.peer_list()})
@@ -346,10 +406,10 @@ class ControlApp:
             info = await receive_npy_upload(self.daemon.store, args[0], req)
             await self._json(send, 201, info.to_json())
             return
-        doc = await req.json()
+        doc = await req.fields("path")
         path = file_path(str(field(doc, "path")))
         name = args[0]
-        found = await trio.to_thread.run_sync(read_tensor_file, path, name)
+        found = await self._read_file(req, path, name)
         if len(found) != 1:
             raise HTTPError(
                 400,
@@ -358,25 +418,47 @@ class ControlApp:
                 "(use `tensord send` to send them all)",
             )
         ft = found[0]
-        await trio.to_thread.run_sync(lambda: self.node.put_tensor(name, ft.array, dtype=ft.dtype))
+        await trio.to_thread.run_sync(
+            lambda: self.node.put_tensor(name, ft.array, dtype=ft.dtype),
+            limiter=self.file_threads,
+            abandon_on_cancel=True,  # a hung mount must not hold up the daemon's shutdown
+        )
         await self._json(send, 201, self.node.tensor_info(name).to_json())
+
+    async def _read_file(self, req: Request, path: Path, name: str | None) -> list[FileTensor]:
+        """The tensors of the file at ``path``, opened for the request's caller (files.py), on
+        the app's own thread limiter."""
+        caller = req.caller
+
+        def read() -> list[FileTensor]:
+            fd, opened = open_for_caller(path, caller)
+            try:
+                return read_tensor_file(opened, name)
+            finally:
+                os.close(fd)
+
+        found: list[FileTensor] = await trio.to_thread.run_sync(
+            read, limiter=self.file_threads, abandon_on_cancel=True
+        )
+        return found
 
     async def delete_tensor(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
         self.node.delete_tensor(args[0])
         await self._json(send, 200, {"deleted": args[0]})
 
     async def send_(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
-        doc = await req.json()
+        doc = await req.fields("peer", "name", "path")
         peer = str(field(doc, "peer"))
-        name = field(doc, "name", required=False)
+        name = name_field(doc, "name", required=False)
         path_value = field(doc, "path", required=False)
+        path = None if path_value is None else file_path(path_value)
 
         async def work() -> list[dict[str, Any]]:
-            if path_value is None:
+            if path is None:
                 if name is None:
                     raise HTTPError(400, "bad_request", "give the tensor's 'name' or a 'path'")
                 return [result_json(await self.node.send_stored(peer, name))]
-            found = await trio.to_thread.run_sync(read_tensor_file, file_path(path_value), name)
+            found = await self._read_file(req, path, name)
             return [
                 result_json(await self.node.send_tensor(peer, ft.name, ft.array, dtype=ft.dtype))
                 for ft in found
@@ -386,10 +468,10 @@ class ControlApp:
         await self._json(send, 200, {"transfers": results})
 
     async def pull(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
-        doc = await req.json()
+        doc = await req.fields("peer", "name", "as")
         peer = str(field(doc, "peer"))
-        name = str(field(doc, "name"))
-        local = field(doc, "as", required=False) or name
+        name = str(name_field(doc, "name"))
+        local = name_field(doc, "as", required=False) or name
         started = time.perf_counter()
         await self._until_disconnect(req, self.node.pull_tensor(peer, name, store_as=local))
         seconds = time.perf_counter() - started
@@ -416,7 +498,7 @@ class ControlApp:
         await self._json(send, 200, {"downloads": [j.to_json() for j in jobs]})
 
     async def start_download(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
-        doc = await req.json()
+        doc = await req.fields("model", "url", "sha256")
         model = field(doc, "model", required=False)
         url = field(doc, "url", required=False)
         if (model is None) == (url is None):

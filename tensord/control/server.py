@@ -11,7 +11,11 @@ the daemon to everyone).
 Why our own accept loop: hypercorn's trio worker accepts connections itself and has no hook to
 vet a peer first. We accept, check the credentials, then hand the stream to hypercorn's
 ``TCPServer`` - the same per-connection object its worker uses - so HTTP/1.1 parsing, keep-alive
-and streaming bodies are still hypercorn's.
+and streaming bodies are still hypercorn's. The same loop caps connections and bounds how long a
+request may take to arrive (tensord/control/serving.py), and hands the caller's credentials to
+the API: a request that names a file is served only if the caller could read that file itself
+(the daemon is not a deputy that reads, for a member of the socket's group, what only the
+daemon's user may read).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import grp
-import json
 import logging
 import os
 import socket
@@ -27,14 +30,12 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework
-from hypercorn.utils import wrap_app
+
+from .serving import HTTPConnections, refuse
 
 log = logging.getLogger("tensord.control")
 
@@ -122,27 +123,47 @@ def bind_control_socket(path: Path) -> socket.socket:
     return sock
 
 
-def _forbidden(cred: PeerCred, sock_gid: int) -> bytes:
+def _forbidden(cred: PeerCred, sock_gid: int) -> dict[str, object]:
     message = (
         f"uid {cred.uid} may not use this tensord's control socket: run the command as root, "
         f"as the daemon's user (uid {os.geteuid()}) or as a member of group "
         f"{_group_name(sock_gid)!r}"
     )
-    body = json.dumps({"error": {"code": "forbidden", "message": message}}).encode()
-    return (
-        b"HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\n"
-        b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-    )
+    return {"error": {"code": "forbidden", "message": message}}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is at the other end of a control connection: what the API checks a request that
+    names a file against (``scope["extensions"]["tensord.caller"]``)."""
+
+    pid: int
+    uid: int
+    gids: frozenset[int]  # primary and supplementary
+
+    @classmethod
+    def of(cls, cred: PeerCred) -> Caller:
+        return cls(cred.pid, cred.uid, frozenset({cred.gid, *_supplementary_groups(cred.pid)}))
+
+
+CALLER_KEY = "tensord.caller"
 
 
 async def serve_control(
     app: ASGIFramework,
     path: Path,
     *,
+    max_connections: int = 64,
+    read_timeout: float = 30.0,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on the Unix socket ``path`` until cancelled; the socket file is removed on
-    the way out. Signals readiness (with the path) once the socket is bound."""
+    the way out. Signals readiness (with the path) once the socket is bound.
+
+    At most ``max_connections`` clients at once (the longest-idle one is closed for a newcomer;
+    when all are busy the newcomer gets a 503), and a request must arrive within
+    ``read_timeout`` (see :mod:`tensord.control.serving`). Each request's scope carries the
+    caller's :class:`Caller` under ``extensions["tensord.caller"]``."""
     sock = bind_control_socket(path)
     st = os.stat(path)
     sock_gid = st.st_gid
@@ -151,9 +172,13 @@ async def serve_control(
     config.graceful_timeout = 0
     config.accesslog = None
     config.errorlog = logging.getLogger("tensord.control.http")
-    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
-    context = WorkerContext(None)
-    state: dict[str, Any] = {}
+    server = HTTPConnections(
+        app,
+        config,
+        max_connections=max_connections,
+        read_timeout=read_timeout,
+        what="control socket",
+    )
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -164,20 +189,9 @@ async def serve_control(
             return
         if not allowed(cred, sock_gid):
             log.warning("control socket: refused uid %d (pid %d)", cred.uid, cred.pid)
-            with trio.move_on_after(2), contextlib.suppress(trio.BrokenResourceError):
-                # Read the request head first: closing on a client still writing it would give
-                # that client EPIPE instead of our 403.
-                head = b""
-                while b"\r\n\r\n" not in head and len(head) < 65536:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        break
-                    head += data
-                await stream.send_all(_forbidden(cred, sock_gid))
-            await stream.aclose()
+            await refuse(stream, 403, b"Forbidden", _forbidden(cred, sock_gid))
             return
-        # TCPServer tells plain streams from TLS ones itself (its type hint names only TLS).
-        await TCPServer(wrapped, config, context, state, stream)  # type: ignore[arg-type]
+        await server.serve(stream, {CALLER_KEY: Caller.of(cred)})
 
     try:
         async with listener:
@@ -189,4 +203,12 @@ async def serve_control(
                 os.unlink(path)
 
 
-__all__ = ["PeerCred", "allowed", "bind_control_socket", "peer_cred", "serve_control"]
+__all__ = [
+    "CALLER_KEY",
+    "Caller",
+    "PeerCred",
+    "allowed",
+    "bind_control_socket",
+    "peer_cred",
+    "serve_control",
+]

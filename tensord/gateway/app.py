@@ -38,6 +38,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from .. import metrics
 from .._version import __version__
 from ..asgi import Headers, lifespan, send_json
+from ..control.serving import ERRORS, RequestTimeout
 from .backends import Backend, Backends, Busy, NoBackend
 from .encoders import (
     ERROR,
@@ -262,6 +263,7 @@ class GatewayApp:
         try:
             await route(self, receive, send, path)
         except Exception:
+            ERRORS.labels("gateway").inc()
             log.exception("gateway: %s %s failed", method, path)
             await _json(send, 500, {"error": "internal error: see the gateway's log"})
 
@@ -555,11 +557,15 @@ class GatewayApp:
             request = json.loads(body)
             if not isinstance(request, dict) or not isinstance(request.get("model"), str):
                 raise ValueError("expected a JSON object with a 'model'")
-        except ValueError as exc:
+        except (ValueError, RequestTimeout) as exc:
             record.outcome = "bad_request"
             _report(record)
-            status = 413 if isinstance(exc, BodyTooLarge) else 400
-            await (_openai_fail if openai else _ollama_fail)(send, status, f"bad request: {exc}")
+            if isinstance(exc, RequestTimeout):
+                status, text = 408, str(exc)
+            else:
+                status = 413 if isinstance(exc, BodyTooLarge) else 400
+                text = f"bad request: {exc}"
+            await (_openai_fail if openai else _ollama_fail)(send, status, text)
             return
         record.model = request["model"]
         # As the backends read it: OpenAI's stream is a bool (absent: false), Ollama's a *bool
@@ -801,6 +807,7 @@ async def _openai_fail(
     kind = {
         400: "invalid_request_error",
         404: "not_found_error",
+        408: "invalid_request_error",
         413: "invalid_request_error",
         503: "server_error",
     }.get(status, "server_error")

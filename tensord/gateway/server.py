@@ -4,21 +4,26 @@ The gateway runs in the daemon's nursery when the cluster file names at least on
 (``"ollama": "http://host:11434"`` on a node entry). Bound to a non-loopback address it requires
 API keys (``gateway.api_keys_file``, one key per line, ``#`` comments): an open token endpoint on
 the network is a hole in the cluster, so without keys it refuses to start.
+
+Connections are accepted here and handed to hypercorn one by one (tensord/control/serving.py), so
+that ``gateway.max_connections`` caps them (a newcomer displaces the longest-idle connection;
+when every one is busy relaying it gets a 503) and ``gateway.read_timeout`` bounds how long a
+request's head and body may take to arrive (a slow or stalled body is answered 408 and closed).
+A reply being relayed is never cut by either: a client may read a long token stream in silence.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-from functools import partial
 from pathlib import Path
 
 import httpx
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from ..config import Settings
+from ..control.serving import HTTPConnections
 from ..errors import ConfigError
 from .app import GatewayApp
 from .backends import Backends
@@ -88,16 +93,24 @@ class Gateway:
                 self.backends, keepalive_seconds=g.keepalive_seconds, api_keys=self.api_keys
             )
             config = Config()
-            config.bind = [str(g.listen)]
             config.accesslog = None
             config.errorlog = logging.getLogger("tensord.gateway.http")
             config.graceful_timeout = 1.0
             # WebSocket pings as often as SSE keep-alive comments: proxies see a live socket.
             config.websocket_ping_interval = g.keepalive_seconds
+            server = HTTPConnections(
+                app,
+                config,
+                max_connections=g.max_connections,
+                read_timeout=g.read_timeout,
+                what="gateway",
+            )
+            listeners = await trio.open_tcp_listeners(g.listen.port, host=g.listen.host)
+            host, port = listeners[0].socket.getsockname()[:2]
+            self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.backends.run)
-                binds = await nursery.start(partial(serve, app, config, mode="asgi"))
-                self.url = str(binds[0]) if binds else f"http://{g.listen}"
+                await nursery.start(trio.serve_listeners, server.serve, listeners)
                 log.info("gateway on %s, %d backends", self.url, len(self.backends.backends))
                 task_status.started(self.url)
 
