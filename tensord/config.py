@@ -658,22 +658,41 @@ def _security_paths(sec: SecuritySettings, node: str, env: Mapping[str, str]) ->
     return replace(sec, secret_file=fill(secret) if secret is not None else None, tls=tls)
 
 
-def check_security_policy(settings: Settings) -> str | None:
-    """A daemon of a multi-node cluster must authenticate its peers.
+def is_loopback(host: str) -> bool:
+    """Is ``host`` a loopback address (or ``localhost``)? ``0.0.0.0`` and ``::`` are not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-    Raises :class:`ConfigError` when the cluster file lists more than one node and neither
-    ``security.secret_file`` nor ``security.tls`` is set, unless ``security.insecure`` is true;
-    then returns the warning to log at every start.
+
+def check_security_policy(settings: Settings) -> str | None:
+    """A daemon that strangers can reach must authenticate its peers.
+
+    Raises :class:`ConfigError` when the cluster file lists more than one node, or the peer
+    listener is bound to anything but loopback (a single-node file or ``TENSORD_LISTEN`` can do
+    that too), and neither ``security.secret_file`` nor ``security.tls`` is set - unless
+    ``security.insecure`` is true; then returns the warning to log at every start.
     """
     sec = settings.security
-    if len(settings.nodes) <= 1 or sec.secret_file is not None or sec.tls is not None:
+    if sec.secret_file is not None or sec.tls is not None:
+        return None
+    multi = len(settings.nodes) > 1
+    exposed = not is_loopback(settings.listen.host)
+    if not multi and not exposed:
         return None
     if not sec.insecure:
+        why = (
+            f"the cluster has {len(settings.nodes)} nodes"
+            if multi
+            else f"the peer listener {settings.listen} is not on loopback"
+        )
         raise ConfigError(
-            f"the cluster has {len(settings.nodes)} nodes and no peer authentication: set "
-            "security.secret_file (or TENSORD_CLUSTER_SECRET_FILE) or security.tls, or "
-            "security.insecure: true to run without (anyone who can reach the port can send "
-            "and fetch tensors)"
+            f"{why} and there is no peer authentication: set security.secret_file (or "
+            "TENSORD_CLUSTER_SECRET_FILE) or security.tls, or security.insecure: true to run "
+            "without (anyone who can reach the port can send and fetch tensors)"
         )
     return (
         "security.insecure is set: peers are not authenticated, and anyone who can reach "
@@ -778,10 +797,7 @@ def load_settings(
     if entry is not None:
         # Listen on the node's own port, on all interfaces unless the address is loopback.
         host = entry.addr.host
-        try:
-            loop = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loop = host == "localhost"
+        loop = is_loopback(host)
         addr = HostPort(host if loop else ("::" if ":" in host else "0.0.0.0"), entry.addr.port)
     if listen is not None:
         addr = parse_hostport("--listen", listen, allow_port_zero=True)

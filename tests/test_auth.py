@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -237,7 +238,7 @@ async def test_a_cluster_without_authentication_refuses_to_start(tmp_path: Path)
     async with daemon(env, "--cluster", str(cluster)) as d:
         with trio.fail_after(30):
             await d.proc.wait()
-        await d.wait_for("no peer authentication")
+        await d.wait_for("there is no peer authentication")
     assert d.proc.returncode == 78
     assert "security.insecure: true" in d.text
 
@@ -273,3 +274,35 @@ async def test_the_secret_never_appears_in_logs_or_status(tmp_path: Path) -> Non
         with trio.fail_after(30):
             await d.proc.wait()
     assert value not in d.text and value not in repr(status) and value not in repr(peers)
+
+
+@pytest.mark.parametrize("how", ["env", "single-node file"])
+async def test_a_listener_off_loopback_without_authentication_refuses_to_start(
+    tmp_path: Path, how: str
+) -> None:
+    """Hole 7 of issue 12: a single-node file or TENSORD_LISTEN binding a non-loopback address
+    ran unauthenticated with no warning; now it is the multi-node rule: exit 78, unless
+    ``security.insecure`` (then a warning at every start)."""
+    from .daemons import daemon, free_port
+
+    port = free_port()
+    env = {"TENSORD_CLUSTER_SECRET_FILE": ""}
+    args: tuple[str, ...] = ()
+    if how == "env":
+        env["TENSORD_LISTEN"] = f"0.0.0.0:{port}"
+    else:
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"nodes": [{"id": "solo", "addr": f"10.1.2.3:{port}"}]}))
+        env["TENSORD_NODE_ID"] = "solo"
+        args = ("--cluster", str(path))
+    async with daemon(env, *args) as d:
+        with trio.fail_after(30):
+            await d.proc.wait()
+        await d.wait_for("is not on loopback and there is no peer authentication")
+    assert d.proc.returncode == 78
+    env["TENSORD_LISTEN"] = f"0.0.0.0:{port}"
+    insecure = tmp_path / "i.json"
+    insecure.write_text(json.dumps({"security": {"insecure": True}}))
+    async with daemon(env, "--cluster", str(insecure)) as d:
+        await d.wait_for("security.insecure is set: peers are not authenticated")
+        await d.wait_for("listening on")
