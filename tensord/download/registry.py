@@ -457,12 +457,12 @@ async def _get_manifest(
             if status in (301, 302, 303, 307, 308) and "location" in resp.headers:
                 url = urljoin(url, resp.headers["location"])
                 continue
+            if status == 401 and not on_registry:
+                raise RegistryAuthError(
+                    f"GET {registry_url} was redirected to {_netloc(url)}, which asks for "
+                    f"authentication: tensord sends credentials only to {ref.registry}"
+                )
             if status == 401 and challenge is None:
-                if not on_registry:
-                    raise RegistryAuthError(
-                        f"GET {registry_url} was redirected to {_netloc(url)}, which asks for "
-                        f"authentication: tensord sends credentials only to {ref.registry}"
-                    )
                 challenge = resp.headers.get("www-authenticate", "")
                 continue
             if status == 404:
