@@ -88,6 +88,10 @@ class LyingServer:
     open_now: int = 0
     most_open: int = 0
     bytes_sent: int = 0
+    #: If set, every body waits (after its headers) until this many connections were open at
+    #: once: a fetcher that opens fewer never gets its bytes (the test's deadline fails it).
+    hold_bodies_until_open: int = 0
+    _all_open: trio.Event = field(default_factory=trio.Event)
 
     @property
     def host(self) -> str:
@@ -99,6 +103,8 @@ class LyingServer:
     async def serve(self, stream: trio.SocketStream) -> None:
         self.open_now += 1
         self.most_open = max(self.most_open, self.open_now)
+        if self.most_open >= self.hold_bodies_until_open:
+            self._all_open.set()
         try:
             async with stream:
                 await self._serve(stream)
@@ -131,7 +137,9 @@ class LyingServer:
         reply = self.handler(req)
         lines = [f"HTTP/1.1 {reply.status} X"] + [f"{k}: {v}" for k, v in reply.headers]
         lines.append("Connection: close")
-        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + reply.body)
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await self._all_open.wait()
+        await stream.send_all(reply.body)
         self.bytes_sent += len(reply.body)
         left, zeros = reply.extra, bytes(256 << 10)
         while left > 0:
