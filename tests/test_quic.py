@@ -212,9 +212,15 @@ async def test_dial_quic_reuses_the_runs_default_dialer_and_a_prebound_socket() 
             nursery.cancel_scope.cancel()
 
 
-async def test_streams_beyond_max_connections_are_refused() -> None:
+async def test_max_connections_counts_quic_connections_not_streams() -> None:
+    """``max_connections`` bounds QUIC connections (as TCP connections on the TCP side): one
+    connection carries many streams, and a second connection is refused, with the reason."""
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery, quic_dialer() as dialer:
+        async with (
+            trio.open_nursery() as nursery,
+            quic_dialer() as dialer,
+            quic_dialer() as other,
+        ):
             port = await nursery.start(
                 partial(
                     serve_quic,
@@ -226,13 +232,12 @@ async def test_streams_beyond_max_connections_are_refused() -> None:
                     max_connections=1,
                 )
             )
-            first = await dial(dialer, port)
-            assert await ping(first)
-            second = await dial(dialer, port)
-            with pytest.raises(trio.BrokenResourceError, match="refused"):
-                await ping(second)
-            assert await ping(first)  # the connection itself is fine
-            await first.aclose()
+            conns = [await dial(dialer, port) for _ in range(3)]
+            for i, conn in enumerate(conns):
+                assert await ping(conn, i)
+            with pytest.raises(PeerUnreachable, match=r"refused.*transfer\.max_connections"):
+                await dial(other, port)
+            assert await ping(conns[0])  # the connection itself is fine
             nursery.cancel_scope.cancel()
 
 

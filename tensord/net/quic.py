@@ -188,6 +188,19 @@ _CID_LENGTH = 8
 #: would carry a corrupt frame (the peer closes with "Failed to parse frame").
 MAX_DATAGRAM_SIZE = 16000
 
+#: Receive credit of a listener's connection before its first stream has completed the
+#: authenticated Hello exchange, for that stream and for the whole connection alike, and not
+#: moved by reading: enough for the largest Hello the decoder accepts (~2.6 KiB: 64 features
+#: of 32 characters) and the Auth after it (~50 bytes), nothing more (tests check the sum).
+PRE_AUTH_STREAM_WINDOW = 8 * 1024
+#: Bidirectional streams a peer may open before that: the first one, which carries the Hello.
+PRE_AUTH_STREAMS = 1
+#: Bidirectional streams an authenticated peer may have open at once (aioquic's default).
+MAX_PEER_STREAMS = 128
+#: New connections refused per second with a CONNECTION_CLOSE when ``max_connections`` is full
+#: (each costs a TLS handshake's CPU); beyond that, their Initial packets are dropped unanswered.
+_MAX_REFUSALS_PER_SECOND = 32
+
 
 @dataclass(frozen=True)
 class QuicTuning:
@@ -278,6 +291,14 @@ class _FlowControlledConnection(QuicConnection):
     has not read yet. Stream limits are moved by :meth:`QuicStreamTransport.recv_into`
     (``consumed + stream_window``); the two overrides below only stop aioquic's doubling and
     compute the connection limit.
+
+    Peers may open bidirectional streams only towards a listener (a dialer's peer never has a
+    reason to) and unidirectional ones never. A listener's connection starts
+    ``authenticated=False``: one stream, :data:`PRE_AUTH_STREAM_WINDOW` of credit for it and
+    for the connection, not moved by reading, until :meth:`authenticate` grants the configured
+    windows and :data:`MAX_PEER_STREAMS`. A peer that opens more streams or sends beyond that
+    is closed by aioquic itself (STREAM_LIMIT_ERROR, FLOW_CONTROL_ERROR): nothing of it is
+    buffered.
     """
 
     def __init__(
@@ -286,6 +307,7 @@ class _FlowControlledConnection(QuicConnection):
         connection_window: int,
         request_client_certificate: bool,
         reset_tokens: ResetTokens | None = None,
+        authenticated: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -296,6 +318,42 @@ class _FlowControlledConnection(QuicConnection):
         self.flow_window = connection_window
         self.flow_step = connection_window // 4
         self._request_client_cert = request_client_certificate
+        #: The configured credit per stream, granted once the peer is authenticated.
+        self.stream_window: int = kwargs["configuration"].max_stream_data
+        self.authenticated = authenticated
+        #: The per-stream credit our transport parameters announced: what the peer assumes
+        #: for every stream it opens until a MAX_STREAM_DATA says more.
+        self.announced_stream_window = self.stream_window
+        # Limits on what the peer opens; the transport parameters are written from these
+        # when the handshake starts, after this constructor.
+        bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
+        uni.value = uni.sent = 0
+        if self._is_client:
+            bidi.value = bidi.sent = 0
+        elif not authenticated:
+            bidi.value = bidi.sent = PRE_AUTH_STREAMS
+            self._local_max_data.value = self._local_max_data.sent = PRE_AUTH_STREAM_WINDOW
+            self._local_max_stream_data_bidi_remote = PRE_AUTH_STREAM_WINDOW
+            self.announced_stream_window = PRE_AUTH_STREAM_WINDOW
+
+    def authenticate(self) -> None:
+        """The peer passed the Hello exchange: grant the configured windows and streams (sent
+        with the next packet; the session raises the credit of the stream already open)."""
+        if self.authenticated:
+            return
+        self.authenticated = True
+        self._local_max_stream_data_bidi_remote = self.stream_window
+        self._local_max_streams_bidi.value += MAX_PEER_STREAMS - PRE_AUTH_STREAMS
+
+    def peer_stream_opened(self, stream_id: int) -> None:
+        """A stream the peer opened after :meth:`authenticate` has the configured credit here,
+        but the peer assumes the smaller one of the transport parameters: mark it unsent, so
+        that a MAX_STREAM_DATA goes out with the next packet (the ACK of the stream's first
+        one). This costs a new stream one round trip before it may send beyond
+        ``PRE_AUTH_STREAM_WINDOW`` - once per stream, and streams are pooled."""
+        qs = self._streams.get(stream_id)
+        if qs is not None and qs.max_stream_data_local_sent > self.announced_stream_window:
+            qs.max_stream_data_local_sent = self.announced_stream_window
 
     def _derive_reset_tokens(self) -> None:
         """A listener's connection ids get derived stateless reset tokens (see quic_reset)."""
@@ -356,9 +414,10 @@ class _FlowControlledConnection(QuicConnection):
 
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
         max_data = self._local_max_data
-        target = max_data.used - self.app_buffered + self.flow_window
-        if target - max_data.value >= self.flow_step:
-            max_data.value = target
+        if self.authenticated:  # before, the credit stays what the transport parameters said
+            target = max_data.used - self.app_buffered + self.flow_window
+            if target - max_data.value >= self.flow_step:
+                max_data.value = target
         for limit in (max_data, self._local_max_streams_bidi, self._local_max_streams_uni):
             if limit is not max_data and limit.sent - limit.used >= limit.value - limit.sent:
                 continue  # batch MAX_STREAMS like aioquic does
@@ -691,6 +750,12 @@ class QuicSession:
         self.hello_failure: TensorError | None = None
         self.on_idle: Callable[[QuicSession], None] | None = None  # last stream closed
         self.on_closed: Callable[[QuicSession], None] | None = None
+        #: A listener's: when the peer must have passed its Hello (see :meth:`authenticate`),
+        #: and what to do when it has not (the driver calls it at the deadline).
+        self.auth_deadline = math.inf
+        self.on_auth_deadline: Callable[[QuicSession], None] | None = None
+        #: A listener's: a connection id of ours the peer retired (its route goes).
+        self.on_cid_retired: Callable[[QuicSession, bytes], None] | None = None
         self.cids: set[bytes] = {quic.host_cid}
 
     def __repr__(self) -> str:
@@ -745,6 +810,35 @@ class QuicSession:
         self._check_closing()
         self.kick()
 
+    def drop(self, error_code: int, reason: str, *, transport: bool = False) -> None:
+        """Close now, without the closing period: the CONNECTION_CLOSE goes out once, every
+        stream fails, and the driver ends (freeing the connection) at its next turn. For a
+        listener shedding a connection it will not keep waiting for."""
+        if not self._terminated:
+            self.close(error_code, reason, transport=transport)
+            self.flush()
+        self._terminated = True
+        self._wakeup.set()
+
+    @property
+    def authenticated(self) -> bool:
+        return self.quic.authenticated
+
+    def authenticate(self) -> None:
+        """The first stream's Hello exchange succeeded: the peer gets the configured windows
+        and streams, the stream it used included, and the handshake deadline is lifted."""
+        quic = self.quic
+        quic.authenticate()
+        self.auth_deadline = math.inf
+        window = self.tuning.stream_window
+        for stream in self.streams.values():
+            qs = quic._streams.get(stream.stream_id)
+            if qs is not None and not qs.receiver.is_finished:
+                target = stream._consumed + window
+                if target > qs.max_stream_data_local:
+                    qs.max_stream_data_local = target
+        self.flush()
+
     def open_stream(self) -> QuicStreamTransport:
         """A new locally initiated bidirectional stream (created in aioquic right away, so the
         next call gets the next id; nothing is sent until data is)."""
@@ -778,11 +872,18 @@ class QuicSession:
                 keepalive = bool(self.streams) and self.failure is None
                 if keepalive:
                     deadline = min(deadline, self._keepalive_at)
+                if self.failure is None:
+                    deadline = min(deadline, self.auth_deadline)
                 with trio.CancelScope(deadline=deadline) as sleep:
                     self._sleep = sleep
                     await self._wakeup.wait()
                 self._sleep = None
                 now = trio.current_time()
+                if now >= self.auth_deadline and self.failure is None:
+                    self.auth_deadline = math.inf
+                    if self.on_auth_deadline is not None:
+                        self.on_auth_deadline(self)
+                    continue
                 timer = quic.get_timer()
                 if timer is not None and now >= timer:
                     quic.handle_timer(now)
@@ -892,6 +993,8 @@ class QuicSession:
                 self.cids.add(event.connection_id)
             elif isinstance(event, qe.ConnectionIdRetired):
                 self.cids.discard(event.connection_id)
+                if self.on_cid_retired is not None:
+                    self.on_cid_retired(self, event.connection_id)
         self._check_closing()
         if self._blocked_writers:
             low = self.tuning.send_buffer // 2
@@ -913,6 +1016,7 @@ class QuicSession:
                 self._refuse_stream(sid)
                 return
             self.streams[sid] = stream
+            self.quic.peer_stream_opened(sid)
         stream._feed(event.data, event.end_stream)
 
     def _refuse_stream(self, sid: int) -> None:
@@ -1032,6 +1136,8 @@ class QuicSession:
         """The reader took ``n`` bytes: extend the peer's credit in quarter-window steps."""
         quic = self.quic
         quic.app_buffered -= n
+        if not quic.authenticated:
+            return  # before the Hello, reading grants nothing more
         qs = quic._streams.get(stream.stream_id)
         if qs is not None and not qs.receiver.is_finished:
             target = stream._consumed + self.tuning.stream_window
@@ -1082,6 +1188,9 @@ def _close_failure(event: qe.ConnectionTerminated, *, by_peer: bool) -> tuple[Te
             why = f"the peer refused the connection: {reason or 'busy'}"
             return PeerUnreachable(why), why
         why = f"closed by the peer: {reason}" if by_peer else f"closed: {reason or 'done'}"
+        return PeerUnreachable(why), why
+    if code == QuicErrorCode.CONNECTION_REFUSED:  # a listener with max_connections full
+        why = f"the peer refused the connection: {reason or 'busy'}"
         return PeerUnreachable(why), why
     if reason == "Idle timeout":
         why = "no packet from the peer within the idle timeout (gone, or idle too long)"
@@ -1481,8 +1590,37 @@ async def open_quic_socket(addr: HostPort, tuning: QuicTuning = DEFAULT_TUNING) 
     return sock
 
 
+@dataclass
+class ListenerStats:
+    """What a QUIC listener admitted, refused and shed (for tests, logs and ``/metrics``).
+
+    ``open`` and ``unauthenticated`` are gauges, the others count since the listener started.
+    """
+
+    open: int = 0  # QUIC connections counted against max_connections
+    unauthenticated: int = 0  # of those, still before their authenticated Hello
+    connections: int = 0  # QUIC connections admitted
+    authenticated: int = 0  # ... whose first stream's Hello exchange succeeded
+    refused: int = 0  # new connections refused: max_connections held by authenticated peers
+    evicted: int = 0  # unauthenticated connections dropped for a newer one
+    handshake_timeouts: int = 0  # closed for no authenticated Hello within handshake_timeout
+    errors: int = 0  # unexpected exceptions (bugs) caught at a connection's or stream's boundary
+
+
 class _Listener:
-    """The server side: one UDP socket, its QUIC connections, and their streams' handlers."""
+    """The server side: one UDP socket, its QUIC connections, and their streams' handlers.
+
+    Admission (module notes, "Before authentication"): at most ``max_connections`` QUIC
+    connections are counted at once, and of those at most ``max_unauthenticated`` before their
+    first stream's Hello exchange succeeded; a new connection takes the place of the oldest
+    unauthenticated one when either bound is reached, and is refused (CONNECTION_CLOSE with
+    CONNECTION_REFUSED) only when authenticated peers hold every slot. Every connection must
+    pass its Hello within ``handshake_timeout`` of its first packet.
+
+    Every trust boundary is an error boundary: an unexpected exception while handling one
+    datagram, one connection's events or one stream is logged with the peer's address,
+    counted in ``stats.errors``, and closes that connection (or stream) only.
+    """
 
     def __init__(
         self,
@@ -1495,7 +1633,9 @@ class _Listener:
         key: ClusterKey | None,
         tls: TlsSettings | None,
         max_connections: int | None,
+        max_unauthenticated: int,
         tuning: QuicTuning,
+        stats: ListenerStats,
     ) -> None:
         self.udp = _UdpSocket(sock, connected=False)
         self.hello = hello
@@ -1505,7 +1645,9 @@ class _Listener:
         self.key = key
         self.tls = tls
         self.max_connections = max_connections
+        self.max_unauthenticated = max_unauthenticated
         self.tuning = tuning
+        self.stats = stats
         self.config, cadata = _server_config(tls, tuning)
         self.cadata = cadata or None
         key_material = reset_key(
@@ -1515,10 +1657,15 @@ class _Listener:
         )
         self.reset_tokens = ResetTokens(key_material, _CID_LENGTH)
         self.routes: dict[bytes, QuicSession] = {}
-        self.sessions: set[QuicSession] = set()
+        self.sessions: set[QuicSession] = set()  # until their driver ends
+        # Counted against max_connections (a dropped one stops counting at once, before its
+        # driver has ended), and those not authenticated yet, oldest first.
+        self.admitted: set[QuicSession] = set()
+        self.unauthenticated: dict[QuicSession, None] = {}
         self.accepting = True
-        self.open_streams = 0
         self._warned_at = -1e9
+        self._refusals_at = -1e9
+        self._refusals = 0
         self._nursery: trio.Nursery | None = None
         self._handlers: trio.Nursery | None = None
 
@@ -1547,6 +1694,10 @@ class _Listener:
         if not self.accepting and not self.sessions and self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def _update_gauges(self) -> None:
+        self.stats.open = len(self.admitted)
+        self.stats.unauthenticated = len(self.unauthenticated)
+
     async def _receive_loop(self) -> None:
         sock = self.udp.sock
         routes = self.routes
@@ -1569,26 +1720,60 @@ class _Listener:
                 # Short header (all packets after the handshake): the destination connection
                 # id sits right after the first byte; only long headers need parsing.
                 session = routes.get(data[1 : 1 + _CID_LENGTH]) if n and data[0] < 0x80 else None
-                if session is None:
-                    try:
-                        header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
-                    except ValueError:
-                        continue
-                    session = routes.get(header.destination_cid)
+                try:
                     if session is None:
-                        session = self._new_session(header.destination_cid, header, data, addr)
-                        if session is None and data[0] < 0x80:
-                            session = self._unknown_connection(header.destination_cid, data, addr)
+                        session = self._route(data, addr, now)
                         if session is None:
                             continue
-                session.quic.receive_datagram(data, addr, now)
+                    session.quic.receive_datagram(data, addr, now)
+                except Exception:
+                    self._failed(session, addr, "a datagram")
+                    continue
                 touched.add(session)
             for session in touched:
-                session.after_receive(now)
+                try:
+                    session.after_receive(now)
+                except Exception:
+                    self._failed(session, session.peer_addr, "its events")
+                    continue
                 for cid in session.cids:
                     if cid not in routes:
                         routes[cid] = session
             touched.clear()
+
+    def _route(self, data: bytes, addr: NetworkAddress, now: float) -> QuicSession | None:
+        """The connection of a datagram whose destination connection id has no route: a new
+        one (an Initial), one of ours that issued the id since its routes were updated, or
+        none (dropped, or answered with a stateless reset)."""
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
+        except ValueError:
+            return None
+        session = self.routes.get(header.destination_cid)
+        if session is None:
+            session = self._new_session(header.destination_cid, header, data, addr, now)
+            if session is None and data[0] < 0x80:
+                session = self._unknown_connection(header.destination_cid, data, addr)
+        return session
+
+    def _failed(self, session: QuicSession | None, addr: NetworkAddress, what: str) -> None:
+        """An unexpected exception (a bug, in tensord or aioquic) while handling ``what`` of one
+        connection: log it loudly, count it, close that connection only."""
+        self.stats.errors += 1
+        name = session.name if session is not None else _addr_name(addr)
+        log.exception(
+            "QUIC connection from %s: unexpected error while handling %s; closing that "
+            "connection (a bug: please report it with this traceback)",
+            name,
+            what,
+        )
+        if session is None:
+            return
+        self._forget(session)
+        try:
+            session.drop(QuicErrorCode.INTERNAL_ERROR, "internal error", transport=True)
+        except Exception:  # aioquic's state is what failed: stop without it
+            session._lost("internal error")
 
     def _unknown_connection(
         self, dcid: bytes, data: bytes, addr: NetworkAddress
@@ -1606,7 +1791,7 @@ class _Listener:
         return None
 
     def _new_session(
-        self, dcid: bytes, header: QuicHeader, data: bytes, addr: NetworkAddress
+        self, dcid: bytes, header: QuicHeader, data: bytes, addr: NetworkAddress, now: float
     ) -> QuicSession | None:
         if (
             header.packet_type != QuicPacketType.INITIAL
@@ -1616,19 +1801,25 @@ class _Listener:
         ):
             return None
         assert self._nursery is not None
+        full = self.max_connections is not None and len(self.admitted) >= self.max_connections
+        if self.unauthenticated and (full or len(self.unauthenticated) >= self.max_unauthenticated):
+            self._evict(next(iter(self.unauthenticated)), addr)
+        elif full:
+            self._refuse(dcid, data, addr, now)
+            return None
         quic = _FlowControlledConnection(
             configuration=self.config,
             original_destination_connection_id=dcid,
             connection_window=self.tuning.connection_window,
             request_client_certificate=self.cadata is not None,
             reset_tokens=self.reset_tokens,
+            authenticated=False,
         )
-        host, port = addr[0], addr[1]
         session = QuicSession(
             quic,
             self.udp,
             addr,
-            name=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            name=_addr_name(addr),
             tuning=self.tuning,
             verify_cadata=self.cadata,
             on_stream=self._on_stream,
@@ -1636,48 +1827,129 @@ class _Listener:
         session.cids.add(dcid)
         session.on_closed = self._on_closed
         session.on_idle = self._on_idle
+        session.on_cid_retired = self._on_cid_retired
+        session.auth_deadline = now + self.handshake_timeout
+        session.on_auth_deadline = self._on_auth_deadline
         self.sessions.add(session)
+        self.admitted.add(session)
+        self.unauthenticated[session] = None
+        self.stats.connections += 1
+        self._update_gauges()
         for cid in session.cids:
             self.routes[cid] = session
         self._nursery.start_soon(self._drive, session, name=f"quic-server {session.name}")
         return session
 
+    def _forget(self, session: QuicSession) -> None:
+        """``session`` no longer counts against the limits (it is being dropped or is gone)."""
+        self.admitted.discard(session)
+        self.unauthenticated.pop(session, None)
+        self._update_gauges()
+
+    def _evict(self, session: QuicSession, newcomer: NetworkAddress) -> None:
+        """sshd's MaxStartups: the oldest connection still in its handshake makes room."""
+        self.stats.evicted += 1
+        log.info(
+            "peer connection from %s dropped before authenticating: %d connections are in "
+            "their handshake (transfer.max_unauthenticated) and %s is newer",
+            session.name,
+            len(self.unauthenticated),
+            _addr_name(newcomer),
+        )
+        self._forget(session)
+        session.drop(
+            E_REFUSED,
+            "too many connections in their handshake (transfer.max_unauthenticated); "
+            "this one was the oldest: try again",
+        )
+
+    def _refuse(self, dcid: bytes, data: bytes, addr: NetworkAddress, now: float) -> None:
+        """``max_connections`` authenticated connections are open: answer a new one with a
+        CONNECTION_CLOSE (CONNECTION_REFUSED) from a connection that lives for this only."""
+        self.stats.refused += 1
+        if now - self._warned_at > 10:  # one line per 10 s, not one per attempt
+            self._warned_at = now
+            log.warning(
+                "peer connection from %s refused: %d QUIC connections open "
+                "(transfer.max_connections)",
+                _addr_name(addr),
+                len(self.admitted),
+            )
+        if now - self._refusals_at >= 1:
+            self._refusals_at, self._refusals = now, 0
+        if self._refusals >= _MAX_REFUSALS_PER_SECOND:
+            return  # unanswered: the dialer times out
+        self._refusals += 1
+        quic = QuicConnection(configuration=self.config, original_destination_connection_id=dcid)
+        quic.receive_datagram(data, addr, now)
+        quic.close(
+            error_code=QuicErrorCode.CONNECTION_REFUSED,
+            frame_type=QuicFrameType.PADDING,
+            reason_phrase=(
+                f"the node has {len(self.admitted)} peer connections open "
+                "(transfer.max_connections): try again later, or raise the limit"
+            ),
+        )
+        for datagram, to in quic.datagrams_to_send(now=now):
+            self.udp.send_nowait(datagram, to)
+
     async def _drive(self, session: QuicSession) -> None:
         try:
             await session.drive()
         except Exception:
-            log.exception("QUIC connection from %s failed", session.name)
+            self.stats.errors += 1
+            log.exception(
+                "QUIC connection from %s failed (a bug: please report it with this traceback)",
+                session.name,
+            )
 
     def _on_closed(self, session: QuicSession) -> None:
         self.sessions.discard(session)
-        for cid, s in list(self.routes.items()):
-            if s is session:
-                del self.routes[cid]
+        self._forget(session)
+        routes = self.routes
+        for cid in session.cids:
+            if routes.get(cid) is session:
+                del routes[cid]
         if session.hello_failure is None and isinstance(session.failure, AuthenticationFailed):
             log.warning("peer connection from %s refused: %s", session.name, session.failure)
         self._maybe_finish()
+
+    def _on_cid_retired(self, session: QuicSession, cid: bytes) -> None:
+        if self.routes.get(cid) is session:
+            del self.routes[cid]
 
     def _on_idle(self, session: QuicSession) -> None:
         if not self.accepting:
             session.close(E_NONE, "the node is shutting down")
 
+    def _on_auth_deadline(self, session: QuicSession) -> None:
+        self.stats.handshake_timeouts += 1
+        why = (
+            f"no authenticated Hello within {self.handshake_timeout:g} s of the first packet "
+            "(transfer.handshake_timeout)"
+        )
+        log.info("peer connection from %s closed: %s", session.name, why)
+        self._forget(session)
+        session.drop(E_REFUSED, why)
+
+    def _authenticated(self, session: QuicSession) -> None:
+        self.stats.authenticated += 1
+        self.unauthenticated.pop(session, None)
+        self._update_gauges()
+        session.authenticate()
+
     def _on_stream(self, stream: QuicStreamTransport) -> bool:
-        """A new stream from a peer: serve it (the first one carries the Hello), or refuse."""
+        """A new stream from a peer: serve it (the first one carries the Hello), or refuse.
+
+        Before the Hello exchange succeeded a peer can open no stream but the first
+        (``PRE_AUTH_STREAMS``); one that arrives anyway is refused, never buffered."""
         session = stream.session
         if not self.accepting:
             return False
-        if self.max_connections is not None and self.open_streams >= self.max_connections:
-            if trio.current_time() - self._warned_at > 10:
-                self._warned_at = trio.current_time()
-                log.warning(
-                    "peer stream from %s refused: %d connections open (transfer.max_connections)",
-                    session.name,
-                    self.open_streams,
-                )
-            return False
-        self.open_streams += 1
         # Decided here, in arrival order: tasks may start in any order.
         first = not session.hello_started
+        if not first and session.agreement is None:
+            return False
         session.hello_started = True
         assert self._handlers is not None
         self._handlers.start_soon(
@@ -1686,9 +1958,12 @@ class _Listener:
         return True
 
     async def _serve_stream(self, stream: QuicStreamTransport, first: bool) -> None:
+        """One stream, under an error boundary: whatever the handler (or this module) raises,
+        it ends this stream - and, during the Hello, its connection - and nothing else."""
         session = stream.session
-        framed = FramedStream(stream, self.decoder())
+        conn: Connection | None = None
         try:
+            framed = FramedStream(stream, self.decoder())
             if first:
                 try:
                     conn = await self._first_stream(session, framed)
@@ -1697,28 +1972,36 @@ class _Listener:
                 if conn is None:
                     return
             else:
-                with trio.move_on_after(self.handshake_timeout):
-                    await session.hello_done.wait()
-                if session.agreement is None:
-                    stream._close()
-                    return
+                assert session.agreement is not None  # checked by _on_stream
                 conn = Connection(framed, session.agreement, outbound=False)
-            try:
-                await self.handler(conn)
-            finally:
-                await conn.aclose()
+            await self.handler(conn)
+        except Exception:
+            self.stats.errors += 1
+            log.exception(
+                "QUIC stream %d from %s: unexpected error; closing %s (a bug: please report it "
+                "with this traceback)",
+                stream.stream_id,
+                session.name,
+                "the stream" if session.authenticated else "the connection",
+            )
+            if not session.authenticated:
+                self._forget(session)
+                session.close(E_PROTOCOL, "[internal] the listener failed during the handshake")
         finally:
-            self.open_streams -= 1
+            if conn is not None:
+                await conn.aclose()
             stream._close()
 
     async def _first_stream(self, session: QuicSession, framed: FramedStream) -> Connection | None:
-        """The Hello (and cluster-secret check) on a QUIC connection's first stream; a failure
-        closes the whole connection, with the reason in CONNECTION_CLOSE."""
+        """The Hello (and cluster-secret check) on a QUIC connection's first stream, by the
+        connection's handshake deadline; a failure closes the whole connection, with the reason
+        in CONNECTION_CLOSE. Success grants the peer its windows and streams."""
         if self.tls is not None:
             framed = _IdentityCheckedStream(framed.transport, framed.decoder, session, self.tls)
+        # No deadline here: the driver drops the connection at ``session.auth_deadline``, which
+        # fails this stream (one owner of the deadline, one log line, one count).
         try:
-            with trio.fail_after(self.handshake_timeout):
-                conn = await server_handshake(framed, self.hello, self.key)
+            conn = await server_handshake(framed, self.hello, self.key)
         except (AuthenticationFailed, ProtocolError) as exc:
             auth = isinstance(exc, AuthenticationFailed) or exc.code == "auth"
             if session.failure is None:
@@ -1749,7 +2032,13 @@ class _Listener:
                 session.close(E_PROTOCOL, "no handshake on the first stream")
             return None
         session.agreement = conn.agreement
+        self._authenticated(session)
         return conn
+
+
+def _addr_name(addr: NetworkAddress) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _IdentityCheckedStream(FramedStream):
@@ -1786,7 +2075,9 @@ async def serve_quic(
     key: ClusterKey | None = None,
     tls: TlsSettings | None = None,
     max_connections: int | None = None,
+    max_unauthenticated: int = 32,
     tuning: QuicTuning = DEFAULT_TUNING,
+    stats: ListenerStats | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve QUIC until cancelled: every stream whose connection passed its first-stream
@@ -1797,8 +2088,13 @@ async def serve_quic(
     cancelling ``serve_quic`` only stops accepting - new QUIC connections and new streams are
     refused, idle connections are closed, the transfers in flight carry on, and the socket is
     closed after the last connection (this is what ``TensorNode.drain`` needs). Without it,
-    cancelling ``serve_quic`` closes everything. ``max_connections`` bounds the streams served
-    at once (the QUIC analogue of TCP connections).
+    cancelling ``serve_quic`` closes everything.
+
+    ``max_connections`` bounds the QUIC connections open at once (handshakes included; each
+    carries up to :data:`MAX_PEER_STREAMS` streams), ``max_unauthenticated`` those still
+    before their first stream's Hello, which must succeed within ``handshake_timeout`` of the
+    connection's first packet (see "Before authentication" in the module notes). ``stats``,
+    if given, is kept up to date.
     """
     sock = (
         addr_or_socket
@@ -1816,7 +2112,9 @@ async def serve_quic(
             key=key,
             tls=tls,
             max_connections=max_connections,
+            max_unauthenticated=max_unauthenticated,
             tuning=tuning,
+            stats=stats if stats is not None else ListenerStats(),
         )
     except BaseException:
         sock.close()
@@ -1841,6 +2139,7 @@ __all__ = [
     "ALPN",
     "DEFAULT_TUNING",
     "DialerStats",
+    "ListenerStats",
     "QuicDialer",
     "QuicSession",
     "QuicStreamTransport",
