@@ -14,9 +14,7 @@ import logging
 from . import metrics
 
 
-def report_unexpected(
-    log: logging.Logger, boundary: str, what: str, exc: BaseException
-) -> None:
+def report_unexpected(log: logging.Logger, boundary: str, what: str, exc: BaseException) -> None:
     """Log (with the traceback) and count a bug caught at ``boundary``; ``what`` names who and
     what was being done ("peer gpu-2, request 'w'"). The caller closes only its own connection."""
     metrics.UNEXPECTED_ERRORS.labels(boundary).inc()

@@ -40,6 +40,7 @@ from .errors import (
     TransferFailed,
 )
 from .events import ArrivalEvent, EventBus, PeerEvent, TransferEvent
+from .lifecycle import Event, Lifecycle, State
 from .net.connection import (
     Connection,
     receive_chunked,
@@ -291,7 +292,7 @@ class TensorNode:
         self._peers: dict[tuple[str, int], Peer] = {}
         self._peer_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
-        self._state = "new"
+        self._life = Lifecycle(self.node_id)
         self._port = 0
         self._started_at = 0.0
         self.max_arrivals = 100_000
@@ -326,24 +327,29 @@ class TensorNode:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`shutdown` (or cancellation). Signals readiness once listening."""
-        if self._state != "new":
-            raise NodeClosed("a TensorNode runs once; create a new one")
-        self._state = "starting"
-        listeners = await open_listeners(self.settings.listen)
-        self._port = listeners[0].socket.getsockname()[1]
+        self._life.fire(Event.START)
+        listeners: list[trio.SocketListener] = []
+        started = False
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await nursery.start(self._sweep_partials)
-                if self._quic is not None:
-                    await nursery.start(self._quic.run)
-                await nursery.start(self._serve, listeners, nursery)
-                self._state = "running"
-                self._started_at = time.monotonic()
-                log.debug("node %s listening on %s", self.node_id, self.addr)
-                task_status.started()
+            listeners = await open_listeners(self.settings.listen)
+            self._port = listeners[0].socket.getsockname()[1]
+            if self._life.state is State.STARTING:  # not shut down while binding
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await nursery.start(self._sweep_partials)
+                    if self._quic is not None:
+                        await nursery.start(self._quic.run)
+                    await nursery.start(self._serve, listeners, nursery)
+                    if self._life.state is State.STARTING:
+                        self._life.fire(Event.STARTED)
+                        started = True
+                        self._started_at = time.monotonic()
+                        log.debug("node %s listening on %s", self.node_id, self.addr)
+                        task_status.started()
+            if not started:
+                raise NodeClosed(f"node {self.node_id} was shut down while it started")
         finally:
-            self._state = "closed"
+            self._life.fire(Event.STOPPED)
             self._nursery = None
             self._arrived.set()
             with trio.CancelScope(shield=True):
@@ -419,22 +425,25 @@ class TensorNode:
 
     def shutdown(self) -> None:
         """Stop the node: in-flight transfers are cancelled, later calls raise NodeClosed."""
-        if self._state in ("new", "starting"):
-            self._state = "closed"
+        self._life.fire(Event.SHUTDOWN)
         for scope in self._jobs:
             scope.cancel()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-        self._state = "closed" if self._state != "running" else "stopping"
+
+    @property
+    def state(self) -> State:
+        """Where the node is in its lifecycle (:mod:`tensord.lifecycle`)."""
+        return self._life.state
 
     @property
     def running(self) -> bool:
-        return self._state == "running"
+        return self._life.state is State.RUNNING
 
     def _check_running(self) -> None:
-        if self._state != "running":
+        if self._life.state is not State.RUNNING:
             raise NodeClosed(
-                f"node {self.node_id} is not running (state: {self._state}); "
+                f"node {self.node_id} is not running (state: {self._life.state.value}); "
                 "start it with `async with node:` and call it before shutdown()"
             )
 
