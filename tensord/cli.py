@@ -26,7 +26,8 @@ import trio
 from . import cli_certs
 from ._version import __version__
 from .config import load_settings
-from .errors import ConfigError, TensorError
+from .errors import ConfigError, ProtocolError, TensorError
+from .limits import check_name
 from .logs import setup_logging
 from .transfers import FINAL_STATES
 
@@ -93,14 +94,18 @@ def _client_commands(p: argparse.ArgumentParser, sub: Any) -> None:
     )
     pull = add("pull", "fetch a tensor from a peer into the store")
     pull.add_argument("peer", metavar="PEER", help="node id, ticket or host:port")
-    pull.add_argument("name", metavar="NAME", help="the tensor's name on the peer")
+    pull.add_argument(
+        "name", metavar="NAME", type=_tensor_name, help="the tensor's name on the peer"
+    )
     pull.add_argument("-o", "--output", metavar="FILE", help="also write it to FILE (.npy)")
-    pull.add_argument("--as", dest="as_name", metavar="LOCAL", help="store it under this name")
+    pull.add_argument(
+        "--as", dest="as_name", metavar="LOCAL", type=_tensor_name, help="store it as LOCAL"
+    )
     get = add("get", "write a stored tensor to a .npy file")
-    get.add_argument("name", metavar="NAME")
+    get.add_argument("name", metavar="NAME", type=_tensor_name)
     get.add_argument("-o", "--output", metavar="FILE", required=True, help="the .npy to write")
     rm = add("rm", "delete a stored tensor")
-    rm.add_argument("name", metavar="NAME")
+    rm.add_argument("name", metavar="NAME", type=_tensor_name)
     add("watch", "print the node's events as they happen, until Ctrl-C", as_json)
     add("reload", "re-read the cluster file (as SIGHUP does)")
     add("transfers", "transfers in flight, then the last finished ones", as_json)
@@ -115,6 +120,15 @@ def _client_commands(p: argparse.ArgumentParser, sub: Any) -> None:
     url.add_argument("--sha256", metavar="HEX", required=True, help="the expected SHA-256")
     downloads = add("downloads", "background downloads: running, queued, finished", as_json)
     downloads.add_argument("--cancel", metavar="ID", help="cancel download ID")
+
+
+def _tensor_name(text: str) -> str:
+    """A tensor name on the command line, checked by the validator the wire and the control
+    API use, so that a bad one is refused here with the same words."""
+    try:
+        return check_name(text)
+    except ProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
-from .wire.limits import MAX_CHUNK, MIN_CHUNK
+from .limits import MAX_CHUNK, MIN_CHUNK
 
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
-MIN_CHUNK_SIZE = MIN_CHUNK  # the protocol's bounds (tensord/wire/limits.py)
+MIN_CHUNK_SIZE = MIN_CHUNK  # the protocol's bounds (tensord/limits.py)
 MAX_CHUNK_SIZE = MAX_CHUNK
 DEFAULT_PEER_PORT = 7070
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -41,6 +41,7 @@ from .errors import (
 )
 from .events import ArrivalEvent, EventBus, PeerEvent, TransferEvent
 from .lifecycle import Event, Lifecycle, State
+from .limits import chunk_size_for
 from .net.connection import (
     Connection,
     receive_chunked,
@@ -58,7 +59,6 @@ from .store import TensorInfo, TensorStore, checked_name
 from .wire.compress import AdaptiveCompressor
 from .wire.frames import FrameDecoder
 from .wire.handshake import VERSIONS, Agreement, local_features, make_hello
-from .wire.limits import chunk_size_for
 from .wire.messages import (
     Accept,
     Begin,

@@ -70,8 +70,9 @@ from .fsutil import atomic_write as _atomic_write
 from .fsutil import fsync_dir as _fsync_dir
 from .fsutil import unlink_quietly as _unlink
 from .fsutil import write_temp as _write_temp
+from .limits import check_name
 from .wire.crc import crc32c
-from .wire.meta import EXTENDED_DTYPES, TensorMeta, check_name, numpy_dtype
+from .wire.meta import EXTENDED_DTYPES, TensorMeta, numpy_dtype
 
 log = logging.getLogger("tensord.store")
 

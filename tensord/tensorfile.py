@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from .errors import BadTensor, ProtocolError
-from .wire.meta import EXTENDED_DTYPES, check_name, wire_dtype
+from .limits import check_name
+from .wire.meta import EXTENDED_DTYPES, wire_dtype
 
 #: safetensors dtype -> wire dtype.
 SAFETENSORS_DTYPES: dict[str, str] = {

@@ -125,7 +125,7 @@ async def test_an_unexpected_exception_closes_only_its_connection(
 async def test_a_send_to_a_peer_whose_max_chunk_forbids_the_chunk_count_fails_cleanly() -> None:
     """The sender holds itself to the receiver's bounds: a peer accepting only 4 KiB chunks gets
     a typed refusal for a tensor that would need over a million of them, not a send it refuses."""
-    from tensord.wire.limits import MAX_CHUNKS, chunk_size_for
+    from tensord.limits import MAX_CHUNKS, chunk_size_for
 
     assert chunk_size_for(10 * (1 << 30), 4096, 1 << 26) == 16384  # raised to fit
     with pytest.raises(ValueError, match="at most"):
@@ -177,3 +177,26 @@ async def test_when_every_slot_is_held_by_members_a_newcomer_is_refused() -> Non
             assert await stranger.receive_some(100) == b""
         assert metrics.PEER_CONNECTIONS_DROPPED.labels("limit")._value.get() == before + 1
         await a.send_tensor(node.addr, "a2", np.ones(2, np.float32))  # members carry on
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pull", "node-b", "layers//0"],
+        ["pull", "node-b", "w", "--as", "a/../b"],
+        ["get", "/etc/passwd", "-o", "x.npy"],
+        ["rm", "x/"],
+    ],
+)
+def test_the_cli_refuses_a_bad_name_with_the_wires_words(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI checks names with the same validator as the wire and the control API, before it
+    talks to any daemon (there is none here)."""
+    from tensord.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad tensor name" in err and not err.rstrip().endswith(":")

@@ -12,12 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tensord.errors import ProtocolError
+from tensord.limits import MAX_NAME_LEN, check_name
 from tensord.wire import TensorMeta
 from tensord.wire.meta import (
     ALLOWED_DTYPES,
     EXTENDED_DTYPES,
-    MAX_NAME_LEN,
-    check_name,
     numpy_dtype,
     wire_dtype,
 )

@@ -51,10 +51,11 @@ from ..errors import (
     TransferFailed,
 )
 from ..events import ArrivalEvent, DownloadEvent, Event, PeerEvent, TransferEvent
+from ..limits import check_name
 from ..node import TransferResult
 from ..store import PartialReceive, StoreFull, TensorInfo, TensorStore
 from ..tensorfile import FileTensor, read_tensor_file
-from ..wire.meta import TensorMeta, check_name, wire_dtype
+from ..wire.meta import TensorMeta, wire_dtype
 from .files import FILE_THREADS, NotAllowed, open_for_caller
 from .server import CALLER_KEY, Caller
 from .serving import ERRORS, RequestTimeout

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ProtocolError
-from .limits import MIN_CHUNK
-from .meta import TensorMeta, check_name
+from ..limits import MIN_CHUNK, check_name
+from .meta import TensorMeta
 
 PROTOCOL_NAME = "tensord"
 _ID_RE = re.compile(r"^[0-9a-f]{8,64}\Z")  # \Z: "$" lets "x\n" through

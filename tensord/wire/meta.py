@@ -8,15 +8,14 @@ is capped, and names are bounded and safe to use as store keys (no ``..``, no le
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import ProtocolError
+from ..limits import check_name, preview
 
-MAX_NAME_LEN = 256
 MAX_NDIM = 32
 #: numpy refuses a shape whose non-zero dimensions multiply out past this many bytes, even for
 #: an empty array (``np.empty((0, 2**62, 4))`` raises ValueError).
@@ -61,41 +60,6 @@ def _allowed_strings() -> dict[str, int]:
 
 #: Wire dtype string -> item size. numpy's ``dtype.str`` (``<f4``) or an extended name.
 ALLOWED_DTYPES: dict[str, int] = _allowed_strings()
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+=\-/]*\Z")  # \Z: "$" lets "x\n" through
-
-
-def _preview(value: object, limit: int) -> str:
-    """A peer's value, short and safe to put in an error message.
-
-    Never ``str()`` of a container: a peer controls its size and nesting, and the ``repr`` of a
-    list nested a thousand deep raises RecursionError instead of the ProtocolError we mean.
-    """
-    if isinstance(value, str):
-        return repr(value[:limit])
-    if (
-        value is None
-        or isinstance(value, float)
-        or (isinstance(value, int) and value.bit_length() <= 64)
-    ):
-        return repr(value)
-    return f"<{type(value).__name__}>"
-
-
-def check_name(name: object) -> str:
-    """A tensor name: 1-256 chars of ``[A-Za-z0-9_.:@+=-/]``, no empty, ``.`` or ``..`` segment."""
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_LEN or not _NAME_RE.match(name):
-        raise ProtocolError(
-            f"bad tensor name {_preview(name, 80)}: expected 1-{MAX_NAME_LEN} characters of "
-            "letters, digits and _ . : @ + = - /",
-            code="bad_name",
-        )
-    if any(seg in ("", ".", "..") for seg in name.split("/")):
-        raise ProtocolError(
-            f"bad tensor name {name!r}: empty, '.' and '..' path segments are not allowed",
-            code="bad_name",
-        )
-    return name
 
 
 _WIRE_NAMES: dict[object, str] = {}
@@ -199,7 +163,7 @@ class TensorMeta:
         dtype = raw.get("dtype")
         if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             raise ProtocolError(
-                f"tensor {name!r}: dtype {_preview(dtype, 40)} is not allowed: "
+                f"tensor {name!r}: dtype {preview(dtype, 40)} is not allowed: "
                 f"expected one of {_dtype_list()}",
                 code="bad_dtype",
             )

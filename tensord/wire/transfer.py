@@ -26,10 +26,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import ProtocolError
+from ..limits import MAX_CHUNK, MAX_CHUNKS, MIN_CHUNK, chunk_count
 from .compress import AdaptiveCompressor, decompress_into, lz4_bound
 from .crc import combine_all, crc32c
 from .messages import Accept, Ack, Begin, Chunk, End, Error, Message, Nack, Ranges, Stored
-from .limits import MAX_CHUNK, MAX_CHUNKS, MIN_CHUNK, chunk_count
 from .meta import TensorMeta
 
 
