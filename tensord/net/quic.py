@@ -824,6 +824,11 @@ class QuicSession:
     def authenticated(self) -> bool:
         return self.quic.authenticated
 
+    @property
+    def terminated(self) -> bool:
+        """Nothing more is sent or received: the driver ends at its next turn."""
+        return self._terminated
+
     def authenticate(self) -> None:
         """The first stream's Hello exchange succeeded: the peer gets the configured windows
         and streams, the stream it used included, and the handshake deadline is lifted."""
@@ -1725,6 +1730,8 @@ class _Listener:
                         session = self._route(data, addr, now)
                         if session is None:
                             continue
+                    if session.terminated:
+                        continue  # dropped: its driver has yet to end
                     session.quic.receive_datagram(data, addr, now)
                 except Exception:
                     self._failed(session, addr, "a datagram")
