@@ -62,6 +62,8 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # bench/attacks.py imports from this module: one copy of it
+    sys.modules.setdefault("bench.chaos", sys.modules[__name__])
 
 import tensord.node  # noqa: E402
 from tensord.config import GiB, HostPort, KiB, MiB, SecuritySettings, StoreSettings  # noqa: E402
@@ -1886,6 +1888,10 @@ async def quic_path_faults(
     return [row]
 
 
+# -- 13. the attacks of issue 12 (bench/attacks.py) --------------------------------------------
+
+from bench.attacks import attacks  # noqa: E402
+
 Scenario = Callable[..., Awaitable[list[Row]]]
 
 SCENARIOS: dict[str, Scenario] = {
@@ -1901,6 +1907,7 @@ SCENARIOS: dict[str, Scenario] = {
     "idle-partial": idle_partial_expiry,
     "partial-space": restarted_sender_space,
     "quic": quic_path_faults,
+    "attacks": attacks,
 }
 
 FULL: dict[str, dict[str, Any]] = {
@@ -1916,6 +1923,7 @@ FULL: dict[str, dict[str, Any]] = {
     "idle-partial": {"size": 64 * MiB},
     "partial-space": {"size": 64 * MiB},
     "quic": {},
+    "attacks": {"fuzz": True},
 }
 
 #: The shortened form tests/test_reliability.py runs (well under 90 s in all on 2 cores).
@@ -1945,6 +1953,19 @@ QUICK: dict[str, dict[str, Any]] = {
     "idle-partial": {"wait": 2.0},
     "partial-space": {},
     "quic": {"transfers": 10, "max_size": 4 * MiB, "cuts": 2},
+    "attacks": {
+        "name_rounds": 1,
+        "mc_attempts": 2,
+        "strangers": 24,
+        "max_connections": 16,
+        "max_unauthenticated": 8,
+        "quic_more": 6,
+        "quic_limit": 6,
+        "lie_bytes": 8 * MiB,
+        "fifo_requests": 48,
+        "slow_bodies_n": 8,
+        "read_timeout": 0.5,
+    },
 }
 
 LIMITS = {"kills": 600.0, "load": 300.0, "sender": 300.0}
