@@ -38,7 +38,7 @@ import httpx
 import numpy as np
 import trio
 
-from bench.chaos import ROOT, Row, fmt_bytes, vm_status, wait_log
+from bench.rows import Row, fmt_bytes, vm_status, wait_log
 from tensord.config import KiB, MiB, Settings
 from tensord.node import TensorNode
 from tensord.wire import Error, Hello
@@ -46,6 +46,7 @@ from tests.daemons import Daemon, daemon, free_port
 from tests.helpers import IN_CI, fast_settings
 from tests.test_hostile import RawPeer, header
 
+ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = "13. Attacks (issue 12)"
 #: What an attack may add to the daemon's peak RSS (issue 12: "RSS growth < 64 MiB").
 RSS_LIMIT = 64 * MiB

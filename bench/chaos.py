@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -51,21 +50,22 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-if __name__ == "__main__":  # bench/attacks.py imports from this module: one copy of it
-    sys.modules.setdefault("bench.chaos", sys.modules[__name__])
 
 import tensord.node  # noqa: E402
+from bench.attacks import attacks  # noqa: E402  (scenario 13, the attacks of issue 12)
+from bench.rows import Row, fmt_bytes, vm_status, wait_log  # noqa: E402
 from tensord.config import GiB, HostPort, KiB, MiB, SecuritySettings, StoreSettings  # noqa: E402
 from tensord.control.client import AsyncClient  # noqa: E402
 from tensord.errors import (  # noqa: E402
@@ -112,59 +112,7 @@ BUG_IDLE_PARTIAL = (
 )
 
 
-# -- results ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    """One line of the report: a fault or bad input, how often it was tried, what happened."""
-
-    scenario: str
-    fault: str
-    tried: str = ""
-    outcome: str = ""
-    resent: str = "-"
-    lost: int = 0
-    duplicates: int = 0
-    notes: str = ""
-    problems: list[str] = field(default_factory=list)
-    known_bug: str = ""
-    skipped: str = ""
-    figures: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def check(self, ok: bool, problem: str) -> bool:
-        """Record ``problem`` unless ``ok``."""
-        if not ok:
-            self.problems.append(problem)
-        return ok
-
-    @property
-    def clean(self) -> bool:
-        return not self.problems and not self.lost and not self.duplicates
-
-    @property
-    def status(self) -> str:
-        if self.skipped:
-            return "skipped"
-        if self.known_bug:
-            return "FIXED?" if self.clean else "known bug"
-        return "pass" if self.clean else "FAIL"
-
-    def explain(self) -> str:
-        """Everything a failing test should print."""
-        doc = {k: v for k, v in dataclasses.asdict(self).items() if v not in ("", [], {}, 0)}
-        return json.dumps(doc, indent=1, default=str)
-
-
-# -- small helpers ---------------------------------------------------------------------------
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
+# -- small helpers (Row, fmt_bytes, vm_status and wait_log are in bench/rows.py) ----------------
 
 
 def random_bytes(seed: object, n: int) -> np.ndarray[Any, Any]:
@@ -203,17 +151,6 @@ def stored_digests(state: Path, names: list[str]) -> dict[str, str | None]:
             out[name] = digest(store.load(name))
         except TensorNotFound:
             out[name] = None
-    return out
-
-
-def vm_status(pid: int) -> dict[str, int]:
-    """VmHWM, VmRSS, RssAnon, RssFile of ``pid`` in bytes (Linux ``/proc``)."""
-    out: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) * KiB
     return out
 
 
@@ -259,16 +196,6 @@ async def first_of(*waits: Callable[[], Awaitable[object]]) -> int:
 
             nursery.start_soon(run)
     return winner[0]
-
-
-async def wait_log(d: Daemon, needle: str, after: int = 0, limit: float = 30.0) -> int:
-    """``Daemon.wait_for`` with a longer bound (``limit`` seconds)."""
-    with trio.fail_after(limit):
-        while True:
-            try:
-                return await d.wait_for(needle, after)
-            except trio.TooSlowError:
-                continue
 
 
 async def watch_sender(
@@ -1137,6 +1064,7 @@ async def bad_input(
     per_peer_limit: int = 16,
     flood: int = 100,
     max_connections: int = 64,
+    max_unauthenticated: int = 32,
     handshake_timeout: float = 1.0,
     run_suite: bool = False,
 ) -> list[Row]:
@@ -1151,9 +1079,10 @@ async def bad_input(
         home = Path(tmp)
         cluster = cluster_file(
             home / "cluster.json",
-            connect_timeout=handshake_timeout,
+            handshake_timeout=handshake_timeout,
             max_peer_connections=per_peer_limit,
             max_connections=max_connections,
+            max_unauthenticated=max_unauthenticated,
         )
         async with (
             receiver(home, port, "--cluster", str(cluster)) as d,
@@ -1222,7 +1151,11 @@ async def bad_input(
                 "tls", "a TLS ClientHello to the plaintext listener", _client_hello(), attempts
             )
             rows.append(await _greedy_peer(addr, greedy, per_peer_limit, d, served))
-            rows.append(await _flood(port, flood, max_connections, handshake_timeout, served))
+            rows.append(
+                await _flood(
+                    d, port, flood, max_connections, max_unauthenticated, handshake_timeout, served
+                )
+            )
             rows.append(await _bad_secrets(addr, attempts, d, served))
             await flush_arrivals(d, port)
             seen = arrivals(d.text)
@@ -1302,18 +1235,37 @@ async def _greedy_peer(
     return row
 
 
+async def _dropped_for_newcomers(d: Daemon) -> float:
+    """The daemon's count of strangers dropped for newer ones (its /metrics)."""
+    transport = httpx.AsyncHTTPTransport(uds=str(d.socket))
+    async with httpx.AsyncClient(transport=transport, base_url="http://tensord") as client:
+        text = (await client.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith('tensord_peer_connections_dropped_total{reason="budget"} '):
+            return float(line.split()[-1])
+    return 0.0
+
+
 async def _flood(
+    d: Daemon,
     port: int,
     n: int,
     limit: int,
+    budget: int,
     handshake: float,
     served: Callable[[str], Awaitable[bool]],
 ) -> Row:
+    """``n`` silent connections at once. They are strangers (not authenticated): they share
+    ``transfer.max_unauthenticated`` slots, and each newcomer over it (or over
+    ``max_connections``) drops the oldest stranger (sshd's MaxStartups), so the newest
+    ``budget`` wait out ``transfer.handshake_timeout`` and the rest are closed at once."""
     started = time.perf_counter()
     row = Row(
         "6. Bad input",
-        f"connection flood: {n} silent connections at once (transfer.max_connections = {limit})",
+        f"connection flood: {n} silent connections at once (transfer.max_unauthenticated = "
+        f"{budget}, max_connections = {limit})",
     )
+    dropped_before = await _dropped_for_newcomers(d)
     streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(n)]
     closes: list[float | None] = [None] * n
 
@@ -1336,16 +1288,23 @@ async def _flood(
         nursery.start_soon(good_peer)
     for s in streams:
         await s.aclose()
+    dropped = int(await _dropped_for_newcomers(d) - dropped_before)
     fast = sum(1 for c in closes if c is not None and c < handshake / 2)
     slow = sum(1 for c in closes if c is not None and c >= handshake / 2)
+    kept = min(budget, limit)
     row.check(all(c is not None for c in closes), "some connections were never closed")
-    row.check(fast >= n - limit, f"only {fast} closed at once beyond the limit")
+    row.check(fast >= n - kept, f"only {fast} closed at once, {n - kept} over the budget")
+    row.check(slow <= kept, f"{slow} waited for the handshake timeout, the budget is {kept}")
+    row.check(dropped >= n - kept, f"the daemon counted {dropped} strangers dropped for newer")
     row.check(ok == [True], "a well-behaved peer was not served after the flood")
     row.tried = f"{n} connections"
     row.outcome = (
-        f"{fast} closed at once (over the limit), {slow} at the handshake timeout; a peer with "
-        f"an open pooled connection was served meanwhile ({good_after * 1e3:.0f} ms)"
+        f"{fast} oldest strangers dropped at once for newer ones ({dropped} counted in "
+        f"tensord_peer_connections_dropped{{reason=budget}}), the newest {slow} closed at the "
+        f"handshake timeout ({handshake:g} s); a peer with an open pooled connection was "
+        f"served meanwhile ({good_after * 1e3:.0f} ms)"
     )
+    row.figures = {"closed_at_once": fast, "closed_at_timeout": slow, "dropped_metric": dropped}
     row.seconds = time.perf_counter() - started
     return row
 
@@ -1888,10 +1847,6 @@ async def quic_path_faults(
     return [row]
 
 
-# -- 13. the attacks of issue 12 (bench/attacks.py) --------------------------------------------
-
-from bench.attacks import attacks  # noqa: E402
-
 Scenario = Callable[..., Awaitable[list[Row]]]
 
 SCENARIOS: dict[str, Scenario] = {
@@ -1946,6 +1901,7 @@ QUICK: dict[str, dict[str, Any]] = {
         "per_peer_limit": 8,
         "flood": 48,
         "max_connections": 32,
+        "max_unauthenticated": 16,
     },
     "netns": {"size": 32 * MiB, "down_seconds": 1.0},
     "lost-stored": {},
