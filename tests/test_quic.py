@@ -563,6 +563,18 @@ def test_the_aioquic_internals_this_transport_relies_on_exist() -> None:
     assert space.ack_at is None and space.largest_received_packet == -1
     sender = QuicStreamSender(stream_id=0, writable=True)
     assert sender._buffer_stop - sender._buffer_start == 0
+    # The limits a listener sets before the transport parameters are written (pre-auth).
+    server = QuicConnection(
+        configuration=_server_config(None, DEFAULT_TUNING)[0],
+        original_destination_connection_id=bytes(8),
+    )
+    assert server._is_client is False
+    for limit in (
+        server._local_max_data,
+        server._local_max_streams_bidi,
+        server._local_max_streams_uni,
+    ):
+        assert limit.value == limit.sent and limit.used == 0
     context = tls.Context(is_client=False)
     assert context._request_client_certificate is False
     assert context._peer_certificate is None

@@ -34,7 +34,7 @@ from tensord.net.connection import Connection
 from tensord.net.quic import (
     ALPN,
     E_REFUSED,
-    PRE_AUTH_STREAM_WINDOW,
+    PRE_AUTH_WINDOW,
     ListenerStats,
     QuicDialer,
     _FlowControlledConnection,
@@ -205,9 +205,9 @@ def test_the_pre_auth_stream_credit_holds_the_largest_hello_and_its_auth() -> No
     decoder.feed(frame)
     assert decoder.next_message() == biggest
     auth_frame = 64  # {"t": "auth", "pf": 32 bytes}, framed
-    assert len(frame) + auth_frame <= PRE_AUTH_STREAM_WINDOW
+    assert len(frame) + auth_frame <= PRE_AUTH_WINDOW
     normal = encode(make_hello("some-node.example", ALL_FEATURES, 16 * MiB))
-    assert len(normal) * 4 < PRE_AUTH_STREAM_WINDOW
+    assert len(normal) * 4 < PRE_AUTH_WINDOW
 
 
 async def test_unauthenticated_connections_get_credit_for_a_hello_and_nothing_more() -> None:
@@ -234,8 +234,8 @@ async def test_unauthenticated_connections_get_credit_for_a_hello_and_nothing_mo
                 # What the listener granted, as the peer sees it: one stream, a Hello's worth.
                 assert client.quic._remote_max_streams_bidi == 1
                 assert client.quic._remote_max_streams_uni == 0
-                assert client.quic._remote_max_data == PRE_AUTH_STREAM_WINDOW
-                assert client.accepted <= PRE_AUTH_STREAM_WINDOW
+                assert client.quic._remote_max_data == PRE_AUTH_WINDOW
+                assert client.accepted <= PRE_AUTH_WINDOW
             assert (stats.open, stats.unauthenticated) == (3, 3)
             conn = await dial(dialer, port)
             assert await send_payload(conn, 1, 4 * MiB)  # a member gets its full windows
@@ -297,29 +297,41 @@ async def test_more_quic_connections_than_max_connections_are_refused() -> None:
             assert await ping(more)
 
 
-async def test_strangers_holding_every_pre_auth_slot_cannot_lock_a_member_out() -> None:
-    """``max_unauthenticated`` (and every slot of ``max_connections``) held by connections
+@pytest.mark.parametrize(
+    ("limits", "setting"),
+    [
+        ({"max_unauthenticated": 3}, "transfer.max_unauthenticated"),
+        ({"max_connections": 3, "max_unauthenticated": 10}, "transfer.max_connections"),
+    ],
+    ids=["max_unauthenticated", "max_connections"],
+)
+async def test_strangers_holding_every_pre_auth_slot_cannot_lock_a_member_out(
+    limits: dict[str, int], setting: str
+) -> None:
+    """``max_unauthenticated`` - or every slot of ``max_connections`` - held by connections
     that completed the QUIC handshake and say nothing: a member still gets in, and the
-    oldest stranger is the one dropped for it (sshd's MaxStartups)."""
+    oldest stranger is the one dropped for it (sshd's MaxStartups), told which setting."""
     stats = ListenerStats()
     with trio.fail_after(20):
         async with (
-            listener(max_connections=3, max_unauthenticated=3, stats=stats) as port,
+            listener(stats=stats, **limits) as port,
             quic_dialer() as dialer,
-            raw_client(port) as oldest,
-            raw_client(port) as middle,
-            raw_client(port) as newest,
+            contextlib.AsyncExitStack() as stack,
         ):
-            for client in (oldest, middle, newest):
+            strangers = []
+            for _ in range(3):  # one after the other: their age is their order
+                client = await stack.enter_async_context(raw_client(port))
                 await client.established.wait()
+                strangers.append(client)
             assert (stats.open, stats.unauthenticated) == (3, 3)
             conn = await dial(dialer, port)
             assert await ping(conn)
+            oldest, *others = strangers
             await oldest.terminated.wait()
             assert oldest.close_event is not None
             assert oldest.close_event.error_code == E_REFUSED
-            assert "transfer.max_unauthenticated" in oldest.close_event.reason_phrase
-            assert not middle.terminated.is_set() and not newest.terminated.is_set()
+            assert setting in oldest.close_event.reason_phrase
+            assert not any(c.terminated.is_set() for c in others)
             assert stats.evicted == 1 and stats.refused == 0
             assert (stats.open, stats.unauthenticated) == (3, 2)
 
@@ -449,5 +461,5 @@ async def test_a_daemon_under_three_unauthenticated_connections_stays_small(
                     result = await node.send_tensor(f"tensord://r@127.0.0.1:{port}", "w", array)
                 await d.wait_for("tensor arrived: 'w'")
     assert result.transport == "quic"
-    assert all(n <= PRE_AUTH_STREAM_WINDOW for n in accepted), accepted
+    assert all(n <= PRE_AUTH_WINDOW for n in accepted), accepted
     assert grown < 8 * MiB, f"RSS grew by {grown / MiB:.1f} MiB"

@@ -9,9 +9,8 @@ Shape
   Connections out exclusively, so parallel transfers run as parallel streams - no head-of-line
   blocking between them, one congestion controller for the peer.
 * **The Hello runs once per QUIC connection, on its first stream** (with the cluster-secret
-  challenge when a key is set). Later streams reuse that stream's ``Agreement``; the listener
-  serves them only once the first stream's handshake succeeded (streams that arrive earlier wait
-  for it, bounded by the handshake timeout, and are refused if it fails).
+  challenge when a key is set). Later streams reuse that stream's ``Agreement``; a peer cannot
+  even open them before the first stream's handshake succeeded (see "Before authentication").
 * ALPN ``tensord/1``. QUIC is always TLS 1.3.
 
 Driving aioquic from Trio
@@ -72,6 +71,42 @@ starts, and the dialer verifies nothing. The connection is encrypted but not aut
 TLS; the cluster secret (``key``), if configured, still authenticates both peers inside the
 first stream, exactly as over TCP.
 
+Before authentication
+---------------------
+Without ``tls`` anyone completes the QUIC handshake, so a listener gives a connection next to
+nothing until its first stream has passed the Hello exchange (with ``key``: the cluster-secret
+proof; with ``tls``: the certificate's node id; with neither, any well-formed Hello):
+
+* **Credit for a Hello, no more.** The transport parameters allow one bidirectional stream,
+  no unidirectional one, and :data:`PRE_AUTH_WINDOW` (8 KiB) of MAX_DATA for the whole
+  connection, which reading does not move (:class:`_FlowControlledConnection`). Per-stream
+  credit is the configured ``stream_window`` from the start - the connection's credit bounds
+  it, and a stream opened after the Hello then needs no MAX_STREAM_DATA round trip. A peer that
+  opens a second stream or sends beyond 8 KiB anyway is closed by aioquic (STREAM_LIMIT_ERROR,
+  FLOW_CONTROL_ERROR) before any of it is stored. What a stranger can make the node hold is
+  therefore about 8 KiB of stream data plus aioquic's and TLS's per-connection state. Once
+  the Hello is accepted, MAX_DATA follows the connection window and MAX_STREAMS goes to
+  :data:`MAX_PEER_STREAMS` (128) - both with the reply's packet.
+* **A deadline.** ``handshake_timeout`` runs from the connection's first packet to the
+  accepted Hello (``QuicSession.auth_deadline``, kept by the driver); a connection that has
+  not made it is dropped with CONNECTION_CLOSE (E_REFUSED, naming the setting).
+* **Budgets.** ``max_connections`` counts QUIC connections, handshakes included (streams are
+  bounded per connection by MAX_STREAMS); ``max_unauthenticated`` counts those before their
+  Hello. A new connection that finds either full takes the place of the oldest one still
+  before its Hello (sshd's ``MaxStartups`` idea; that one gets E_REFUSED, naming the
+  setting), so strangers cannot lock members out; only when authenticated peers hold every
+  slot is it refused, with a CONNECTION_CLOSE (CONNECTION_REFUSED, naming the setting) from a
+  throwaway connection - at most ``_MAX_REFUSALS_PER_SECOND`` answered, the rest dropped
+  unanswered (each answer costs a TLS handshake's CPU).
+* **Error boundaries.** An unexpected exception while handling one datagram, one
+  connection's events, its driver, or one stream's handler is logged with the peer's
+  address, counted (:class:`ListenerStats` ``errors``) and closes that connection (or, for
+  an authenticated connection's handler, that stream) only; the listener carries on.
+
+Flooding the listener with Initial packets costs it a TLS handshake each (CPU, not memory:
+evicted and refused connections are freed at once, without a closing period); QUIC's Retry
+(address validation) is not used.
+
 Performance (2-core VM, loopback, two processes, 256 MiB on one stream)
 -----------------------------------------------------------------------
 About 60-67 MB/s with 1452-byte datagrams, 270-285 MB/s with 8952 (jumbo frames) and 350-365
@@ -103,7 +138,9 @@ packets); through the proxy it sends ~1.4x as many, and the shorter PTO fires sp
 times per 100 MB (each resends one packet, without cutting the window).
 
 Private aioquic API used (the tests check it exists): ``QuicStreamSender._buffer_start`` and
-``_buffer_stop``, ``QuicConnection._streams``, ``_local_max_data``, ``_close_event``,
+``_buffer_stop``, ``QuicConnection._streams``, ``_local_max_data`` (a ``Limit``: ``value``,
+``sent``, ``used``), ``_local_max_streams_bidi`` and ``_local_max_streams_uni`` (``Limit``s,
+set before the transport parameters are written), ``_is_client``, ``_close_event``,
 ``_state``, ``_loss._pacer``, ``_remote_max_idle_timeout``, ``_write_stream_limits``,
 ``_write_connection_limits``, ``_initialize``, ``_serialize_transport_parameters``,
 ``_spaces`` (a packet space's ``ack_at`` and ``largest_received_packet``),
@@ -188,11 +225,11 @@ _CID_LENGTH = 8
 #: would carry a corrupt frame (the peer closes with "Failed to parse frame").
 MAX_DATAGRAM_SIZE = 16000
 
-#: Receive credit of a listener's connection before its first stream has completed the
-#: authenticated Hello exchange, for that stream and for the whole connection alike, and not
-#: moved by reading: enough for the largest Hello the decoder accepts (~2.6 KiB: 64 features
-#: of 32 characters) and the Auth after it (~50 bytes), nothing more (tests check the sum).
-PRE_AUTH_STREAM_WINDOW = 8 * 1024
+#: Receive credit (MAX_DATA) of a listener's connection before its first stream has completed
+#: the authenticated Hello exchange, for all its streams together, and not moved by reading:
+#: enough for the largest Hello the decoder accepts (~2.6 KiB: 64 features of 32 characters)
+#: and the Auth after it (~50 bytes), nothing more (a test checks the sum).
+PRE_AUTH_WINDOW = 8 * 1024
 #: Bidirectional streams a peer may open before that: the first one, which carries the Hello.
 PRE_AUTH_STREAMS = 1
 #: Bidirectional streams an authenticated peer may have open at once (aioquic's default).
@@ -294,11 +331,12 @@ class _FlowControlledConnection(QuicConnection):
 
     Peers may open bidirectional streams only towards a listener (a dialer's peer never has a
     reason to) and unidirectional ones never. A listener's connection starts
-    ``authenticated=False``: one stream, :data:`PRE_AUTH_STREAM_WINDOW` of credit for it and
-    for the connection, not moved by reading, until :meth:`authenticate` grants the configured
-    windows and :data:`MAX_PEER_STREAMS`. A peer that opens more streams or sends beyond that
-    is closed by aioquic itself (STREAM_LIMIT_ERROR, FLOW_CONTROL_ERROR): nothing of it is
-    buffered.
+    ``authenticated=False``: one stream and :data:`PRE_AUTH_WINDOW` of connection credit
+    (MAX_DATA), not moved by reading, until :meth:`authenticate` opens the connection window
+    and :data:`MAX_PEER_STREAMS`. The per-stream credit is the configured one from the start
+    (the connection's bounds what a stream may use, and a stream opened later then needs no
+    MAX_STREAM_DATA round trip). A peer that opens more streams or sends beyond that is closed
+    by aioquic itself (STREAM_LIMIT_ERROR, FLOW_CONTROL_ERROR): nothing of it is buffered.
     """
 
     def __init__(
@@ -318,12 +356,7 @@ class _FlowControlledConnection(QuicConnection):
         self.flow_window = connection_window
         self.flow_step = connection_window // 4
         self._request_client_cert = request_client_certificate
-        #: The configured credit per stream, granted once the peer is authenticated.
-        self.stream_window: int = kwargs["configuration"].max_stream_data
         self.authenticated = authenticated
-        #: The per-stream credit our transport parameters announced: what the peer assumes
-        #: for every stream it opens until a MAX_STREAM_DATA says more.
-        self.announced_stream_window = self.stream_window
         # Limits on what the peer opens; the transport parameters are written from these
         # when the handshake starts, after this constructor.
         bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
@@ -332,28 +365,14 @@ class _FlowControlledConnection(QuicConnection):
             bidi.value = bidi.sent = 0
         elif not authenticated:
             bidi.value = bidi.sent = PRE_AUTH_STREAMS
-            self._local_max_data.value = self._local_max_data.sent = PRE_AUTH_STREAM_WINDOW
-            self._local_max_stream_data_bidi_remote = PRE_AUTH_STREAM_WINDOW
-            self.announced_stream_window = PRE_AUTH_STREAM_WINDOW
+            self._local_max_data.value = self._local_max_data.sent = PRE_AUTH_WINDOW
 
     def authenticate(self) -> None:
-        """The peer passed the Hello exchange: grant the configured windows and streams (sent
-        with the next packet; the session raises the credit of the stream already open)."""
-        if self.authenticated:
-            return
-        self.authenticated = True
-        self._local_max_stream_data_bidi_remote = self.stream_window
-        self._local_max_streams_bidi.value += MAX_PEER_STREAMS - PRE_AUTH_STREAMS
-
-    def peer_stream_opened(self, stream_id: int) -> None:
-        """A stream the peer opened after :meth:`authenticate` has the configured credit here,
-        but the peer assumes the smaller one of the transport parameters: mark it unsent, so
-        that a MAX_STREAM_DATA goes out with the next packet (the ACK of the stream's first
-        one). This costs a new stream one round trip before it may send beyond
-        ``PRE_AUTH_STREAM_WINDOW`` - once per stream, and streams are pooled."""
-        qs = self._streams.get(stream_id)
-        if qs is not None and qs.max_stream_data_local_sent > self.announced_stream_window:
-            qs.max_stream_data_local_sent = self.announced_stream_window
+        """The peer passed the Hello exchange: open the connection window and the streams
+        (MAX_DATA and MAX_STREAMS go out with the next packet)."""
+        if not self.authenticated:
+            self.authenticated = True
+            self._local_max_streams_bidi.value += MAX_PEER_STREAMS - PRE_AUTH_STREAMS
 
     def _derive_reset_tokens(self) -> None:
         """A listener's connection ids get derived stateless reset tokens (see quic_reset)."""
@@ -830,18 +849,10 @@ class QuicSession:
         return self._terminated
 
     def authenticate(self) -> None:
-        """The first stream's Hello exchange succeeded: the peer gets the configured windows
-        and streams, the stream it used included, and the handshake deadline is lifted."""
-        quic = self.quic
-        quic.authenticate()
+        """The first stream's Hello exchange succeeded: the peer gets the configured window
+        and streams, and the handshake deadline is lifted."""
+        self.quic.authenticate()
         self.auth_deadline = math.inf
-        window = self.tuning.stream_window
-        for stream in self.streams.values():
-            qs = quic._streams.get(stream.stream_id)
-            if qs is not None and not qs.receiver.is_finished:
-                target = stream._consumed + window
-                if target > qs.max_stream_data_local:
-                    qs.max_stream_data_local = target
         self.flush()
 
     def open_stream(self) -> QuicStreamTransport:
@@ -1021,7 +1032,6 @@ class QuicSession:
                 self._refuse_stream(sid)
                 return
             self.streams[sid] = stream
-            self.quic.peer_stream_opened(sid)
         stream._feed(event.data, event.end_stream)
 
     def _refuse_stream(self, sid: int) -> None:
@@ -1141,8 +1151,6 @@ class QuicSession:
         """The reader took ``n`` bytes: extend the peer's credit in quarter-window steps."""
         quic = self.quic
         quic.app_buffered -= n
-        if not quic.authenticated:
-            return  # before the Hello, reading grants nothing more
         qs = quic._streams.get(stream.stream_id)
         if qs is not None and not qs.receiver.is_finished:
             target = stream._consumed + self.tuning.stream_window
@@ -1810,7 +1818,7 @@ class _Listener:
         assert self._nursery is not None
         full = self.max_connections is not None and len(self.admitted) >= self.max_connections
         if self.unauthenticated and (full or len(self.unauthenticated) >= self.max_unauthenticated):
-            self._evict(next(iter(self.unauthenticated)), addr)
+            self._evict(next(iter(self.unauthenticated)), addr, full=full)
         elif full:
             self._refuse(dcid, data, addr, now)
             return None
@@ -1853,22 +1861,27 @@ class _Listener:
         self.unauthenticated.pop(session, None)
         self._update_gauges()
 
-    def _evict(self, session: QuicSession, newcomer: NetworkAddress) -> None:
+    def _evict(self, session: QuicSession, newcomer: NetworkAddress, *, full: bool) -> None:
         """sshd's MaxStartups: the oldest connection still in its handshake makes room."""
         self.stats.evicted += 1
+        if full:
+            why = (
+                f"all {len(self.admitted)} peer connections are taken (transfer.max_connections) "
+                "and this was the oldest still in its handshake (transfer.max_unauthenticated)"
+            )
+        else:
+            why = (
+                f"{len(self.unauthenticated)} connections are in their handshake "
+                "(transfer.max_unauthenticated) and this was the oldest"
+            )
         log.info(
-            "peer connection from %s dropped before authenticating: %d connections are in "
-            "their handshake (transfer.max_unauthenticated) and %s is newer",
+            "peer connection from %s dropped before authenticating for one from %s: %s",
             session.name,
-            len(self.unauthenticated),
             _addr_name(newcomer),
+            why,
         )
         self._forget(session)
-        session.drop(
-            E_REFUSED,
-            "too many connections in their handshake (transfer.max_unauthenticated); "
-            "this one was the oldest: try again",
-        )
+        session.drop(E_REFUSED, f"{why}: authenticate sooner, or try again")
 
     def _refuse(self, dcid: bytes, data: bytes, addr: NetworkAddress, now: float) -> None:
         """``max_connections`` authenticated connections are open: answer a new one with a
