@@ -129,6 +129,10 @@ class RawClient:
             self.quic.send_stream_data(sid, junk)
         self.flush()
 
+    async def changed(self) -> None:
+        """Until the next datagram, timer or event has been handled."""
+        await self._changed.wait()
+
     @property
     def accepted(self) -> int:
         """Stream bytes the listener accepted so far (counted against its MAX_DATA)."""
@@ -463,3 +467,23 @@ async def test_a_daemon_under_three_unauthenticated_connections_stays_small(
     assert result.transport == "quic"
     assert all(n <= PRE_AUTH_WINDOW for n in accepted), accepted
     assert grown < 8 * MiB, f"RSS grew by {grown / MiB:.1f} MiB"
+
+
+async def test_retiring_connection_ids_over_and_over_leaves_the_routes_bounded() -> None:
+    """Each connection id a peer retires makes aioquic issue a new one. The listener's routes
+    (connection id -> connection) follow: they used to keep every id ever issued for the
+    connection's lifetime, so a peer - before its Hello, too - could grow them at will."""
+    stats = ListenerStats()
+    with trio.fail_after(20):
+        async with listener(stats=stats) as port, raw_client(port) as client:
+            await client.established.wait()
+            for _ in range(100):
+                while not client.quic._peer_cid_available:
+                    await client.changed()
+                client.quic.change_connection_id()  # retire the one in use, take the next
+                client.flush()
+            assert not client.terminated.is_set(), client.close_event
+            # Its 8 live ids and the one the client first chose (routed for its Initials).
+            assert stats.connection_ids <= 9, stats
+            async with quic_dialer() as dialer:
+                assert await ping(await dial(dialer, port))

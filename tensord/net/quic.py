@@ -773,8 +773,10 @@ class QuicSession:
         #: and what to do when it has not (the driver calls it at the deadline).
         self.auth_deadline = math.inf
         self.on_auth_deadline: Callable[[QuicSession], None] | None = None
-        #: A listener's: a connection id of ours the peer retired (its route goes).
-        self.on_cid_retired: Callable[[QuicSession, bytes], None] | None = None
+        #: A listener's: a connection id of ours was issued to the peer (True: route it) or
+        #: retired by it (False: its route goes). Called from the flush that sent the
+        #: NEW_CONNECTION_ID, so the route exists before the peer can use the id.
+        self.on_cid: Callable[[QuicSession, bytes, bool], None] | None = None
         self.cids: set[bytes] = {quic.host_cid}
 
     def __repr__(self) -> str:
@@ -1007,10 +1009,12 @@ class QuicSession:
                 self._on_terminated(event)
             elif isinstance(event, qe.ConnectionIdIssued):
                 self.cids.add(event.connection_id)
+                if self.on_cid is not None:
+                    self.on_cid(self, event.connection_id, True)
             elif isinstance(event, qe.ConnectionIdRetired):
                 self.cids.discard(event.connection_id)
-                if self.on_cid_retired is not None:
-                    self.on_cid_retired(self, event.connection_id)
+                if self.on_cid is not None:
+                    self.on_cid(self, event.connection_id, False)
         self._check_closing()
         if self._blocked_writers:
             low = self.tuning.send_buffer // 2
@@ -1618,6 +1622,7 @@ class ListenerStats:
     evicted: int = 0  # unauthenticated connections dropped for a newer one
     handshake_timeouts: int = 0  # closed for no authenticated Hello within handshake_timeout
     errors: int = 0  # unexpected exceptions (bugs) caught at a connection's or stream's boundary
+    connection_ids: int = 0  # (gauge) routed connection ids: at most 9 per connection
 
 
 class _Listener:
@@ -1710,6 +1715,7 @@ class _Listener:
     def _update_gauges(self) -> None:
         self.stats.open = len(self.admitted)
         self.stats.unauthenticated = len(self.unauthenticated)
+        self.stats.connection_ids = len(self.routes)
 
     async def _receive_loop(self) -> None:
         sock = self.udp.sock
@@ -1750,10 +1756,6 @@ class _Listener:
                     session.after_receive(now)
                 except Exception:
                     self._failed(session, session.peer_addr, "its events")
-                    continue
-                for cid in session.cids:
-                    if cid not in routes:
-                        routes[cid] = session
             touched.clear()
 
     def _route(self, data: bytes, addr: NetworkAddress, now: float) -> QuicSession | None:
@@ -1768,7 +1770,7 @@ class _Listener:
         if session is None:
             session = self._new_session(header.destination_cid, header, data, addr, now)
             if session is None and data[0] < 0x80:
-                session = self._unknown_connection(header.destination_cid, data, addr)
+                self._unknown_connection(data, addr)
         return session
 
     def _failed(self, session: QuicSession | None, addr: NetworkAddress, what: str) -> None:
@@ -1790,20 +1792,14 @@ class _Listener:
         except Exception:  # aioquic's state is what failed: stop without it
             session._lost("internal error")
 
-    def _unknown_connection(
-        self, dcid: bytes, data: bytes, addr: NetworkAddress
-    ) -> QuicSession | None:
-        """A short-header packet for a connection id with no route: a connection of ours that
-        issued the id since its routes were last updated (route it), or one this process never
-        had - a previous incarnation's: answer with a stateless reset."""
-        for session in self.sessions:
-            if dcid in session.cids:
-                self.routes[dcid] = session
-                return session
+    def _unknown_connection(self, data: bytes, addr: NetworkAddress) -> None:
+        """A short-header packet for a connection id with no route - every id a connection of
+        ours has out is routed as it is issued (:meth:`_on_cid`), so this is a connection this
+        process never had (a previous incarnation's, or junk): answer with a stateless reset.
+        Constant work per datagram, whatever the number of connections."""
         reset = self.reset_tokens.reset_for(data)
         if reset is not None:
             self.udp.send_nowait(reset, addr)
-        return None
 
     def _new_session(
         self, dcid: bytes, header: QuicHeader, data: bytes, addr: NetworkAddress, now: float
@@ -1842,16 +1838,16 @@ class _Listener:
         session.cids.add(dcid)
         session.on_closed = self._on_closed
         session.on_idle = self._on_idle
-        session.on_cid_retired = self._on_cid_retired
+        session.on_cid = self._on_cid
         session.auth_deadline = now + self.handshake_timeout
         session.on_auth_deadline = self._on_auth_deadline
         self.sessions.add(session)
         self.admitted.add(session)
         self.unauthenticated[session] = None
         self.stats.connections += 1
-        self._update_gauges()
         for cid in session.cids:
             self.routes[cid] = session
+        self._update_gauges()
         self._nursery.start_soon(self._drive, session, name=f"quic-server {session.name}")
         return session
 
@@ -1925,18 +1921,24 @@ class _Listener:
 
     def _on_closed(self, session: QuicSession) -> None:
         self.sessions.discard(session)
-        self._forget(session)
         routes = self.routes
         for cid in session.cids:
             if routes.get(cid) is session:
                 del routes[cid]
+        self._forget(session)
         if session.hello_failure is None and isinstance(session.failure, AuthenticationFailed):
             log.warning("peer connection from %s refused: %s", session.name, session.failure)
         self._maybe_finish()
 
-    def _on_cid_retired(self, session: QuicSession, cid: bytes) -> None:
-        if self.routes.get(cid) is session:
+    def _on_cid(self, session: QuicSession, cid: bytes, issued: bool) -> None:
+        """Routes follow the connection ids a connection has out: at most aioquic's 8 (and
+        the client's original one) per connection, however often the peer retires them."""
+        if issued:
+            if not session.terminated:
+                self.routes[cid] = session
+        elif self.routes.get(cid) is session:
             del self.routes[cid]
+        self.stats.connection_ids = len(self.routes)
 
     def _on_idle(self, session: QuicSession) -> None:
         if not self.accepting:
