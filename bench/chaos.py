@@ -1924,7 +1924,9 @@ QUICK: dict[str, dict[str, Any]] = {
     },
 }
 
-LIMITS = {"kills": 600.0, "load": 300.0, "sender": 300.0}
+#: Seconds a scenario may run (full mode; half that in quick mode). The attacks run the stateful
+#: fuzzers for long in full mode (the peer fuzzer alone takes ~8 min on 2 cores).
+LIMITS = {"kills": 600.0, "load": 300.0, "sender": 300.0, "attacks": 4000.0}
 
 
 def machine() -> dict[str, Any]:
