@@ -2017,8 +2017,10 @@ def render(rows: list[Row], m: dict[str, Any], quick: bool, seconds: float) -> s
         "things go wrong on purpose: connections cut at random bytes, chunk payloads corrupted, a",
         "receiver killed with SIGKILL again and again, a sender restarted, the disk filling up,",
         "fifty peers at once, hostile and unauthenticated peers, two hosts (network",
-        "namespaces) whose link goes down, and QUIC paths that lose datagrams, go dark and",
-        "rebind. Receivers are real `tensord serve` processes; what",
+        "namespaces) whose link goes down, QUIC paths that lose datagrams, go dark and",
+        "rebind, and the attacks of issue 12 (hostile peers, registries, download servers and",
+        "local clients: after each the daemon must live on, its peak RSS within 64 MiB of",
+        "before, and serve a legitimate peer). Receivers are real `tensord serve` processes; what",
         "they stored is read back from their store and compared by SHA-256 with what was sent,",
         "and duplicates are counted from the arrivals in their logs. **Data lost must be 0.**",
         "",
@@ -2167,6 +2169,15 @@ def figure_lines(rows: list[Row]) -> list[str]:
             f"- **Separate hosts**: {fmt_bytes(f['size'])} in {f['seconds']:.1f} s "
             f"({f['size'] / f['seconds'] / 1e6:.1f} MB/s including the outage), "
             f"{f['retries']} retries."
+        )
+    attacked = [r for r in rows if r.scenario.startswith("13.") and "rss_growth" in r.figures]
+    if attacked:
+        worst = max(attacked, key=lambda r: r.figures["rss_growth"])
+        out.append(
+            f"- **Daemon memory under the attacks of issue 12**: peak RSS grew by at most "
+            f"{fmt_bytes(max(worst.figures['rss_growth'], 0))} during any of {len(attacked)} "
+            f"attacks (the limit is 64 MiB; the largest was: {worst.fault}), from "
+            f"{fmt_bytes(worst.figures['rss_before'])}."
         )
     return out
 
