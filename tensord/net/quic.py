@@ -1759,9 +1759,10 @@ class _Listener:
             touched.clear()
 
     def _route(self, data: bytes, addr: NetworkAddress, now: float) -> QuicSession | None:
-        """The connection of a datagram whose destination connection id has no route: a new
-        one (an Initial), one of ours that issued the id since its routes were updated, or
-        none (dropped, or answered with a stateless reset)."""
+        """The connection of a datagram the short-header fast path did not find: a known one
+        (a long header, routed by its destination id: the client's first one stays routed), a
+        new one (an Initial, if admitted), or none (dropped, or answered with a stateless
+        reset)."""
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
         except ValueError:
