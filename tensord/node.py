@@ -50,7 +50,14 @@ from .net.connection import (
     send_legacy,
 )
 from .net.pool import PeerPool
-from .net.quic import QuicDialer, QuicStreamTransport, QuicTuning, dial_quic, serve_quic
+from .net.quic import (
+    ListenerStats,
+    QuicDialer,
+    QuicStreamTransport,
+    QuicTuning,
+    dial_quic,
+    serve_quic,
+)
 from .net.security import PeerSecurity
 from .net.stream import ConnectionClosed
 from .net.tcp import dial, open_listeners, serve
@@ -273,6 +280,8 @@ class TensorNode:
             connection_window=q.connection_window,
         )
         self._quic: QuicDialer | None = QuicDialer(self._quic_tuning) if uses_quic else None
+        #: What the QUIC listener admitted, refused and shed (when this node listens on QUIC).
+        self.quic_stats = ListenerStats()
         self._tensors: dict[str, np.ndarray[Any, Any]] = {}
         self._arrivals: deque[Arrival] = deque()
         self._arrived = trio.Event()
@@ -1053,12 +1062,14 @@ class TensorNode:
                             self._hello,
                             self._decoder,
                             self._serve_connection,
-                            handshake_timeout=t.connect_timeout,
+                            handshake_timeout=t.handshake_timeout,
                             handler_nursery=handlers,
                             key=self.security.key,
                             tls=self.settings.security.tls,
                             max_connections=t.max_connections,
+                            max_unauthenticated=t.max_unauthenticated,
                             tuning=self._quic_tuning,
+                            stats=self.quic_stats,
                         )
                     )
                 accept.start_soon(

@@ -189,6 +189,7 @@ from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from cryptography.hazmat.primitives import serialization
 
+from .. import metrics
 from ..config import HostPort, TlsSettings
 from ..errors import AuthenticationFailed, PeerUnreachable, ProtocolError, TensorError
 from ..wire.auth import ClusterKey
@@ -1778,6 +1779,7 @@ class _Listener:
         """An unexpected exception (a bug, in tensord or aioquic) while handling ``what`` of one
         connection: log it loudly, count it, close that connection only."""
         self.stats.errors += 1
+        metrics.UNEXPECTED_ERRORS.labels("quic").inc()
         name = session.name if session is not None else _addr_name(addr)
         log.exception(
             "QUIC connection from %s: unexpected error while handling %s; closing that "
@@ -1861,6 +1863,7 @@ class _Listener:
     def _evict(self, session: QuicSession, newcomer: NetworkAddress, *, full: bool) -> None:
         """sshd's MaxStartups: the oldest connection still in its handshake makes room."""
         self.stats.evicted += 1
+        metrics.PEER_CONNECTIONS_DROPPED.labels("budget").inc()
         if full:
             why = (
                 f"all {len(self.admitted)} peer connections are taken (transfer.max_connections) "
@@ -1884,6 +1887,7 @@ class _Listener:
         """``max_connections`` authenticated connections are open: answer a new one with a
         CONNECTION_CLOSE (CONNECTION_REFUSED) from a connection that lives for this only."""
         self.stats.refused += 1
+        metrics.PEER_CONNECTIONS_DROPPED.labels("limit").inc()
         if now - self._warned_at > 10:  # one line per 10 s, not one per attempt
             self._warned_at = now
             log.warning(
@@ -1915,6 +1919,7 @@ class _Listener:
             await session.drive()
         except Exception:
             self.stats.errors += 1
+            metrics.UNEXPECTED_ERRORS.labels("quic").inc()
             log.exception(
                 "QUIC connection from %s failed (a bug: please report it with this traceback)",
                 session.name,
@@ -1947,6 +1952,7 @@ class _Listener:
 
     def _on_auth_deadline(self, session: QuicSession) -> None:
         self.stats.handshake_timeouts += 1
+        metrics.PEER_CONNECTIONS_DROPPED.labels("deadline").inc()
         why = (
             f"no authenticated Hello within {self.handshake_timeout:g} s of the first packet "
             "(transfer.handshake_timeout)"
@@ -2000,6 +2006,7 @@ class _Listener:
             await self.handler(conn)
         except Exception:
             self.stats.errors += 1
+            metrics.UNEXPECTED_ERRORS.labels("quic").inc()
             log.exception(
                 "QUIC stream %d from %s: unexpected error; closing %s (a bug: please report it "
                 "with this traceback)",
