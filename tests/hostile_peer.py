@@ -123,7 +123,7 @@ class Victim:
 
     @property
     def alive(self) -> bool:
-        return self.daemon.proc.returncode is None
+        return self.daemon.proc.poll() is None
 
     @property
     def state_dir(self) -> Path:
@@ -190,6 +190,7 @@ class Conn:
     garbled: str | None = None  # the node sent bytes our decoder refused
     pulled: bool = False  # the node started sending a tensor: payload bytes are discarded
     fresh: bool = True  # nothing sent since the handshake
+    begun: dict[str, dict[str, Any]] = field(default_factory=dict)  # Begins sent here, by id
     grew: trio.Event = field(default_factory=trio.Event)
 
     def _note(self) -> None:
@@ -249,6 +250,21 @@ class Conn:
         with trio.CancelScope(shield=True):
             await self.peer.stream.aclose()
 
+    async def finish(self) -> None:
+        """Half-close, and wait for the node to close its side: by then it has handled every
+        frame sent here (the barrier that makes a step's effect show in the same example). A
+        connection the node is sending a tensor on (it waits for acks, not reading) is closed
+        outright: its send fails at once."""
+        if not self.pulled and not self.eof:
+            try:
+                with trio.fail_after(REPLY_TIMEOUT):
+                    await self.peer.stream.send_eof()
+                    while not self.eof:
+                        await self.grew.wait()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        await self.aclose()
+
 
 async def open_conn(portal: Portal, port: int, hello: dict[str, Any], label: str) -> Conn:
     """Connect, send ``hello`` (any map), and start reading what the node answers."""
@@ -271,14 +287,19 @@ async def _reader(
 
 async def ping_fresh(port: int, seq: int) -> None:
     """The liveness probe: a new connection, a standard Hello, a Ping answered by its Pong."""
-    with trio.fail_after(REPLY_TIMEOUT):
-        peer = await RawPeer.connect(port)
-        try:
-            await peer.stream.send_all(header({"t": "ping", "s": seq}))
-            reply = await peer.next_message()
-            assert isinstance(reply, Pong) and reply.seq == seq, reply
-        finally:
-            await peer.stream.aclose()
+    try:
+        with trio.fail_after(REPLY_TIMEOUT):
+            peer = await RawPeer.connect(port)
+            try:
+                await peer.stream.send_all(header({"t": "ping", "s": seq}))
+                reply = await peer.next_message()
+            finally:
+                await peer.stream.aclose()
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        raise AssertionError(
+            f"the node no longer answers a ping on a new connection: {exc!r}"
+        ) from None
+    assert isinstance(reply, Pong) and reply.seq == seq, f"a ping got {reply!r}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,13 +354,23 @@ class World:
     client: TensorNode | None = None
     crashes: list[str] = field(default_factory=list)
     round_trips: int = 0
+    xids: int = 0
+
+    def next_xid(self) -> str:
+        """A transfer id no example used before (the node remembers completed ones)."""
+        self.xids += 1
+        return f"{self.xids:016x}"
 
     def ensure_victim(self) -> Victim:
         """The node under test, started again (in a fresh directory) if it is not running: an
         example starts from a living node, so a crash reproduces and shrinks."""
         v = self.victim
         if v is not None and v.alive:
-            return v
+            try:
+                self.portal.run(ping_fresh, v.port, 0)
+                return v
+            except AssertionError:
+                pass  # dying after an earlier example's failure: start a new one
         if v is not None:
             self.crashes.append(v.log_tail())
             self.stop_victim()

@@ -15,10 +15,11 @@ more. Under ``CI=true`` the run is derandomized: a red CI run is the same run ag
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -27,6 +28,7 @@ from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
     consumes,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -35,7 +37,7 @@ from hypothesis.stateful import (
 
 from tensord.wire.crc import crc32c
 from tensord.wire.handshake import ALL_FEATURES
-from tensord.wire.messages import Begin, Error, Legacy
+from tensord.wire.messages import Accept, Ack, Begin, Error, Hello, Legacy, Stored
 
 from .helpers import IN_CI
 from .hostile_peer import (
@@ -43,7 +45,6 @@ from .hostile_peer import (
     RSS_MARGIN,
     Conn,
     World,
-    consistent_nbytes,
     files_outside,
     hostile_name,
     open_conn,
@@ -55,7 +56,7 @@ from .test_hostile import header
 LONG = os.environ.get("TENSORD_FUZZ_LONG", "") not in ("", "0")
 
 FUZZ = settings(
-    max_examples=300 if LONG else 8,
+    max_examples=400 if LONG else 25,
     stateful_step_count=60 if LONG else 25,
     deadline=None,
     derandomize=IN_CI,
@@ -96,10 +97,13 @@ edge_ints = st.sampled_from(EDGE_INTS)
 small_or_edge = st.one_of(st.integers(0, 4), edge_ints)
 
 IDS = ["ab" * 8, "cd" * 8, "0123456789abcdef" * 4]
-BAD_IDS = ["AB" * 8, "a" * 7, "a" * 65, "", "zz" * 8, "ab" * 8 + "\n", "ab" * 512]
-xids = st.one_of(st.sampled_from(IDS), st.sampled_from(BAD_IDS))
+BAD_IDS = ["AB" * 8, "a" * 7, "a" * 65, "", "zz" * 8, "ab" * 8 + "\n", "ab" * 512, 7]
+bad_ids = st.sampled_from(BAD_IDS)
+xids = st.one_of(st.sampled_from(IDS), bad_ids)
 
-GOOD_NAMES = ["w", "layers/0", "model.embed_tokens:0", BIG, "legit/t1", "x" * 256]
+#: Names a node accepts. (Not the honest client's ``legit/*``: overwriting a tensor a peer may
+#: send is allowed, and would only race the round trip.)
+GOOD_NAMES = ["w", "layers/0", "model.embed_tokens:0", "x" * 256, "fz/a"]
 BAD_NAMES = [
     "layers//0",
     "a/../b",
@@ -118,7 +122,7 @@ BAD_NAMES = [
     "../" * 20 + "etc/passwd",
 ]
 ODD_NAMES = ["ünïcode", "层/0", "\u202e", "%2e%2e", "a b", "é" * 4096]
-#: Any name: good ones (the node accepts them), hostile ones, odd ones.
+#: Any name: good ones, hostile ones, odd ones, made-up ones.
 names = st.one_of(
     st.sampled_from(GOOD_NAMES),
     st.sampled_from(BAD_NAMES),
@@ -128,18 +132,16 @@ names = st.one_of(
         lambda s, n: s * n, st.sampled_from(["a", "/", "..", "é", "a/"]), st.integers(1, 4096)
     ),
 )
+#: What a pull asks for: also the tensors the node holds (a 4 MiB one among them).
+request_names = st.one_of(st.sampled_from([*GOOD_NAMES, BIG, "legit/t1", "absent"]), names)
 
-#: Mostly good names, for transfers that get past their Begin.
-mostly_good_names = st.one_of(*[st.sampled_from(GOOD_NAMES)] * 2, names)
-
-DTYPES = ["<f4", "|u1", "<f8", "bfloat16", ">i2", "<c16", "|O", "<U8", "xyz", "", 7]
+DTYPES = ["<f4", "|u1", "<f8", "bfloat16", ">i2", "<c16", "|O", "<U8", "xyz", "", 7, None]
 SHAPES = [
     [],
     [0],
     [1],
     [4],
     [1024],
-    [4096],
     [1 << 20],
     [16 << 20],
     [1 << 62],
@@ -151,19 +153,22 @@ SHAPES = [
     [0, 1 << 62],
     [1 << 31, 1 << 31],
     [2, -2],
+    "4",
+    None,
 ]
-shapes = st.one_of(st.sampled_from(SHAPES), st.lists(st.integers(0, 64), max_size=4))
 CHUNK_SIZES = [0, 1, 4095, 4096, 65536, 1 << 20, 64 << 20, (64 << 20) + 1, (1 << 63) - 1, -1]
-WINDOWS = [0, 1, 4, 1 << 20, (1 << 20) + 1, -1]
+WINDOWS = [0, 1, 4, 1 << 20, (1 << 20) + 1, -1, True]
 #: A Hello's max-chunk: the protocol's floor and ceiling, and past them. Drawn mostly from the
 #: first list, so that the frames after the Hello get somewhere.
 GOOD_MCS = [4096, 65536, 64 << 20]
 EDGE_MCS = [0, 1, 2, 4095, -1, (64 << 20) + 1, 1 << 40, (1 << 63) - 1]
 hello_mcs = st.one_of(*[st.sampled_from(GOOD_MCS)] * 3, st.sampled_from(EDGE_MCS))
+#: Stands for "leave the field out" among the edge values.
+MISSING = "<missing>"
 
 
-def packable(n: int) -> bool:
-    return -(1 << 63) <= n < 1 << 64
+def sample(*values: Any) -> st.SearchStrategy[Any]:
+    return st.sampled_from(values)
 
 
 @dataclass(frozen=True)
@@ -172,98 +177,144 @@ class Frame:
 
     header: dict[str, Any]
     payload: int = 0
+    wrong: str | None = None  # the field set to an edge value, if one was
 
     def __repr__(self) -> str:
-        h = {
-            k: (v if not isinstance(v, str) or len(v) <= 80 else f"{v[:20]!r}*{len(v)}")
-            for k, v in self.header.items()
-        }
-        return f"Frame({h!r}, payload={self.payload})"
+        wrong = f", wrong={self.wrong!r}" if self.wrong else ""
+        return f"Frame({_short(self.header)}, payload={self.payload}{wrong})"
 
     def encode(self) -> bytes:
         return header(self.header) + bytes(self.payload)
 
 
-@st.composite
-def metas(draw: st.DrawFn) -> dict[str, Any]:
-    dtype = draw(st.sampled_from(DTYPES))
-    shape = draw(shapes)
-    n = consistent_nbytes(dtype, shape) if isinstance(dtype, str) else None
-    nbytes = n if n is not None and packable(n) and draw(st.booleans()) else draw(edge_ints)
-    meta: dict[str, Any] = {"name": draw(names), "dtype": dtype, "shape": shape, "nbytes": nbytes}
-    grad = draw(st.sampled_from([None, False, True, "yes"]))
-    if grad is not None:
-        meta["grad"] = grad
-    return meta
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str | list) and len(value) > 40:
+        return f"{value[:8]!r} * {len(value)}" if isinstance(value, str) else f"[...{len(value)}]"
+    return repr(value)
+
+
+def one_wrong(
+    draw: st.DrawFn, h: dict[str, Any], edges: dict[str, st.SearchStrategy[Any]], payload: int = 0
+) -> Frame:
+    """``h`` with at most one field (``meta.name`` is a field of ``meta``) set to an edge value
+    or left out: the frame gets past every check but one, so the node's deeper states are
+    reached, and each check is met with every kind of wrong."""
+    key = draw(st.sampled_from([*[None] * len(edges), *edges])) if edges else None
+    if key is None:
+        return Frame(h, payload)
+    value = draw(edges[key])
+    target, _, leaf = key.rpartition(".")
+    d = h[target] if target else h
+    if isinstance(d, dict):
+        if value == MISSING:
+            d.pop(leaf, None)
+        else:
+            d[leaf] = value
+    return Frame(h, payload, key)
+
+
+META_EDGES: dict[str, st.SearchStrategy[Any]] = {
+    "meta": sample(None, [], "x", {}),
+    "meta.name": names,
+    "meta.dtype": st.sampled_from(DTYPES),
+    "meta.shape": st.sampled_from(SHAPES),
+    "meta.nbytes": st.one_of(edge_ints, sample(None, "16", MISSING)),
+    "meta.grad": sample("yes", 1, None, True),
+}
 
 
 @st.composite
-def small_metas(draw: st.DrawFn) -> dict[str, Any]:
-    """Metadata that a node accepts unless the name is bad: small, consistent."""
-    n = draw(st.sampled_from([0, 1, 16, 4096, 4097, 65536]))
-    return {"name": draw(mostly_good_names), "dtype": "|u1", "shape": [n], "nbytes": n}
+def valid_metas(draw: st.DrawFn) -> dict[str, Any]:
+    dtype, size = draw(sample(("|u1", 1), ("<f4", 4), ("bfloat16", 2)))
+    n = draw(sample(0, 1, 4, 1024, 1025, 16384, 1 << 18))
+    return {
+        "name": draw(st.sampled_from(GOOD_NAMES)),
+        "dtype": dtype,
+        "shape": [n],
+        "nbytes": n * size,
+    }
+
+
+BEGIN_EDGES: dict[str, st.SearchStrategy[Any]] = {
+    **META_EDGES,
+    "id": bad_ids,
+    "cs": st.sampled_from(CHUNK_SIZES),
+    "w": st.sampled_from(WINDOWS),
+    "resume": sample("no", 1, None),
+}
 
 
 @st.composite
-def begins(draw: st.DrawFn) -> Frame:
-    """A Begin: half of them plausible (small, consistent, good chunking), the rest anything."""
-    if draw(st.booleans()):
-        meta, cs, w = draw(small_metas()), draw(st.sampled_from([4096, 65536])), 4
-    else:
-        meta = draw(st.one_of(small_metas(), metas()))
-        cs, w = draw(st.sampled_from(CHUNK_SIZES)), draw(st.sampled_from(WINDOWS))
-    h = {"t": "begin", "id": draw(xids), "meta": meta, "cs": cs, "w": w}
-    h["resume"] = draw(st.sampled_from([False, True, "no"]))
-    return Frame(h)
+def begins(draw: st.DrawFn, xid: st.SearchStrategy[str] | None = None, edges: bool = True) -> Frame:
+    h = {
+        "t": "begin",
+        "id": draw(xid if xid is not None else st.sampled_from(IDS)),
+        "meta": draw(valid_metas()),
+        "cs": draw(sample(4096, 65536)),
+        "w": draw(sample(1, 4, 64)),
+        "resume": draw(st.booleans()),
+    }
+    return one_wrong(draw, h, BEGIN_EDGES if edges else {})
+
+
+CHUNK_EDGES: dict[str, st.SearchStrategy[Any]] = {
+    "id": st.one_of(bad_ids, st.sampled_from(IDS)),
+    "i": st.one_of(edge_ints, sample(None, "0")),
+    "o": st.one_of(edge_ints, sample(MISSING)),
+    "r": st.one_of(edge_ints, sample(MISSING)),
+    "n": st.one_of(edge_ints, sample(MISSING)),  # a huge n: the node waits for bytes never sent
+    "c": st.one_of(sample(None, 12345, 1 << 32, -1, MISSING)),
+    "z": sample(True, 1, "yes"),
+}
+
+
+def chunk_frame(
+    draw: st.DrawFn, xid: str, index: int, chunk_size: int, nbytes: int, edges: bool = True
+) -> Frame:
+    """Chunk ``index`` of a transfer, right (payload included) but for at most one field."""
+    raw = max(0, min(chunk_size, nbytes - index * chunk_size, 1 << 20))
+    h = {
+        "t": "chunk",
+        "id": xid,
+        "i": index,
+        "o": index * chunk_size,
+        "r": raw,
+        "n": raw,
+        "c": crc32c(bytes(raw)),
+    }
+    return one_wrong(draw, h, CHUNK_EDGES if edges else {}, raw)
 
 
 @st.composite
 def chunks(draw: st.DrawFn) -> Frame:
-    payload = draw(st.sampled_from([0, 1, 16, 4096]))
-    n = payload if draw(st.booleans()) else draw(edge_ints)
-    h: dict[str, Any] = {
-        "t": "chunk",
-        "id": draw(xids),
-        "i": draw(small_or_edge),
-        "o": draw(st.sampled_from([0, 4096, -1, 1 << 40, (1 << 63) - 1])),
-        "r": draw(st.sampled_from([payload, 0, 1 << 62, -1])),
-        "n": n,  # a huge n: the node waits for bytes that never come
-    }
-    crc = draw(st.sampled_from(["right", "wrong", "none", "huge"]))
-    if crc == "right":
-        h["c"] = crc32c(bytes(payload))
-    elif crc == "wrong":
-        h["c"] = 12345
-    elif crc == "huge":
-        h["c"] = 1 << 40
-    if draw(st.booleans()):
-        h["z"] = draw(st.sampled_from([True, False, 1, "yes"]))
-    return Frame(h, payload)
+    """A chunk of no transfer in particular (before any Begin, of another one, twice...)."""
+    return chunk_frame(draw, draw(st.sampled_from(IDS)), draw(st.integers(0, 3)), 4096, 1 << 14)
 
 
 @st.composite
 def legacies(draw: st.DrawFn) -> Frame:
-    meta = draw(st.one_of(small_metas(), metas()))
-    n = meta["nbytes"] if isinstance(meta["nbytes"], int) else 0
-    sent = n if 0 <= n <= 65536 else draw(st.sampled_from([0, 16]))
-    h = {
-        "t": "tensor",
-        "meta": meta,
-        "n": n,
-        "c": crc32c(bytes(sent)) if draw(st.booleans()) else None,
-    }
-    return Frame(h, sent)
+    """Legacy mode: the whole tensor in one frame."""
+    meta = draw(valid_metas())
+    h = {"t": "tensor", "meta": meta, "n": meta["nbytes"], "c": crc32c(bytes(meta["nbytes"]))}
+    sent = meta["nbytes"]
+    return one_wrong(draw, h, {**META_EDGES, "n": edge_ints, "c": sample(None, 7, -1)}, sent)
 
 
 def _simple(t: str, **fields: st.SearchStrategy[Any]) -> st.SearchStrategy[Frame]:
     return st.fixed_dictionaries(fields).map(lambda f: Frame({"t": t, **f}))
 
 
+def _covering(n: int) -> list[list[int]]:
+    """``n`` ranges each covering every chunk there could be (4096 is the protocol's most)."""
+    return [[0, (1 << 40) - 1]] * n
+
+
 ranges = st.one_of(
     st.just([]),
     st.just([[0, 1]]),
-    st.just([[0, (1 << 40) - 1]] * 4096),
-    st.just([[0, (1 << 40) - 1]] * 4097),
+    st.builds(_covering, sample(4096, 4097)),
     st.just([[5, 2]]),
     st.just([[-1, 3]]),
     st.lists(st.lists(small_or_edge, min_size=2, max_size=2), max_size=4),
@@ -280,11 +331,11 @@ OTHER_FRAMES = st.one_of(
     _simple("ping", s=small_or_edge),
     _simple(
         "error",
-        code=st.sampled_from(["auth", "busy", "protocol", "x" * 64, "\x1b[31m"]),
-        msg=st.sampled_from(["", "no", "x" * 1024, "\x1b]0;pwned\x07"]),
+        code=sample("auth", "busy", "protocol", "x" * 64, "\x1b[31m"),
+        msg=sample("", "no", "x" * 1024, "\x1b]0;pwned\x07"),
         id=st.one_of(st.none(), xids),
     ),
-    _simple("auth", pf=st.sampled_from([bytes(32), bytes(31), b""])),
+    _simple("auth", pf=sample(bytes(32), bytes(31), b"")),
     _simple(
         "hello",
         proto=st.just("tensord"),
@@ -293,11 +344,23 @@ OTHER_FRAMES = st.one_of(
         f=st.just(sorted(ALL_FEATURES)),
         mc=hello_mcs,
     ),
-    _simple("request", name=names, id=xids),
+    _simple("request", name=request_names, id=xids),
     _simple("launch_missiles"),
+    _simple("ping", s=sample(-1, 1 << 64 - 1, "1", None)),
 )
 
-frames = st.one_of(begins(), chunks(), legacies(), OTHER_FRAMES)
+
+def good_hellos() -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries(
+        {
+            "t": st.just("hello"),
+            "proto": st.just("tensord"),
+            "v": st.just([1]),
+            "node": sample("fuzz", "fuzz2"),
+            "f": st.just(sorted(ALL_FEATURES)),
+            "mc": st.sampled_from(GOOD_MCS),
+        }
+    )
 
 
 @st.composite
@@ -330,6 +393,22 @@ def hellos(draw: st.DrawFn) -> dict[str, Any]:
 # The machine
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def step(fn: F) -> F:
+    """Marks the machine failed while ``fn`` runs, so that teardown knows a step raised."""
+
+    @functools.wraps(fn)
+    def wrapper(self: HostilePeer, *args: Any, **kwargs: Any) -> Any:
+        self.failed = True
+        result = fn(self, *args, **kwargs)
+        self.failed = False
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
 class HostilePeer(RuleBasedStateMachine):
     world: World  # set by the test before the run
 
@@ -341,8 +420,9 @@ class HostilePeer(RuleBasedStateMachine):
         self.victim = self.w.ensure_victim()
         self.open: list[Conn] = []
         self.steps = 0
+        self.failed = False
         self.log_from = len(self.victim.daemon.log)
-        #: transfers this machine began with a name that is fine (for consistent chunks)
+        #: the Begins this example sent, by transfer id (for the frames that follow them)
         self.begun: dict[str, dict[str, Any]] = {}
 
     def _run(self, afn: Any, *args: Any) -> Any:
@@ -351,62 +431,153 @@ class HostilePeer(RuleBasedStateMachine):
     def _send(self, conn: Conn, frame: Frame) -> None:
         self._run(conn.send, frame.encode())
 
+    @initialize(target=conns, hello=good_hellos())
+    @step
+    def first_connection(self, hello: dict[str, Any]) -> Conn:
+        return self.connect(hello)
+
     @precondition(lambda self: len(self.open) < MAX_CONNS)
     @rule(target=conns, hello=hellos())
+    @step
     def connect(self, hello: dict[str, Any]) -> Conn:
         conn = self._run(open_conn, self.w.portal, self.victim.port, hello, f"c{len(self.open)}")
         self.open.append(conn)
         return conn
 
-    # Four rules send frames (hypothesis picks among rules evenly: most steps send).
+    @rule(conn=conns, data=st.data())
+    @step
+    def transfer(self, conn: Conn, data: st.DataObject) -> None:
+        """A whole chunked transfer in one step: Begin, its chunks, End, each right but for at
+        most one field, and then perhaps out of order (two swapped, one twice, one left out,
+        a foreign frame in between). Sent whole and in order on a connection that did nothing
+        else, it is stored."""
+        fresh_xid = self.w.next_xid()
+        # Which frame is wrong in one field: none (an honest transfer), the Begin, a chunk or
+        # the End.
+        wrong = data.draw(sample(None, None, "begin", "chunk", "end"))
+        begin = data.draw(begins(st.sampled_from([fresh_xid, *IDS]), wrong == "begin"))
+        h = begin.header
+        meta = h.get("meta")
+        if isinstance(meta, dict) and isinstance(h.get("id"), str):
+            self.begun[h["id"]] = conn.begun[h["id"]] = h
+        xid, cs, nbytes = self._geometry(h if isinstance(meta, dict) else {"id": "x", "meta": {}})
+        nchunks = min(-(-nbytes // cs), 64)
+        bad = data.draw(st.integers(0, max(nchunks - 1, 0))) if wrong == "chunk" else -1
+        seq = [begin]
+        seq += [chunk_frame(data.draw, xid, i, cs, nbytes, i == bad) for i in range(nchunks)]
+        crc = crc32c(bytes(nbytes)) if nbytes <= 1 << 20 else 0
+        end_crc = data.draw(sample(None, crc ^ 1, 1 << 32)) if wrong == "end" else crc
+        seq.append(
+            Frame({"t": "end", "id": xid, "c": end_crc}, wrong=None if end_crc == crc else "c")
+        )
+        how = data.draw(sample(None, None, None, "swap", "twice", "drop", "foreign", "end twice"))
+        i, j = data.draw(st.integers(0, len(seq) - 1)), data.draw(st.integers(0, len(seq) - 1))
+        if how == "swap":
+            seq[i], seq[j] = seq[j], seq[i]
+        elif how == "twice":
+            seq.insert(j, seq[i])
+        elif how == "drop":
+            del seq[i]
+        elif how == "foreign":
+            seq.insert(i, data.draw(OTHER_FRAMES))
+        elif how == "end twice":
+            seq.append(seq[-1])
+        honest = (
+            how is None
+            and all(f.wrong is None for f in seq)
+            and xid == fresh_xid
+            and conn.fresh
+            and self._accepted(conn)
+        )
+        seen = len(conn.messages)
+        self._run(conn.send, b"".join(f.encode() for f in seq))
+        if honest:
+            self._expect_stored(conn, seen, xid)
+
+    def _accepted(self, conn: Conn) -> bool:
+        """The node answered this connection's Hello with its own."""
+        return bool(conn.messages) and isinstance(conn.messages[0], Hello) and not conn.eof
+
+    def _expect_stored(self, conn: Conn, seen: int, xid: str) -> None:
+        while True:
+            reply = self._run(conn.reply, seen)
+            seen += 1
+            if isinstance(reply, Stored) and reply.id == xid:
+                return
+            if isinstance(reply, Error) and reply.code in ("quota", "busy"):
+                return  # the store or this peer's budget is full: refused, and said so
+            assert isinstance(reply, Ack | Accept), f"an honest transfer {xid} got {reply!r}"
+
+    # Several rules send frames (hypothesis picks among the rules evenly: most steps send).
     @rule(conn=conns, frame=begins())
+    @step
     def begin(self, conn: Conn, frame: Frame) -> None:
-        self.send(conn, frame)
-
-    @rule(conn=conns, frame=st.one_of(chunks(), legacies()))
-    def payload(self, conn: Conn, frame: Frame) -> None:
-        self.send(conn, frame)
-
-    @rule(conn=conns, frame=frames)
-    def send(self, conn: Conn, frame: Frame) -> None:
-        if frame.header.get("t") == "begin" and isinstance(frame.header.get("meta"), dict):
-            meta = frame.header["meta"]
-            if not hostile_name(meta.get("name")) and isinstance(frame.header.get("cs"), int):
-                self.begun[frame.header["id"]] = frame.header
+        h = frame.header
+        meta = h.get("meta")
+        if isinstance(meta, dict) and isinstance(h.get("id"), str):
+            self.begun[h["id"]] = conn.begun[h["id"]] = h
         self._send(conn, frame)
 
-    @rule(conn=conns, data=st.data())
-    def chunk_of_begun(self, conn: Conn, data: st.DataObject) -> None:
-        """A chunk that fits a transfer begun before (on any connection): deeper states."""
-        if not self.begun:
-            return
-        xid = data.draw(st.sampled_from(sorted(self.begun)))
-        begin = self.begun[xid]
-        cs, nbytes = begin["cs"], begin["meta"]["nbytes"]
-        if not (isinstance(nbytes, int) and cs > 0 and 0 <= nbytes <= 1 << 20):
-            return
-        nchunks = -(-nbytes // cs) if nbytes else 0
-        index = data.draw(st.integers(0, nchunks))
-        raw = max(0, min(cs, nbytes - index * cs))
-        self._send(
-            conn,
-            Frame(
-                {
-                    "t": "chunk",
-                    "id": xid,
-                    "i": index,
-                    "o": index * cs,
-                    "r": raw,
-                    "n": raw,
-                    "c": crc32c(bytes(raw)),
-                },
-                raw,
-            ),
-        )
-        if data.draw(st.booleans()):
-            self._send(conn, Frame({"t": "end", "id": xid, "c": crc32c(bytes(nbytes))}))
+    @rule(conn=conns, frame=st.one_of(chunks(), legacies(), OTHER_FRAMES))
+    @step
+    def send(self, conn: Conn, frame: Frame) -> None:
+        self._send(conn, frame)
 
-    @rule(conn=conns, name=names)
+    def _a_begun(self, conn: Conn, data: st.DataObject) -> dict[str, Any] | None:
+        """A Begin sent before: mostly one of this connection's, else any connection's."""
+        pool = conn.begun if conn.begun and data.draw(st.booleans()) else self.begun
+        if not pool:
+            return None
+        return pool[data.draw(st.sampled_from(sorted(pool)))]
+
+    @staticmethod
+    def _geometry(begin: dict[str, Any]) -> tuple[str, int, int]:
+        xid, cs, nbytes = begin["id"], begin.get("cs"), begin["meta"].get("nbytes")
+        if not (isinstance(cs, int) and isinstance(nbytes, int)) or cs <= 0 or nbytes < 0:
+            cs, nbytes = 4096, 1 << 14  # the Begin was wrong there: chunks of some size
+        return xid, cs, nbytes
+
+    @rule(conn=conns, data=st.data())
+    @step
+    def chunk_of_begun(self, conn: Conn, data: st.DataObject) -> None:
+        """A chunk (and maybe the End) of a transfer begun before: right but for at most one
+        field."""
+        begin = self._a_begun(conn, data)
+        if begin is None:
+            return
+        xid, cs, nbytes = self._geometry(begin)
+        index = data.draw(st.integers(0, min(-(-nbytes // cs), 1 << 20)))
+        self._send(conn, chunk_frame(data.draw, xid, index, cs, nbytes))
+        if data.draw(st.booleans()):
+            self._end(conn, data, xid, nbytes)
+
+    @rule(conn=conns, data=st.data())
+    @step
+    def rest_of_transfer(self, conn: Conn, data: st.DataObject) -> None:
+        """Every chunk of a transfer begun before from some index on, all right, and its End:
+        the honest finish of whatever came before."""
+        begin = self._a_begun(conn, data)
+        if begin is None:
+            return
+        xid, cs, nbytes = self._geometry(begin)
+        nchunks = -(-nbytes // cs)
+        if nbytes > 1 << 20:
+            return
+        for index in range(data.draw(st.integers(0, nchunks)), nchunks):
+            raw = min(cs, nbytes - index * cs)
+            c = crc32c(bytes(raw))
+            h = {"t": "chunk", "id": xid, "i": index, "o": index * cs, "r": raw, "n": raw, "c": c}
+            if not self._run(conn.send, header(h) + bytes(raw)):
+                return
+        self._end(conn, data, xid, nbytes)
+
+    def _end(self, conn: Conn, data: st.DataObject, xid: str, nbytes: int) -> None:
+        crc = crc32c(bytes(nbytes)) if nbytes <= 1 << 20 else 0
+        end = data.draw(sample(crc, crc, None, crc ^ 1), label="End's crc")
+        self._send(conn, Frame({"t": "end", "id": xid, "c": end}))
+
+    @rule(conn=conns, name=request_names)
+    @step
     def request(self, conn: Conn, name: str) -> None:
         """A pull. As the first message after the handshake, a hostile name gets a ``bad_name``
         error and nothing else (never a tensor)."""
@@ -421,6 +592,7 @@ class HostilePeer(RuleBasedStateMachine):
         if not fresh:
             return
         reply = self._run(conn.reply, seen)
+        assert reply is not None, f"the node closed the connection, no answer to {name[:80]!r}"
         if hostile_name(name):
             assert not isinstance(reply, Begin | Legacy), f"served a tensor named {name!r}"
             assert isinstance(reply, Error) and reply.code == "bad_name", (
@@ -428,12 +600,14 @@ class HostilePeer(RuleBasedStateMachine):
             )
 
     @rule(conn=conns, cut=st.integers(1, 12))
+    @step
     def truncated_frame_then_close(self, conn: Conn, cut: int) -> None:
         data = Frame({"t": "ping", "s": 7}).encode()
         self._run(conn.send, data[:cut])
         self._close(conn)
 
     @rule(conn=consumes(conns))
+    @step
     def close(self, conn: Conn) -> None:
         self._close(conn)
 
@@ -445,6 +619,7 @@ class HostilePeer(RuleBasedStateMachine):
     # -- invariants --------------------------------------------------------------------------
 
     @invariant()
+    @step
     def node_is_alive_and_answers(self) -> None:
         v = self.victim
         self.steps += 1
@@ -459,6 +634,7 @@ class HostilePeer(RuleBasedStateMachine):
             self.w.round_trip()
 
     @invariant()
+    @step
     def no_hostile_name_is_stored(self) -> None:
         v = self.victim
         bad = [n for n in v.stored_names() if hostile_name(n)]
@@ -468,14 +644,23 @@ class HostilePeer(RuleBasedStateMachine):
         )
 
     @invariant()
+    @step
     def no_handler_crashed(self) -> None:
         log = self.victim.daemon.log[self.log_from :].decode(errors="replace")
         assert "Traceback" not in log, f"an exception escaped a handler:\n{log[-6000:]}"
 
     def teardown(self) -> None:
-        # Nothing here may raise: an exception in teardown would hide the step's failure.
-        for conn in list(self.open):
-            self._close(conn)
+        """The node handled everything this example sent, and survived it. (After a failed step
+        nothing here may raise: an exception in teardown would hide the step's failure.)"""
+        conns, self.open = self.open, []
+        if self.failed:
+            for conn in conns:
+                self._run(conn.aclose)
+            return
+        for conn in conns:
+            self._run(conn.finish)
+        self.node_is_alive_and_answers()
+        self.no_handler_crashed()
 
 
 @pytest.fixture(scope="module")
