@@ -649,7 +649,8 @@ async def test_a_loopback_registry_is_plain_http_and_the_summary_counts_connecti
     from .registry import registry
     from .test_control import ready
 
-    layers = [np.random.default_rng(i).bytes(6 * MiB) for i in (1, 2)]
+    # Small, as in the report: a fast pull publishes few (rate-limited) progress events.
+    layers = [np.random.default_rng(i).bytes(1000) for i in (1, 2)]
     with registry(tmp_path) as reg:
         reg.push_model("models/tiny", "v1", layers)
         async with daemon({"TENSORD_LISTEN": "127.0.0.1:0"}) as d:

@@ -172,6 +172,9 @@ class Progress:
     connections: int
     retries: int
     rate: float
+    #: The most connections this fetch had open at once (``connections`` is the current
+    #: count, often 0 by the time a small blob's last bytes are reported).
+    peak_connections: int = 0
 
 
 @dataclass
@@ -258,6 +261,7 @@ class BlobFetch:
         self.done = RangeSet()
         self.retries = 0
         self.connections = 0
+        self.peak_connections = 0
         self.bytes_fetched = 0  # from the network in this run (a resume fetches less)
         self._queue: list[tuple[int, int]] = []
         self._tasks: dict[int, _Task] = {}
@@ -436,7 +440,7 @@ class BlobFetch:
         resp, self._single_reply = self._single_reply, None
         if resp is None:
             return  # the partial was already complete
-        self.connections = 1
+        self.connections = self.peak_connections = 1
         pos = 0
         expected = self._expected
         limit = expected if expected is not None else self.cfg.max_bytes
@@ -541,6 +545,7 @@ class BlobFetch:
         self._next_id += 1
         self._tasks[tid] = task
         self.connections += 1
+        self.peak_connections = max(self.peak_connections, self.connections)
         try:
             while task.pos < task.end:
                 try:
@@ -780,6 +785,7 @@ class BlobFetch:
                             self.connections,
                             self.retries,
                             0.0,
+                            self.peak_connections,
                         )
                     )
 

@@ -183,7 +183,7 @@ class DownloadManager:
             def on_model(p: PullProgress) -> None:
                 job.bytes_done, job.bytes_total = p.done, p.total
                 job.connections, job.retries = p.connections, p.retries
-                job.peak_connections = max(job.peak_connections, p.connections)
+                job.peak_connections = max(job.peak_connections, p.peak_connections)
                 for digest, bp in p.blobs.items():
                     job.layers[digest] = [bp.done, bp.total or 0]
                 self._publish(job)
@@ -207,7 +207,7 @@ class DownloadManager:
         def on_url(p: Progress) -> None:
             job.bytes_done, job.bytes_total = p.done, p.total
             job.connections, job.retries = p.connections, p.retries
-            job.peak_connections = max(job.peak_connections, p.connections)
+            job.peak_connections = max(job.peak_connections, p.peak_connections)
             job.layers[digest] = [p.done, p.total or 0]
             self._publish(job)
 

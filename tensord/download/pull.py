@@ -64,6 +64,13 @@ class PullProgress:
         return sum(p.connections for p in self.blobs.values())
 
     @property
+    def peak_connections(self) -> int:
+        """At least this many connections were open at once (the most of any one blob, or
+        all the blobs' current ones together)."""
+        most = max((p.peak_connections for p in self.blobs.values()), default=0)
+        return max(most, self.connections)
+
+    @property
     def retries(self) -> int:
         return sum(p.retries for p in self.blobs.values())
 
