@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import secrets
+import struct
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -435,6 +436,15 @@ class ControlApp:
             fd, opened = open_for_caller(path, caller)
             try:
                 return read_tensor_file(opened, name)
+            except (EOFError, ValueError, RecursionError, OSError, struct.error) as exc:
+                # A file the parser did not expect (an empty .npy raises EOFError, a deeply
+                # nested safetensors header RecursionError): the file is bad, not the daemon.
+                if isinstance(exc, BadTensor):
+                    raise
+                raise BadTensor(
+                    f"{path}: not a readable .npy or .safetensors file "
+                    f"({type(exc).__name__}: {exc or 'no detail'})"
+                ) from None
             finally:
                 os.close(fd)
 

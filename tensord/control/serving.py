@@ -176,7 +176,7 @@ class _Guarded:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         deadline = trio.current_time() + self.read_timeout
-        body_done = False
+        body_done = not _has_body(scope)
         started = False
         timeout = self.read_timeout
 
@@ -201,6 +201,12 @@ class _Guarded:
             nonlocal started
             if msg["type"] == "http.response.start":
                 started = True
+                if not body_done:
+                    # Answered before the body was read (a refusal): hypercorn will close the
+                    # connection after this reply, so say so, or the client reuses it and gets a
+                    # reset on its next request.
+                    headers = [*msg.get("headers", ()), (b"connection", b"close")]
+                    msg = {**msg, "headers": headers}
             await send(msg)
 
         try:
@@ -210,6 +216,17 @@ class _Guarded:
             if not started:
                 doc = {"error": {"code": "timeout", "message": str(exc)}}
                 await _send_json(send, 408, doc)
+
+
+def _has_body(scope: Scope) -> bool:
+    headers: Any = scope.get("headers", ())
+    for name, value in headers:
+        key = bytes(name).lower()
+        if key == b"transfer-encoding" or (
+            key == b"content-length" and bytes(value).strip() != b"0"
+        ):
+            return True
+    return False
 
 
 async def _send_json(send: ASGISendCallable, status: int, doc: object) -> None:
