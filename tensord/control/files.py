@@ -68,7 +68,7 @@ class OpenedPath(PosixPath):
 
     @classmethod
     def of(cls, path: Path, fd: int) -> OpenedPath:
-        sub = type(cls.__name__, (cls,), {"fd_link": f"/proc/self/fd/{fd}"})
+        sub: type[OpenedPath] = type(cls.__name__, (cls,), {"fd_link": f"/proc/self/fd/{fd}"})
         return sub(path)
 
 

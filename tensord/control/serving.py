@@ -119,11 +119,14 @@ class Connections:
             oldest.scope.cancel()
             self.open.discard(oldest)
             self.evicted += 1
-            log.info(
-                "%s: %d connections (the limit): closed the longest-idle one for a new client",
-                self.what,
-                self.limit,
-            )
+            if _worth_logging(self.evicted):
+                log.info(
+                    "%s: %d connections (the limit): closed the longest-idle one for a new "
+                    "client (%d times so far)",
+                    self.what,
+                    self.limit,
+                    self.evicted,
+                )
         conn = _Conn()
         self.open.add(conn)
         return conn
@@ -136,6 +139,12 @@ class Connections:
             f"{self.what}: all {self.limit} connections are busy with requests: retry later, "
             "or raise max_connections in the configuration"
         )
+
+
+def _worth_logging(count: int) -> bool:
+    """The 1st, 10th, 100th... time, then every 1000th: a flood of connections is seen in the
+    log without flooding it."""
+    return count in (1, 10, 100) or count % 1000 == 0
 
 
 class _Guarded:
@@ -298,7 +307,8 @@ class HTTPConnections:
         conn = self.connections.admit()
         if conn is None:
             message = self.connections.refusal()
-            log.warning("%s", message)
+            if _worth_logging(self.connections.refused):
+                log.warning("%s (%d refused so far)", message, self.connections.refused)
             doc = {"error": {"code": "busy", "message": message}}
             await refuse(stream, 503, b"Service Unavailable", doc)
             return
