@@ -18,8 +18,11 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
+import pytest
 import trio
+import trio.testing
 
+import tensord.control.app as control_app
 from tensord.config import HostPort, NodeEntry, load_settings
 from tensord.daemon import Daemon as InProcessDaemon
 from tensord.daemon import PeerHealth
@@ -102,6 +105,44 @@ async def test_requests_naming_a_fifo_do_not_wedge_the_daemon(tmp_path: Path) ->
         with trio.fail_after(30):
             await b.proc.wait()
         assert b.proc.returncode == 0, b.text
+
+
+async def test_file_work_that_hangs_never_takes_the_threads_the_daemon_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file on a hung mount blocks even an O_NONBLOCK open in the kernel: simulated here by a
+    read that blocks until released. 48 such requests hold at most the control API's own few
+    threads; listing tensors (the default thread pool, as the receive path uses) still works.
+    Before, the 48 took all 40 default threads and the listing hung behind them."""
+    np.save(tmp_path / "w.npy", np.zeros(3))
+    release = threading.Event()
+    real = control_app.read_tensor_file
+
+    def hung(path: Path, name: str | None = None) -> Any:
+        release.wait(60)
+        return real(path, name)
+
+    monkeypatch.setattr(control_app, "read_tensor_file", hung)
+    async with in_process(tmp_path) as (_, c):
+        statuses: list[int] = []
+
+        async def put(i: int) -> None:
+            r = await c.put(f"/v1/tensors/h{i}", json={"path": str(tmp_path / "w.npy")})
+            statuses.append(r.status_code)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(48):
+                    nursery.start_soon(put, i)
+                await trio.testing.wait_all_tasks_blocked(0.2)
+                with trio.fail_after(20):  # generous: it answers at once
+                    r = await c.get("/v1/tensors")
+                assert r.status_code == 200 and r.json() == {"tensors": []}
+                assert trio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
+                release.set()
+        finally:
+            release.set()
+        assert statuses == [201] * 48
 
 
 async def test_directories_and_devices_are_refused_by_kind(tmp_path: Path) -> None:
@@ -300,7 +341,9 @@ async def in_process(tmp_path: Path) -> AsyncIterator[tuple[InProcessDaemon, htt
         await d.node.start(nursery)
         path = await d._start_control(nursery)
         client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(path)), base_url="http://tensord"
+            transport=httpx.AsyncHTTPTransport(uds=str(path)),
+            base_url="http://tensord",
+            timeout=httpx.Timeout(60, connect=5),
         )
         async with client:
             yield d, client
