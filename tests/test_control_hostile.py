@@ -431,7 +431,7 @@ async def test_a_bug_in_a_handler_is_a_counted_500_and_the_daemon_carries_on(
 
         def errors() -> float:
             for line in metrics_text.splitlines():
-                if line.startswith('tensord_errors_total{where="control"}'):
+                if line.startswith('tensord_unexpected_errors_total{boundary="control"}'):
                     return float(line.split()[-1])
             return 0.0
 

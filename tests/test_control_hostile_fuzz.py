@@ -110,7 +110,7 @@ def live() -> Iterator[Live]:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(40) == 0, log.read_text()  # drain_timeout is 30 s
             text = log.read_text()
-            assert "(a bug)" not in text and "Traceback" not in text, text
+            assert "a bug in tensord" not in text and "Traceback" not in text, text
         finally:
             client.close()
             if proc.poll() is None:

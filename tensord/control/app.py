@@ -14,7 +14,7 @@ bad_name``), a JSON body may hold only the fields its endpoint knows, each of th
 (``400``), a file named by ``path`` is opened only if it is a regular file the *caller* could
 read (tensord/control/files.py: ``400``/``403``), and that file work runs on the app's own small
 thread limiter. Anything unexpected in a handler is logged once with the endpoint, counted in
-``tensord_errors_total{where="control"}`` and answered ``500``: the daemon carries on.
+``tensord_unexpected_errors_total{boundary="control"}`` and answered ``500``: the daemon carries on.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from .. import metrics
 from ..asgi import lifespan, send_body
+from ..boundary import report_unexpected
 from ..download.fetch import DownloadError
 from ..errors import (
     BadAddress,
@@ -59,7 +60,7 @@ from ..tensorfile import FileTensor, read_tensor_file
 from ..wire.meta import TensorMeta, wire_dtype
 from .files import FILE_THREADS, NotAllowed, open_for_caller
 from .server import CALLER_KEY, Caller
-from .serving import ERRORS, RequestTimeout
+from .serving import RequestTimeout
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -277,8 +278,7 @@ class ControlApp:
         except (TensorError, OSError) as exc:
             await self._error(send, error_for(exc))
         except Exception as exc:  # a bug: log it once, count it, answer 500, carry on
-            ERRORS.labels("control").inc()
-            log.exception("control API: %s %s failed (a bug)", scope["method"], path)
+            report_unexpected(log, "control", f"control request {scope['method']} {path}", exc)
             await self._error(send, error_for(exc))
 
     def _route(self, method: str, parts: list[str]) -> tuple[Handler, list[str]]:

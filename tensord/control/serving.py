@@ -44,9 +44,6 @@ from hypercorn.typing import (
     Scope,
 )
 from hypercorn.utils import wrap_app
-from prometheus_client import Counter
-
-from .. import metrics
 
 log = logging.getLogger("tensord.http")
 
@@ -55,24 +52,6 @@ log = logging.getLogger("tensord.http")
 REFUSAL_READ_SECONDS = 2.0
 #: Each byte of body received extends the body's deadline by 1/MIN_BODY_RATE seconds.
 MIN_BODY_RATE = float(1 << 20)
-
-
-def _errors_counter() -> Counter:
-    """``tensord_errors_total{where}``: unexpected exceptions caught at a trust boundary (the
-    control API, the gateway). Taken from tensord/metrics.py when it defines ``ERRORS`` (one
-    counter for every boundary), else registered here on the same registry."""
-    shared = getattr(metrics, "ERRORS", None)
-    if isinstance(shared, Counter):
-        return shared
-    return Counter(
-        "tensord_errors",
-        "Unexpected exceptions caught at a trust boundary (bugs: see the daemon's log), by where",
-        ["where"],
-        registry=metrics.REGISTRY,
-    )
-
-
-ERRORS = _errors_counter()
 
 
 class RequestTimeout(TimeoutError):
@@ -325,4 +304,4 @@ class HTTPConnections:
             await trio.aclose_forcefully(stream)
 
 
-__all__ = ["ERRORS", "Connections", "HTTPConnections", "RequestTimeout", "http_config", "refuse"]
+__all__ = ["Connections", "HTTPConnections", "RequestTimeout", "http_config", "refuse"]

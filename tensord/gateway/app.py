@@ -38,7 +38,8 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from .. import metrics
 from .._version import __version__
 from ..asgi import Headers, lifespan, send_json
-from ..control.serving import ERRORS, RequestTimeout
+from ..boundary import report_unexpected
+from ..control.serving import RequestTimeout
 from .backends import Backend, Backends, Busy, NoBackend
 from .encoders import (
     ERROR,
@@ -262,9 +263,8 @@ class GatewayApp:
             return
         try:
             await route(self, receive, send, path)
-        except Exception:
-            ERRORS.labels("gateway").inc()
-            log.exception("gateway: %s %s failed", method, path)
+        except Exception as exc:
+            report_unexpected(log, "gateway", f"gateway request {method} {path}", exc)
             await _json(send, 500, {"error": "internal error: see the gateway's log"})
 
     def _authorized(self, scope: Scope) -> bool:
