@@ -29,6 +29,7 @@ import trio
 
 from . import metrics
 from ._version import __version__
+from .boundary import report_unexpected
 from .config import NodeEntry, Settings, check_security_policy, load_settings
 from .download.manager import DownloadManager
 from .errors import ConfigError, NodeClosed, TensorError
@@ -242,8 +243,8 @@ class Daemon:
                     delay = min(MAX_PEER_BACKOFF, 0.5 * 2 ** min(health.failures, 10))
                     await trio.sleep(delay * random.uniform(0.8, 1.2))
                     continue
-                except Exception:  # a bug: log it, and keep supervising
-                    log.exception("peer %s supervisor failed; restarting it", health.entry.id)
+                except Exception as exc:  # a bug: log it, count it, keep supervising
+                    report_unexpected(log, "peer", f"supervisor of peer {health.entry.id}", exc)
                     await trio.sleep(MAX_PEER_BACKOFF)
                     continue
                 if health.state != "up":

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import trio
 
+from ..boundary import report_unexpected
 from ..config import DownloadSettings
 from ..events import DownloadEvent, EventBus
 from ..fsutil import atomic_write
@@ -163,7 +164,7 @@ class DownloadManager:
                     why = str(exc) or type(exc).__name__
                     self._finish(job, "failed", f"{job.source}: {why}")
                 except Exception as exc:  # a bug: this job fails, the daemon carries on
-                    log.exception("download %s: %s failed unexpectedly", job.id, job.source)
+                    report_unexpected(log, "download", f"download {job.id} of {job.source}", exc)
                     self._finish(job, "failed", f"{job.source}: internal error: {exc!r}")
                 else:
                     self._finish(job, "done")
