@@ -563,12 +563,14 @@ class HostilePeer(RuleBasedStateMachine):
         nchunks = -(-nbytes // cs)
         if nbytes > 1 << 20:
             return
-        for index in range(data.draw(st.integers(0, nchunks)), nchunks):
+        first = data.draw(st.integers(0, nchunks))
+        out = bytearray()
+        for index in range(first, nchunks):
             raw = min(cs, nbytes - index * cs)
             c = crc32c(bytes(raw))
             h = {"t": "chunk", "id": xid, "i": index, "o": index * cs, "r": raw, "n": raw, "c": c}
-            if not self._run(conn.send, header(h) + bytes(raw)):
-                return
+            out += header(h) + bytes(raw)
+        self._run(conn.send, bytes(out))
         self._end(conn, data, xid, nbytes)
 
     def _end(self, conn: Conn, data: st.DataObject, xid: str, nbytes: int) -> None:
@@ -620,47 +622,58 @@ class HostilePeer(RuleBasedStateMachine):
 
     @invariant()
     @step
-    def node_is_alive_and_answers(self) -> None:
-        v = self.victim
+    def node_is_healthy(self) -> None:
+        """The daemon runs and answers a Ping on a new connection, its RSS is within 64 MiB of
+        its start, no handler raised an unexpected exception (the error boundary logs those
+        with a traceback: a bug to fix even though the daemon lives on), no tensor is stored
+        under a hostile name and nothing was written outside its home; every few steps an
+        honest peer sends and pulls a tensor. One assertion for all of it: how a dying node
+        is noticed first (its traceback, a refused connection) varies from run to run, and
+        hypothesis would call two ways a "flaky" failure."""
         self.steps += 1
-        assert v.alive, f"the daemon exited ({v.daemon.proc.returncode}):\n{v.log_tail()}"
-        self._run(ping_fresh, v.port, self.steps)
-        assert v.alive, f"the daemon exited ({v.daemon.proc.returncode}):\n{v.log_tail()}"
-        grown = v.rss() - v.rss_start
-        assert grown < RSS_MARGIN, f"the daemon's RSS grew by {grown >> 20} MiB"
-        for conn in self.open:
-            assert conn.garbled is None, f"the node sent bytes that do not decode: {conn.garbled}"
-        if self.steps % ROUND_TRIP_EVERY == 0:
-            self.w.round_trip()
+        problems = self._health(round_trip=self.steps % ROUND_TRIP_EVERY == 0)
+        assert not problems, "\n".join(problems)
 
-    @invariant()
-    @step
-    def no_hostile_name_is_stored(self) -> None:
+    def _health(self, *, round_trip: bool) -> list[str]:
         v = self.victim
-        bad = [n for n in v.stored_names() if hostile_name(n)]
-        assert not bad, f"stored under hostile names: {bad!r}"
-        assert not files_outside(v.outer), (
-            f"files outside the daemon's home: {files_outside(v.outer)}"
-        )
-
-    @invariant()
-    @step
-    def no_handler_crashed(self) -> None:
-        log = self.victim.daemon.log[self.log_from :].decode(errors="replace")
-        assert "Traceback" not in log, f"an exception escaped a handler:\n{log[-6000:]}"
+        problems = []
+        log = v.daemon.log[self.log_from :].decode(errors="replace")
+        if "Traceback" in log:
+            problems.append(f"an unexpected exception in the node:\n{log[-6000:]}")
+        try:
+            self._run(ping_fresh, v.port, self.steps)
+        except AssertionError as exc:
+            problems.append(str(exc))
+        if not v.alive:
+            problems.append(f"the daemon exited ({v.daemon.proc.returncode}):\n{v.log_tail()}")
+            return problems
+        grown = v.rss() - v.rss_start
+        if grown >= RSS_MARGIN:
+            problems.append(f"the daemon's RSS grew by {grown >> 20} MiB")
+        problems += [
+            f"the node sent bytes that do not decode: {c.garbled}" for c in self.open if c.garbled
+        ]
+        if bad := [n[:80] for n in v.stored_names() if hostile_name(n)]:
+            problems.append(f"stored under hostile names: {bad!r}")
+        if outside := files_outside(v.outer):
+            problems.append(f"files outside the daemon's home: {outside}")
+        if round_trip and not problems:
+            try:
+                self.w.round_trip()
+            except Exception as exc:  # any failure of it is the finding
+                problems.append(f"an honest peer's send and pull failed: {exc!r}")
+        return problems
 
     def teardown(self) -> None:
-        """The node handled everything this example sent, and survived it. (After a failed step
-        nothing here may raise: an exception in teardown would hide the step's failure.)"""
+        """The node handled everything this example sent, and survived it. After a failed
+        step nothing here may raise (an exception in teardown would hide the step's failure),
+        but the barrier still runs: the next example must not meet a node that this one's
+        frames are still killing."""
         conns, self.open = self.open, []
-        if self.failed:
-            for conn in conns:
-                self._run(conn.aclose)
-            return
         for conn in conns:
             self._run(conn.finish)
-        self.node_is_alive_and_answers()
-        self.no_handler_crashed()
+        if not self.failed:
+            self.node_is_healthy()
 
 
 @pytest.fixture(scope="module")
