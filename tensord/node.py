@@ -1133,7 +1133,12 @@ class TensorNode:
                     log.warning("peer %s refused this node: %s", conn.peer_id, msg.message)
                     return
                 elif isinstance(msg, Error):
-                    log.info("peer %s reported: %s: %s", conn.peer_id, msg.code, msg.message)
+                    log.info(
+                        "peer %s reported %s: %s",
+                        conn.peer_id,
+                        msg.code or "an error",
+                        msg.message or "(no reason given)",
+                    )
                     return
                 else:
                     raise ProtocolError(f"unexpected {type(msg).__name__} outside a transfer")

@@ -71,14 +71,16 @@ async def test_connections_per_peer_are_capped() -> None:
                 await trio.testing.wait_all_tasks_blocked()
 
 
-async def test_connections_beyond_the_node_wide_cap_are_closed_at_once() -> None:
+async def test_connections_beyond_the_node_wide_cap_make_the_oldest_stranger_go() -> None:
+    """At the node-wide cap a newcomer takes the place of the oldest connection that has not
+    authenticated (``MaxStartups``); see test_peer_boundary for the members-only case."""
     async with running(limited(max_connections=2)) as node:
         # Two connections that never say hello hold both slots (until the handshake timeout).
         holders = [await trio.open_tcp_stream("127.0.0.1", node.port) for _ in range(2)]
+        late = await trio.open_tcp_stream("127.0.0.1", node.port)
         with trio.fail_after(5):
-            late = await trio.open_tcp_stream("127.0.0.1", node.port)
-            assert await late.receive_some(100) == b""  # closed without a word
-        for h in holders:
+            assert await holders[0].receive_some(100) == b""  # closed without a word
+        for h in [*holders, late]:
             await h.aclose()
         with trio.fail_after(5):
             while True:  # the slots free up as the node notices the closes

@@ -349,8 +349,9 @@ async def receive_chunked(
             elif isinstance(msg, End):
                 replies = xfer.on_end(msg)
             elif isinstance(msg, Error):
+                why = msg.message or "(no reason given)"
                 raise TransferFailed(
-                    f"sender aborted tensor {xfer.meta.name!r}: {msg.message}", code=msg.code
+                    f"sender aborted tensor {xfer.meta.name!r}: {why}", code=msg.code
                 )
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} during a transfer")
