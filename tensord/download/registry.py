@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import ipaddress
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 
+from ..config import is_loopback
 from .fetch import (
     DEFAULT_MAX_BYTES,
     MAX_REDIRECTS,
@@ -142,22 +142,18 @@ def parse_reference(text: str) -> Reference:
             f"bad model reference {original!r}: expected [REGISTRY/]NAME[:TAG][@sha256:DIGEST]"
         )
     if not scheme:
-        scheme = "http" if is_loopback(registry) else "https"
+        scheme = "http" if registry_is_loopback(registry) else "https"
     return Reference(registry, path, tag, digest, scheme)
 
 
-def is_loopback(host: str) -> bool:
-    """Is ``host`` (``name[:port]`` or ``[v6]:port``) ``localhost``, ``127.0.0.0/8`` or ``::1``?"""
+def registry_is_loopback(host: str) -> bool:
+    """Is a registry ``host`` (``name[:port]`` or ``[v6]:port``) on loopback? (Docker's rule:
+    such a registry is plain HTTP unless the reference says ``https://``.)"""
     if host.startswith("["):
         name = host[1:].partition("]")[0]
     else:
         name = host.rpartition(":")[0] if host.count(":") == 1 else host
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(name)
 
 
 @dataclass(frozen=True)
@@ -523,7 +519,7 @@ __all__ = [
     "RegistryAuth",
     "RegistryAuthError",
     "fetch_manifest",
-    "is_loopback",
     "load_credentials",
     "parse_reference",
+    "registry_is_loopback",
 ]

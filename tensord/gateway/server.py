@@ -14,7 +14,6 @@ A reply being relayed is never cut by either: a client may read a long token str
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import httpx
 import trio
 from hypercorn.config import Config
 
-from ..config import Settings
+from ..config import Settings, is_loopback
 from ..control.serving import HTTPConnections
 from ..errors import ConfigError
 from .app import GatewayApp
@@ -35,13 +34,6 @@ def backend_entries(settings: Settings) -> list[tuple[str, str]]:
     return [(n.id, n.ollama) for n in settings.nodes if n.ollama]
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def load_api_keys(settings: Settings) -> set[str] | None:
     """The API keys clients must present, or None when the gateway is open (loopback only).
 
@@ -49,7 +41,7 @@ def load_api_keys(settings: Settings) -> set[str] | None:
     path: Path | None = settings.gateway.api_keys_file
     listen = settings.gateway.listen
     if path is None:
-        if not _is_loopback(listen.host):
+        if not is_loopback(listen.host):
             raise ConfigError(
                 f"gateway.listen is {listen}, not a loopback address: set gateway.api_keys_file "
                 "(one API key per line) so that only clients with a key can use it"
