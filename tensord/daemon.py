@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -29,6 +28,7 @@ import trio
 
 from . import metrics
 from ._version import __version__
+from .backoff import Backoff
 from .boundary import report_unexpected
 from .config import NodeEntry, Settings, check_security_policy, load_settings
 from .download.manager import DownloadManager
@@ -43,6 +43,8 @@ from .transfers import FINAL_STATES, TransferTable
 log = logging.getLogger("tensord.daemon")
 
 MAX_PEER_BACKOFF = 30.0
+#: A peer that does not answer its pings is tried again 1 s, 2 s, 4 s ... 30 s later.
+PEER_BACKOFF = Backoff(base=1.0, cap=MAX_PEER_BACKOFF)
 
 
 @dataclass
@@ -240,8 +242,7 @@ class Daemon:
                     if health.state != "down":
                         log.warning("peer %s is down: %s", health.entry.id, exc)
                     self._set_state(health, "down")
-                    delay = min(MAX_PEER_BACKOFF, 0.5 * 2 ** min(health.failures, 10))
-                    await trio.sleep(delay * random.uniform(0.8, 1.2))
+                    await PEER_BACKOFF.sleep(health.failures)
                     continue
                 except Exception as exc:  # a bug: log it, count it, keep supervising
                     report_unexpected(log, "peer", f"supervisor of peer {health.entry.id}", exc)

@@ -11,7 +11,6 @@ that is cancelled cancels just its own transfer.
 from __future__ import annotations
 
 import logging
-import random
 import secrets
 import socket
 import time
@@ -26,6 +25,7 @@ import numpy as np
 import trio
 
 from .address import PeerAddress, resolve_peer
+from .backoff import Backoff
 from .boundary import report_unexpected
 from .config import MAX_CHUNK_SIZE, HostPort, Settings
 from .errors import (
@@ -145,10 +145,10 @@ def _only_cancelled(exc: BaseException) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
-def backoff_delay(base_ms: int, attempt: int) -> float:
-    """``base`` doubling per attempt, capped at 5 s, with +-20 % jitter."""
-    delay = min(base_ms / 1000 * 2 ** (attempt - 1), MAX_BACKOFF)
-    return float(delay * random.uniform(0.8, 1.2))
+def retry_backoff(base_ms: int) -> Backoff:
+    """The transfers' retry policy: ``tensor_protocol.retry_base_delay`` (milliseconds, as
+    Ollama spells it) doubling per attempt that moved nothing, capped at 5 s, +-20 %."""
+    return Backoff(base=base_ms / 1000, cap=MAX_BACKOFF)
 
 
 @dataclass
@@ -766,7 +766,7 @@ class TensorNode:
                             )
                         self._transfer_failed(xid, meta, peer, retries, err)
                         raise err from None
-                    delay = backoff_delay(proto.retry_base_delay, max(1, stalled))
+                    delay = retry_backoff(proto.retry_base_delay).delay(stalled)
                     log.info(
                         "tensor transfer %s: send %r to %s: attempt %d failed (%s); "
                         "retrying in %.2f s",
@@ -971,7 +971,7 @@ class TensorNode:
                         _why(exc),
                         f"; resuming at {kept.xfer.bytes_have} bytes" if kept.xfer else "",
                     )
-                    await trio.sleep(backoff_delay(proto.retry_base_delay, max(1, stalled)))
+                    await retry_backoff(proto.retry_base_delay).sleep(stalled)
         finally:
             with trio.CancelScope(shield=True):
                 await kept.discard()
@@ -1586,4 +1586,4 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-__all__ = ["Arrival", "Hello", "TensorNode", "TransferResult", "backoff_delay"]
+__all__ = ["Arrival", "Hello", "TensorNode", "TransferResult", "retry_backoff"]

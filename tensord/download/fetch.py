@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import ssl
 import statistics
@@ -52,6 +51,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import trio
 
+from ..backoff import Backoff
 from ..errors import TensorError
 from ..fsutil import atomic_write
 from .ranges import RangeSet, split_pieces, steal_point
@@ -217,11 +217,6 @@ class _Hasher:
                 raise OSError(errno.EIO, "short read while hashing the blob")
             self.h.update(data)
             self.offset += len(data)
-
-
-def _backoff(cfg: FetchConfig, attempt: int) -> float:
-    delay = min(cfg.backoff_base * 2 ** (attempt - 1), cfg.backoff_max)
-    return float(delay * random.uniform(0.5, 1.0))  # "full jitter" halves
 
 
 def _same_host(a: str, b: str) -> bool:
@@ -609,7 +604,7 @@ class BlobFetch:
                         exc,
                         attempt,
                     )
-                    await trio.sleep(_backoff(self.cfg, attempt))
+                    await Backoff(self.cfg.backoff_base, self.cfg.backoff_max).sleep(attempt)
                     task.scope = trio.CancelScope()
                     task.started = time.monotonic()
                     task.samples.clear()
