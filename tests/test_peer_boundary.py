@@ -14,7 +14,8 @@ from tensord import metrics
 from tensord.config import Settings
 from tensord.errors import BadTensor
 from tensord.node import TensorNode
-from tensord.wire import Error, Ping, Pong, Request, encode
+from tensord.wire import Error, Hello, Ping, Pong, Request, encode, make_hello
+from tensord.wire.handshake import ALL_FEATURES
 
 from .daemons import daemon, free_port
 from .helpers import LogWaiter, fast_settings, running
@@ -200,3 +201,26 @@ def test_the_cli_refuses_a_bad_name_with_the_wires_words(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "bad tensor name" in err and not err.rstrip().endswith(":")
+
+
+async def test_a_flood_from_one_host_evicts_its_own_strangers_not_a_member_mid_handshake() -> None:
+    """A member is a stranger too while its handshake runs: when the budget is full the one to
+    go is the oldest stranger of the source holding the most, so a flooding host evicts its
+    own connections and a slow member from another address still completes its handshake."""
+    settings = unauthenticated().with_transfer(max_unauthenticated=4, handshake_timeout=600.0)
+
+    async def from_(host: str) -> trio.SocketStream:
+        return await trio.open_tcp_stream("127.0.0.1", node.port, local_address=host)
+
+    async with running(settings) as node:
+        flood = [await from_("127.0.0.2") for _ in range(3)]
+        member = RawPeer(await from_("127.0.0.3"))  # connected, its Hello not sent yet
+        flood += [await from_("127.0.0.2") for _ in range(8)]
+        with trio.fail_after(5):
+            for stream in flood[:8]:  # 11 from the flooder, 3 of its own left with the member
+                assert await stream.receive_some(100) == b""
+        await member.stream.send_all(encode(make_hello("member", ALL_FEATURES, 1 << 26)))
+        with trio.fail_after(5):
+            assert isinstance(await member.next_message(), Hello)
+        for stream in flood:
+            await stream.aclose()

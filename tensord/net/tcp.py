@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -88,7 +89,8 @@ async def _close(stream: trio.SocketStream | None, framed: FramedStream | None =
     """Close a connection that never became a :class:`Connection`: through its framed stream
     when there is one (a :class:`SocketTransport` holds a ``dup`` of the socket that closing the
     trio stream alone would leak, and the peer would never see EOF)."""
-    with trio.CancelScope(shield=True):
+    # Shielded, but bounded: a TLS close_notify to a stranger who never reads must not hang.
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
         if framed is not None:
             await framed.aclose()
         elif stream is not None:
@@ -101,6 +103,14 @@ def _remote(stream: trio.SocketStream) -> str:
     except OSError:
         return "a peer"
     return f"{host}:{port}"
+
+
+def _source(stream: trio.SocketStream) -> str:
+    """The remote address without its port: whose strangers these are."""
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 def _describe(exc: BaseException) -> str:
@@ -135,9 +145,12 @@ async def serve(
     Until a connection has completed its (authenticated) handshake it is a stranger: it gets
     ``handshake_timeout`` seconds in all, and strangers share a budget of
     ``max_unauthenticated`` connections. When the budget - or ``max_connections``, which counts
-    every open connection - is full, the oldest stranger is dropped to make room for the new
-    one (sshd's ``MaxStartups`` idea): a host holding idle connections cannot lock cluster
-    members out. Only when every slot is held by an authenticated peer is a newcomer refused.
+    every open connection - is full, a stranger is dropped to make room for the new one (sshd's
+    ``MaxStartups`` idea): the oldest of the source address holding the most strangers, so that
+    neither idle connections nor a flood from one host can lock cluster members out (a member
+    is a stranger too while its handshake runs: it is dropped only if its own address holds as
+    many strangers as any other). Only when every slot is held by an authenticated peer is a
+    newcomer refused.
     """
 
     sec = security or PeerSecurity()
@@ -146,12 +159,22 @@ async def serve(
     open_now = 0
     warned_at = -1e9
     #: Connections still in their handshake, oldest first, with the scope that drops them.
-    strangers: dict[object, trio.CancelScope] = {}
+    strangers: dict[object, tuple[trio.CancelScope, str]] = {}
+    per_source: Counter[str] = Counter()
     dropped: set[object] = set()
 
-    def drop_oldest_stranger() -> None:
-        key, scope = next(iter(strangers.items()))
-        del strangers[key]
+    def forget(key: object) -> None:
+        entry = strangers.pop(key, None)
+        if entry is not None:
+            per_source[entry[1]] -= 1
+            if not per_source[entry[1]]:
+                del per_source[entry[1]]
+
+    def drop_a_stranger() -> None:
+        """The oldest stranger of the source holding the most (a flood evicts itself)."""
+        busiest = max(per_source, key=per_source.__getitem__)
+        key, (scope, _) = next((k, e) for k, e in strangers.items() if e[1] == busiest)
+        forget(key)
         dropped.add(key)
         scope.cancel()
         metrics.PEER_CONNECTIONS_DROPPED.labels("budget").inc()
@@ -171,10 +194,12 @@ async def serve(
             await _close(stream)
             return
         if open_now >= limit or len(strangers) >= budget:
-            drop_oldest_stranger()
+            drop_a_stranger()
         key = object()
         scope = trio.CancelScope(deadline=trio.current_time() + handshake_timeout)
-        strangers[key] = scope
+        source = _source(stream)
+        strangers[key] = (scope, source)
+        per_source[source] += 1
         open_now += 1
         try:
             await _serve_one(stream, key, scope)
@@ -182,7 +207,7 @@ async def serve(
             report_unexpected(log, "peer", f"peer connection from {_remote(stream)}", exc)
         finally:
             open_now -= 1
-            strangers.pop(key, None)
+            forget(key)
             dropped.discard(key)
 
     async def _serve_one(stream: trio.SocketStream, key: object, scope: trio.CancelScope) -> None:
@@ -231,7 +256,7 @@ async def serve(
             )
             await _close(stream, framed)
             return
-        strangers.pop(key, None)  # authenticated: out of the strangers' budget
+        forget(key)  # authenticated: out of the strangers' budget
         try:
             await handler(conn)
         finally:
