@@ -27,11 +27,12 @@ def chunk_count(nbytes: int, chunk_size: int) -> int:
 
 def chunk_size_for(nbytes: int, wanted: int, peer_max: int) -> int:
     """The chunk size a sender uses: ``wanted`` (the configured size, capped by what the peer
-    accepts), raised to the next power of two when ``nbytes`` would need more than
-    :data:`MAX_CHUNKS` chunks. Raises ``ValueError`` when the peer's maximum forbids that."""
+    accepts), raised - to the smallest multiple of 4 KiB that fits - when ``nbytes`` would need
+    more than :data:`MAX_CHUNKS` chunks. Raises ``ValueError`` when the peer's maximum forbids
+    that."""
     size = max(MIN_CHUNK, min(wanted, peer_max, MAX_CHUNK))
-    while chunk_count(nbytes, size) > MAX_CHUNKS:
-        size *= 2
+    if chunk_count(nbytes, size) > MAX_CHUNKS:
+        size = -(-chunk_count(nbytes, MAX_CHUNKS) // MIN_CHUNK) * MIN_CHUNK
     if size > min(peer_max, MAX_CHUNK):
         raise ValueError(
             f"{nbytes} bytes need chunks of at least {size} bytes (at most {MAX_CHUNKS} chunks), "

@@ -390,9 +390,12 @@ class TensorNode:
         task_status.started()
         ttl = self.settings.transfer.partial_ttl_seconds
         while True:
-            self._expire_partials()  # closes expired ones, so the store's sweep may remove them
-            if store is not None:
-                await trio.to_thread.run_sync(store.expire_partials, ttl)
+            try:
+                self._expire_partials()  # closes expired ones, so the store's sweep removes them
+                if store is not None:
+                    await trio.to_thread.run_sync(store.expire_partials, ttl)
+            except Exception as exc:  # a bug: logged and counted; the next sweep tries again
+                report_unexpected(log, "peer", "the sweep of partial receives", exc)
             await trio.sleep(min(SWEEP_INTERVAL, max(ttl / 2, 0.05)))
 
     async def _run_job(self, fn: Callable[[], Awaitable[T]]) -> T:
@@ -955,6 +958,12 @@ class TensorNode:
                 except (TensorNotFound, TransferFailed, BadTensor):
                     raise
                 except RETRIABLE as exc:
+                    if isinstance(exc, ProtocolError) and exc.code == "too_large":
+                        # Chunking beyond the bounds (the owner's, or its refusal of ours):
+                        # the same tensor would fail the same way again.
+                        raise TransferFailed(
+                            f"pulling {name!r} from {peer.name}: {exc}", code="too_large"
+                        ) from None
                     retries += 1
                     progressed = kept.xfer is not None and kept.xfer.bytes_have > had
                     stalled = 0 if progressed else stalled + 1
@@ -1437,6 +1446,9 @@ class TensorNode:
                     # A full disk: the receive goes on; a restart would resume from earlier.
                     log.warning("tensor transfer %s: cannot save progress: %s", xfer.id, exc)
                     continue
+                except Exception as exc:  # a bug: no more checkpoints for it; the node goes on
+                    report_unexpected(log, "peer", f"checkpoints of transfer {xfer.id}", exc)
+                    return
                 if saved and not scope.cancel_called:  # never after the receive's last event
                     self._publish_receive(xfer.id, xfer.meta, sender, "checkpoint", before)
 
@@ -1513,7 +1525,11 @@ class TensorNode:
         # resuming Begin, and its Accept says which chunks it already has.
         resume = req.resume is not None and agr.resume
         xid = req.resume if resume and req.resume is not None else self._next_id()
-        xfer = self._new_send(xid, meta, data, agr)
+        try:
+            xfer = self._new_send(xid, meta, data, agr)
+        except TransferFailed as exc:  # the puller's max chunk is too small for this tensor
+            await conn.stream.send(Error(exc.code, str(exc)[:512]))
+            return
         await send_chunked(conn, xfer, resume=resume, io_timeout=t.io_timeout)
 
     def _stored(self, name: str) -> tuple[TensorMeta, np.ndarray[Any, Any]]:

@@ -128,7 +128,11 @@ async def test_a_send_to_a_peer_whose_max_chunk_forbids_the_chunk_count_fails_cl
     a typed refusal for a tensor that would need over a million of them, not a send it refuses."""
     from tensord.limits import MAX_CHUNKS, chunk_size_for
 
-    assert chunk_size_for(10 * (1 << 30), 4096, 1 << 26) == 16384  # raised to fit
+    assert (
+        chunk_size_for(10 * (1 << 30), 4096, 1 << 26) == 12288
+    )  # 10 KiB per 1 Mi chunks, in 4 KiB
+    assert chunk_size_for(40 * (1 << 30), 4096, 48 << 10) == 40960  # fits a 48 KiB peer
+    assert chunk_size_for(1 << 20, 1 << 20, 1 << 26) == 1 << 20  # small tensors: as configured
     with pytest.raises(ValueError, match="at most"):
         chunk_size_for(MAX_CHUNKS * 4096 + 1, 4096, 4096)
 
@@ -224,3 +228,21 @@ async def test_a_flood_from_one_host_evicts_its_own_strangers_not_a_member_mid_h
             assert isinstance(await member.next_message(), Hello)
         for stream in flood:
             await stream.aclose()
+
+
+async def test_a_pull_whose_chunking_the_puller_forbids_is_answered_too_large() -> None:
+    """The owner cannot split this tensor into at most 2^20 chunks of the puller's max chunk:
+    it answers ``too_large`` (it used to close without a word, and the puller retried)."""
+    async with running(unauthenticated()) as node:
+        node.put_tensor("big", np.zeros((4 << 30) + 4096, np.uint8))  # untouched pages: cheap
+        peer = await RawPeer.connect(node.port, hello=False)
+        await peer.stream.send_all(encode(make_hello("small", ALL_FEATURES, 4096)))
+        with trio.fail_after(5):
+            assert isinstance(await peer.next_message(), Hello)
+            await peer.stream.send_all(encode(Request("big")))
+            reply = await peer.next_message()
+        assert isinstance(reply, Error) and reply.code == "too_large", reply
+        assert "4096" in reply.message
+        await peer.stream.send_all(encode(Ping(1)))  # the connection carries on
+        with trio.fail_after(5):
+            assert await peer.next_message() == Pong(1)
