@@ -24,7 +24,7 @@ def test_delays_double_then_cap_within_the_jitter() -> None:
 
 def test_the_three_users_share_it() -> None:
     assert retry_backoff(500) == Backoff(base=0.5, cap=5.0)  # tensor_protocol.retry_base_delay
-    assert PEER_BACKOFF == Backoff(base=1.0, cap=30.0)
+    assert Backoff(base=1.0, cap=30.0) == PEER_BACKOFF
 
 
 @pytest.mark.parametrize("bad", [{"base": -1.0}, {"cap": -1.0}, {"jitter": 1.0}])

@@ -93,7 +93,8 @@ proof; with ``tls``: the certificate's node id; with neither, any well-formed He
 * **Budgets.** ``max_connections`` counts QUIC connections, handshakes included (streams are
   bounded per connection by MAX_STREAMS); ``max_unauthenticated`` counts those before their
   Hello. A new connection that finds either full takes the place of the oldest one still
-  before its Hello (sshd's ``MaxStartups`` idea; that one gets E_REFUSED, naming the
+  before its Hello from the source address holding the most such (so a flood from one host
+  evicts its own; sshd's ``MaxStartups`` idea; that one gets E_REFUSED, naming the
   setting), so strangers cannot lock members out; only when authenticated peers hold every
   slot is it refused, with a CONNECTION_CLOSE (CONNECTION_REFUSED, naming the setting) from a
   throwaway connection - at most ``_MAX_REFUSALS_PER_SECOND`` answered, the rest dropped
@@ -158,7 +159,7 @@ import math
 import re
 import socket
 import ssl
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -1817,7 +1818,7 @@ class _Listener:
         assert self._nursery is not None
         full = self.max_connections is not None and len(self.admitted) >= self.max_connections
         if self.unauthenticated and (full or len(self.unauthenticated) >= self.max_unauthenticated):
-            self._evict(next(iter(self.unauthenticated)), addr, full=full)
+            self._evict(self._stranger_to_drop(), addr, full=full)
         elif full:
             self._refuse(dcid, data, addr, now)
             return None
@@ -1860,19 +1861,28 @@ class _Listener:
         self.unauthenticated.pop(session, None)
         self._update_gauges()
 
+    def _stranger_to_drop(self) -> QuicSession:
+        """The oldest unauthenticated connection of the source address holding the most (as
+        the TCP listener): a flood from one host evicts its own, not a member mid-handshake."""
+        per_source = Counter(_host_of(s.peer_addr) for s in self.unauthenticated)
+        busiest = max(per_source, key=per_source.__getitem__)
+        return next(s for s in self.unauthenticated if _host_of(s.peer_addr) == busiest)
+
     def _evict(self, session: QuicSession, newcomer: NetworkAddress, *, full: bool) -> None:
-        """sshd's MaxStartups: the oldest connection still in its handshake makes room."""
+        """sshd's MaxStartups: a connection still in its handshake makes room."""
         self.stats.evicted += 1
         metrics.PEER_CONNECTIONS_DROPPED.labels("budget").inc()
         if full:
             why = (
                 f"all {len(self.admitted)} peer connections are taken (transfer.max_connections) "
-                "and this was the oldest still in its handshake (transfer.max_unauthenticated)"
+                "and this was the oldest still in its handshake from the address holding the most "
+                "(transfer.max_unauthenticated)"
             )
         else:
             why = (
                 f"{len(self.unauthenticated)} connections are in their handshake "
-                "(transfer.max_unauthenticated) and this was the oldest"
+                "(transfer.max_unauthenticated) and this was the oldest from the address holding "
+                "the most"
             )
         log.info(
             "peer connection from %s dropped before authenticating for one from %s: %s",
@@ -2064,6 +2074,10 @@ class _Listener:
         session.agreement = conn.agreement
         self._authenticated(session)
         return conn
+
+
+def _host_of(addr: NetworkAddress) -> str:
+    return str(addr[0])
 
 
 def _addr_name(addr: NetworkAddress) -> str:
