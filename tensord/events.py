@@ -33,9 +33,10 @@ class PeerEvent(Event):
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TransferEvent(Event):
-    """Progress of a transfer: ``started``, ``progress``, ``retry``, ``done``, ``failed``."""
+    """Progress of a transfer: ``started``, ``progress``, ``retry``, ``done``, ``failed``.
+    Built with keywords only: nine fields, several of them strings, are easy to swap."""
 
     id: str
     name: str

@@ -208,6 +208,11 @@ class Peer:
     def name(self) -> str:
         return self.node_id or str(self.addr.hostport)
 
+    @property
+    def running(self) -> bool:
+        """Its nursery is open: its pool may be used (else the node makes a new ``Peer``)."""
+        return self._nursery is not None
+
     def close(self) -> None:
         """Stop this peer's tasks and close its connections (it left the cluster)."""
         if self._nursery is not None:
@@ -594,11 +599,11 @@ class TensorNode:
     async def _peer(self, addr: PeerAddress) -> Peer:
         key = (addr.host, addr.port)
         peer = self._peers.get(key)
-        if peer is not None and peer._nursery is not None:
+        if peer is not None and peer.running:
             return peer  # the common case: no lock, no checkpoint
         async with self._peer_lock:
             peer = self._peers.get(key)
-            if peer is None or peer._nursery is None:
+            if peer is None or not peer.running:
                 self._check_running()
                 assert self._nursery is not None
                 pool = PeerPool(
@@ -711,13 +716,28 @@ class TensorNode:
             if self.events.active:
                 self.events.publish(
                     TransferEvent(
-                        xid, meta.name, peer.name, "send", "progress", done, meta.nbytes, retries
+                        id=xid,
+                        name=meta.name,
+                        peer=peer.name,
+                        direction="send",
+                        state="progress",
+                        bytes_done=done,
+                        bytes_total=meta.nbytes,
+                        retries=retries,
                     )
                 )
 
         if self.events.active:
             self.events.publish(
-                TransferEvent(xid, meta.name, peer.name, "send", "started", 0, meta.nbytes)
+                TransferEvent(
+                    id=xid,
+                    name=meta.name,
+                    peer=peer.name,
+                    direction="send",
+                    state="started",
+                    bytes_done=0,
+                    bytes_total=meta.nbytes,
+                )
             )
         # The retry budget counts consecutive attempts that moved nothing: an attempt that got
         # chunks acknowledged before it failed (a flaky link, a restarted receiver) starts the
@@ -782,15 +802,15 @@ class TensorNode:
                     )
                     self.events.publish(
                         TransferEvent(
-                            xid,
-                            meta.name,
-                            peer.name,
-                            "send",
-                            "retry",
-                            xfer.bytes_acked if xfer else 0,
-                            meta.nbytes,
-                            retries,
-                            _why(exc),
+                            id=xid,
+                            name=meta.name,
+                            peer=peer.name,
+                            direction="send",
+                            state="retry",
+                            bytes_done=xfer.bytes_acked if xfer else 0,
+                            bytes_total=meta.nbytes,
+                            retries=retries,
+                            detail=_why(exc),
                         )
                     )
                     await trio.sleep(delay)
@@ -802,15 +822,15 @@ class TensorNode:
             # (A cancellation may arrive wrapped in an exception group from a nursery inside.)
             self.events.publish(
                 TransferEvent(
-                    xid,
-                    meta.name,
-                    peer.name,
-                    "send",
-                    "failed",
-                    xfer.bytes_acked if xfer else 0,
-                    meta.nbytes,
-                    retries,
-                    "cancelled" if _only_cancelled(exc) else _why(exc),
+                    id=xid,
+                    name=meta.name,
+                    peer=peer.name,
+                    direction="send",
+                    state="failed",
+                    bytes_done=xfer.bytes_acked if xfer else 0,
+                    bytes_total=meta.nbytes,
+                    retries=retries,
+                    detail="cancelled" if _only_cancelled(exc) else _why(exc),
                 )
             )
             raise
@@ -846,7 +866,14 @@ class TensorNode:
         if self.events.active:
             self.events.publish(
                 TransferEvent(
-                    xid, meta.name, peer.name, "send", "done", meta.nbytes, meta.nbytes, retries
+                    id=xid,
+                    name=meta.name,
+                    peer=peer.name,
+                    direction="send",
+                    state="done",
+                    bytes_done=meta.nbytes,
+                    bytes_total=meta.nbytes,
+                    retries=retries,
                 )
             )
         return result
@@ -857,7 +884,15 @@ class TensorNode:
         log.warning("tensor transfer %s: %r with %s failed: %s", xid, meta.name, peer.name, exc)
         self.events.publish(
             TransferEvent(
-                xid, meta.name, peer.name, "send", "failed", 0, meta.nbytes, retries, str(exc)
+                id=xid,
+                name=meta.name,
+                peer=peer.name,
+                direction="send",
+                state="failed",
+                bytes_done=0,
+                bytes_total=meta.nbytes,
+                retries=retries,
+                detail=str(exc),
             )
         )
 
@@ -1457,7 +1492,15 @@ class TensorNode:
     ) -> None:
         if self.events.active:
             self.events.publish(
-                TransferEvent(xid, meta.name, sender, "receive", state, done, meta.nbytes)
+                TransferEvent(
+                    id=xid,
+                    name=meta.name,
+                    peer=sender,
+                    direction="receive",
+                    state=state,
+                    bytes_done=done,
+                    bytes_total=meta.nbytes,
+                )
             )
 
     async def _receive_legacy(self, conn: Connection, msg: Legacy) -> None:

@@ -7,7 +7,15 @@ from tensord.transfers import TransferTable
 
 
 def ev(state: str, done: int = 0, xid: str = "x1") -> TransferEvent:
-    return TransferEvent(xid, "w", "b", "receive", state, done, 100)
+    return TransferEvent(
+        id=xid,
+        name="w",
+        peer="b",
+        direction="receive",
+        state=state,
+        bytes_done=done,
+        bytes_total=100,
+    )
 
 
 def test_rows_move_from_live_to_recent_and_stragglers_are_ignored() -> None:
