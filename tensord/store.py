@@ -65,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadTensor, ProtocolError, TensorError, TensorNotFound
+from .errors import BadTensor, ProtocolError, StoreFull, TensorError, TensorNotFound
 from .fsutil import atomic_write as _atomic_write
 from .fsutil import fsync_dir as _fsync_dir
 from .fsutil import unlink_quietly as _unlink
@@ -99,15 +99,6 @@ _PROGRESS_MAGIC = b"TNSDPRG1"
 _PROGRESS_HEAD = struct.Struct("<8sI")
 _PROGRESS_TAIL = struct.Struct("<I")
 _MAX_SIZE = 1 << 62  # metadata read back from disk is validated with this as the size limit
-
-
-class StoreFull(TensorError):
-    """The store's size cap or the disk would be exceeded: the tensor was not stored.
-
-    ``code`` is the protocol error code a receiver answers with (``quota``).
-    """
-
-    code = "quota"
 
 
 # --------------------------------------------------------------------------------------------

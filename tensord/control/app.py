@@ -40,25 +40,19 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from .. import metrics
 from ..asgi import lifespan, send_body
 from ..boundary import report_unexpected
-from ..download.fetch import DownloadError
 from ..errors import (
-    BadAddress,
     BadTensor,
-    ConfigError,
-    NodeClosed,
-    PeerUnreachable,
     ProtocolError,
     TensorError,
     TensorNotFound,
-    TransferFailed,
 )
 from ..events import ArrivalEvent, DownloadEvent, Event, PeerEvent, TransferEvent
 from ..limits import check_name
 from ..node import TransferResult
-from ..store import PartialReceive, StoreFull, TensorInfo, TensorStore
+from ..store import PartialReceive, TensorInfo, TensorStore
 from ..tensorfile import FileTensor, read_tensor_file
 from ..wire.meta import TensorMeta, wire_dtype
-from .files import FILE_THREADS, NotAllowed, open_for_caller
+from .files import FILE_THREADS, open_for_caller
 from .server import CALLER_KEY, Caller
 from .serving import RequestTimeout
 
@@ -80,34 +74,14 @@ class HTTPError(Exception):
 
 
 def error_for(exc: BaseException) -> HTTPError:
-    """The status and code of a typed error (docs/CONTROL.md's table)."""
-    msg = str(exc)
+    """The status and code of an error (each typed error states its own: tensord/errors.py)."""
     if isinstance(exc, HTTPError):
         return exc
-    if isinstance(exc, NotAllowed):
-        return HTTPError(403, "forbidden", msg)
     if isinstance(exc, RequestTimeout):
-        return HTTPError(408, "timeout", msg)
-    if isinstance(exc, BadAddress):
-        return HTTPError(404, "unknown_peer", msg)
-    if isinstance(exc, TensorNotFound):
-        return HTTPError(404, "not_found", msg)
-    if isinstance(exc, StoreFull):
-        return HTTPError(507, "quota", msg)
-    if isinstance(exc, TransferFailed):
-        if exc.code == "quota":
-            return HTTPError(507, "quota", msg)
-        return HTTPError(502, "transfer_failed", msg)
-    if isinstance(exc, PeerUnreachable):
-        return HTTPError(502, "peer_unreachable", msg)
-    if isinstance(exc, ConfigError):
-        return HTTPError(400, "config", msg)
-    if isinstance(exc, DownloadError):
-        return HTTPError(404 if "no download with id" in msg else 400, "download", msg)
-    if isinstance(exc, NodeClosed):
-        return HTTPError(503, "node_closed", msg)
-    if isinstance(exc, BadTensor | ProtocolError | TensorError):
-        return HTTPError(400, "bad_request", msg)
+        return HTTPError(408, "timeout", str(exc))
+    if isinstance(exc, TensorError):
+        status, code = exc.http()
+        return HTTPError(status, code, str(exc))
     return HTTPError(
         500, "internal", f"internal error ({type(exc).__name__}): see the daemon's log"
     )

@@ -37,12 +37,9 @@ import httpx
 from .._version import __version__
 from ..config import default_control_socket, load_settings
 from ..errors import (
-    BadAddress,
     ConfigError,
-    PeerUnreachable,
     TensorError,
-    TensorNotFound,
-    TransferFailed,
+    error_for_code,
 )
 
 if TYPE_CHECKING:
@@ -134,20 +131,9 @@ def error_from_reply(status: int, body: bytes) -> TensorError:
             code="http",
             status=status,
         )
-    if code == "not_found":
-        return TensorNotFound(message)
-    if code == "peer_unreachable":
-        return PeerUnreachable(message)
-    if code == "unknown_peer":
-        return BadAddress(message)
-    if code == "transfer_failed":
-        return TransferFailed(message, code=code)
-    if code == "quota":
-        from ..store import StoreFull
-
-        return StoreFull(message)
-    if code == "config":
-        return ConfigError(message)
+    typed = error_for_code(code, message)
+    if typed is not None:
+        return typed
     return ControlError(message, code=code, status=status)
 
 

@@ -50,6 +50,9 @@ _R, _W, _X = 4, 2, 1
 class NotAllowed(TensorError):
     """The caller could not read (or write) the file itself: answered ``403``."""
 
+    http_status = 403
+    http_code = "forbidden"
+
 
 class OpenedPath(PosixPath):
     """A path that prints as what the user gave, but opens the descriptor already checked.

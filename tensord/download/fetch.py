@@ -52,7 +52,7 @@ import httpx
 import trio
 
 from ..backoff import Backoff
-from ..errors import TensorError
+from ..errors import DownloadError
 from ..fsutil import atomic_write
 from .ranges import RangeSet, split_pieces, steal_point
 
@@ -77,10 +77,6 @@ WRITE_BATCH = 64  # reads written per trip to the thread
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
 _CONTENT_LENGTH = re.compile(r"\d{1,19}")
 DEFAULT_MAX_BYTES = 256 << 30
-
-
-class DownloadError(TensorError):
-    """A blob could not be downloaded: the message names the URL, status and range."""
 
 
 class Refused(DownloadError):

@@ -26,6 +26,7 @@ import trio
 
 from ..boundary import report_unexpected
 from ..config import DownloadSettings
+from ..errors import DownloadNotFound
 from ..events import DownloadEvent, EventBus
 from ..fsutil import atomic_write
 from .blobs import BlobStore
@@ -131,7 +132,7 @@ class DownloadManager:
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise DownloadError(f"no download with id {job_id!r} (see tensord downloads)")
+            raise DownloadNotFound(f"no download with id {job_id!r} (see tensord downloads)")
         return job
 
     def list(self) -> builtins.list[Job]:

@@ -1,0 +1,72 @@
+"""One error table (tensord/errors.py): the control server answers each typed error with the
+status and code its class states, and the client turns that answer back into the same class."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tensord.control.app import error_for
+from tensord.control.client import ControlError, error_from_reply
+from tensord.control.files import NotAllowed
+from tensord.errors import (
+    BadAddress,
+    BadTensor,
+    ConfigError,
+    DownloadError,
+    DownloadNotFound,
+    NodeClosed,
+    PeerUnreachable,
+    ProtocolError,
+    StoreFull,
+    TensorError,
+    TensorNotFound,
+    TransferFailed,
+)
+
+
+def answered(exc: BaseException) -> tuple[int, str]:
+    e = error_for(exc)
+    return e.status, e.code
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (ConfigError("m"), 400, "config"),
+        (BadAddress("m"), 404, "unknown_peer"),
+        (PeerUnreachable("m"), 502, "peer_unreachable"),
+        (TensorNotFound("m"), 404, "not_found"),
+        (TransferFailed("m"), 502, "transfer_failed"),
+        (TransferFailed("m", code="quota"), 507, "quota"),
+        (StoreFull("m"), 507, "quota"),
+        (NodeClosed("m"), 503, "node_closed"),
+        (BadTensor("m"), 400, "bad_request"),
+        (ProtocolError("m"), 400, "bad_request"),
+        (DownloadError("m"), 400, "download"),
+        (DownloadNotFound("m"), 404, "download"),  # was told apart by matching message text
+        (NotAllowed("m"), 403, "forbidden"),
+        (RuntimeError("m"), 500, "internal"),
+    ],
+)
+def test_the_server_answers_what_each_class_states(
+    exc: BaseException, status: int, code: str
+) -> None:
+    assert answered(exc) == (status, code)
+
+
+@pytest.mark.parametrize(
+    "cls", [TensorNotFound, PeerUnreachable, BadAddress, StoreFull, ConfigError, TransferFailed]
+)
+def test_the_client_raises_the_class_the_server_answered_for(cls: type[TensorError]) -> None:
+    status, code = answered(cls("the cause"))
+    body = json.dumps({"error": {"code": code, "message": "the cause"}}).encode()
+    back = error_from_reply(status, body)
+    assert type(back) is cls and str(back) == "the cause"
+
+
+def test_other_codes_stay_control_errors_with_status_and_code() -> None:
+    body = json.dumps({"error": {"code": "forbidden", "message": "no"}}).encode()
+    back = error_from_reply(403, body)
+    assert isinstance(back, ControlError) and (back.status, back.code) == (403, "forbidden")
