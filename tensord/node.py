@@ -714,31 +714,10 @@ class TensorNode:
 
         def progress(done: int) -> None:
             if self.events.active:
-                self.events.publish(
-                    TransferEvent(
-                        id=xid,
-                        name=meta.name,
-                        peer=peer.name,
-                        direction="send",
-                        state="progress",
-                        bytes_done=done,
-                        bytes_total=meta.nbytes,
-                        retries=retries,
-                    )
-                )
+                self._publish_send(xid, meta, peer.name, "progress", done, retries)
 
         if self.events.active:
-            self.events.publish(
-                TransferEvent(
-                    id=xid,
-                    name=meta.name,
-                    peer=peer.name,
-                    direction="send",
-                    state="started",
-                    bytes_done=0,
-                    bytes_total=meta.nbytes,
-                )
-            )
+            self._publish_send(xid, meta, peer.name, "started", 0)
         # The retry budget counts consecutive attempts that moved nothing: an attempt that got
         # chunks acknowledged before it failed (a flaky link, a restarted receiver) starts the
         # count again, so a long transfer is not failed by interruptions it keeps surviving.
@@ -800,18 +779,14 @@ class TensorNode:
                         _why(exc),
                         delay,
                     )
-                    self.events.publish(
-                        TransferEvent(
-                            id=xid,
-                            name=meta.name,
-                            peer=peer.name,
-                            direction="send",
-                            state="retry",
-                            bytes_done=xfer.bytes_acked if xfer else 0,
-                            bytes_total=meta.nbytes,
-                            retries=retries,
-                            detail=_why(exc),
-                        )
+                    self._publish_send(
+                        xid,
+                        meta,
+                        peer.name,
+                        "retry",
+                        xfer.bytes_acked if xfer else 0,
+                        retries,
+                        _why(exc),
                     )
                     await trio.sleep(delay)
         except TensorError:
@@ -820,18 +795,14 @@ class TensorNode:
             # The caller went away (a CLI's Ctrl-C, a shutdown), or something unexpected: say
             # so, so that nobody watching the events stream waits for this transfer forever.
             # (A cancellation may arrive wrapped in an exception group from a nursery inside.)
-            self.events.publish(
-                TransferEvent(
-                    id=xid,
-                    name=meta.name,
-                    peer=peer.name,
-                    direction="send",
-                    state="failed",
-                    bytes_done=xfer.bytes_acked if xfer else 0,
-                    bytes_total=meta.nbytes,
-                    retries=retries,
-                    detail="cancelled" if _only_cancelled(exc) else _why(exc),
-                )
+            self._publish_send(
+                xid,
+                meta,
+                peer.name,
+                "failed",
+                xfer.bytes_acked if xfer else 0,
+                retries,
+                "cancelled" if _only_cancelled(exc) else _why(exc),
             )
             raise
         seconds = time.perf_counter() - started
@@ -864,37 +835,14 @@ class TensorNode:
             " (legacy mode)" if legacy else "",
         )
         if self.events.active:
-            self.events.publish(
-                TransferEvent(
-                    id=xid,
-                    name=meta.name,
-                    peer=peer.name,
-                    direction="send",
-                    state="done",
-                    bytes_done=meta.nbytes,
-                    bytes_total=meta.nbytes,
-                    retries=retries,
-                )
-            )
+            self._publish_send(xid, meta, peer.name, "done", meta.nbytes, retries)
         return result
 
     def _transfer_failed(
         self, xid: str, meta: TensorMeta, peer: Peer, retries: int, exc: Exception
     ) -> None:
         log.warning("tensor transfer %s: %r with %s failed: %s", xid, meta.name, peer.name, exc)
-        self.events.publish(
-            TransferEvent(
-                id=xid,
-                name=meta.name,
-                peer=peer.name,
-                direction="send",
-                state="failed",
-                bytes_done=0,
-                bytes_total=meta.nbytes,
-                retries=retries,
-                detail=str(exc),
-            )
-        )
+        self._publish_send(xid, meta, peer.name, "failed", 0, retries, str(exc))
 
     # -- pulling -----------------------------------------------------------------------------
 
@@ -1486,6 +1434,30 @@ class TensorNode:
                     return
                 if saved and not scope.cancel_called:  # never after the receive's last event
                     self._publish_receive(xfer.id, xfer.meta, sender, "checkpoint", before)
+
+    def _publish_send(
+        self,
+        xid: str,
+        meta: TensorMeta,
+        peer: str,
+        state: str,
+        done: int,
+        retries: int = 0,
+        detail: str = "",
+    ) -> None:
+        self.events.publish(
+            TransferEvent(
+                id=xid,
+                name=meta.name,
+                peer=peer,
+                direction="send",
+                state=state,
+                bytes_done=done,
+                bytes_total=meta.nbytes,
+                retries=retries,
+                detail=detail,
+            )
+        )
 
     def _publish_receive(
         self, xid: str, meta: TensorMeta, sender: str, state: str, done: int
