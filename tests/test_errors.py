@@ -70,3 +70,17 @@ def test_other_codes_stay_control_errors_with_status_and_code() -> None:
     body = json.dumps({"error": {"code": "forbidden", "message": "no"}}).encode()
     back = error_from_reply(403, body)
     assert isinstance(back, ControlError) and (back.status, back.code) == (403, "forbidden")
+
+
+def test_the_control_apis_result_carries_every_transfer_result_field() -> None:
+    """Issue 13: the transfer JSON had 9 of TransferResult's 12 fields."""
+    import dataclasses
+
+    from tensord.control.app import result_json
+    from tensord.node import TransferResult
+
+    r = TransferResult("ab", "w", "b", 10, 0.5, 1, 12, 2, 1, 3, False, "quic")
+    doc = result_json(r)
+    assert {f.name for f in dataclasses.fields(r)} | {"rate"} == set(doc)
+    assert doc["transport"] == "quic" and doc["nacks"] == 3 and doc["rate"] == 20.0
+    json.dumps(doc)  # plain JSON types only

@@ -88,16 +88,10 @@ def error_for(exc: BaseException) -> HTTPError:
 
 
 def result_json(r: TransferResult) -> dict[str, Any]:
+    """Every field of a :class:`TransferResult`, and its ``rate`` (0 for an instant one)."""
     return {
-        "id": r.id,
-        "name": r.name,
-        "peer": r.peer,
-        "nbytes": r.nbytes,
-        "seconds": r.seconds,
+        **{f.name: getattr(r, f.name) for f in dataclasses.fields(r)},
         "rate": r.rate if r.seconds > 0 else 0.0,
-        "retries": r.retries,
-        "bytes_sent": r.bytes_sent,
-        "bytes_resent": r.bytes_resent,
     }
 
 
