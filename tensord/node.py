@@ -714,10 +714,9 @@ class TensorNode:
 
         def progress(done: int) -> None:
             if self.events.active:
-                self._publish_send(xid, meta, peer.name, "progress", done, retries)
+                self._publish_transfer("send", xid, meta, peer.name, "progress", done, retries)
 
-        if self.events.active:
-            self._publish_send(xid, meta, peer.name, "started", 0)
+        self._publish_transfer("send", xid, meta, peer.name, "started", 0)
         # The retry budget counts consecutive attempts that moved nothing: an attempt that got
         # chunks acknowledged before it failed (a flaky link, a restarted receiver) starts the
         # count again, so a long transfer is not failed by interruptions it keeps surviving.
@@ -779,7 +778,8 @@ class TensorNode:
                         _why(exc),
                         delay,
                     )
-                    self._publish_send(
+                    self._publish_transfer(
+                        "send",
                         xid,
                         meta,
                         peer.name,
@@ -795,7 +795,8 @@ class TensorNode:
             # The caller went away (a CLI's Ctrl-C, a shutdown), or something unexpected: say
             # so, so that nobody watching the events stream waits for this transfer forever.
             # (A cancellation may arrive wrapped in an exception group from a nursery inside.)
-            self._publish_send(
+            self._publish_transfer(
+                "send",
                 xid,
                 meta,
                 peer.name,
@@ -834,15 +835,14 @@ class TensorNode:
             retries,
             " (legacy mode)" if legacy else "",
         )
-        if self.events.active:
-            self._publish_send(xid, meta, peer.name, "done", meta.nbytes, retries)
+        self._publish_transfer("send", xid, meta, peer.name, "done", meta.nbytes, retries)
         return result
 
     def _transfer_failed(
         self, xid: str, meta: TensorMeta, peer: Peer, retries: int, exc: Exception
     ) -> None:
         log.warning("tensor transfer %s: %r with %s failed: %s", xid, meta.name, peer.name, exc)
-        self._publish_send(xid, meta, peer.name, "failed", 0, retries, str(exc))
+        self._publish_transfer("send", xid, meta, peer.name, "failed", 0, retries, str(exc))
 
     # -- pulling -----------------------------------------------------------------------------
 
@@ -1001,13 +1001,13 @@ class TensorNode:
 
         def progress(done: int) -> None:
             if self.events.active:
-                self._publish_receive(xid, meta, peer.name, "progress", done)
+                self._publish_transfer("receive", xid, meta, peer.name, "progress", done)
 
         async def complete() -> None:
             arrays.append(await sink.commit(peer.name))
 
-        self._publish_receive(
-            xid, meta, peer.name, "started", kept.xfer.bytes_have if kept.xfer else 0
+        self._publish_transfer(
+            "receive", xid, meta, peer.name, "started", kept.xfer.bytes_have if kept.xfer else 0
         )
         try:
             if isinstance(first, Begin):
@@ -1023,11 +1023,11 @@ class TensorNode:
                 kept.xfer = kept.sink = None  # committed: nothing left to discard
             else:
                 have = kept.xfer.bytes_have if kept.xfer else 0
-                self._publish_receive(xid, meta, peer.name, "interrupted", have)
+                self._publish_transfer("receive", xid, meta, peer.name, "interrupted", have)
                 if not isinstance(first, Begin):
                     with trio.CancelScope(shield=True):
                         await sink.discard()
-        self._publish_receive(xid, meta, peer.name, "done", meta.nbytes)
+        self._publish_transfer("receive", xid, meta, peer.name, "done", meta.nbytes)
         return arrays[0]
 
     # -- serving -----------------------------------------------------------------------------
@@ -1344,11 +1344,11 @@ class TensorNode:
         if replies:
             await conn.stream.send(*replies)
         started = time.perf_counter()
-        self._publish_receive(begin.id, meta, conn.peer_id, "started", xfer.bytes_have)
+        self._publish_transfer("receive", begin.id, meta, conn.peer_id, "started", xfer.bytes_have)
 
         def progress(done: int) -> None:
             if self.events.active:
-                self._publish_receive(begin.id, meta, conn.peer_id, "progress", done)
+                self._publish_transfer("receive", begin.id, meta, conn.peer_id, "progress", done)
 
         committed: list[bool] = []
 
@@ -1395,7 +1395,9 @@ class TensorNode:
                 elif not committed:
                     await sink.discard()
             if not committed:
-                self._publish_receive(begin.id, meta, conn.peer_id, "interrupted", xfer.bytes_have)
+                self._publish_transfer(
+                    "receive", begin.id, meta, conn.peer_id, "interrupted", xfer.bytes_have
+                )
             del self._active[key]
             active.released.set()
             self._idle_if_done()
@@ -1403,7 +1405,7 @@ class TensorNode:
             raise ConnectionClosed("superseded by the sender's resumed transfer")
         self._remember_completed(key, begin, xfer)
         seconds = time.perf_counter() - started
-        self._publish_receive(begin.id, meta, conn.peer_id, "done", meta.nbytes)
+        self._publish_transfer("receive", begin.id, meta, conn.peer_id, "done", meta.nbytes)
         log.info(
             "tensor transfer %s: received %r from %s: %d bytes in %.3f s (%.1f MB/s)",
             begin.id,
@@ -1433,10 +1435,13 @@ class TensorNode:
                     report_unexpected(log, "peer", f"checkpoints of transfer {xfer.id}", exc)
                     return
                 if saved and not scope.cancel_called:  # never after the receive's last event
-                    self._publish_receive(xfer.id, xfer.meta, sender, "checkpoint", before)
+                    self._publish_transfer(
+                        "receive", xfer.id, xfer.meta, sender, "checkpoint", before
+                    )
 
-    def _publish_send(
+    def _publish_transfer(
         self,
+        direction: str,
         xid: str,
         meta: TensorMeta,
         peer: str,
@@ -1445,33 +1450,19 @@ class TensorNode:
         retries: int = 0,
         detail: str = "",
     ) -> None:
-        self.events.publish(
-            TransferEvent(
-                id=xid,
-                name=meta.name,
-                peer=peer,
-                direction="send",
-                state=state,
-                bytes_done=done,
-                bytes_total=meta.nbytes,
-                retries=retries,
-                detail=detail,
-            )
-        )
-
-    def _publish_receive(
-        self, xid: str, meta: TensorMeta, sender: str, state: str, done: int
-    ) -> None:
+        """A :class:`TransferEvent` for the events stream (built only if someone listens)."""
         if self.events.active:
             self.events.publish(
                 TransferEvent(
                     id=xid,
                     name=meta.name,
-                    peer=sender,
-                    direction="receive",
+                    peer=peer,
+                    direction=direction,
                     state=state,
                     bytes_done=done,
                     bytes_total=meta.nbytes,
+                    retries=retries,
+                    detail=detail,
                 )
             )
 

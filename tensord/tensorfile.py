@@ -9,6 +9,7 @@ needing torch or ml_dtypes.
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 from dataclasses import dataclass
@@ -63,15 +64,22 @@ def read_tensor_file(path: Path, name: str | None = None) -> list[FileTensor]:
             return [_read_npy(path, name or path.stem)]
         if suffix == ".safetensors":
             return _read_safetensors(path, name)
-    except FileNotFoundError:
-        raise BadTensor(f"{path}: no such file") from None
-    except PermissionError:
-        raise BadTensor(
-            f"{path}: permission denied (the daemon's user must be able to read it)"
-        ) from None
-    except IsADirectoryError:
-        raise BadTensor(f"{path}: is a directory, not a .npy or .safetensors file") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise file_error(path, exc) from None
     raise BadTensor(f"{path}: expected a .npy or .safetensors file")
+
+
+def file_error(path: Path, exc: OSError) -> BadTensor:
+    """What a user reads when the daemon cannot open or read the file they named."""
+    if isinstance(exc, FileNotFoundError):
+        return BadTensor(f"{path}: no such file")
+    if isinstance(exc, PermissionError):
+        return BadTensor(f"{path}: permission denied (the daemon's user must be able to read it)")
+    if isinstance(exc, IsADirectoryError):
+        return BadTensor(f"{path}: is a directory, not a .npy or .safetensors file")
+    if exc.errno == errno.ELOOP:
+        return BadTensor(f"{path}: too many levels of symbolic links")
+    return BadTensor(f"{path}: cannot open it: {exc.strerror or exc}")
 
 
 def _checked(path: Path, name: str) -> str:

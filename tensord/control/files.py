@@ -28,13 +28,13 @@ was checked, whatever happens to the path meanwhile.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from pathlib import Path, PosixPath
 from typing import TYPE_CHECKING
 
 from ..errors import BadTensor, TensorError
+from ..tensorfile import file_error
 
 if TYPE_CHECKING:
     from .server import Caller
@@ -108,16 +108,8 @@ def open_for_caller(path: Path, caller: Caller | None) -> tuple[int, OpenedPath]
         )
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise BadTensor(f"{path}: no such file") from None
-    except PermissionError:
-        raise BadTensor(
-            f"{path}: permission denied (the daemon's user must be able to read it)"
-        ) from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise BadTensor(f"{path}: too many levels of symbolic links") from None
-        raise BadTensor(f"{path}: cannot open it: {exc.strerror or exc}") from None
+        raise file_error(path, exc) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
