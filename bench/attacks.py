@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 import traceback
-import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -37,7 +36,7 @@ import httpx
 import numpy as np
 import trio
 
-from bench.rows import Row, fmt_bytes, vm_status, wait_log
+from bench.rows import Row, fmt_bytes, junit_counts, vm_status, wait_log
 from tensord.config import KiB, MiB, Settings
 from tensord.node import TensorNode
 from tensord.wire import Error, Hello
@@ -833,16 +832,7 @@ async def fuzz_row(row: Row, path: str, limit: float) -> None:
             row.check(False, f"pytest ran past {limit:g} s and was stopped")
             row.outcome = f"stopped after {limit:g} s"
             return
-        counts: Counter[str] = Counter()
-        if xml.exists():
-            for case in ET.parse(xml).getroot().iter("testcase"):
-                kinds = {child.tag for child in case}
-                if "failure" in kinds or "error" in kinds:
-                    counts["failed"] += 1
-                elif "skipped" in kinds:
-                    counts["skipped"] += 1
-                else:
-                    counts["passed"] += 1
+        counts = junit_counts(xml)
         examples: Counter[str] = Counter()
         for observed in (Path(tmp) / "hypothesis" / "observed").glob("*testcases.jsonl"):
             for line in observed.read_text().splitlines():

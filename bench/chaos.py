@@ -46,7 +46,6 @@ import sys
 import tempfile
 import time
 import traceback
-import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -65,7 +64,7 @@ if str(ROOT) not in sys.path:
 
 import tensord.node  # noqa: E402
 from bench.attacks import attacks  # noqa: E402  (scenario 13, the attacks of issue 12)
-from bench.rows import Row, fmt_bytes, vm_status, wait_log  # noqa: E402
+from bench.rows import Row, fmt_bytes, junit_counts, vm_status, wait_log  # noqa: E402
 from tensord.config import GiB, HostPort, KiB, MiB, SecuritySettings, StoreSettings  # noqa: E402
 from tensord.control.client import AsyncClient  # noqa: E402
 from tensord.errors import (  # noqa: E402
@@ -1370,18 +1369,7 @@ def _suite_rows() -> list[Row]:
                 text=True,
             )
             row = Row("6. Bad input", f"{path}: {what}")
-            counts: Counter[str] = Counter()
-            if xml.exists():
-                for case in ET.parse(xml).getroot().iter("testcase"):
-                    kinds = {child.tag for child in case}
-                    if "failure" in kinds or "error" in kinds:
-                        counts["failed"] += 1
-                    elif "skipped" in kinds:
-                        skip = case.find("skipped")
-                        xfail = skip is not None and "xfail" in (skip.get("type") or "")
-                        counts["xfailed" if xfail else "skipped"] += 1
-                    else:
-                        counts["passed"] += 1
+            counts = junit_counts(xml)
             cases = sum(counts.values())
             row.check(
                 proc.returncode == 0,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,3 +86,22 @@ async def wait_log(d: Daemon, needle: str, after: int = 0, limit: float = 30.0) 
                 return await d.wait_for(needle, after)
             except trio.TooSlowError:
                 continue
+
+
+def junit_counts(xml: Path) -> Counter[str]:
+    """Test cases of a pytest ``--junitxml`` report by outcome: passed, failed (failures and
+    errors), skipped, xfailed. Empty when pytest wrote no report."""
+    counts: Counter[str] = Counter()
+    if not xml.exists():
+        return counts
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        kinds = {child.tag for child in case}
+        if "failure" in kinds or "error" in kinds:
+            counts["failed"] += 1
+        elif "skipped" in kinds:
+            skip = case.find("skipped")
+            xfail = skip is not None and "xfail" in (skip.get("type") or "")
+            counts["xfailed" if xfail else "skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return counts
