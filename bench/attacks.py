@@ -1,7 +1,7 @@
 """Scenario 13 of ``bench/chaos.py``: the attacks of issue 12 against real ``tensord serve``
 daemons, each a row of docs/RELIABILITY.md saying what the attacker gets now.
 
-Every row attacks a real daemon subprocess (``tests/daemons.py``) and then checks the three
+Every row attacks a real daemon subprocess (``tests/support/daemons.py``) and then checks the three
 things the issue promises: the daemon is still alive, its peak RSS grew by less than 64 MiB
 during the attack (the kernel's peak is reset first, ``/proc/PID/clear_refs``, so VmHWM is the
 attack's own peak), and a legitimate peer still sends a tensor and pulls it back. The attacks
@@ -40,9 +40,9 @@ from bench.rows import Row, fmt_bytes, junit_counts, vm_status, wait_log
 from tensord.config import KiB, MiB, Settings
 from tensord.node import TensorNode
 from tensord.wire import Error, Hello
-from tests.daemons import Daemon, daemon, free_port
-from tests.helpers import IN_CI, fast_settings
-from tests.test_hostile import RawPeer, header
+from tests.support.daemons import Daemon, daemon, free_port
+from tests.support.helpers import IN_CI, fast_settings
+from tests.support.raw_peer import RawPeer, header
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = "13. Attacks (issue 12)"
@@ -952,7 +952,7 @@ async def attacks(
                 await attempt(rows, DEPUTY, lambda row: confused_deputy(row, t))
 
         async def slow() -> None:
-            from tests.ollama_backend import BackendConfig, ollama_backend
+            from tests.support.ollama_backend import BackendConfig, ollama_backend
 
             async with ollama_backend(BackendConfig(models=["tiny:latest"], interval=0.0)) as b:
                 port = free_port()

@@ -16,10 +16,10 @@ that returns result rows: the fault, how many times it was tried, the outcome, t
 data lost (must be 0), duplicates (must be 0). ``tests/test_reliability.py`` runs the same
 functions with the ``QUICK`` parameters, so CI covers them; ``FULL`` are the report's.
 
-The receivers are real ``tensord serve`` subprocesses (``tests/daemons.py``) with their on-disk
+The receivers are real ``tensord serve`` subprocesses (``tests/support/daemons.py``) with their on-disk
 store, so "what the receiver stored" is read back from the store's files and compared by
 SHA-256 with what was sent, and arrivals are counted in the daemon's own log ("tensor arrived:
-'name'") to find duplicates. Faults come from the test-owned proxy ``tests/chaos.py`` (cuts at
+'name'") to find duplicates. Faults come from the test-owned proxy ``tests/support/tcp_proxy.py`` (cuts at
 byte offsets, flipped bytes inside chunk payloads, a lost ``Stored``, throttling), from
 ``kill -9``, from a tmpfs that fills up, and from network namespaces joined by a veth pair.
 """
@@ -82,10 +82,10 @@ from tensord.store import TensorStore  # noqa: E402
 from tensord.wire.frames import FrameDecoder  # noqa: E402
 from tensord.wire.handshake import ALL_FEATURES, make_hello  # noqa: E402
 from tensord.wire.messages import Ping, Pong  # noqa: E402
-from tests.chaos import Fault, RandomFaults, proxied  # noqa: E402
-from tests.daemons import Daemon, cluster_secret, daemon, free_port  # noqa: E402
-from tests.helpers import IN_CI, LogWaiter, fast_settings  # noqa: E402
-from tests.udp_proxy import UdpFault, UdpProxy  # noqa: E402
+from tests.support.daemons import Daemon, cluster_secret, daemon, free_port  # noqa: E402
+from tests.support.helpers import IN_CI, LogWaiter, fast_settings  # noqa: E402
+from tests.support.tcp_proxy import Fault, RandomFaults, proxied  # noqa: E402
+from tests.support.udp_proxy import UdpFault, UdpProxy  # noqa: E402
 
 DOC = ROOT / "docs" / "RELIABILITY.md"
 
@@ -1726,7 +1726,7 @@ async def quic_path_faults(
     loss: float = 0.01,
     seed: int = 12,
 ) -> list[Row]:
-    """Transfers over QUIC to a daemon through the UDP proxy (``tests/udp_proxy.py``): every
+    """Transfers over QUIC to a daemon through the UDP proxy (``tests/support/udp_proxy.py``): every
     datagram may be lost or reordered, ``cuts`` connections have their path go dark for good at
     a random byte (QUIC has no RST: the sender learns it from silence), one gets a corrupted
     datagram, one a NAT rebinding. Then the receiver is killed with SIGKILL and restarted on
@@ -2014,8 +2014,8 @@ def render(rows: list[Row], m: dict[str, Any], quick: bool, seconds: float) -> s
         "",
         "Regenerate with `make chaos` (full sizes, several minutes; `bench/chaos.py --quick` for",
         "the shortened form). CI runs every scenario in the shortened form as",
-        "`tests/test_reliability.py`. Faults come from the test-owned proxies `tests/chaos.py`",
-        "(TCP) and `tests/udp_proxy.py` (QUIC).",
+        "`tests/test_reliability.py`. Faults come from the test-owned proxies `tests/support/tcp_proxy.py`",
+        "(TCP) and `tests/support/udp_proxy.py` (QUIC).",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram'] / GiB:.1f} GiB RAM, {m['kernel']},",
         f"  Python {m['python']}{', as root' if m['root'] else ''}",

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tensord.download.fetch import BlobFetch, FetchConfig  # noqa: E402
-from tests.nginx import nginx  # noqa: E402
+from tests.support.nginx import nginx  # noqa: E402
 
 MiB = 1 << 20
 QUICK = bool(os.environ.get("QUICK"))

@@ -5,7 +5,7 @@ Usage (``make bench`` runs it after the other rows)::
     .venv/bin/python bench/gateway.py
     QUICK=1 .venv/bin/python bench/gateway.py
 
-Three processes: the in-repo Ollama-compatible backend (tests/ollama_backend.py), the gateway
+Three processes: the in-repo Ollama-compatible backend (tests/support/ollama_backend.py), the gateway
 (tensord.gateway.server.Gateway), and this one, the client. A stream's tokens leave the backend
 on a fixed schedule from the request (``interval`` apart), so the k-th token's arrival time,
 measured from the request, through the gateway minus directly is what the gateway added to
@@ -42,7 +42,7 @@ REPS = int(os.environ.get("GW_REPS", 3 if QUICK else 10))
 
 
 def _backend(port_q: Any, interval: float, n_tokens: int) -> None:
-    from tests.ollama_backend import BackendConfig, OllamaBackend
+    from tests.support.ollama_backend import BackendConfig, OllamaBackend
 
     async def main() -> None:
         b = OllamaBackend(BackendConfig(n_tokens=n_tokens, interval=interval))

@@ -20,7 +20,7 @@ Method
 ------
 As in ``bench/run.py``: every row runs in fresh ``spawn`` processes - a receiving
 ``TensorNode`` and a sending ``TensorNode`` (and, for the proxy rows, a third process running
-``tests/udp_proxy.py``) - over 127.0.0.1, with default library settings (compression on but
+``tests/support/udp_proxy.py``) - over 127.0.0.1, with default library settings (compression on but
 adaptive; the payload is float32 normals, which lz4 cannot shrink). Rows are *pushes* on the
 *sender's* clock: from calling ``send_tensor`` until it returns, i.e. until the receiver has
 checked and stored the whole tensor and answered ``Stored``. Throughput is the median over
@@ -39,7 +39,7 @@ silent fallback fails the row instead of faking a figure. The jumbo row sets
 ``Settings.quic.max_datagram_size`` on both nodes: on loopback any size up to 16000 fits, on a
 real network only where the path MTU is 9000.
 
-Packet loss. QUIC rows go through ``tests/udp_proxy.py`` (a Trio UDP proxy in its own
+Packet loss. QUIC rows go through ``tests/support/udp_proxy.py`` (a Trio UDP proxy in its own
 process, dropping each datagram with probability ``LOSS`` in both directions, seeded); the
 sender dials the proxy. The proxy is Python and touches every datagram, so it costs CPU on a
 2-core machine: the row "QUIC, udp_proxy, 0 % loss" shows how much of the loss row's figure is
@@ -92,7 +92,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # tests.udp_proxy, also in the spawned children
+    sys.path.insert(0, str(ROOT))  # tests.support.udp_proxy, also in the spawned children
 
 import trio  # noqa: E402
 from harness import (  # noqa: E402
@@ -219,9 +219,9 @@ def receiver(out: Reporter, transport: str, quic: dict[str, Any], netns: str | N
 
 
 def proxy(out: Reporter, target_port: int, loss: float, seed: int, counters: Any) -> None:
-    """tests/udp_proxy.py in front of the receiver's UDP port. Its counters go to ``counters``
+    """tests/support/udp_proxy.py in front of the receiver's UDP port. Its counters go to ``counters``
     (shared memory: forwarded, dropped), every 0.1 s."""
-    from tests.udp_proxy import UdpProxy
+    from tests.support.udp_proxy import UdpProxy
 
     async def main() -> None:
         p = UdpProxy(("127.0.0.1", target_port), loss=loss, seed=seed)
@@ -716,7 +716,7 @@ def summary(cfg: Config, done: dict[str, RowResult]) -> tuple[list[str], dict[st
     line(f"{_mib(cfg.lat_size)} latency p99, us", "lat/tcp", "lat/quic", p99=True)
     line(f"{cfg.tasks} x {_mib(cfg.conc_size)} concurrent, MB/s", "conc/tcp", "conc/quic")
     line(f"  QUIC max_datagram_size {cfg.jumbo} (jumbo)", "conc/tcp", "conc/jumbo")
-    lines.append(f"{pct} loss (TCP: netns + tc drop, MTU 1500; QUIC: through tests/udp_proxy.py)")
+    lines.append(f"{pct} loss (TCP: netns + tc drop, MTU 1500; QUIC: through tests/support/udp_proxy.py)")
     for k, label in (
         ("lthr", f"{_mib(cfg.loss_size)} throughput, MB/s"),
         ("lconc", f"{cfg.tasks} x {_mib(cfg.loss_conc_size)} concurrent, MB/s"),
@@ -869,7 +869,7 @@ def main(argv: list[str]) -> int:
     if netns_reason is None:
         remove_stale_namespaces()
     print(
-        "packet loss: QUIC through tests/udp_proxy.py; TCP "
+        "packet loss: QUIC through tests/support/udp_proxy.py; TCP "
         + (f"n/a ({netns_reason})" if netns_reason else "in a network namespace (tc bpf drop)")
     )
     selected = [r for r in rows(cfg) if not only or any(o in f"{r.section} {r.name}" for o in only)]

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from tensord.config import GiB, KiB, MiB
-from tests.daemons import Daemon
+from tests.support.daemons import Daemon
 
 
 @dataclass

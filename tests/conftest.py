@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import helpers
+from .support import helpers
 
 
 @pytest.fixture(params=["tcp", "quic"])

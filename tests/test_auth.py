@@ -20,7 +20,7 @@ from tensord.wire.auth import ClusterKey, check_auth, check_reply, listener_repl
 from tensord.wire.handshake import ALL_FEATURES, answer_hello, make_hello
 from tensord.wire.messages import Auth, Error, Hello
 
-from .helpers import LogWaiter, fast_settings, running
+from .support.helpers import LogWaiter, fast_settings, running
 
 KEY = ClusterKey(b"k" * 32)
 OTHER = ClusterKey(b"o" * 32)
@@ -223,7 +223,7 @@ async def test_a_node_rejects_a_bad_secret_file_at_construction(tmp_path: Path) 
 def two_node_cluster(path: Path, **extra: object) -> Path:
     import json
 
-    from .daemons import free_port
+    from .support.daemons import free_port
 
     nodes = [{"id": k, "addr": f"127.0.0.1:{free_port()}"} for k in ("a", "b")]
     path.write_text(json.dumps({"nodes": nodes, **extra}))
@@ -231,7 +231,7 @@ def two_node_cluster(path: Path, **extra: object) -> Path:
 
 
 async def test_a_cluster_without_authentication_refuses_to_start(tmp_path: Path) -> None:
-    from .daemons import daemon
+    from .support.daemons import daemon
 
     cluster = two_node_cluster(tmp_path / "c.json")
     env = {"TENSORD_NODE_ID": "a", "TENSORD_CLUSTER_SECRET_FILE": ""}
@@ -244,7 +244,7 @@ async def test_a_cluster_without_authentication_refuses_to_start(tmp_path: Path)
 
 
 async def test_insecure_is_explicit_and_warned_about_at_every_start(tmp_path: Path) -> None:
-    from .daemons import daemon
+    from .support.daemons import daemon
 
     cluster = two_node_cluster(tmp_path / "c.json", security={"insecure": True})
     env = {"TENSORD_NODE_ID": "a", "TENSORD_CLUSTER_SECRET_FILE": ""}
@@ -256,7 +256,7 @@ async def test_insecure_is_explicit_and_warned_about_at_every_start(tmp_path: Pa
 async def test_the_secret_never_appears_in_logs_or_status(tmp_path: Path) -> None:
     from tensord.control.client import AsyncClient
 
-    from .daemons import daemon
+    from .support.daemons import daemon
 
     secret = tmp_path / "secret"
     value = "never-print-me-" + "x" * 24
@@ -283,7 +283,7 @@ async def test_a_listener_off_loopback_without_authentication_refuses_to_start(
     """Hole 7 of issue 12: a single-node file or TENSORD_LISTEN binding a non-loopback address
     ran unauthenticated with no warning; now it is the multi-node rule: exit 78, unless
     ``security.insecure`` (then a warning at every start)."""
-    from .daemons import daemon, free_port
+    from .support.daemons import daemon, free_port
 
     port = free_port()
     env = {"TENSORD_CLUSTER_SECRET_FILE": ""}

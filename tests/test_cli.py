@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from .daemons import daemon_env
-from .helpers import running
+from .support.daemons import daemon_env
+from .support.helpers import running
 
 
 def tensord(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

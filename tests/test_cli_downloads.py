@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from .daemons import Daemon, daemon
-from .nginx import nginx
-from .registry import registry
+from .support.daemons import Daemon, daemon
+from .support.nginx import nginx
+from .support.registry import registry
 from .test_control import ready
 
 MiB = 1 << 20

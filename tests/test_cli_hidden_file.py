@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from .daemons import daemon, free_port
-from .helpers import require
+from .support.daemons import daemon, free_port
+from .support.helpers import require
 from .test_control import http, ready
 
 

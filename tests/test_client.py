@@ -38,7 +38,7 @@ from tensord.control.client import (
 from tensord.errors import BadAddress, TransferFailed
 from tensord.store import StoreFull
 
-from .daemons import daemon_env, free_port
+from .support.daemons import daemon_env, free_port
 
 B_STORE_CAP = 24 << 20
 

@@ -12,7 +12,7 @@ from tensord.wire.frames import FrameDecoder
 from tensord.wire.handshake import ALL_FEATURES
 from tensord.wire.messages import Legacy, Stored
 
-from .helpers import fast_settings, running
+from .support.helpers import fast_settings, running
 
 OLD_STYLE = frozenset({"crc32c"})  # a peer from before chunking: no chunked, resume, lz4, pull
 

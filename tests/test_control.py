@@ -19,9 +19,9 @@ import httpx
 import numpy as np
 import trio
 
-from .chaos import proxied
-from .daemons import Daemon, daemon, free_port
-from .helpers import require
+from .support.daemons import Daemon, daemon, free_port
+from .support.helpers import require
+from .support.tcp_proxy import proxied
 
 Seen = tuple[float, dict[str, Any]]
 

@@ -27,8 +27,8 @@ from tensord.config import HostPort, NodeEntry, load_settings
 from tensord.daemon import Daemon as InProcessDaemon
 from tensord.daemon import PeerHealth
 
-from .daemons import daemon, free_port
-from .helpers import require
+from .support.daemons import daemon, free_port
+from .support.helpers import require
 from .test_control import http, ready, two_node_cluster
 
 

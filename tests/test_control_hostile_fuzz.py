@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from .daemons import daemon_env
-from .helpers import wait_serving
+from .support.daemons import daemon_env
+from .support.helpers import wait_serving
 
 LONG = os.environ.get("TENSORD_FUZZ_LONG", "") not in ("", "0")
 #: Examples (runs of up to 25 or 50 steps): a dozen in ``make test``, 400 with TENSORD_FUZZ_LONG.

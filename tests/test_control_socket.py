@@ -12,7 +12,7 @@ import pytest
 
 from tensord.control.server import bind_control_socket
 
-from .helpers import require
+from .support.helpers import require
 
 
 def test_created_0660_in_a_new_0750_directory(tmp_path: Path) -> None:

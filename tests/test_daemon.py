@@ -14,9 +14,9 @@ import trio
 from tensord.events import TransferEvent
 from tensord.store import TensorStore
 
-from .chaos import proxied
-from .daemons import daemon, free_port
-from .helpers import fast_settings, running
+from .support.daemons import daemon, free_port
+from .support.helpers import fast_settings, running
+from .support.tcp_proxy import proxied
 
 
 def cluster_file(path: Path, nodes: dict[str, int], **extra: object) -> Path:

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import trio
 
-from .daemons import daemon
-from .nginx import nginx
-from .registry import registry
+from .support.daemons import daemon
+from .support.nginx import nginx
+from .support.registry import registry
 from .test_control import events, http, ready
 
 MiB = 1 << 20

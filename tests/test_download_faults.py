@@ -18,9 +18,9 @@ import trio
 
 from tensord.download.fetch import BlobFetch, DiskFull, DownloadError, FetchConfig
 
-from .chaos import Fault, proxied
-from .helpers import require
-from .nginx import Nginx, nginx
+from .support.helpers import require
+from .support.nginx import Nginx, nginx
+from .support.tcp_proxy import Fault, proxied
 from .test_download_hostile import honest, lying_servers
 
 MiB = 1 << 20

@@ -14,7 +14,7 @@ import trio
 
 from tensord.download.fetch import BlobFetch, DownloadError, FetchConfig, Progress
 
-from .nginx import Nginx, nginx
+from .support.nginx import Nginx, nginx
 
 MiB = 1 << 20
 

@@ -580,7 +580,7 @@ def _error_lines_are_whole(err: str) -> list[str]:
 
 async def test_cli_download_errors_name_their_cause(tmp_path: Path) -> None:
     """Every way a pull or download fails prints one line that says why."""
-    from .daemons import daemon, free_port
+    from .support.daemons import daemon, free_port
     from .test_control import ready
 
     closed_port = free_port()
@@ -645,8 +645,8 @@ async def test_a_loopback_registry_is_plain_http_and_the_summary_counts_connecti
     plain HTTP by default, and the summary says how many connections it used (it said 0)."""
     import numpy as np
 
-    from .daemons import daemon
-    from .registry import registry
+    from .support.daemons import daemon
+    from .support.registry import registry
     from .test_control import ready
 
     # Small, as in the report: a fast pull publishes few (rate-limited) progress events.

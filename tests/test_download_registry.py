@@ -14,8 +14,8 @@ from tensord.download.fetch import DownloadError, FetchConfig
 from tensord.download.pull import PullProgress, manifest_path, pull_model
 from tensord.download.registry import DEFAULT_REGISTRY, Credential, Reference, parse_reference
 
-from .registry import registry
-from .token_issuer import token_issuer
+from .support.registry import registry
+from .support.token_issuer import token_issuer
 
 MiB = 1 << 20
 FAST = FetchConfig(connections=4, min_piece=2 * MiB, backoff_base=0.01)

@@ -10,7 +10,7 @@ from tensord.errors import PeerUnreachable, TensorError
 from tensord.events import TransferEvent
 from tensord.node import TensorNode
 
-from .helpers import fast_settings, running
+from .support.helpers import fast_settings, running
 
 
 async def test_ping_measures_rtt_on_a_pooled_connection() -> None:

@@ -26,7 +26,7 @@ from tensord.config import GatewaySettings, HostPort, NodeEntry, Settings
 from tensord.errors import ConfigError
 from tensord.gateway.server import Gateway, load_api_keys
 
-from .ollama_backend import BackendConfig, OllamaBackend, ollama_backend
+from .support.ollama_backend import BackendConfig, OllamaBackend, ollama_backend
 
 TOKENS = [f"tok{i} " for i in range(20)]
 MSG = [{"role": "user", "content": "hi"}]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from .daemons import daemon, free_port
-from .ollama_backend import BackendConfig, ollama_backend
+from .support.daemons import daemon, free_port
+from .support.ollama_backend import BackendConfig, ollama_backend
 from .test_control import http, ready
 
 

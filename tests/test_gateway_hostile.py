@@ -10,7 +10,7 @@ import json
 import httpx
 import trio
 
-from .ollama_backend import BackendConfig
+from .support.ollama_backend import BackendConfig
 from .test_gateway import MSG, gateway
 
 

@@ -23,7 +23,7 @@ from trio_websocket import open_websocket_url
 from tensord import metrics
 from tensord.gateway.encoders import ERROR, OTHER, TOKEN, line_kind
 
-from .ollama_backend import BackendConfig
+from .support.ollama_backend import BackendConfig
 from .test_gateway import MSG, gateway
 
 PREFIX = "gateway request: "

@@ -17,7 +17,7 @@ from trio_websocket import ConnectionRejected, WebSocketConnection, open_websock
 
 from tensord.gateway.server import Gateway
 
-from .ollama_backend import BackendConfig
+from .support.ollama_backend import BackendConfig
 from .test_gateway import MSG, TOKENS, gateway
 
 Msg = dict[str, Any]

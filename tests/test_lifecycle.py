@@ -12,7 +12,7 @@ from tensord.errors import NodeClosed
 from tensord.lifecycle import _TRANSITIONS, Event, Lifecycle, State
 from tensord.node import TensorNode
 
-from .helpers import fast_settings
+from .support.helpers import fast_settings
 
 
 def test_every_state_and_event_is_either_a_listed_transition_or_refused() -> None:

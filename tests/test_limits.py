@@ -15,8 +15,8 @@ from tensord.wire import Accept, Ack, Begin, Chunk, Error, encode
 from tensord.wire.crc import crc32c
 from tensord.wire.meta import TensorMeta
 
-from .helpers import fast_settings, running
-from .test_hostile import RawPeer
+from .support.helpers import fast_settings, running
+from .support.raw_peer import RawPeer
 
 
 def limited(**transfer: int) -> Settings:

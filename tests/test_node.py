@@ -27,8 +27,8 @@ from tensord.wire import Hello, encode, make_hello
 from tensord.wire.frames import FrameDecoder
 from tensord.wire.handshake import ALL_FEATURES
 
-from .chaos import Fault, faulty_path
-from .helpers import fast_settings, running
+from .support.helpers import fast_settings, running
+from .support.tcp_proxy import Fault, faulty_path
 
 rng = np.random.default_rng(1234)
 
@@ -539,7 +539,7 @@ async def test_a_cancelled_send_publishes_failed_cancelled() -> None:
     time (a cancellation can surface wrapped in an exception group from a nursery inside)."""
     from tensord.events import TransferEvent
 
-    from .chaos import proxied
+    from .support.tcp_proxy import proxied
 
     settings = fast_settings()
     noise = np.random.default_rng(5).integers(0, 255, 1 << 22, dtype=np.uint8)  # no lz4 gains

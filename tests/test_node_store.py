@@ -14,9 +14,9 @@ from tensord.config import HostPort, MiB, Settings, StoreSettings
 from tensord.errors import TensorNotFound, TransferFailed
 from tensord.node import TensorNode
 
-from .chaos import Fault, proxied
-from .daemons import free_port
-from .helpers import fast_settings, running
+from .support.daemons import free_port
+from .support.helpers import fast_settings, running
+from .support.tcp_proxy import Fault, proxied
 
 CHUNK = 256 * 1024
 WINDOW = 2 * MiB

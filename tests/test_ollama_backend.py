@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from .ollama_backend import BackendConfig, OllamaBackend, ollama_backend
+from .support.ollama_backend import BackendConfig, OllamaBackend, ollama_backend
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "why is the sky blue"}]}
 GENERATE = {"model": "tiny:latest", "prompt": "hello there", "system": "be brief"}

@@ -17,9 +17,9 @@ from tensord.node import TensorNode
 from tensord.wire import Error, Hello, Ping, Pong, Request, encode, make_hello
 from tensord.wire.handshake import ALL_FEATURES
 
-from .daemons import daemon, free_port
-from .helpers import LogWaiter, fast_settings, running
-from .test_hostile import RawPeer, header, unauthenticated
+from .support.daemons import daemon, free_port
+from .support.helpers import LogWaiter, fast_settings, running
+from .support.raw_peer import RawPeer, header, unauthenticated
 
 BAD_NAMES = ["layers//0", "a/../b", "/etc/passwd", "nul\x00", "x" * 4096]
 

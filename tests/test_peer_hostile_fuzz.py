@@ -39,8 +39,8 @@ from tensord.wire.crc import crc32c
 from tensord.wire.handshake import ALL_FEATURES
 from tensord.wire.messages import Accept, Ack, Begin, Error, Hello, Legacy, Stored
 
-from .helpers import IN_CI
-from .hostile_peer import (
+from .support.helpers import IN_CI
+from .support.hostile_peer import (
     BIG,
     RSS_MARGIN,
     Conn,
@@ -51,7 +51,7 @@ from .hostile_peer import (
     ping_fresh,
     world,
 )
-from .test_hostile import header
+from .support.raw_peer import header
 
 LONG = os.environ.get("TENSORD_FUZZ_LONG", "") not in ("", "0")
 

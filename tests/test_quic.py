@@ -338,7 +338,7 @@ async def test_slow_reader_bounds_what_both_sides_buffer() -> None:
 
 @pytest.mark.parametrize(("loss", "seed"), [(0.01, 1), (0.05, 2)])
 async def test_loss_and_reordering_stay_byte_exact(loss: float, seed: int) -> None:
-    from .udp_proxy import UdpProxy
+    from .support.udp_proxy import UdpProxy
 
     results: list[bool] = []
     with trio.fail_after(25):

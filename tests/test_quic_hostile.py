@@ -439,7 +439,7 @@ async def test_a_daemon_under_three_unauthenticated_connections_stays_small(
 
     from bench import chaos
 
-    from .helpers import fast_settings, running
+    from .support.helpers import fast_settings, running
 
     port = chaos.free_port()
     with trio.fail_after(60):

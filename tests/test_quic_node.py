@@ -13,8 +13,8 @@ import trio
 from tensord.config import QuicSettings, Settings
 from tensord.events import TransferEvent
 
-from .helpers import fast_settings, running
-from .udp_proxy import UdpFault, UdpProxy
+from .support.helpers import fast_settings, running
+from .support.udp_proxy import UdpFault, UdpProxy
 
 MiB = 1 << 20
 

@@ -27,8 +27,8 @@ from bench import chaos
 from tensord.wire import Begin, Chunk, End, encode
 from tensord.wire.meta import TensorMeta
 
-from .chaos import FrameScanner, RandomFaults
-from .helpers import require
+from .support.helpers import require
+from .support.tcp_proxy import FrameScanner, RandomFaults
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import pytest
 
 from tensord.config import MiB
 
-from .chaos import Fault, faulty_path, proxied
-from .helpers import fast_settings, running
+from .support.helpers import fast_settings, running
+from .support.tcp_proxy import Fault, faulty_path, proxied
 
 CHUNK = 256 * 1024
 WINDOW = 2 * MiB

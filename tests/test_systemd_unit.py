@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .helpers import require
+from .support.helpers import require
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "tensord.service"
 

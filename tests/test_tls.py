@@ -15,7 +15,7 @@ from tensord.certs import init_ca, issue
 from tensord.config import SecuritySettings, Settings, TlsSettings, load_settings
 from tensord.errors import AuthenticationFailed
 
-from .helpers import LogWaiter, fast_settings, running
+from .support.helpers import LogWaiter, fast_settings, running
 
 
 @pytest.fixture(scope="module")

@@ -122,7 +122,7 @@ beyond 1 MiB (the RTT is tiny); their defaults cover the CPU-bound rate over a W
 
 With loss the congestion window is the limit, not the CPU (both ends ~0.4 cores). At 2 %
 random loss Reno halves its window at nearly every loss (one per ~50 packets), so it averages
-~9 packets per round trip (~1.3 ms through tests/udp_proxy.py): bench/quic.py measures 5.7-7.3
+~9 packets per round trip (~1.3 ms through tests/support/udp_proxy.py): bench/quic.py measures 5.7-7.3
 MB/s for 16 MiB through the proxy and 8.7-12 MB/s with the kernel's drop (no proxy), where it
 was 3.4-3.8 and 3.5-4.3 before the two ACK changes below. CUBIC measured slower there (6.0
 against 7.2 MB/s). What the time went to, and was ours: aioquic acknowledges only when its 1 ms

@@ -17,7 +17,7 @@ forwarding the first reply of a given type (``cut_before_down="stored"``: the re
 the tensor but its confirmation is lost).
 
 :func:`faulty_path` gives a test that runs over both transports the same byte faults (cut,
-flip, downstream cut) from this proxy or, for QUIC, from the UDP proxy (tests/udp_proxy.py).
+flip, downstream cut) from this proxy or, for QUIC, from the UDP proxy (tests/support/udp_proxy.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""What the tests (and the bench) start and fake: daemons, proxies, registries, fake servers."""
