@@ -1,16 +1,36 @@
-"""tensord: moves tensors between the machines of an LLM cluster."""
+"""tensord: moves tensors between the machines of an LLM cluster.
+
+The public API is this namespace::
+
+    from tensord import TensorNode, TransferResult, Arrival   # a library node (numpy, trio)
+    from tensord import Client, AsyncClient                   # a local daemon's control socket
+    from tensord import Settings, load_settings, errors       # configuration, typed errors
+    from tensord import TensorError, TransferFailed, ...      # every public error, also here
+
+Everything else (``tensord.node``, ``tensord.net``, ``tensord.wire`` ...) is the implementation:
+importable, but free to change between releases. ``import tensord`` stays light: the node
+(numpy) and the clients (httpx) are imported on first use of their names, as trio re-exports its
+private modules without paying for what a program does not use.
+"""
 
 from typing import TYPE_CHECKING, Any
 
+from . import errors
 from ._version import __version__
 from .config import Settings, load_settings
 from .errors import (
     AuthenticationFailed,
     BadAddress,
+    BadTensor,
     ConfigError,
+    ControlError,
+    DaemonNotRunning,
+    DownloadError,
+    DownloadNotFound,
     NodeClosed,
     PeerUnreachable,
     ProtocolError,
+    StoreFull,
     TensorError,
     TensorNotFound,
     TransferFailed,
@@ -18,31 +38,57 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .control.client import AsyncClient, Client
+    from .node import Arrival, TensorNode, TransferResult
+
+#: Public names imported on first use, and the module each comes from.
+_LAZY = {
+    "TensorNode": "tensord.node",
+    "TransferResult": "tensord.node",
+    "Arrival": "tensord.node",
+    "Client": "tensord.control.client",
+    "AsyncClient": "tensord.control.client",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """``tensord.Client``/``AsyncClient``, imported on first use so that ``import tensord``
-    stays light (no httpx) for the daemon and for library nodes."""
-    if name in ("Client", "AsyncClient"):
-        from .control import client
+    """Import the heavy public names (numpy for the node, httpx for the clients) on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return getattr(client, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute read
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 __all__ = [
+    "Arrival",
     "AsyncClient",
     "AuthenticationFailed",
     "BadAddress",
+    "BadTensor",
     "Client",
     "ConfigError",
+    "ControlError",
+    "DaemonNotRunning",
+    "DownloadError",
+    "DownloadNotFound",
     "NodeClosed",
     "PeerUnreachable",
     "ProtocolError",
     "Settings",
+    "StoreFull",
     "TensorError",
+    "TensorNode",
     "TensorNotFound",
     "TransferFailed",
+    "TransferResult",
     "__version__",
+    "errors",
     "load_settings",
 ]

@@ -19,47 +19,36 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from . import metrics
 from ._version import __version__
-from .backoff import Backoff
-from .boundary import report_unexpected
 from .config import NodeEntry, Settings, check_security_policy, load_settings
+from .control.app import ControlApp
+from .control.server import serve_control
 from .download.manager import DownloadManager
-from .errors import ConfigError, NodeClosed, TensorError
-from .events import DownloadEvent, Event, PeerEvent, TransferEvent
+from .errors import ConfigError, NodeClosed
+from .events import DownloadEvent, Event, TransferEvent
 from .gateway.server import Gateway, backend_entries
 from .node import TensorNode
+from .peer_health import PeerHealth, supervise_peer
 from .sdnotify import Notifier, run_watchdog
 from .store import TensorStore
 from .transfers import FINAL_STATES, TransferTable
 
+__all__ = ["Daemon", "count", "serve"]
+
 log = logging.getLogger("tensord.daemon")
-
-MAX_PEER_BACKOFF = 30.0
-#: A peer that does not answer its pings is tried again 1 s, 2 s, 4 s ... 30 s later.
-PEER_BACKOFF = Backoff(base=1.0, cap=MAX_PEER_BACKOFF)
-
-
-@dataclass
-class PeerHealth:
-    """What the daemon knows of a configured peer."""
-
-    entry: NodeEntry
-    state: str = "unknown"  # "up", "down", "unknown"
-    rtt: float | None = None
-    failures: int = 0
-    last_error: str = ""
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 class Daemon:
+    """The node, its peers' supervisors, the control API, the gateway and the download manager
+    under one nursery. The control API sees it through
+    :class:`tensord.control.service.DaemonServices`."""
+
     def __init__(self, settings: Settings, env: Mapping[str, str]) -> None:
         self.settings = settings
         self.env = env
@@ -143,9 +132,6 @@ class Daemon:
         nursery.cancel_scope.cancel()
 
     async def _start_control(self, nursery: trio.Nursery) -> Path:
-        from .control.app import ControlApp
-        from .control.server import serve_control
-
         control = self.settings.control
         path = control.socket
         assert path is not None, "load_settings gives the daemon a control socket"
@@ -227,85 +213,15 @@ class Daemon:
         assert self._nursery is not None
         health = PeerHealth(entry)
         self.peers[entry.id] = health
-        self._nursery.start_soon(self._supervise_peer, health)
-
-    async def _supervise_peer(self, health: PeerHealth) -> None:
-        """Keep one peer checked: ping it every ``peer_check_interval``; when it fails, back off
-        (doubling, capped) and try again. Nothing here can take the daemon down."""
-        with health.scope:
-            while True:
-                try:
-                    health.rtt = await self.node.ping(health.entry.id)
-                except TensorError as exc:
-                    health.failures += 1
-                    health.last_error = str(exc)
-                    if health.state != "down":
-                        log.warning("peer %s is down: %s", health.entry.id, exc)
-                    self._set_state(health, "down")
-                    await PEER_BACKOFF.sleep(health.failures)
-                    continue
-                except Exception as exc:  # a bug: log it, count it, keep supervising
-                    report_unexpected(log, "peer", f"supervisor of peer {health.entry.id}", exc)
-                    await trio.sleep(MAX_PEER_BACKOFF)
-                    continue
-                if health.state != "up":
-                    log.info("peer %s is up (rtt %.2f ms)", health.entry.id, health.rtt * 1e3)
-                health.failures = 0
-                self._set_state(health, "up")
-                await trio.sleep(self.settings.transfer.peer_check_interval)
-
-    def _set_state(self, health: PeerHealth, state: str) -> None:
-        if health.state != state:
-            health.state = state
-            self.node.events.publish(PeerEvent(health.entry.id, state, health.last_error))
-            self._changed()
+        self._nursery.start_soon(
+            supervise_peer,
+            self.node,
+            health,
+            lambda: self.settings.transfer.peer_check_interval,
+            self._changed,
+        )
 
     # -- status ------------------------------------------------------------------------------
-
-    def peer_list(self) -> list[dict[str, Any]]:
-        """The configured peers with their health and connection pool, for the control API."""
-        pools = self.node.pool_stats()
-        out = []
-        for peer_id, h in sorted(self.peers.items()):
-            pool = pools.get(peer_id, {})
-            out.append(
-                {
-                    "id": peer_id,
-                    "addr": str(h.entry.addr),
-                    "state": h.state,
-                    "rtt_ms": None if h.rtt is None else h.rtt * 1e3,
-                    "failures": h.failures,
-                    "last_error": h.last_error,
-                    "pool": {k: pool.get(k, 0) for k in ("size", "idle", "in_use")},
-                }
-            )
-        return out
-
-    async def status(self) -> dict[str, Any]:
-        """``GET /v1/status``. Built on the event loop: the peer table, the node's pools and the
-        transfer table are the loop's, mutated by its tasks, and a worker thread iterating them
-        races those tasks ("dictionary changed size during iteration"). Only the store scan,
-        which reads the disk and nothing of the loop's, runs in a thread."""
-        doc = {
-            "node_id": self.node.node_id,
-            "version": __version__,
-            "uptime": time.time() - self.started_at,
-            "listen": self.node.addr,
-            "cluster": self.settings.cluster_name,
-            "peers": self.peer_list(),
-            "transfers": self.transfers.in_flight(),
-        }
-        store = self.store
-        tensors, used = await trio.to_thread.run_sync(
-            lambda: (len(store.list()), store.used_bytes())
-        )
-        doc["store"] = {
-            "root": str(store.root),
-            "tensors": tensors,
-            "used_bytes": used,
-            "max_bytes": store.max_bytes,
-        }
-        return doc
 
     def status_line(self) -> str:
         up = sum(1 for p in self.peers.values() if p.state == "up")

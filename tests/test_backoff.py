@@ -9,8 +9,8 @@ import trio
 import trio.testing
 
 from tensord.backoff import Backoff
-from tensord.daemon import PEER_BACKOFF
 from tensord.node import retry_backoff
+from tensord.peer_health import PEER_BACKOFF
 
 
 def test_delays_double_then_cap_within_the_jitter() -> None:

@@ -25,7 +25,7 @@ import trio.testing
 import tensord.control.app as control_app
 from tensord.config import HostPort, NodeEntry, load_settings
 from tensord.daemon import Daemon as InProcessDaemon
-from tensord.daemon import PeerHealth
+from tensord.peer_health import PeerHealth
 
 from .support.daemons import daemon, free_port
 from .support.helpers import require

@@ -52,12 +52,13 @@ from ..node import TransferResult
 from ..store import PartialReceive, TensorInfo, TensorStore
 from ..tensorfile import FileTensor, read_tensor_file
 from ..wire.meta import TensorMeta, wire_dtype
+from . import status
 from .files import FILE_THREADS, open_for_caller
 from .server import CALLER_KEY, Caller
 from .serving import RequestTimeout
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from .service import DaemonServices
 
 log = logging.getLogger("tensord.control")
 
@@ -212,9 +213,9 @@ Handler = Callable[["ControlApp", Request, ASGISendCallable, list[str]], Awaitab
 
 
 class ControlApp:
-    """The ASGI app serving ``daemon``."""
+    """The ASGI app of the control socket, serving a running daemon's services."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonServices) -> None:
         self.daemon = daemon
         self.node = daemon.node
         #: Threads for the files requests name: never the default limiter the receive path uses.
@@ -328,10 +329,10 @@ class ControlApp:
     # -- handlers
 
     async def status(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
-        await self._json(send, 200, await self.daemon.status())
+        await self._json(send, 200, await status.status(self.daemon))
 
     async def peers(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
-        await self._json(send, 200, {"peers": self.daemon.peer_list()})
+        await self._json(send, 200, {"peers": status.peer_list(self.daemon)})
 
     async def tensors(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
         infos = await trio.to_thread.run_sync(self.node.tensors)
@@ -452,7 +453,7 @@ class ControlApp:
         name = str(name_field(doc, "name"))
         local = name_field(doc, "as", required=False) or name
         started = time.perf_counter()
-        await self._until_disconnect(req, self.node.pull_tensor(peer, name, store_as=local))
+        await self._until_disconnect(req, self.node.pull_tensor(peer, name, as_name=local))
         seconds = time.perf_counter() - started
         info = self.node.tensor_info(local)
         transfer = {
