@@ -35,7 +35,7 @@ from tensord.net.quic import (
     open_quic_socket,
     serve_quic,
 )
-from tensord.net.quic_reset import ResetTokens
+from tensord.net.quic.reset import ResetTokens
 from tensord.net.stream import ConnectionClosed
 from tensord.wire.auth import ClusterKey
 from tensord.wire.frames import FrameDecoder

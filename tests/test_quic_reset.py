@@ -1,4 +1,4 @@
-"""Stateless reset tokens and datagrams (tensord/net/quic_reset.py), without sockets."""
+"""Stateless reset tokens and datagrams (tensord/net/quic/reset.py), without sockets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensord.net.quic_reset import (
+from tensord.net.quic.reset import (
     MIN_RESET_SIZE,
     TOKEN_LENGTH,
     ResetTokens,

@@ -120,23 +120,23 @@ aioquic walks every stream for every packet it builds. The windows hardly matter
 beyond 1 MiB (the RTT is tiny); their defaults cover the CPU-bound rate over a WAN RTT
 (8 MiB / 60 MB/s = 130 ms). Reno measured at least as fast as CUBIC, with and without loss.
 
-With loss the congestion window is the limit, not the CPU (both ends ~0.4 cores). At 2 %
-random loss Reno halves its window at nearly every loss (one per ~50 packets), so it averages
-~9 packets per round trip (~1.3 ms through tests/support/udp_proxy.py): bench/quic.py measures 5.7-7.3
-MB/s for 16 MiB through the proxy and 8.7-12 MB/s with the kernel's drop (no proxy), where it
-was 3.4-3.8 and 3.5-4.3 before the two ACK changes below. CUBIC measured slower there (6.0
-against 7.2 MB/s). What the time went to, and was ours: aioquic acknowledges only when its 1 ms
-ACK timer fires, and a window that arrived as one batch got one ACK per round trip; losing that
-ACK (2 % of them) left the sender idle until its probe timeout, which includes the peer's
-``max_ack_delay`` - aioquic announces 25 ms, so ~29 ms per lost ACK, ~18 % of the transfer.
-Now :meth:`_FlowControlledConnection.receive_datagram` acknowledges after the batch when two
+With loss the congestion window is the limit, not the CPU (both ends ~0.4 cores). At 2 % random
+loss Reno halves its window at nearly every loss (one per ~50 packets), so it averages ~9
+packets per round trip (~1.3 ms through tests/support/udp_proxy.py): bench/quic.py measures
+5.7-7.3 MB/s for 16 MiB through the proxy and 8.7-12 MB/s with the kernel's drop (no proxy),
+where it was 3.4-3.8 and 3.5-4.3 before the two ACK changes below. CUBIC measured slower there
+(6.0 against 7.2 MB/s). What the time went to, and was ours: aioquic acknowledges only when its
+1 ms ACK timer fires, and a window that arrived as one batch got one ACK per round trip; losing
+that ACK (2 % of them) left the sender idle until its probe timeout, which includes the peer's
+``max_ack_delay`` - aioquic announces 25 ms, so ~29 ms per lost ACK, ~18 % of the transfer. Now
+:meth:`_FlowControlledConnection.receive_datagram` acknowledges after the batch when two
 packets are unacknowledged or one arrived out of order (RFC 9000 section 13.2; a lone request
 still waits for the timer, so its ACK can ride on the answer), and both ends announce
-``MAX_ACK_DELAY_MS`` (5 ms): a lost ACK costs ~8 ms, half as often, and a loss is
-acknowledged past - hence detected - at once. Without loss the figures above did not move: a
-busy receiver reads full batches and sent exactly as many ACKs as before (one per ~62
-packets); through the proxy it sends ~1.4x as many, and the shorter PTO fires spuriously a few
-times per 100 MB (each resends one packet, without cutting the window).
+``MAX_ACK_DELAY_MS`` (5 ms): a lost ACK costs ~8 ms, half as often, and a loss is acknowledged
+past - hence detected - at once. Without loss the figures above did not move: a busy receiver
+reads full batches and sent exactly as many ACKs as before (one per ~62 packets); through the
+proxy it sends ~1.4x as many, and the shorter PTO fires spuriously a few times per 100 MB (each
+resends one packet, without cutting the window).
 
 Private aioquic API used (the tests check it exists): ``QuicStreamSender._buffer_start`` and
 ``_buffer_stop``, ``QuicConnection._streams``, ``_local_max_data`` (a ``Limit``: ``value``,
@@ -190,16 +190,16 @@ from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from cryptography.hazmat.primitives import serialization
 
-from .. import metrics
-from ..config import HostPort, TlsSettings
-from ..errors import AuthenticationFailed, PeerUnreachable, ProtocolError, TensorError
-from ..wire.auth import ClusterKey
-from ..wire.frames import FrameDecoder
-from ..wire.handshake import Agreement
-from ..wire.messages import Hello, Message
-from .connection import Connection, client_handshake, server_handshake
-from .quic_reset import MAX_RESET_SIZE, ResetTokens, is_stateless_reset, reset_key
-from .stream import BufferLike, ByteTransport, ConnectionClosed, FramedStream
+from ... import metrics
+from ...config import HostPort, TlsSettings
+from ...errors import AuthenticationFailed, PeerUnreachable, ProtocolError, TensorError
+from ...wire.auth import ClusterKey
+from ...wire.frames import FrameDecoder
+from ...wire.handshake import Agreement
+from ...wire.messages import Hello, Message
+from ..connection import Connection, client_handshake, server_handshake
+from ..stream import BufferLike, ByteTransport, ConnectionClosed, FramedStream
+from .reset import MAX_RESET_SIZE, ResetTokens, is_stateless_reset, reset_key
 
 log = logging.getLogger("tensord.net")
 
@@ -1076,7 +1076,7 @@ class QuicSession:
                     )
                     return
             if cert is not None:
-                from ..certs import node_id_of
+                from ...certs import node_id_of
 
                 self.peer_node_id = node_id_of(cert.public_bytes(serialization.Encoding.DER))
         self.established.set()
@@ -1252,7 +1252,7 @@ def _base_config(tuning: QuicTuning, *, is_client: bool) -> QuicConfiguration:
 
 
 def _read_ca(tls: TlsSettings) -> bytes:
-    from ..certs import client_context
+    from ...certs import client_context
 
     client_context(tls)  # the three files, checked with one clear line per mistake
     return tls.ca.read_bytes()
@@ -1274,7 +1274,7 @@ def _server_config(tls: TlsSettings | None, tuning: QuicTuning) -> tuple[QuicCon
     """The listener's configuration and the CA (empty without TLS) to verify clients with."""
     cfg = _base_config(tuning, is_client=False)
     if tls is None:
-        from ..certs import ephemeral_certificate
+        from ...certs import ephemeral_certificate
 
         cert, key = ephemeral_certificate()
         cfg.certificate, cfg.private_key = cert, key
