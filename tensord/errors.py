@@ -122,6 +122,38 @@ class DownloadNotFound(DownloadError):
     http_status = 404
 
 
+class ControlError(TensorError):
+    """The daemon refused a request with a code no class above stands for (``code`` and HTTP
+    ``status`` as it answered them), or could not be talked to at all (``status`` 0).
+
+    Raised by the control client (:mod:`tensord.control.client`), never by the daemon: should
+    one reach the control server it is answered with its own code, and 502 when it carries no
+    status of its own (an upstream failure, as a proxy would say).
+    """
+
+    http_status = 502
+    http_code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int = 0) -> None:
+        super().__init__(message)
+        self.code = self.http_code if code is None else code
+        self.status = status
+
+    def http(self) -> tuple[int, str]:
+        return self.status or self.http_status, self.code
+
+
+class DaemonNotRunning(ControlError):
+    """Nothing listens on the control socket: the message says where it looked and how to start
+    the daemon. The CLI exits 69 (EX_UNAVAILABLE) on it."""
+
+    http_status = 503
+    http_code = "not_running"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
 #: Control API codes the client turns back into these classes (constructed from the message).
 _BY_CODE: dict[str, type[TensorError]] = {
     cls.http_code: cls

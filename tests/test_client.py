@@ -26,17 +26,13 @@ from tensord import AsyncClient, Client, ConfigError, PeerUnreachable, TensorNot
 from tensord.control.client import (
     ControlError,
     DaemonNotRunning,
-    SSEComment,
-    SSEMessage,
-    SSEParser,
     connect_error,
     error_from_reply,
-    event_dict,
     resolve_socket,
     tensor_path,
 )
-from tensord.errors import BadAddress, TransferFailed
-from tensord.store import StoreFull
+from tensord.control.sse import SSEComment, SSEMessage, SSEParser, event_dict
+from tensord.errors import BadAddress, StoreFull, TransferFailed
 
 from .support.daemons import daemon_env, free_port
 
@@ -377,7 +373,7 @@ def test_tensor_round_trip_with_slashes_in_the_name(cluster: Cluster) -> None:
         assert np.array_equal(c.load(name), array)
         out = cluster.work / "out" / "w.npy"
         out.parent.mkdir(exist_ok=True)
-        got = c.download(name, out)
+        got = c.get(name, out)
         assert got["path"] == str(out) and got["file_bytes"] == out.stat().st_size
         assert np.array_equal(np.load(out), array)
         c.delete(name)
@@ -387,7 +383,7 @@ def test_tensor_round_trip_with_slashes_in_the_name(cluster: Cluster) -> None:
             c.delete(name)
 
 
-def test_download_replaces_the_file_atomically(cluster: Cluster) -> None:
+def test_get_replaces_the_file_atomically(cluster: Cluster) -> None:
     name = unique("atomic")
     where = cluster.work / unique("dl")
     where.mkdir()
@@ -395,10 +391,10 @@ def test_download_replaces_the_file_atomically(cluster: Cluster) -> None:
     target.write_bytes(b"old contents")
     with cluster.a.client() as c:
         with pytest.raises(TensorNotFound):
-            c.download(name, target)
+            c.get(name, target)
         assert target.read_bytes() == b"old contents"
         c.put(name, save(where / "src.npy", np.arange(1000, dtype=np.int32)))
-        c.download(name, target)
+        c.get(name, target)
     assert np.array_equal(np.load(target), np.arange(1000, dtype=np.int32))
     assert sorted(p.name for p in where.iterdir()) == ["src.npy", "t.npy"]  # no temp left over
     umask = os.umask(0)
@@ -416,7 +412,7 @@ async def test_async_client_round_trip_under_trio(cluster: Cluster) -> None:
         assert name in [t["name"] for t in await c.tensors()]
         assert np.array_equal(await c.load(name), array)
         out = cluster.work / f"{uuid.uuid4().hex}.npy"
-        await c.download(name, out)
+        await c.get(name, out)
         assert np.array_equal(np.load(out), array)
         up = f"{name}-streamed"
         assert (await c.upload(up, src))["shape"] == [3, 1000]
@@ -426,8 +422,27 @@ async def test_async_client_round_trip_under_trio(cluster: Cluster) -> None:
         with pytest.raises(TensorNotFound):
             await c.load(name)
         with pytest.raises(TensorNotFound):
-            await c.download(name, out)
-        assert np.array_equal(np.load(out), array)  # a failed download leaves the file alone
+            await c.get(name, out)
+        assert np.array_equal(np.load(out), array)  # a failed get leaves the file alone
+
+
+async def test_download_is_a_deprecated_alias_of_get(cluster: Cluster) -> None:
+    """``download(name, path)`` was the old name of ``get``: it still works, and says so."""
+    name = unique("alias")
+    array = np.arange(10, dtype=np.int16)
+    with cluster.a.client() as c:
+        c.put(name, save(cluster.work / f"{name}.npy", array))
+        out = cluster.work / f"{name}-sync.npy"
+        with pytest.warns(DeprecationWarning, match=r"Client\.get\(name, path\)"):
+            assert c.download(name, out)["path"] == str(out)
+        assert np.array_equal(np.load(out), array)
+    async with cluster.a.async_client() as ac:
+        out = cluster.work / f"{name}-async.npy"
+        with pytest.warns(DeprecationWarning, match="tensord get"):
+            info = await ac.download(name, out)
+        assert info["file_bytes"] == out.stat().st_size
+        assert np.array_equal(np.load(out), array)
+        await ac.delete(name)
 
 
 def test_upload_streams_the_file_to_the_daemon(cluster: Cluster) -> None:
@@ -564,3 +579,62 @@ def test_reload_of_a_broken_cluster_file_raises_config_error(cluster: Cluster) -
         finally:
             cluster.file.write_text(good)
         assert a.reload() == {"reloaded": True, "peers": 2}
+
+
+# --------------------------------------------------------------------------------------------
+# One request per endpoint, whichever client sends it (no daemon: httpx's MockTransport)
+
+
+def _recorded(requests: list[tuple[str, str, bytes]]) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append((request.method, request.url.raw_path.decode(), request.read()))
+        reply: dict[str, Any] = {"peers": [], "transfers": [{"name": "w"}], "name": "w"}
+        return httpx.Response(200, json=reply)
+
+    return httpx.MockTransport(handler)
+
+
+async def test_both_clients_send_the_same_request_for_each_endpoint(tmp_path: Path) -> None:
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+        ("status", (), {}),
+        ("peers", (), {}),
+        ("tensor", ("a/b",), {}),
+        ("put", ("w", tmp_path / "w.npy"), {}),
+        ("delete", ("w",), {}),
+        ("send", ("b",), {"name": "w"}),
+        ("send", ("b",), {"path": tmp_path / "x.safetensors", "name": "p"}),
+        ("pull", ("b", "w"), {"as_name": "v"}),
+        ("reload", (), {}),
+        ("pull_model", ("llama3:8b",), {}),
+        ("download_url", ("http://x/y", "ab" * 32), {}),
+        ("download_job", ("j/1",), {}),
+        ("cancel_download", ("j1",), {}),
+    ]
+    sync_seen: list[tuple[str, str, bytes]] = []
+    async_seen: list[tuple[str, str, bytes]] = []
+    with Client(tmp_path / "none.sock") as c:
+        c._http = httpx.Client(transport=_recorded(sync_seen), base_url="http://tensord")
+        sync_results = [getattr(c, m)(*a, **k) for m, a, k in calls]
+    async with AsyncClient(tmp_path / "none.sock") as ac:
+        ac._http = httpx.AsyncClient(transport=_recorded(async_seen), base_url="http://tensord")
+        async_results = [await getattr(ac, m)(*a, **k) for m, a, k in calls]
+    assert sync_seen == async_seen and sync_results == async_results
+    assert sync_seen[2][:2] == ("GET", "/v1/tensors/a%2Fb")
+    assert json.loads(sync_seen[7][2]) == {"peer": "b", "name": "w", "as": "v"}  # "as" in JSON
+    assert sync_results[1] == [] and sync_results[4] is None  # peers, delete
+    assert sync_results[5] == [{"name": "w"}]  # send: the reply's transfers
+    with pytest.raises(ValueError, match="name or a file"):
+        c.send("b")
+    coro = ac.send("b")  # an async call's bad arguments raise when it is awaited
+    with pytest.raises(ValueError, match="name or a file"):
+        await coro
+
+
+def test_the_client_does_not_import_the_daemons_modules() -> None:
+    """A CLI command starts fast: the client needs neither the store nor numpy to talk."""
+    code = (
+        "import sys, tensord.control.client; "
+        "print(sorted({'tensord.store', 'tensord.node', 'numpy'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -7,13 +7,16 @@ import json
 
 import pytest
 
+from tensord.control import client
 from tensord.control.app import error_for
-from tensord.control.client import ControlError, error_from_reply
+from tensord.control.client import error_from_reply
 from tensord.control.files import NotAllowed
 from tensord.errors import (
     BadAddress,
     BadTensor,
     ConfigError,
+    ControlError,
+    DaemonNotRunning,
     DownloadError,
     DownloadNotFound,
     NodeClosed,
@@ -47,6 +50,9 @@ def answered(exc: BaseException) -> tuple[int, str]:
         (DownloadError("m"), 400, "download"),
         (DownloadNotFound("m"), 404, "download"),  # was told apart by matching message text
         (NotAllowed("m"), 403, "forbidden"),
+        (ControlError("m"), 502, "error"),  # the client's error: an upstream daemon failed
+        (ControlError("m", code="forbidden", status=403), 403, "forbidden"),  # as answered
+        (DaemonNotRunning("m"), 503, "not_running"),
         (RuntimeError("m"), 500, "internal"),
     ],
 )
@@ -84,3 +90,13 @@ def test_the_control_apis_result_carries_every_transfer_result_field() -> None:
     assert {f.name for f in dataclasses.fields(r)} | {"rate"} == set(doc)
     assert doc["transport"] == "quic" and doc["nacks"] == 3 and doc["rate"] == 20.0
     json.dumps(doc)  # plain JSON types only
+
+
+def test_the_clients_errors_are_in_the_one_table_and_still_where_they_were() -> None:
+    """ControlError and DaemonNotRunning moved to tensord/errors.py (the client needs nothing
+    else of the daemon for them); tensord.control.client still exports the same classes."""
+    assert client.ControlError is ControlError and client.DaemonNotRunning is DaemonNotRunning
+    assert issubclass(DaemonNotRunning, ControlError) and issubclass(ControlError, TensorError)
+    gone = DaemonNotRunning("no socket")
+    assert (gone.code, gone.status) == ("not_running", 0)  # status 0: no HTTP reply at all
+    assert (ControlError("x").code, ControlError("x").status) == ("error", 0)

@@ -4,6 +4,12 @@ Both speak HTTP/1.1 over the daemon's Unix socket with httpx, and turn its JSON 
 the typed errors the daemon raised (``TensorNotFound``, ``PeerUnreachable``, ...), so a program
 using the client handles the same exceptions as one embedding a ``TensorNode``.
 
+Each endpoint is written once (httpx's ``BaseClient`` idea): a method of :class:`_Endpoints`
+describes the request (method, path, body) and how its reply becomes a result, as a
+:class:`Call`; the two clients only differ in how they send one (blocking or awaited). What is
+I/O beyond one request and reply - writing a tensor to a file, reading the events stream - is
+written for each of them; the stream's parser is sans-I/O and shared (:mod:`.sse`).
+
 The client is a separate program from the daemon: it is the one place outside ``config`` that
 reads the environment, and only to find the socket the way the daemon does.
 
@@ -18,34 +24,31 @@ once the daemon has said ``: subscribed``, so nothing that happens afterwards is
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import json
 import os
-import re
 import secrets
 import urllib.parse
-from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+import warnings
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 import anyio
 import httpx
 
 from .._version import __version__
 from ..config import default_control_socket, load_settings
-from ..errors import (
-    ConfigError,
-    TensorError,
-    error_for_code,
-)
+from ..errors import ConfigError, ControlError, DaemonNotRunning, TensorError, error_for_code
+from .sse import EventQueue, SSEComment, SSEMessage, SSEParser
 
 if TYPE_CHECKING:
     import numpy as np
 
-# numpy and the store are imported when needed: a CLI command starts faster without them.
+# numpy is imported when needed: a CLI command starts faster without it.
 
 #: Where a system daemon (systemd's ``RuntimeDirectory=tensord``) has its socket.
 SYSTEM_SOCKET = Path("/run/tensord/control.sock")
@@ -55,24 +58,8 @@ DEFAULT_TIMEOUT = 60.0
 UPLOAD_CHUNK = 1 << 20
 
 Json = dict[str, Any]
-
-
-class ControlError(TensorError):
-    """The daemon refused a request (``code`` and HTTP ``status`` as it answered them), or could
-    not be talked to at all (``status`` 0)."""
-
-    def __init__(self, message: str, *, code: str = "error", status: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
-
-
-class DaemonNotRunning(ControlError):
-    """Nothing listens on the control socket: the message says where it looked and how to start
-    the daemon."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="not_running")
+T = TypeVar("T")
+P = ParamSpec("P")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,119 +169,97 @@ def _transport_error(socket: Path, exc: httpx.TransportError) -> ControlError:
 
 
 # --------------------------------------------------------------------------------------------
-# Server-Sent Events
+# Requests, written once for both clients
 
 
 @dataclass(frozen=True, slots=True)
-class SSEMessage:
-    """One dispatched event: its ``event:`` type (``message`` if none) and its joined data."""
+class Call(Generic[T]):
+    """One request of the control API and what its reply means: everything about an endpoint
+    except how the request is sent."""
 
-    event: str
-    data: str
-    id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SSEComment:
-    """A ``:`` line: the daemon's ``: subscribed`` and ``: keep-alive``."""
-
-    text: str
-
-
-_EOL = re.compile(rb"\r\n|\r|\n")
+    method: str
+    url: str
+    #: The result, from a successful reply (whose body has been read).
+    parse: Callable[[httpx.Response], T]
+    json: Json | None = None
+    #: The body is this file's bytes, streamed (``application/octet-stream``).
+    upload: str | None = None
+    #: As long as a transfer (send, pull, put, events): no read timeout.
+    long: bool = False
 
 
-class SSEParser:
-    """Incremental ``text/event-stream`` parser (the WHATWG rules): feed it bytes as they come,
-    get back the messages and comments completed so far. Pure, so it is tested on byte strings.
-    """
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self._skip_lf = False  # the last chunk ended in "\r": a "\n" starting the next is its pair
-        self._first = True
-        self._event = ""
-        self._data: list[str] = []
-        self._id: str | None = None
-
-    def feed(self, chunk: bytes) -> list[SSEMessage | SSEComment]:
-        out: list[SSEMessage | SSEComment] = []
-        if not chunk:
-            return out
-        if self._skip_lf:
-            self._skip_lf = False
-            if chunk.startswith(b"\n"):
-                chunk = chunk[1:]
-        buf = self._buf + chunk
-        start = 0
-        for m in _EOL.finditer(buf):
-            if m.group() == b"\r" and m.end() == len(buf):
-                self._skip_lf = True
-            self._line(buf[start : m.start()], out)
-            start = m.end()
-        self._buf = buf[start:]
-        return out
-
-    def _line(self, raw: bytes, out: list[SSEMessage | SSEComment]) -> None:
-        line = raw.decode("utf-8", "replace")
-        if self._first:
-            self._first = False
-            line = line.removeprefix("\ufeff")
-        if not line:
-            if self._data:
-                out.append(SSEMessage(self._event or "message", "\n".join(self._data), self._id))
-            self._event, self._data = "", []
-            return
-        if line.startswith(":"):
-            out.append(SSEComment(line[1:].removeprefix(" ")))
-            return
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id" and "\0" not in value:
-            self._id = value
-        # "retry" and unknown fields are ignored, as the standard says.
-
-
-def event_dict(message: SSEMessage) -> Json:
-    """A node event as a dict: the message's JSON data, with ``kind`` from ``event:`` if absent."""
+def _json(response: httpx.Response) -> Any:
     try:
-        doc = json.loads(message.data)
+        return response.json()
     except ValueError as exc:
-        raise ControlError(
-            f"the events stream sent data that is not JSON: {exc}", code="protocol"
-        ) from None
-    if not isinstance(doc, dict):
-        doc = {"data": doc}
-    doc.setdefault("kind", message.event)
+        raise ControlError(f"the daemon's reply is not JSON: {exc}", code="protocol") from None
+
+
+def _reply(response: httpx.Response) -> Json:
+    doc: Json = _json(response)
     return doc
 
 
-class _EventQueue:
-    """Parser plus what it produced and was not consumed yet."""
+def _listed(key: str) -> Callable[[httpx.Response], list[Json]]:
+    """The list under ``key`` of a reply such as ``{"peers": [...]}``."""
 
-    def __init__(self) -> None:
-        self.parser = SSEParser()
-        self.events: deque[Json] = deque()
-        self.subscribed = False
+    def parse(response: httpx.Response) -> list[Json]:
+        items: list[Json] = _json(response)[key]
+        return items
 
-    def feed(self, chunk: bytes) -> None:
-        for item in self.parser.feed(chunk):
-            if isinstance(item, SSEComment):
-                if item.text == "subscribed":
-                    self.subscribed = True
-            else:
-                self.events.append(event_dict(item))
+    return parse
 
 
-# --------------------------------------------------------------------------------------------
-# Shared request plumbing
+def _no_result(response: httpx.Response) -> None:
+    _json(response)
 
 
-class _Base:
+def _array(response: httpx.Response) -> np.ndarray[Any, Any]:
+    """A ``.npy`` reply as an array (bf16/fp8 come as same-size unsigned ints)."""
+    import numpy as np
+
+    return np.load(io.BytesIO(response.content), allow_pickle=False)  # type: ignore[no-any-return]
+
+
+#: The events stream: its reply is read as it comes (``EventStream``), never parsed whole.
+_EVENTS: Call[None] = Call("GET", "/v1/events", _no_result, long=True)
+
+
+class endpoint(Generic[P, T]):
+    """Turns a method of :class:`_Endpoints` that builds a :class:`Call` into the client's
+    method that makes it: on a ``Client`` it returns the result, on an ``AsyncClient`` an
+    awaitable of it (each client's ``_execute`` decides)."""
+
+    def __init__(self, build: Callable[Concatenate[Any, P], Call[T]]) -> None:
+        self._build = build
+        self.__doc__ = build.__doc__
+
+    @overload
+    def __get__(self, client: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(self, client: Client, owner: type[Any]) -> Callable[P, T]: ...
+    @overload
+    def __get__(
+        self, client: AsyncClient, owner: type[Any]
+    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
+    def __get__(self, client: _Endpoints | None, owner: type[Any]) -> Any:
+        if client is None:
+            return self
+        build = self._build
+
+        @functools.wraps(build)
+        def call(*args: P.args, **kwargs: P.kwargs) -> Any:
+            # Built by the executor, so that an async call's bad arguments raise when awaited.
+            return client._execute(functools.partial(build, client, *args, **kwargs))
+
+        return call
+
+
+class _Endpoints:
+    """The socket, the timeouts, and every endpoint of the control API as a :class:`Call`."""
+
+    _http: httpx.Client | httpx.AsyncClient
+
     def __init__(self, socket: str | os.PathLike[str] | None, timeout: float | None) -> None:
         self.socket = resolve_socket(socket)
         t = DEFAULT_TIMEOUT if timeout is None else timeout
@@ -304,33 +269,147 @@ class _Base:
         self._long = httpx.Timeout(None, connect=CONNECT_TIMEOUT)
         self._headers = {"user-agent": f"tensord-client/{__version__}"}
 
-    @staticmethod
-    def _send_body(peer: str, name: str | None, path: str | os.PathLike[str] | None) -> Json:
+    def _execute(self, describe: Callable[[], Call[Any]]) -> Any:
+        """Send the call ``describe()`` builds and return its result (an awaitable of it, for
+        the async client)."""
+        raise NotImplementedError
+
+    def _request(
+        self, call: Call[Any], content: Iterator[bytes] | AsyncIterator[bytes] | None = None
+    ) -> httpx.Request:
+        headers = {"content-type": "application/octet-stream"} if content is not None else None
+        return self._http.build_request(
+            call.method,
+            call.url,
+            json=call.json,
+            content=content,
+            headers=headers,
+            timeout=self._long if call.long else self._short,
+        )
+
+    @endpoint
+    def status(self) -> Call[Json]:
+        """The node: id, version, store, peers, transfers in flight."""
+        return Call("GET", "/v1/status", _reply)
+
+    @endpoint
+    def peers(self) -> Call[list[Json]]:
+        return Call("GET", "/v1/peers", _listed("peers"))
+
+    @endpoint
+    def tensors(self) -> Call[list[Json]]:
+        return Call("GET", "/v1/tensors", _listed("tensors"))
+
+    @endpoint
+    def tensor(self, name: str) -> Call[Json]:
+        return Call("GET", tensor_path(name), _reply)
+
+    @endpoint
+    def load(self, name: str) -> Call[np.ndarray[Any, Any]]:
+        """Tensor ``name`` as an array (bf16/fp8 come as same-size unsigned ints)."""
+        return Call("GET", tensor_path(name, "data"), _array)
+
+    @endpoint
+    def put(self, name: str, path: str | os.PathLike[str]) -> Call[Json]:
+        """Store the tensor in the file at ``path`` (``.npy``, or ``.safetensors`` holding one)
+        as ``name``. The daemon opens the file itself: see ``upload`` for files it cannot see."""
+        return Call("PUT", tensor_path(name), _reply, json={"path": _absolute(path)}, long=True)
+
+    @endpoint
+    def upload(self, name: str, path: str | os.PathLike[str]) -> Call[Json]:
+        """Store a ``.npy`` file by streaming its bytes to the daemon, for a file the daemon
+        cannot open (another user's home, ``PrivateTmp=``)."""
+        return Call("PUT", tensor_path(name), _reply, upload=os.fspath(path), long=True)
+
+    @endpoint
+    def delete(self, name: str) -> Call[None]:
+        return Call("DELETE", tensor_path(name), _no_result)
+
+    @endpoint
+    def send(
+        self,
+        peer: str,
+        *,
+        name: str | None = None,
+        path: str | os.PathLike[str] | None = None,
+    ) -> Call[list[Json]]:
+        """Send stored tensor ``name``, or the tensors of the file at ``path`` (then ``name`` is
+        the remote name, or prefix for a ``.safetensors``), to ``peer``. Returns once the peer
+        has verified and stored everything."""
+        body: Json
         if path is None:
             if name is None:
                 raise ValueError("send() needs a stored tensor's name or a file's path")
-            return {"peer": peer, "name": name}
-        body: Json = {"peer": peer, "path": _absolute(path)}
-        if name is not None:
-            body["name"] = name
-        return body
+            body = {"peer": peer, "name": name}
+        else:
+            body = {"peer": peer, "path": _absolute(path)}
+            if name is not None:
+                body["name"] = name
+        return Call("POST", "/v1/send", _listed("transfers"), json=body, long=True)
 
-    @staticmethod
-    def _pull_body(peer: str, name: str, as_name: str | None) -> Json:
+    @endpoint
+    def pull(self, peer: str, name: str, *, as_name: str | None = None) -> Call[Json]:
+        """Fetch ``name`` from ``peer`` into the daemon's store (as ``as_name``)."""
         body: Json = {"peer": peer, "name": name}
         if as_name is not None:
             body["as"] = as_name
-        return body
+        return Call("POST", "/v1/pull", _reply, json=body, long=True)
+
+    @endpoint
+    def transfers(self) -> Call[list[Json]]:
+        return Call("GET", "/v1/transfers", _listed("transfers"))
+
+    @endpoint
+    def reload(self) -> Call[Json]:
+        return Call("POST", "/v1/reload", _reply)
+
+    @endpoint
+    def downloads(self) -> Call[list[Json]]:
+        """Background downloads, newest first."""
+        return Call("GET", "/v1/downloads", _listed("downloads"))
+
+    @endpoint
+    def pull_model(self, reference: str) -> Call[Json]:
+        """Start pulling a model (``[REGISTRY/]NAME[:TAG]``) in the background; returns the job
+        (an existing job for the same model if one runs). Follow it on :meth:`events`."""
+        return Call("POST", "/v1/downloads", _reply, json={"model": reference})
+
+    @endpoint
+    def download_url(self, url: str, sha256: str) -> Call[Json]:
+        """Start downloading ``url`` (checked against ``sha256``) in the background."""
+        return Call("POST", "/v1/downloads", _reply, json={"url": url, "sha256": sha256})
+
+    @endpoint
+    def download_job(self, job_id: str) -> Call[Json]:
+        return Call("GET", _job_path(job_id), _reply)
+
+    @endpoint
+    def cancel_download(self, job_id: str) -> Call[Json]:
+        return Call("DELETE", _job_path(job_id), _reply)
 
 
-def _check(response: httpx.Response) -> Any:
-    """The reply's JSON, or the typed error it carries. The body must have been read."""
+def _tensor_data(name: str) -> Call[None]:
+    """The request of :meth:`Client.get`: its reply is streamed, not parsed."""
+    return Call("GET", tensor_path(name, "data"), _no_result)
+
+
+def _job_path(job_id: str) -> str:
+    return f"/v1/downloads/{urllib.parse.quote(job_id, safe='')}"
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    """The typed error a reply carries, if it is one. The body must have been read."""
     if not response.is_success:
         raise error_from_reply(response.status_code, response.content)
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise ControlError(f"the daemon's reply is not JSON: {exc}", code="protocol") from None
+
+
+def _deprecated_download() -> None:
+    warnings.warn(
+        "Client.download(name, path) is now Client.get(name, path), as the CLI calls it "
+        "(`tensord get`); `download` goes in a later release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def _download_info(name: str, target: Path, response: httpx.Response, size: int) -> Json:
@@ -365,12 +444,6 @@ def _absolute(path: str | os.PathLike[str]) -> str:
     return os.path.abspath(path)
 
 
-def _load_npy(data: bytes) -> np.ndarray[Any, Any]:
-    import numpy as np
-
-    return np.load(io.BytesIO(data), allow_pickle=False)  # type: ignore[no-any-return]
-
-
 # --------------------------------------------------------------------------------------------
 # Blocking client
 
@@ -381,7 +454,7 @@ class EventStream(Iterator[Json]):
 
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._queue = _EventQueue()
+        self._queue = EventQueue()
         self._response: httpx.Response | None = None
         self._chunks: Iterator[bytes] | None = None
         self._closed = False
@@ -394,12 +467,12 @@ class EventStream(Iterator[Json]):
         if self._response is not None or self._closed:
             return self
         http = self._client._http
-        request = http.build_request("GET", "/v1/events", timeout=self._client._long)
+        request = self._client._request(_EVENTS)
         try:
             self._response = http.send(request, stream=True)
             if not self._response.is_success:
                 self._response.read()
-                _check(self._response)
+                _raise_for_error(self._response)
             self._chunks = self._response.iter_bytes()
             while not self._queue.subscribed:
                 if not self._pull():
@@ -448,8 +521,10 @@ class EventStream(Iterator[Json]):
         self.close()
 
 
-class Client(_Base):
+class Client(_Endpoints):
     """Blocking client of a local ``tensord serve``: ``with Client() as c: c.status()``."""
+
+    _http: httpx.Client
 
     def __init__(
         self, socket: str | os.PathLike[str] | None = None, *, timeout: float | None = None
@@ -473,40 +548,26 @@ class Client(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, url: str, *, long: bool = False, **kwargs: Any) -> Any:
+    def _execute(self, describe: Callable[[], Call[T]]) -> T:
+        call = describe()
+        content = _file_chunks(call.upload) if call.upload is not None else None
         try:
-            response = self._http.request(
-                method, url, timeout=self._long if long else self._short, **kwargs
-            )
+            response = self._http.send(self._request(call, content))
         except httpx.TransportError as exc:
             raise _transport_error(self.socket, exc) from None
-        return _check(response)
+        _raise_for_error(response)
+        return call.parse(response)
 
-    def status(self) -> Json:
-        result: Json = self._call("GET", "/v1/status")
-        return result
-
-    def peers(self) -> list[Json]:
-        result: list[Json] = self._call("GET", "/v1/peers")["peers"]
-        return result
-
-    def tensors(self) -> list[Json]:
-        result: list[Json] = self._call("GET", "/v1/tensors")["tensors"]
-        return result
-
-    def tensor(self, name: str) -> Json:
-        result: Json = self._call("GET", tensor_path(name))
-        return result
-
-    def download(self, name: str, path: str | os.PathLike[str]) -> Json:
+    def get(self, name: str, path: str | os.PathLike[str]) -> Json:
         """Write tensor ``name`` to ``path`` as a ``.npy`` file, atomically: whoever opens
         ``path`` sees the old file or the whole new one."""
         target = Path(_absolute(path))
         try:
-            with self._http.stream("GET", tensor_path(name, "data")) as response:
+            response = self._http.send(self._request(_tensor_data(name)), stream=True)
+            try:
                 if not response.is_success:
                     response.read()
-                    _check(response)
+                    _raise_for_error(response)
                 fd, tmp = _open_temp(target)
                 try:
                     with open(fd, "wb") as f:
@@ -519,105 +580,28 @@ class Client(_Base):
                 except BaseException:
                     _unlink(tmp)
                     raise
+            finally:
+                response.close()
         except httpx.TransportError as exc:
             raise _transport_error(self.socket, exc) from None
         return _download_info(name, target, response, size)
 
-    def load(self, name: str) -> np.ndarray[Any, Any]:
-        """Tensor ``name`` as an array (bf16/fp8 come as same-size unsigned ints)."""
-        try:
-            response = self._http.get(tensor_path(name, "data"))
-        except httpx.TransportError as exc:
-            raise _transport_error(self.socket, exc) from None
-        if not response.is_success:
-            _check(response)
-        return _load_npy(response.content)
-
-    def put(self, name: str, path: str | os.PathLike[str]) -> Json:
-        """Store the tensor in the file at ``path`` (``.npy``, or ``.safetensors`` holding one)
-        as ``name``. The daemon opens the file itself: see ``upload`` for files it cannot see."""
-        result: Json = self._call(
-            "PUT", tensor_path(name), json={"path": _absolute(path)}, long=True
-        )
-        return result
-
-    def upload(self, name: str, path: str | os.PathLike[str]) -> Json:
-        """Store a ``.npy`` file by streaming its bytes to the daemon, for a file the daemon
-        cannot open (another user's home, ``PrivateTmp=``)."""
-
-        def chunks() -> Iterator[bytes]:
-            with open(path, "rb") as f:
-                while data := f.read(UPLOAD_CHUNK):
-                    yield data
-
-        headers = {"content-type": "application/octet-stream"}
-        result: Json = self._call(
-            "PUT", tensor_path(name), content=chunks(), headers=headers, long=True
-        )
-        return result
-
-    def delete(self, name: str) -> None:
-        self._call("DELETE", tensor_path(name))
-
-    def send(
-        self,
-        peer: str,
-        *,
-        name: str | None = None,
-        path: str | os.PathLike[str] | None = None,
-    ) -> list[Json]:
-        """Send stored tensor ``name``, or the tensors of the file at ``path`` (then ``name`` is
-        the remote name, or prefix for a ``.safetensors``), to ``peer``. Returns once the peer
-        has verified and stored everything."""
-        result: list[Json] = self._call(
-            "POST", "/v1/send", json=self._send_body(peer, name, path), long=True
-        )["transfers"]
-        return result
-
-    def pull(self, peer: str, name: str, *, as_name: str | None = None) -> Json:
-        """Fetch ``name`` from ``peer`` into the daemon's store (as ``as_name``)."""
-        result: Json = self._call(
-            "POST", "/v1/pull", json=self._pull_body(peer, name, as_name), long=True
-        )
-        return result
-
-    def transfers(self) -> list[Json]:
-        result: list[Json] = self._call("GET", "/v1/transfers")["transfers"]
-        return result
-
-    def reload(self) -> Json:
-        result: Json = self._call("POST", "/v1/reload")
-        return result
-
-    def downloads(self) -> list[Json]:
-        """Background downloads, newest first."""
-        result: list[Json] = self._call("GET", "/v1/downloads")["downloads"]
-        return result
-
-    def pull_model(self, reference: str) -> Json:
-        """Start pulling a model (``[REGISTRY/]NAME[:TAG]``) in the background; returns the job
-        (an existing job for the same model if one runs). Follow it on :meth:`events`."""
-        result: Json = self._call("POST", "/v1/downloads", json={"model": reference})
-        return result
-
-    def download_url(self, url: str, sha256: str) -> Json:
-        """Start downloading ``url`` (checked against ``sha256``) in the background."""
-        result: Json = self._call("POST", "/v1/downloads", json={"url": url, "sha256": sha256})
-        return result
-
-    def download_job(self, job_id: str) -> Json:
-        result: Json = self._call("GET", f"/v1/downloads/{urllib.parse.quote(job_id, safe='')}")
-        return result
-
-    def cancel_download(self, job_id: str) -> Json:
-        result: Json = self._call("DELETE", f"/v1/downloads/{urllib.parse.quote(job_id, safe='')}")
-        return result
+    def download(self, name: str, path: str | os.PathLike[str]) -> Json:
+        """Deprecated: :meth:`get`."""
+        _deprecated_download()
+        return self.get(name, path)
 
     def events(self) -> EventStream:
         """The events stream: ``with client.events() as events: for e in events: ...``."""
         return EventStream(self)
 
     subscribe = events
+
+
+def _file_chunks(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while data := f.read(UPLOAD_CHUNK):
+            yield data
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,7 +614,7 @@ class AsyncEventStream(AsyncIterator[Json]):
 
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
-        self._queue = _EventQueue()
+        self._queue = EventQueue()
         self._response: httpx.Response | None = None
         self._chunks: AsyncIterator[bytes] | None = None
         self._closed = False
@@ -643,12 +627,12 @@ class AsyncEventStream(AsyncIterator[Json]):
         if self._response is not None or self._closed:
             return self
         http = self._client._http
-        request = http.build_request("GET", "/v1/events", timeout=self._client._long)
+        request = self._client._request(_EVENTS)
         try:
             self._response = await http.send(request, stream=True)
             if not self._response.is_success:
                 await self._response.aread()
-                _check(self._response)
+                _raise_for_error(self._response)
             self._chunks = self._response.aiter_bytes()
             while not self._queue.subscribed:
                 if not await self._pull():
@@ -704,8 +688,11 @@ class AsyncEventStream(AsyncIterator[Json]):
             await self.aclose()
 
 
-class AsyncClient(_Base):
-    """Async client of a local ``tensord serve``: ``async with AsyncClient() as c: ...``."""
+class AsyncClient(_Endpoints):
+    """Async client of a local ``tensord serve``: ``async with AsyncClient() as c: ...``; the
+    same methods as :class:`Client`, awaited."""
+
+    _http: httpx.AsyncClient
 
     def __init__(
         self, socket: str | os.PathLike[str] | None = None, *, timeout: float | None = None
@@ -729,40 +716,26 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, method: str, url: str, *, long: bool = False, **kwargs: Any) -> Any:
+    async def _execute(self, describe: Callable[[], Call[T]]) -> T:
+        call = describe()
+        content = _async_file_chunks(call.upload) if call.upload is not None else None
         try:
-            response = await self._http.request(
-                method, url, timeout=self._long if long else self._short, **kwargs
-            )
+            response = await self._http.send(self._request(call, content))
         except httpx.TransportError as exc:
             raise _transport_error(self.socket, exc) from None
-        return _check(response)
+        _raise_for_error(response)
+        return call.parse(response)
 
-    async def status(self) -> Json:
-        result: Json = await self._call("GET", "/v1/status")
-        return result
-
-    async def peers(self) -> list[Json]:
-        result: list[Json] = (await self._call("GET", "/v1/peers"))["peers"]
-        return result
-
-    async def tensors(self) -> list[Json]:
-        result: list[Json] = (await self._call("GET", "/v1/tensors"))["tensors"]
-        return result
-
-    async def tensor(self, name: str) -> Json:
-        result: Json = await self._call("GET", tensor_path(name))
-        return result
-
-    async def download(self, name: str, path: str | os.PathLike[str]) -> Json:
+    async def get(self, name: str, path: str | os.PathLike[str]) -> Json:
         """Write tensor ``name`` to ``path`` as a ``.npy`` file, atomically (see
-        ``Client.download``); the file is written from a worker thread."""
+        ``Client.get``); the file is written from a worker thread."""
         target = Path(_absolute(path))
         try:
-            async with self._http.stream("GET", tensor_path(name, "data")) as response:
+            response = await self._http.send(self._request(_tensor_data(name)), stream=True)
+            try:
                 if not response.is_success:
                     await response.aread()
-                    _check(response)
+                    _raise_for_error(response)
                 fd, tmp = await anyio.to_thread.run_sync(_open_temp, target)
                 try:
                     async with await anyio.open_file(fd, "wb") as f:
@@ -776,96 +749,17 @@ class AsyncClient(_Base):
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(_unlink, tmp)
                     raise
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
         except httpx.TransportError as exc:
             raise _transport_error(self.socket, exc) from None
         return _download_info(name, target, response, size)
 
-    async def load(self, name: str) -> np.ndarray[Any, Any]:
-        """Tensor ``name`` as an array (bf16/fp8 come as same-size unsigned ints)."""
-        try:
-            response = await self._http.get(tensor_path(name, "data"))
-        except httpx.TransportError as exc:
-            raise _transport_error(self.socket, exc) from None
-        if not response.is_success:
-            _check(response)
-        return _load_npy(response.content)
-
-    async def put(self, name: str, path: str | os.PathLike[str]) -> Json:
-        """Store the tensor in the file at ``path`` as ``name`` (see ``Client.put``)."""
-        result: Json = await self._call(
-            "PUT", tensor_path(name), json={"path": _absolute(path)}, long=True
-        )
-        return result
-
-    async def upload(self, name: str, path: str | os.PathLike[str]) -> Json:
-        """Store a ``.npy`` file by streaming its bytes (see ``Client.upload``)."""
-
-        async def chunks() -> AsyncIterator[bytes]:
-            async with await anyio.open_file(path, "rb") as f:
-                while data := await f.read(UPLOAD_CHUNK):
-                    yield data
-
-        headers = {"content-type": "application/octet-stream"}
-        result: Json = await self._call(
-            "PUT", tensor_path(name), content=chunks(), headers=headers, long=True
-        )
-        return result
-
-    async def delete(self, name: str) -> None:
-        await self._call("DELETE", tensor_path(name))
-
-    async def send(
-        self,
-        peer: str,
-        *,
-        name: str | None = None,
-        path: str | os.PathLike[str] | None = None,
-    ) -> list[Json]:
-        """Send a stored tensor or a file's tensors to ``peer`` (see ``Client.send``)."""
-        body = self._send_body(peer, name, path)
-        result: list[Json] = (await self._call("POST", "/v1/send", json=body, long=True))[
-            "transfers"
-        ]
-        return result
-
-    async def pull(self, peer: str, name: str, *, as_name: str | None = None) -> Json:
-        """Fetch ``name`` from ``peer`` into the daemon's store (as ``as_name``)."""
-        body = self._pull_body(peer, name, as_name)
-        result: Json = await self._call("POST", "/v1/pull", json=body, long=True)
-        return result
-
-    async def transfers(self) -> list[Json]:
-        result: list[Json] = (await self._call("GET", "/v1/transfers"))["transfers"]
-        return result
-
-    async def reload(self) -> Json:
-        result: Json = await self._call("POST", "/v1/reload")
-        return result
-
-    async def downloads(self) -> list[Json]:
-        result: list[Json] = (await self._call("GET", "/v1/downloads"))["downloads"]
-        return result
-
-    async def pull_model(self, reference: str) -> Json:
-        result: Json = await self._call("POST", "/v1/downloads", json={"model": reference})
-        return result
-
-    async def download_url(self, url: str, sha256: str) -> Json:
-        body = {"url": url, "sha256": sha256}
-        result: Json = await self._call("POST", "/v1/downloads", json=body)
-        return result
-
-    async def download_job(self, job_id: str) -> Json:
-        result: Json = await self._call(
-            "GET", f"/v1/downloads/{urllib.parse.quote(job_id, safe='')}"
-        )
-        return result
-
-    async def cancel_download(self, job_id: str) -> Json:
-        result: Json = await self._call(
-            "DELETE", f"/v1/downloads/{urllib.parse.quote(job_id, safe='')}"
-        )
-        return result
+    def download(self, name: str, path: str | os.PathLike[str]) -> Coroutine[Any, Any, Json]:
+        """Deprecated: :meth:`get` (warns when called, before it is awaited)."""
+        _deprecated_download()
+        return self.get(name, path)
 
     def events(self) -> AsyncEventStream:
         """The events stream: ``async with client.events() as events: async for e in events``;
@@ -875,9 +769,16 @@ class AsyncClient(_Base):
     subscribe = events
 
 
+async def _async_file_chunks(path: str) -> AsyncIterator[bytes]:
+    async with await anyio.open_file(path, "rb") as f:
+        while data := await f.read(UPLOAD_CHUNK):
+            yield data
+
+
 __all__ = [
     "AsyncClient",
     "AsyncEventStream",
+    "Call",
     "Client",
     "ControlError",
     "DaemonNotRunning",
