@@ -65,14 +65,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadTensor, ProtocolError, StoreFull, TensorError, TensorNotFound
-from .fsutil import atomic_write as _atomic_write
-from .fsutil import fsync_dir as _fsync_dir
-from .fsutil import unlink_quietly as _unlink
-from .fsutil import write_temp as _write_temp
-from .limits import check_name
-from .wire.crc import crc32c
-from .wire.meta import EXTENDED_DTYPES, TensorMeta, numpy_dtype
+from ..errors import BadTensor, ProtocolError, StoreFull, TensorError, TensorNotFound
+from ..fsutil import atomic_write as _atomic_write
+from ..fsutil import fsync_dir as _fsync_dir
+from ..fsutil import unlink_quietly as _unlink
+from ..fsutil import write_temp as _write_temp
+from ..limits import check_name
+from ..wire.crc import crc32c
+from ..wire.meta import EXTENDED_DTYPES, TensorMeta, numpy_dtype
 
 log = logging.getLogger("tensord.store")
 
