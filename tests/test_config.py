@@ -24,6 +24,7 @@ from tensord.config import (
     default_state_dir,
     load_settings,
 )
+from tensord.config.schema import Integer, Nullable, Number, Row, walk
 from tensord.errors import ConfigError, TensorError
 
 NODES = [
@@ -595,3 +596,29 @@ def test_library_node_may_use_a_cluster_file_without_being_one_of_its_nodes(
     # ...but an explicit id must still be one of the file's
     with pytest.raises(ConfigError, match="--node-id"):
         load_settings({}, cluster_file=path, library=True, node_id="zz")
+
+
+# ---------------------------------------------------------------------------------------------
+# Each setting is stated once: the file and its variable accept and refuse the same values.
+
+
+def _number_kind(row: Row) -> Integer | Number | None:
+    kind = row.spec.kind.inner if isinstance(row.spec.kind, Nullable) else row.spec.kind
+    return kind if isinstance(kind, Integer | Number) else None
+
+
+RANGED = [r for r in walk(Settings) if r.spec.env and r.spec.in_file and _number_kind(r)]
+
+
+@pytest.mark.parametrize("row", RANGED, ids=[r.path for r in RANGED])
+def test_a_variable_and_its_file_key_share_one_range(tmp_path: Path, row: Row) -> None:
+    kind = _number_kind(row)
+    assert kind is not None and row.spec.env is not None
+    bad = -(1 << 70) if isinstance(kind, Integer) else -1e9  # below every range
+    from_env = config_error(env={row.spec.env: str(bad)})
+    section, _, key = row.path.rpartition(".")
+    from_file, path = file_error(tmp_path, {section: {key: bad}})
+    assert from_env.startswith(f"{row.spec.env}: ")
+    assert from_file.startswith(f"{path}.{row.path}: ")
+    accepted = f"expected {kind.accepted}"
+    assert from_env.endswith(accepted) and from_file.endswith(accepted)
