@@ -4,7 +4,7 @@ A peer is authenticated by "its certificate was signed by our cluster CA" and id
 node id in that certificate (the URI SAN ``tensord://node/<id>``), never by hostname: nodes
 change addresses, their ids do not, and the caller compares the id with the node it meant to
 reach (:func:`peer_node_id`). Operators create the files with ``tensord certs init-ca`` and
-``tensord certs issue NODE_ID`` (:mod:`tensord.cli_certs`).
+``tensord certs issue NODE_ID`` (:mod:`tensord.cli.certs`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ will meet - each failing fast, with a sentence from ``describe_tls_error`` that 
 
 from __future__ import annotations
 
-import argparse
 import json
 import ssl
 import stat
@@ -22,7 +21,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tensord import cli_certs
 from tensord.certs import (
     client_context,
     describe_tls_error,
@@ -34,6 +32,8 @@ from tensord.certs import (
 )
 from tensord.config import TlsSettings, load_settings
 from tensord.errors import ConfigError
+
+from .support.cli import in_process
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -605,21 +605,9 @@ def test_describe_tls_error_on_wrappers_and_other_causes(tmp_path: Path) -> None
 # The CLI
 
 
-def certs_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tensord")
-    cli_certs.add_commands(parser.add_subparsers(dest="command", metavar="COMMAND"))
-    return parser
-
-
-def run_cli(*argv: str) -> int:
-    args = certs_parser().parse_args(list(argv))
-    assert args.command == "certs"
-    return cli_certs.run(args)
-
-
 def test_cli_init_ca_and_issue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ca = tmp_path / "ca"
-    assert run_cli("certs", "init-ca", "--dir", str(ca), "--days", "30") == 0
+    assert in_process("certs", "init-ca", "--dir", str(ca), "--days", "30") == 0
     out = capsys.readouterr().out
     assert f"wrote {ca / 'ca.crt'} " in out
     assert f"wrote {ca / 'ca.key'} " in out
@@ -627,7 +615,7 @@ def test_cli_init_ca_and_issue(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert mode(ca / "ca.key") == 0o600
 
     argv = ["certs", "issue", "n1", "--ca-dir", str(ca), "--out", str(tmp_path / "n1")]
-    assert run_cli(*argv, "--host", "10.1.2.3", "--host", "n1.lan", "--days", "7") == 0
+    assert in_process(*argv, "--host", "10.1.2.3", "--host", "n1.lan", "--days", "7") == 0
     out = capsys.readouterr().out
     cert, key = tmp_path / "n1" / "n1.crt", tmp_path / "n1" / "n1.key"
     assert f"wrote {cert} " in out and f"wrote {key} " in out
@@ -653,8 +641,8 @@ def test_cli_uses_default_directories(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert run_cli("certs", "init-ca") == 0
-    assert run_cli("certs", "issue", "n2") == 0
+    assert in_process("certs", "init-ca") == 0
+    assert in_process("certs", "issue", "n2") == 0
     capsys.readouterr()
     assert sorted(p.name for p in (tmp_path / "tensord-ca").iterdir()) == ["ca.crt", "ca.key"]
     assert (tmp_path / "n2.crt").is_file() and (tmp_path / "n2.key").is_file()
@@ -664,23 +652,23 @@ def test_cli_errors_are_one_line_and_status_78(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ca = str(tmp_path / "ca")
-    assert run_cli("certs", "init-ca", "--dir", ca) == 0
+    assert in_process("certs", "init-ca", "--dir", ca) == 0
     capsys.readouterr()
 
-    assert run_cli("certs", "init-ca", "--dir", ca) == 78
+    assert in_process("certs", "init-ca", "--dir", ca) == 78
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith(f"tensord: {tmp_path / 'ca' / 'ca.crt'}: a cluster CA already exists")
     assert err.count("\n") == 1
 
-    assert run_cli("certs", "issue", "bad id", "--ca-dir", ca, "--out", str(tmp_path)) == 78
+    assert in_process("certs", "issue", "bad id", "--ca-dir", ca, "--out", str(tmp_path)) == 78
     assert capsys.readouterr().err.startswith("tensord: node id: 'bad id' is not valid")
-    assert run_cli("certs", "issue", "n1", "--ca-dir", str(tmp_path / "none")) == 78
+    assert in_process("certs", "issue", "n1", "--ca-dir", str(tmp_path / "none")) == 78
     assert "does not exist (create the cluster CA with" in capsys.readouterr().err
 
 
 def test_cli_requires_a_certs_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
-        certs_parser().parse_args(["certs"])
+        in_process("certs")
     assert exit_.value.code == 2
     assert "init-ca" in capsys.readouterr().err

@@ -3,41 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import trio
 
+from .support.cli import start, tensord
 from .support.daemons import daemon_env
 from .support.helpers import running
 
 
-def tensord(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORD_", "OLLAMA_"))}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "tensord", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=60,
-    )
-
-
 def test_version() -> None:
     out = tensord("version")
-    assert out.returncode == 0
-    assert out.stdout.startswith("tensord 0.")
+    assert out.code == 0
+    assert out.out.startswith("tensord 0.")
 
 
 def test_bad_env_var_exits_78_with_one_line() -> None:
     out = tensord("serve", env={"OLLAMA_TENSOR_CHUNK_SIZE": "12"})
-    assert out.returncode == 78
-    lines = out.stderr.strip().splitlines()
+    assert out.code == 78
+    lines = out.err.strip().splitlines()
     assert len(lines) == 1
     assert "OLLAMA_TENSOR_CHUNK_SIZE" in lines[0] and "'12'" in lines[0]
     assert "4 KiB..64 MiB" in lines[0]
@@ -54,17 +40,17 @@ def test_bad_cluster_file_exits_78_naming_file_and_key(tmp_path: Path) -> None:
         )
     )
     out = tensord("serve", "--cluster", str(cluster), "--node-id", "a")
-    assert out.returncode == 78
-    assert str(cluster) in out.stderr and "tensor_protocol.max_retries" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    assert out.code == 78
+    assert str(cluster) in out.err and "tensor_protocol.max_retries" in out.err
+    assert len(out.err.strip().splitlines()) == 1
 
 
 def test_unknown_node_id_exits_78(tmp_path: Path) -> None:
     cluster = tmp_path / "cluster.json"
     cluster.write_text(json.dumps({"nodes": [{"id": "a", "addr": "10.0.0.1:7070"}]}))
     out = tensord("serve", "--cluster", str(cluster), env={"TENSORD_NODE_ID": "zz"})
-    assert out.returncode == 78
-    assert "TENSORD_NODE_ID" in out.stderr and "'zz'" in out.stderr
+    assert out.code == 78
+    assert "TENSORD_NODE_ID" in out.err and "'zz'" in out.err
 
 
 async def _read_until(stream: trio.abc.ReceiveStream, needle: bytes, seen: bytearray) -> None:
@@ -76,9 +62,7 @@ async def _read_until(stream: trio.abc.ReceiveStream, needle: bytes, seen: bytea
 
 async def test_serve_accepts_tensors_and_logs_arrivals(tmp_path: Path) -> None:
     env = daemon_env({"TENSORD_LISTEN": "127.0.0.1:0", "TENSORD_NODE_ID": "cli-node"}, tmp_path)
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tensord", "serve"], stderr=subprocess.PIPE, env=env
-    )
+    proc = await start("serve", env=env)
     assert proc.stderr is not None
     seen = bytearray()
     try:
@@ -97,3 +81,24 @@ async def test_serve_accepts_tensors_and_logs_arrivals(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_every_way_to_start_the_cli_reaches_the_same_main() -> None:
+    """``tensord`` (pyproject's console script), ``python -m tensord`` and ``python -m
+    tensord.cli`` all run :func:`tensord.cli.main`, the package's entry point."""
+    import importlib
+    import subprocess
+    import sys
+    import tomllib
+
+    from tensord.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    script = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["tensord"]
+    module, _, attr = script.partition(":")
+    assert getattr(importlib.import_module(module), attr) is main
+    for entry in (["-m", "tensord"], ["-m", "tensord.cli"]):
+        out = subprocess.run(
+            [sys.executable, *entry, "version"], capture_output=True, text=True, check=False
+        )
+        assert (out.returncode, out.stdout.startswith("tensord ")) == (0, True), out

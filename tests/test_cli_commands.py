@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +16,12 @@ import pytest
 import trio
 from rich.console import Console
 
-from tensord.cli import Bars, _unseen_file, human_bytes, human_rate, table
-from tensord.control.client import ControlError
+from tensord.cli.commands import _unseen_file
+from tensord.cli.progress import Bars
+from tensord.cli.render import human_bytes, human_rate, table
+from tensord.errors import ControlError
 
+from .support.cli import ok, start, tensord
 from .test_client import Cluster, running_cluster, save, unique, write_safetensors
 
 
@@ -31,24 +31,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 SUMMARY = r"\d+\.\d (B|KiB|MiB) in \d+\.\d\d s \(\d+(\.\d+)? MB/s\)"
-
-
-def tensord(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORD_", "OLLAMA_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "tensord", *args],
-        capture_output=True,
-        text=True,
-        env=full | (env or {}),
-        timeout=60,
-        check=False,
-    )
-
-
-def ok(*args: str, env: dict[str, str] | None = None) -> str:
-    out = tensord(*args, env=env)
-    assert out.returncode == 0, out
-    return out.stdout
 
 
 def test_formatting_helpers() -> None:
@@ -100,11 +82,11 @@ def test_send_prints_one_summary_line_per_tensor(cluster: Cluster) -> None:
     name = unique("sent")
     src = save(cluster.work / f"{unique('s')}.npy", np.ones((512, 512), np.float32))
     out = tensord("--socket", sock, "send", str(src), "--to", "b", "--name", name)
-    assert out.returncode == 0, out
+    assert out.code == 0, out
     assert re.fullmatch(
-        rf"sent {name} to b: 1\.0 MiB in \d+\.\d\d s \(.* MB/s\), 0 retries\n", out.stdout
+        rf"sent {name} to b: 1\.0 MiB in \d+\.\d\d s \(.* MB/s\), 0 retries\n", out.out
     )
-    assert out.stderr == ""  # no bars when stderr is not a terminal
+    assert out.err == ""  # no bars when stderr is not a terminal
 
     prefix = unique("st")
     st = write_safetensors(
@@ -137,7 +119,7 @@ def test_pull_get_rm(cluster: Cluster) -> None:
     assert np.array_equal(np.load(got), array)
     nowhere = cluster.work / "no-such-dir" / "x.npy"
     out = tensord("--socket", sock, "get", local, "-o", str(nowhere))
-    assert out.returncode == 1 and out.stderr == (
+    assert out.code == 1 and out.err == (
         f"tensord: [Errno 2] No such file or directory: '{nowhere}'\n"
     )
     assert ok("--socket", sock, "rm", local) == f"deleted {local}\n"
@@ -150,21 +132,21 @@ def test_pull_get_rm(cluster: Cluster) -> None:
 def test_errors_are_one_line_with_an_exit_status(cluster: Cluster, tmp_path: Path) -> None:
     sock = str(cluster.a.socket)
     out = tensord("--socket", sock, "get", "no-such-tensor", "-o", str(tmp_path / "x.npy"))
-    assert out.returncode == 1 and out.stdout == ""
-    assert re.fullmatch(r"tensord: no tensor named 'no-such-tensor'.*\n", out.stderr)
+    assert out.code == 1 and out.out == ""
+    assert re.fullmatch(r"tensord: no tensor named 'no-such-tensor'.*\n", out.err)
     assert not (tmp_path / "x.npy").exists()
     out = tensord("--socket", sock, "send", str(tmp_path / "x.npy"), "--to", "b")
-    assert out.returncode == 1 and out.stderr == f"tensord: {tmp_path / 'x.npy'}: no such file\n"
+    assert out.code == 1 and out.err == f"tensord: {tmp_path / 'x.npy'}: no such file\n"
     src = save(tmp_path / "y.npy", np.zeros(4))
     out = tensord("--socket", sock, "send", str(src), "--to", "zz")
-    assert out.returncode == 1 and "unknown peer 'zz'" in out.stderr
+    assert out.code == 1 and "unknown peer 'zz'" in out.err
 
     absent = tmp_path / "absent.sock"
     for args in (["--socket", str(absent), "status"], ["ls", "--json"]):
         out = tensord(*args, env={"TENSORD_CONTROL_SOCKET": str(absent)})
-        assert out.returncode == 69, out  # EX_UNAVAILABLE
-        assert out.stdout == "" and len(out.stderr.splitlines()) == 1
-        assert str(absent) in out.stderr and "start it with `tensord serve`" in out.stderr
+        assert out.code == 69, out  # EX_UNAVAILABLE
+        assert out.out == "" and len(out.err.splitlines()) == 1
+        assert str(absent) in out.err and "start it with `tensord serve`" in out.err
 
 
 def test_reload(cluster: Cluster) -> None:
@@ -186,11 +168,7 @@ async def _watch(cluster: Cluster, *extra: str) -> tuple[str, str, int]:
     name = unique("watched")
     with cluster.a.client() as a:
         a.put(name, save(cluster.work / f"{name}.npy", np.zeros(1 << 20, np.uint8)))
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tensord", "--socket", str(cluster.b.socket), "watch", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = await start("watch", *extra, socket=cluster.b.socket)
     assert proc.stdout is not None and proc.stderr is not None
     out, err = bytearray(), bytearray()
     try:
@@ -272,11 +250,9 @@ async def test_ctrl_c_during_send_exits_130_quietly(cluster: Cluster) -> None:
         hold.listen(16)
         async with cluster.a.async_client() as ac, ac.subscribe() as events:
             src = str(cluster.work / f"{name}.npy")
-            proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "tensord", "send", src, "--to", "c"],
-                env=os.environ | {"TENSORD_CONTROL_SOCKET": str(cluster.a.socket)},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+            # The socket from the environment, as a user under systemd finds it.
+            proc = await start(
+                "send", src, "--to", "c", env={"TENSORD_CONTROL_SOCKET": str(cluster.a.socket)}
             )
             try:
                 with trio.fail_after(30):

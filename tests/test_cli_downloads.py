@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-import trio
 
+from .support.cli import CliResult, run
 from .support.daemons import Daemon, daemon
 from .support.nginx import nginx
 from .support.registry import registry
@@ -19,14 +18,8 @@ from .test_control import ready
 MiB = 1 << 20
 
 
-async def cli(d: Daemon, *args: str) -> tuple[int, str, str]:
-    out = await trio.run_process(
-        [sys.executable, "-m", "tensord", "--socket", str(d.socket), *args],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-    return out.returncode, out.stdout.decode(), out.stderr.decode()
+async def cli(d: Daemon, *args: str) -> CliResult:
+    return await run(*args, socket=d.socket)
 
 
 async def test_pull_model_shows_a_summary_and_downloads_lists_it(tmp_path: Path) -> None:

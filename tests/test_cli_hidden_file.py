@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
-import trio
 
+from .support.cli import run
 from .support.daemons import daemon, free_port
 from .support.helpers import require
 from .test_control import http, ready
@@ -38,13 +37,11 @@ async def test_send_streams_a_file_hidden_from_the_daemon(tmp_path: Path) -> Non
     ):
         await ready(a)
         await ready(b)
-        out = await trio.run_process(
-            [sys.executable, "-m", "tensord", "--socket", str(a.socket), "send",
-             str(hidden / "w.npy"), "--to", "b", "--name", "hid"],
-            capture_stdout=True, capture_stderr=True, check=False,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr.decode()
-        assert "sent hid to b" in out.stdout.decode()
+        code, out, err = await run(
+            "send", str(hidden / "w.npy"), "--to", "b", "--name", "hid", socket=a.socket
+        )
+        assert code == 0, err
+        assert "sent hid to b" in out
         async with http(b) as cb:
             r = await cb.get("/v1/tensors/hid/data")
         (tmp_path / "got.npy").write_bytes(r.content)

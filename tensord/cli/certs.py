@@ -2,7 +2,7 @@
 
 ``tensord certs init-ca`` once, on an operator's machine (the CA key should stay there), then
 ``tensord certs issue NODE_ID`` for each node; each prints the files it wrote and the cluster-file
-snippet that points a node at them. Kept apart from :mod:`tensord.cli` so that it needs neither
+snippet that points a node at them. Kept apart from the client commands so that it needs neither
 trio nor a daemon: it only writes files. :mod:`tensord.certs` (and so ``cryptography``) is
 imported only when a ``certs`` command runs, so that adding these commands costs the other
 ``tensord`` commands no start-up time.
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DEFAULT_CA_DIR = Path("tensord-ca")
 
@@ -96,7 +96,7 @@ def _shown(path: Path) -> str:
 
 
 def _init_ca(args: argparse.Namespace) -> int:
-    from .certs import init_ca
+    from ..certs import init_ca
 
     cert, key = init_ca(args.dir, days=args.days)
     print(f"wrote {_shown(cert)} (the cluster CA certificate: copy it to every node)")
@@ -106,7 +106,7 @@ def _init_ca(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
-    from .certs import CA_CERT_NAME, issue
+    from ..certs import CA_CERT_NAME, issue
 
     node_id: str = args.node_id
     cert, key = issue(args.ca_dir, node_id, args.out, days=args.days, hosts=args.hosts or ())

@@ -1,0 +1,293 @@
+"""The client commands of ``tensord``, one function each: talk to the daemon over its control
+socket (:class:`~tensord.control.client.AsyncClient`), print the result (:mod:`.render`), with
+live progress where a command waits for transfers or downloads (:mod:`.progress`).
+
+Each returns the exit status; errors are raised and turned into one line and a status by
+:func:`tensord.cli.run_client_command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ControlError
+from .progress import Bars, DownloadBars, following
+from .render import (
+    downloads_table,
+    event_line,
+    human_bytes,
+    human_rate,
+    peers_table,
+    plural,
+    print_json,
+    status_text,
+    summary,
+    tensors_table,
+    transfers_table,
+)
+
+if TYPE_CHECKING:
+    from ..control.client import AsyncClient
+
+Json = dict[str, Any]
+
+
+def _client(args: argparse.Namespace) -> AsyncClient:
+    from ..control.client import AsyncClient
+
+    return AsyncClient(args.socket)
+
+
+def _peer_matches(given: str, event_peer: str) -> bool:
+    """Events name peers by node id; the user may have given a ticket or ``host:port``."""
+    if given == event_peer or given.startswith(f"tensord://{event_peer}@"):
+        return True
+    return ":" in given and not given.startswith("tensord://")  # host:port: any id
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        st = await client.status()
+    if args.json:
+        print_json(st)
+    else:
+        print(status_text(st))
+    return 0
+
+
+def _show(args: argparse.Namespace, rows: list[Json], render: Callable[[list[Json]], str],
+          empty: str | None = None) -> int:  # fmt: skip
+    """A listing command's output: JSON with ``--json``, else a table (or ``empty``)."""
+    if args.json:
+        print_json(rows)
+    elif rows:
+        print(render(rows))
+    elif empty is not None:
+        print(empty)
+    return 0
+
+
+async def cmd_peers(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        peers = await client.peers()
+    return _show(
+        args,
+        peers,
+        peers_table,
+        "no peers configured (the cluster file lists none besides this node)",
+    )
+
+
+async def cmd_ls(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        return _show(args, await client.tensors(), tensors_table)
+
+
+async def cmd_transfers(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        return _show(args, await client.transfers(), transfers_table)
+
+
+async def cmd_send(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    prefix: str | None = None
+    if path.suffix == ".safetensors":
+        prefix = None if args.name is None else f"{args.name}/"
+        names: set[str] | None = None
+    else:
+        names = {args.name or path.stem}
+
+    def match(ev: Json) -> bool:
+        if ev["direction"] != "send" or not _peer_matches(args.to, ev["peer"]):
+            return False
+        if names is not None:
+            return ev["name"] in names
+        return prefix is None or str(ev["name"]).startswith(prefix)
+
+    async with _client(args) as client:
+        with Bars() as bars:
+            try:
+                results = await following(
+                    client, bars, match, lambda: client.send(args.to, path=path, name=args.name)
+                )
+            except ControlError as exc:
+                if not (_hidden_from_daemon(exc, path) and path.suffix == ".npy"):
+                    raise _unseen_file(exc, path) from None
+                # The daemon cannot open it (PrivateTmp=, ProtectHome=, another user's home):
+                # stream it into the daemon's store, then send it from there.
+                stored = args.name or path.stem
+                await client.upload(stored, path)
+                results = await following(
+                    client, bars, match, lambda: client.send(args.to, name=stored)
+                )
+    for r in results:
+        print(summary("sent", "to", r["name"], r.get("peer") or args.to, r, r["retries"]))
+    return 0
+
+
+def _hidden_from_daemon(exc: ControlError, path: Path) -> bool:
+    text = str(exc)
+    return (
+        exc.code == "bad_request"
+        and ("no such file" in text or "permission denied" in text)
+        and os.access(path, os.R_OK)
+    )
+
+
+def _unseen_file(exc: ControlError, path: Path) -> ControlError:
+    """The daemon opens the file itself: one it cannot find but we can is hidden from it."""
+    if exc.code == "bad_request" and "no such file" in str(exc) and path.exists():
+        return ControlError(
+            f"{exc}; it exists here, so the daemon cannot see it (under systemd, PrivateTmp= "
+            "and ProtectHome= hide /tmp and /home from it): move it where the daemon can read it",
+            code=exc.code,
+            status=exc.status,
+        )
+    return exc
+
+
+async def cmd_pull(args: argparse.Namespace) -> int:
+    def match(ev: Json) -> bool:
+        return (
+            ev["direction"] == "receive"
+            and ev["name"] == args.name
+            and _peer_matches(args.peer, ev["peer"])
+        )
+
+    async with _client(args) as client:
+        with Bars() as bars:
+            reply = await following(
+                client, bars, match, lambda: client.pull(args.peer, args.name, as_name=args.as_name)
+            )
+        stored = reply["tensor"]["name"]
+        name = args.name if stored == args.name else f"{args.name} as {stored}"
+        print(summary("pulled", "from", name, args.peer, reply["transfer"], bars.retries(match)))
+        if args.output:
+            info = await client.get(stored, args.output)
+            print(f"wrote {stored} to {info['path']} ({human_bytes(info['file_bytes'])})")
+    return 0
+
+
+async def cmd_get(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        info = await client.get(args.name, args.output)
+    print(f"wrote {args.name} to {info['path']} ({human_bytes(info['file_bytes'])})")
+    return 0
+
+
+async def cmd_rm(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        await client.delete(args.name)
+    print(f"deleted {args.name}")
+    return 0
+
+
+async def cmd_reload(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        reply = await client.reload()
+    print(f"reloaded the configuration: {plural(reply['peers'], 'peer', 'peers')}")
+    return 0
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    async with _client(args) as client, client.subscribe() as events:
+        # On stderr, so that stdout is only events; also tells a script the watch is live.
+        print(f"watching {client.socket} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        with Bars(drop_finished=True) as bars:
+            async for ev in events:
+                if args.json:
+                    print(json.dumps(ev), flush=True)
+                    continue
+                if ev.get("kind") == "transfer":
+                    bars.update(ev)
+                    if bars.live and ev["state"] == "progress":
+                        continue  # the bar shows it
+                bars.print(event_line(ev))
+    raise ControlError("the daemon closed the events stream (did it stop?)")
+
+
+async def _follow_download(
+    args: argparse.Namespace, start: Callable[[AsyncClient], Awaitable[Json]]
+) -> int:
+    async with _client(args) as client:
+        if args.detach:
+            job = await start(client)
+            print(f"download {job['id']}: {job['source']} ({job['state']}); "
+                  f"see `tensord downloads`")  # fmt: skip
+            return 0
+        started = time.perf_counter()
+        connections = 0
+        async with client.subscribe() as events:
+            job = await start(client)
+            if job["state"] in ("done", "failed", "cancelled"):
+                last: Json = job
+            else:
+                last = job
+                with DownloadBars() as bars:
+                    async for ev in events:
+                        if ev.get("kind") != "download" or ev.get("id") != job["id"]:
+                            continue
+                        bars.update(ev)
+                        last = ev
+                        if ev["state"] in ("done", "failed", "cancelled"):
+                            break
+                connections = bars.max_connections
+            if last["state"] == "done":
+                # Progress events are rate-limited (a fast pull may publish none with
+                # connections open) and the final one has none: the job knows its peak.
+                final = await client.download_job(job["id"])
+                connections = max(connections, int(final.get("peak_connections") or 0))
+    if last["state"] == "failed":
+        raise ControlError(last.get("detail") or last.get("error") or "the download failed")
+    if last["state"] == "cancelled":
+        raise ControlError(f"download {job['id']} was cancelled")
+    seconds = time.perf_counter() - started
+    size = int(last.get("bytes_total") or last.get("bytes_done") or 0)
+    line = f"downloaded {job['source']}: {human_bytes(size)} in {seconds:.2f} s"
+    if seconds > 0 and job["state"] != "done" and connections > 0:
+        used = plural(connections, "connection", "connections")
+        line += f" ({human_rate(size / seconds)}, up to {used}"
+        line += f", {plural(int(last.get('retries') or 0), 'retry', 'retries')})"
+    print(line)
+    return 0
+
+
+async def cmd_pull_model(args: argparse.Namespace) -> int:
+    return await _follow_download(args, lambda c: c.pull_model(args.reference))
+
+
+async def cmd_download(args: argparse.Namespace) -> int:
+    return await _follow_download(args, lambda c: c.download_url(args.url, args.sha256))
+
+
+async def cmd_downloads(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        if args.cancel:
+            job = await client.cancel_download(args.cancel)
+            print(f"download {job['id']}: {job['state']}")
+            return 0
+        return _show(args, await client.downloads(), downloads_table)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "status": cmd_status,
+    "peers": cmd_peers,
+    "ls": cmd_ls,
+    "send": cmd_send,
+    "pull": cmd_pull,
+    "get": cmd_get,
+    "rm": cmd_rm,
+    "watch": cmd_watch,
+    "reload": cmd_reload,
+    "transfers": cmd_transfers,
+    "pull-model": cmd_pull_model,
+    "download": cmd_download,
+    "downloads": cmd_downloads,
+}

@@ -1,0 +1,203 @@
+"""Live progress on stderr while a command runs: one bar per transfer (:class:`Bars`), or per
+layer of a download (:class:`DownloadBars`), fed by the daemon's events stream.
+
+Bars are drawn only when stderr is a terminal; tests and pipes get the summary lines and nothing
+else. They are a nicety: a command's result is the daemon's reply, never what the bars saw.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from ..errors import ControlError
+from ..transfers import FINAL_STATES
+from .render import short_digest
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from ..control.client import AsyncClient
+
+Json = dict[str, Any]
+T = TypeVar("T")
+
+
+class Bars(AbstractContextManager["Bars"]):
+    """One live progress bar per transfer on stderr, fed by transfer events; drawn only when
+    stderr is a terminal (tests and pipes get the summary lines and nothing else)."""
+
+    def __init__(self, console: Console | None = None, *, drop_finished: bool = False) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.console = console if console is not None else Console(stderr=True)
+        self.live = self.console.is_terminal and not self.console.is_dumb_terminal
+        self.progress: Progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[retries]} retries"),
+            console=self.console,
+            disable=not self.live,
+            # Results go to stdout, which may be a pipe: do not route it through the bars.
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        #: ``watch`` runs for days: a finished transfer's bar goes (its line stays).
+        self._drop_finished = drop_finished
+        self._tasks: dict[tuple[str, str], TaskID] = {}
+        #: The last event of each transfer seen, by (direction, id).
+        self.last: dict[tuple[str, str], Json] = {}
+
+    def __enter__(self) -> Bars:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.progress.stop()
+
+    def update(self, ev: Json) -> None:
+        key = (ev["direction"], ev["id"])
+        self.last[key] = ev
+        total = ev["bytes_total"] or None
+        task = self._tasks.get(key)
+        if task is None:
+            arrow = "->" if ev["direction"] == "send" else "<-"
+            task = self.progress.add_task(
+                f"{ev['name']} {arrow} {ev['peer']}", total=total, retries=ev["retries"]
+            )
+            self._tasks[key] = task
+        done = ev["bytes_done"]
+        if ev["state"] == "done":
+            done = ev["bytes_total"]
+        self.progress.update(task, completed=done, total=total, retries=ev["retries"])
+        if ev["state"] in FINAL_STATES and self._drop_finished:
+            self.progress.remove_task(self._tasks.pop(key))
+        elif ev["state"] in ("failed", "interrupted"):
+            self.progress.update(task, description=f"{ev['name']} {ev['state']}")
+            self.progress.stop_task(task)
+
+    def finish(self) -> None:
+        """The call succeeded: its transfers are done even if their last events were not read
+        yet (the reply and the events stream race)."""
+        for key, task in self._tasks.items():
+            last = self.last[key]
+            if last["state"] not in ("failed", "interrupted"):
+                self.progress.update(task, completed=last["bytes_total"])
+
+    def print(self, line: str) -> None:
+        """A line of output: above the bars when stdout is the bars' terminal, else to stdout."""
+        if self.live and sys.stdout.isatty():
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, flush=True)
+
+    def retries(self, match: Callable[[Json], bool]) -> int | None:
+        """The most retries a matching transfer reported (``None``: none was seen)."""
+        seen = [ev["retries"] for ev in self.last.values() if match(ev)]
+        return max(seen) if seen else None
+
+
+async def following(
+    client: AsyncClient, bars: Bars, match: Callable[[Json], bool], call: Callable[[], Awaitable[T]]
+) -> T:
+    """``await call()`` while the transfers it causes feed ``bars``. Subscribed before the call
+    is posted, so even its first event is seen."""
+    results: list[T] = []
+    failure: list[BaseException] = []
+    async with client.subscribe() as events, trio.open_nursery() as nursery:
+
+        async def follow() -> None:
+            try:
+                async for ev in events:
+                    if ev.get("kind") == "transfer" and match(ev):
+                        bars.update(ev)
+            except ControlError:
+                pass  # bars are a nicety: the call's own reply is the result
+
+        nursery.start_soon(follow)
+        try:
+            results.append(await call())
+        except Exception as exc:  # raised below as itself, not in an ExceptionGroup
+            failure.append(exc)
+        finally:
+            nursery.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    bars.finish()
+    return results[0]
+
+
+class DownloadBars(AbstractContextManager["DownloadBars"]):
+    """A total bar and one bar per layer, with the connections in use, from download events."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        console = Console(stderr=True)
+        self.live = console.is_terminal and not console.is_dumb_terminal
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            disable=not self.live,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self._total: TaskID | None = None
+        self._layers: dict[str, TaskID] = {}
+        self.max_connections = 0
+
+    def __enter__(self) -> DownloadBars:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.progress.stop()
+
+    def update(self, ev: Json) -> None:
+        self.max_connections = max(self.max_connections, int(ev.get("connections") or 0))
+        info = f"{ev.get('connections', 0)} connections, {ev.get('retries', 0)} retries"
+        if self._total is None:
+            self._total = self.progress.add_task("total", total=ev.get("bytes_total"), info=info)
+        self.progress.update(
+            self._total, completed=ev["bytes_done"], total=ev.get("bytes_total"), info=info
+        )
+        for digest, done, total in ev.get("layers") or []:
+            task = self._layers.get(digest)
+            if task is None:
+                task = self.progress.add_task(f"  {short_digest(digest)}", total=total, info="")
+                self._layers[digest] = task
+            self.progress.update(task, completed=done, total=total or None)
