@@ -1,65 +1,18 @@
-"""The tensor store: received tensors as ``.npy`` files on disk, written in place by ``recv_into``.
-
-Why a store on disk, and why this shape:
-
-* **No full copy in RAM.** A receive writes into a memory-mapped file: the network layer
-  ``recv_into``\\s chunk payloads straight into :attr:`PartialReceive.buffer`, a flat ``B``
-  memoryview of the mapping. The pages written are page cache (reclaimable, written back by the
-  kernel), not anonymous memory, so a 64 GiB tensor can arrive on a machine with less RAM.
-* **Readable by anything.** A complete tensor is a plain ``.npy`` file: ``np.load`` reads it
-  (``tensord get`` copies it out). The three wire dtypes numpy cannot describe (``bfloat16``,
-  ``float8_e4m3fn``, ``float8_e5m2``) are stored as the unsigned integer of the same size, with the
-  true wire dtype in the sidecar.
-* **A reader never sees a half-written tensor, and metadata never disagrees with data.** Each
-  tensor is two files in ``root/tensors/``: the data ``<stem>.<gen>.npy`` (a fresh generation name
-  per commit) and the sidecar ``<stem>.json`` naming that data file together with the wire
-  metadata, the sender and the time stored. A commit renames the finished partial to its new
-  generation name, then atomically replaces the sidecar - that rename is the single commit point -
-  and only then removes the previous generation. A crash at any step leaves either the old tensor
-  or the new one, never a mix (a data file no sidecar names is an orphan, swept by
-  :meth:`TensorStore.expire_partials`). A reader that opened the old generation keeps a valid
-  mapping after it is unlinked.
-* **Resumable across restarts.** An in-progress receive lives in ``root/partial/`` as the data file
-  (already a valid ``.npy`` layout, so commit is a rename), a JSON header (key, metadata, chunk
-  size, creation time) and a binary progress file (chunk bitmap and per-chunk crc32c), written
-  atomically after the data pages it vouches for were flushed. A sender's resumed ``Begin`` after a
-  daemon restart re-opens it with :meth:`TensorStore.begin_receive` and only the missing chunks
-  travel again.
-* **A full disk is found at the start, not mid-transfer.** Space is checked against the size cap
-  and ``statvfs`` before anything is created, then reserved with ``posix_fallocate``: a write
-  through a mapping into a sparse file on a full disk is a ``SIGBUS`` that would kill the daemon.
-* **Names never become paths.** Tensor names (which may contain ``/``) and transfer keys (opaque
-  strings) are percent-encoded into a single path component of ``[A-Za-z0-9_.%~-]`` that never
-  starts with ``.``; long ones are shortened with a SHA-256. A file name read back from a sidecar is
-  checked against that form before it is joined to the root.
-
-Everything here is synchronous file I/O with no trio: metadata operations are cheap enough for the
-event loop. ``begin_receive`` (``fallocate``), ``save_progress`` and ``commit`` (``msync`` +
-``fsync``) may wait on the disk for large tensors; callers on the event loop may prefer to run them
-with ``trio.to_thread.run_sync``. The store takes no locks: a ``PartialReceive`` may be committed
-in a worker thread while the event loop goes on, but do not run :meth:`TensorStore.expire_partials`
-at the same time as a commit (it could take the committing file for an orphan). One process (the
-daemon) owns a store's root; other processes may read it.
+"""The store itself: :class:`TensorStore` finds, loads, deletes and stores tensors under its root,
+and begins, lists and expires the partial receives it owns (see :mod:`tensord.store` for why the
+store has this shape).
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
-import hashlib
-import io
-import json
 import logging
-import mmap
 import os
-import re
 import secrets
-import struct
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,456 +22,26 @@ from ..errors import BadTensor, ProtocolError, StoreFull, TensorError, TensorNot
 from ..fsutil import atomic_write as _atomic_write
 from ..fsutil import fsync_dir as _fsync_dir
 from ..fsutil import unlink_quietly as _unlink
-from ..fsutil import write_temp as _write_temp
 from ..limits import check_name
-from ..wire.crc import crc32c
-from ..wire.meta import EXTENDED_DTYPES, TensorMeta, numpy_dtype
+from ..wire.meta import TensorMeta, numpy_dtype
+from .disk import _DISK_SLACK, _close_quietly, _is_full, _mtime, _reserve
+from .names import checked_name, encode_component
+from .partial import PartialReceive
+from .progress import _bytes_have, _read_progress
+from .records import (
+    PartialInfo,
+    TensorInfo,
+    _npy_header,
+    _partial_header_bytes,
+    _PartialHeader,
+    _read_partial_header,
+    _read_sidecar,
+    _Sidecar,
+    _storage_dtype,
+    _validated,
+)
 
 log = logging.getLogger("tensord.store")
-
-__all__ = [
-    "PartialInfo",
-    "PartialReceive",
-    "StoreFull",
-    "TensorInfo",
-    "TensorStore",
-]
-
-_FORMAT_VERSION = 1
-#: Free space kept beyond the tensor itself for the sidecar, progress file and temp files.
-_DISK_SLACK = 1 << 20
-#: errno values that mean "the disk (or the user's quota) is full".
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-#: errno values of a filesystem without fallocate support: fall back to a sparse file.
-_NO_FALLOCATE_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
-_MAX_STEM = 160
-_STEM_PREFIX_KEPT = 80
-_SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.")
-_GEN_RE = r"\.[0-9a-f]{16}\.npy"
-_PROGRESS_MAGIC = b"TNSDPRG1"
-_PROGRESS_HEAD = struct.Struct("<8sI")
-_PROGRESS_TAIL = struct.Struct("<I")
-_MAX_SIZE = 1 << 62  # metadata read back from disk is validated with this as the size limit
-
-
-# --------------------------------------------------------------------------------------------
-# Names, files, small helpers
-
-
-def encode_component(text: str) -> str:
-    """``text`` as one safe path component, injectively.
-
-    Bytes outside ``[A-Za-z0-9_.-]`` (and a leading ``.``) become ``%XX``, so the result can never
-    be ``.``, ``..``, a dotfile, or contain ``/`` or NUL. Results longer than 160 characters are
-    shortened to a readable prefix, ``%~`` (which the escaping never produces) and the SHA-256 of
-    the whole text, which keeps every file name well under the 255-byte limit.
-    """
-    raw = text.encode("utf-8", "surrogatepass")
-    out = "".join(
-        chr(b) if b in _SAFE_BYTES and not (i == 0 and b == 0x2E) else f"%{b:02X}"
-        for i, b in enumerate(raw)
-    )
-    if not out or len(out) > _MAX_STEM:
-        prefix = out[:_STEM_PREFIX_KEPT]
-        cut = prefix.rfind("%")
-        if cut > len(prefix) - 3 and cut != -1:
-            prefix = prefix[:cut]  # do not end the prefix in half an escape
-        out = prefix + "%~" + hashlib.sha256(raw).hexdigest()
-    return out
-
-
-def _storage_dtype(wire: str) -> np.dtype[Any]:
-    """The dtype written in the ``.npy`` header: the uint of the same size for bf16/fp8."""
-    if wire in EXTENDED_DTYPES:
-        return np.dtype(f"<u{EXTENDED_DTYPES[wire]}")
-    return np.dtype(wire)
-
-
-def _npy_header(meta: TensorMeta) -> bytes:
-    """The ``.npy`` header for ``meta``: deterministic, so a re-opened file can be checked."""
-    fmt: Any = np.lib.format
-    d = {
-        "descr": fmt.dtype_to_descr(_storage_dtype(meta.dtype)),
-        "fortran_order": False,
-        "shape": tuple(meta.shape),
-    }
-    buf = io.BytesIO()
-    try:
-        fmt.write_array_header_1_0(buf, d)
-    except ValueError:  # header over 64 KiB: version 2.0 has a 4-byte length
-        buf = io.BytesIO()
-        fmt.write_array_header_2_0(buf, d)
-    return buf.getvalue()
-
-
-def _validated(meta: TensorMeta) -> TensorMeta:
-    """Check a ``TensorMeta`` the way a peer's is checked (name, dtype, shape x itemsize)."""
-    try:
-        return TensorMeta.from_wire(meta.to_wire(), _MAX_SIZE)
-    except ProtocolError as exc:
-        raise BadTensor(str(exc)) from None
-
-
-def checked_name(name: str) -> str:
-    """A tensor name from a caller (API, control request, CLI), checked by the one validator
-    the wire uses too (:func:`~tensord.wire.meta.check_name`); :class:`BadTensor` if bad."""
-    try:
-        return check_name(name)
-    except ProtocolError as exc:
-        raise BadTensor(str(exc)) from None
-
-
-def _is_full(exc: OSError) -> bool:
-    return exc.errno in _FULL_ERRNOS
-
-
-def _reserve(fd: int, size: int) -> None:
-    """Give the file ``size`` bytes of real disk blocks, so a full disk fails here, not in a page
-    fault (``SIGBUS``) halfway through a transfer. Falls back to a sparse file where the
-    filesystem or platform has no ``fallocate``."""
-    fallocate = getattr(os, "posix_fallocate", None)
-    if fallocate is not None and size > 0:
-        try:
-            fallocate(fd, 0, size)
-            return
-        except OSError as exc:
-            if exc.errno not in _NO_FALLOCATE_ERRNOS:
-                raise
-    os.ftruncate(fd, size)
-
-
-def _mtime(*paths: Path) -> float | None:
-    """The newest mtime of those of ``paths`` that exist."""
-    times = []
-    for p in paths:
-        with contextlib.suppress(OSError):
-            times.append(p.stat().st_mtime)
-    return max(times) if times else None
-
-
-def _bytes_have(have: bytes, nbytes: int, chunk_size: int | None) -> int:
-    """Bytes covered by the set chunks of ``have``; exact when the chunk size is known."""
-    n = len(have)
-    count = have.count(1)
-    if not count:
-        return 0
-    cs = chunk_size if chunk_size else -(-nbytes // n)
-    last_len = min(cs, max(0, nbytes - (n - 1) * cs))
-    total = count * cs - ((cs - last_len) if have[n - 1] else 0)
-    return max(0, min(nbytes, total))
-
-
-# --------------------------------------------------------------------------------------------
-# What the store returns
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """A stored tensor: its wire metadata, who sent it and when it was stored.
-
-    Has the fields of :class:`~tensord.wire.meta.TensorMeta` (``name``, ``dtype`` - the wire dtype,
-    ``shape``, ``nbytes``, ``requires_grad``) plus ``sender`` and ``stored_at`` (Unix time);
-    :attr:`meta` is the ``TensorMeta`` itself, e.g. to send the tensor on.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    requires_grad: bool
-    sender: str
-    stored_at: float
-
-    @property
-    def meta(self) -> TensorMeta:
-        return TensorMeta(self.name, self.dtype, self.shape, self.nbytes, self.requires_grad)
-
-    @classmethod
-    def of(cls, meta: TensorMeta, sender: str, stored_at: float) -> TensorInfo:
-        return cls(
-            meta.name, meta.dtype, meta.shape, meta.nbytes, meta.requires_grad, sender, stored_at
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready form (for the control API)."""
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "nbytes": self.nbytes,
-            "requires_grad": self.requires_grad,
-            "sender": self.sender,
-            "stored_at": self.stored_at,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class PartialInfo:
-    """An interrupted receive found on disk: enough to log it and to resume it."""
-
-    key: str
-    meta: TensorMeta
-    chunk_size: int | None
-    bytes_have: int
-    created: float
-    updated: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Sidecar:
-    info: TensorInfo
-    data: Path
-
-
-@dataclass(frozen=True, slots=True)
-class _PartialHeader:
-    key: str
-    meta: TensorMeta
-    chunk_size: int | None
-    created: float
-
-
-# --------------------------------------------------------------------------------------------
-# A receive in progress
-
-
-def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-class PartialReceive:
-    """One in-progress receive: a memory-mapped ``.npy`` file the network layer writes into.
-
-    Get one from :meth:`TensorStore.begin_receive`; end it with exactly one of :meth:`commit`
-    (the tensor is complete and verified), :meth:`discard` (give up) or :meth:`close` (stop for now
-    and keep it on disk for a resume). It is also a context manager that closes on exit. After any
-    of the three, :attr:`buffer` is released: a stray ``recv_into`` fails loudly instead of
-    writing into a stored tensor.
-    """
-
-    def __init__(
-        self,
-        store: TensorStore,
-        key: str,
-        meta: TensorMeta,
-        chunk_size: int | None,
-        stem: str,
-        fd: int,
-        header_len: int,
-    ) -> None:
-        self.key = key
-        self.meta = meta
-        self.chunk_size = chunk_size
-        self._store = store
-        self._stem = stem
-        self._fd = fd
-        self._mmap: mmap.mmap | None = mmap.mmap(fd, header_len + meta.nbytes)
-        # Registered only once the mapping exists: a failed __init__ leaves the fd to the caller.
-        self._finalizer = weakref.finalize(self, _close_quietly, fd)
-        #: The tensor's bytes: flat, writable, ``B`` format, exactly ``meta.nbytes`` long.
-        self.buffer: memoryview = memoryview(self._mmap)[header_len:]
-        self._state = "open"
-
-    # -- paths
-
-    @property
-    def data_path(self) -> Path:
-        return self._store._partial_dir / f"{self._stem}.npy"
-
-    @property
-    def _header_path(self) -> Path:
-        return self._store._partial_dir / f"{self._stem}.json"
-
-    @property
-    def _progress_path(self) -> Path:
-        return self._store._partial_dir / f"{self._stem}.progress"
-
-    @property
-    def closed(self) -> bool:
-        return self._state != "open"
-
-    def __enter__(self) -> PartialReceive:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<PartialReceive {self.key!r} {self.meta.name!r} {self._state}>"
-
-    def _check_open(self) -> mmap.mmap:
-        if self._mmap is None:
-            raise ValueError(f"partial receive {self.key!r} is already {self._state}")
-        return self._mmap
-
-    # -- progress
-
-    def save_progress(self, have: bytes | bytearray, raw_crcs: list[int]) -> None:
-        """Persist the chunk bitmap and per-chunk crc32c, so a restart resumes from here.
-
-        The data pages are flushed (``msync``) first: the progress file must never claim a chunk
-        whose bytes could still be lost, because the whole-tensor check is combined from these
-        crcs and never re-reads the data. Then the progress is written atomically (temp file,
-        ``fsync``, rename), so a crash leaves the previous progress or this one.
-        """
-        mm = self._check_open()
-        if len(have) != len(raw_crcs):
-            raise ValueError(f"{len(have)} bitmap entries but {len(raw_crcs)} crcs")
-        if bytes(have).translate(None, b"\x00\x01"):
-            raise ValueError("the chunk bitmap must hold only 0 and 1")
-        if self.chunk_size:
-            expected = -(-self.meta.nbytes // self.chunk_size)
-            if len(have) != expected:
-                raise ValueError(
-                    f"{len(have)} chunks in the bitmap, expected {expected} "
-                    f"({self.meta.nbytes} bytes in chunks of {self.chunk_size})"
-                )
-        if any(not 0 <= c < 1 << 32 for c in raw_crcs):
-            raise ValueError("crc32c values must be in 0..2**32-1")
-        mm.flush()
-        body = (
-            _PROGRESS_HEAD.pack(_PROGRESS_MAGIC, len(have))
-            + bytes(have)
-            + np.asarray(raw_crcs, dtype="<u4").tobytes()
-        )
-        _atomic_write(self._progress_path, body + _PROGRESS_TAIL.pack(crc32c(body)))
-
-    def load_progress(self) -> tuple[bytes, list[int]] | None:
-        """The last saved ``(have, raw_crcs)``, or ``None`` if none was saved (or it is damaged)."""
-        return _read_progress(self._progress_path, self.meta, self.chunk_size)
-
-    @property
-    def bytes_have(self) -> int:
-        """Bytes covered by the saved progress (exact when the chunk size is known)."""
-        progress = self.load_progress()
-        if progress is None:
-            return 0
-        return _bytes_have(progress[0], self.meta.nbytes, self.chunk_size)
-
-    # -- ending
-
-    def commit(self, sender: str) -> TensorInfo:
-        """Make the received bytes the stored tensor ``meta.name``, atomically.
-
-        Flush and ``fsync`` the data, write the new sidecar to a temp file, rename the data to its
-        new generation name in ``tensors/``, rename the sidecar over the old one (the commit
-        point), then remove the previous generation and this partial's header and progress. A
-        reader sees the old tensor or the new one, never a mix. If the disk fills up on the way
-        (``ENOSPC``), the partial is removed, :class:`StoreFull` is raised and the old tensor of
-        that name is untouched.
-        """
-        mm = self._check_open()
-        store = self._store
-        info = TensorInfo.of(self.meta, sender, time.time())
-        name_stem = encode_component(self.meta.name)
-        data_name = f"{name_stem}.{secrets.token_hex(8)}.npy"
-        sidecar = store._tensor_dir / f"{name_stem}.json"
-        body = json.dumps(
-            {
-                "version": _FORMAT_VERSION,
-                "meta": self.meta.to_wire(),
-                "sender": sender,
-                "stored_at": info.stored_at,
-                "file": data_name,
-            },
-            sort_keys=True,
-        ).encode()
-        tmp: Path | None = None
-        try:
-            mm.flush()
-            os.fsync(self._fd)
-            tmp = _write_temp(sidecar, body)
-        except OSError as exc:
-            if tmp is not None:
-                _unlink(tmp)
-            if _is_full(exc):
-                self.discard()
-                raise store._full_midway(self.meta, "committing") from None
-            raise
-        old = store._read_sidecar(name_stem)
-        new_data = store._tensor_dir / data_name
-        try:
-            os.replace(self.data_path, new_data)
-            try:
-                os.replace(tmp, sidecar)  # the commit point
-            except BaseException:
-                os.replace(new_data, self.data_path)  # back where it was: still resumable
-                raise
-        except BaseException:
-            _unlink(tmp)
-            raise
-        self._release("committed")
-        _fsync_dir(store._tensor_dir)
-        if old is not None and old.data != new_data:
-            _unlink(old.data)
-        _unlink(self._progress_path)
-        _unlink(self._header_path)
-        _fsync_dir(store._partial_dir)
-        return info
-
-    def discard(self) -> None:
-        """Give up on this receive and remove its files. Safe to call more than once."""
-        if self._state in ("committed", "discarded"):
-            return
-        self._release("discarded")
-        self._store._remove_partial_files(self._stem)
-
-    def close(self) -> None:
-        """Stop using this receive but keep it on disk for a resume (e.g. at shutdown)."""
-        if self._state == "open":
-            self._release("closed")
-
-    def _release(self, state: str) -> None:
-        self._state = state
-        self._store._forget(self)
-        mm, self._mmap = self._mmap, None
-        try:
-            self.buffer.release()
-            if mm is not None:
-                mm.close()
-        except BufferError:
-            # Someone still holds a view of the buffer (e.g. an ndarray over it): the mapping
-            # lives until that is dropped. Correct, but writes through it reach the file.
-            log.warning(
-                "partial receive %r %s while views of its buffer are still held",
-                self.key,
-                state,
-            )
-        self._finalizer()
-
-
-def _read_progress(
-    path: Path, meta: TensorMeta, chunk_size: int | None
-) -> tuple[bytes, list[int]] | None:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    head, tail = _PROGRESS_HEAD.size, _PROGRESS_TAIL.size
-    try:
-        if len(raw) < head + tail:
-            raise ValueError("too short")
-        magic, n = _PROGRESS_HEAD.unpack_from(raw)
-        if magic != _PROGRESS_MAGIC or len(raw) != head + 5 * n + tail:
-            raise ValueError("bad magic or length")
-        (check,) = _PROGRESS_TAIL.unpack_from(raw, len(raw) - tail)
-        if check != crc32c(memoryview(raw)[: len(raw) - tail]):
-            raise ValueError("checksum mismatch")
-        have = raw[head : head + n]
-        if have.translate(None, b"\x00\x01"):
-            raise ValueError("bitmap holds values other than 0 and 1")
-        if chunk_size and n != -(-meta.nbytes // chunk_size):
-            raise ValueError("chunk count does not match the chunk size")
-        crcs = np.frombuffer(raw, dtype="<u4", count=n, offset=head + n).tolist()
-    except (ValueError, struct.error) as exc:
-        log.warning("ignoring damaged progress file %s: %s", path, exc)
-        return None
-    return have, [int(c) for c in crcs]
-
-
-# --------------------------------------------------------------------------------------------
-# The store
 
 
 class TensorStore:
@@ -828,32 +351,7 @@ class TensorStore:
 
     def _read_sidecar(self, stem: str) -> _Sidecar | None:
         """The sidecar of ``stem``, validated; ``None`` if absent or damaged."""
-        path = self._tensor_dir / f"{stem}.json"
-        try:
-            raw = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable tensor metadata %s: %s", path, exc)
-            return None
-        try:
-            if not isinstance(raw, dict) or raw.get("version") != _FORMAT_VERSION:
-                raise ValueError("not a version 1 sidecar")
-            meta = TensorMeta.from_wire(raw.get("meta"), _MAX_SIZE)
-            if encode_component(meta.name) != stem:
-                raise ValueError(f"it describes {meta.name!r}, another tensor")
-            data = raw.get("file")
-            # Never join a name read from disk to a path unchecked.
-            if not isinstance(data, str) or not re.fullmatch(re.escape(stem) + _GEN_RE, data):
-                raise ValueError(f"bad data file name {str(data)[:80]!r}")
-            sender = raw.get("sender")
-            stored_at = raw.get("stored_at")
-            if not isinstance(sender, str) or not isinstance(stored_at, int | float):
-                raise ValueError("bad sender or stored_at")
-        except (ValueError, ProtocolError) as exc:
-            log.warning("ignoring damaged tensor metadata %s: %s", path, exc)
-            return None
-        return _Sidecar(TensorInfo.of(meta, sender, float(stored_at)), self._tensor_dir / data)
+        return _read_sidecar(self._tensor_dir, stem)
 
     def _partial_files(self, stem: str) -> tuple[Path, Path, Path]:
         d = self._partial_dir
@@ -867,31 +365,7 @@ class TensorStore:
         _fsync_dir(self._partial_dir)
 
     def _read_partial_header(self, stem: str) -> _PartialHeader | None:
-        path = self._partial_dir / f"{stem}.json"
-        try:
-            raw = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable partial receive %s: %s", path, exc)
-            return None
-        try:
-            if not isinstance(raw, dict) or raw.get("version") != _FORMAT_VERSION:
-                raise ValueError("not a version 1 partial header")
-            key = raw.get("key")
-            if not isinstance(key, str) or encode_component(key) != stem:
-                raise ValueError("its key does not match its file name")
-            meta = TensorMeta.from_wire(raw.get("meta"), _MAX_SIZE)
-            cs = raw.get("chunk_size")
-            if cs is not None and (not isinstance(cs, int) or isinstance(cs, bool) or cs <= 0):
-                raise ValueError("bad chunk_size")
-            created = raw.get("created")
-            if not isinstance(created, int | float):
-                raise ValueError("bad created time")
-        except (ValueError, ProtocolError) as exc:
-            log.warning("ignoring damaged partial receive %s: %s", path, exc)
-            return None
-        return _PartialHeader(key, meta, cs, float(created))
+        return _read_partial_header(self._partial_dir, stem)
 
     def _partial_data_ok(self, stem: str, meta: TensorMeta) -> bool:
         """Does the partial's data file exist with exactly the header and size ``meta`` needs?"""
@@ -947,19 +421,7 @@ class TensorStore:
             _reserve(fd, len(header) + meta.nbytes)
             os.pwrite(fd, header, 0)
             os.fsync(fd)
-            _atomic_write(
-                header_path,
-                json.dumps(
-                    {
-                        "version": _FORMAT_VERSION,
-                        "key": key,
-                        "meta": meta.to_wire(),
-                        "chunk_size": chunk_size,
-                        "created": time.time(),
-                    },
-                    sort_keys=True,
-                ).encode(),
-            )
+            _atomic_write(header_path, _partial_header_bytes(key, meta, chunk_size, time.time()))
             partial = PartialReceive(self, key, meta, chunk_size, stem, fd, len(header))
         except BaseException as exc:
             _close_quietly(fd)
