@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
 from ..errors import ConfigError
@@ -118,37 +117,24 @@ class Boolean(Kind[bool]):
 
 
 @dataclass(frozen=True)
-class Text(Kind[str]):
-    accepted = v.ACCEPTED_STR
+class Parsed(Kind[T]):
+    """A string of some shape, read by the same parser from the file and from env vars."""
 
-    def from_json(self, where: str, value: object) -> str:
-        return v.parse_str(where, value)
+    what: str
+    parse: Callable[[str, object], T]
 
+    @property
+    def accepted(self) -> str:
+        return self.what
 
-@dataclass(frozen=True)
-class FilePath(Kind[Path]):
-    """A path; ``~`` is the user's home."""
-
-    accepted = "a path"
-
-    def from_json(self, where: str, value: object) -> Path:
-        return v.parse_path(where, value)
+    def from_json(self, where: str, value: object) -> T:
+        return self.parse(where, value)
 
 
-@dataclass(frozen=True)
-class NodeId(Kind[str]):
-    accepted = v.ACCEPTED_NODE_ID
-
-    def from_json(self, where: str, value: object) -> str:
-        return v.parse_node_id(where, value)
-
-
-@dataclass(frozen=True)
-class Url(Kind[str]):
-    accepted = v.ACCEPTED_URL
-
-    def from_json(self, where: str, value: object) -> str:
-        return v.parse_url(where, value)
+TEXT = Parsed(v.ACCEPTED_STR, v.parse_str)
+PATH = Parsed("a path", v.parse_path)
+NODE_ID = Parsed(v.ACCEPTED_NODE_ID, v.parse_node_id)
+URL = Parsed(v.ACCEPTED_URL, v.parse_url)
 
 
 @dataclass(frozen=True)

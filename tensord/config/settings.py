@@ -20,18 +20,18 @@ from typing import Any
 
 from ..limits import MAX_CHUNK, MIN_CHUNK
 from .schema import (
+    NODE_ID,
+    PATH,
+    TEXT,
+    URL,
     Address,
     Boolean,
     Choice,
-    FilePath,
     Integer,
-    NodeId,
     Nullable,
     Number,
     Section,
     SectionList,
-    Text,
-    Url,
     required,
     setting,
     walk,
@@ -47,17 +47,17 @@ TRANSPORTS = ("tcp", "quic")
 _BYTES = "bytes"
 _SECONDS = "seconds"
 _WINDOW = Integer(64 * KiB, 4 * GiB, _BYTES)  # a flow-control window: TCP's and QUIC's alike
-_OPTIONAL_PATH = Nullable(FilePath())
+_OPTIONAL_PATH = Nullable(PATH)
 
 
 @dataclass(frozen=True)
 class NodeEntry:
     """One node of the cluster file."""
 
-    id: str = required(NodeId(), "the node's id; ids are unique in the file")
+    id: str = required(NODE_ID, "the node's id; ids are unique in the file")
     addr: HostPort = required(Address(), "where its peers reach it")
     ollama: str | None = setting(
-        None, Nullable(Url()), "its Ollama server, for the token gateway (optional)"
+        None, Nullable(URL), "its Ollama server, for the token gateway (optional)"
     )
     transport: str = setting("tcp", Choice(TRANSPORTS), "how peers dial it")
 
@@ -211,9 +211,9 @@ class TransferSettings:
 class TlsSettings:
     """Mutual TLS between nodes: PEM paths."""
 
-    ca: Path = required(FilePath(), "the cluster's CA certificate")
-    cert: Path = required(FilePath(), "this node's certificate")
-    key: Path = required(FilePath(), "this node's private key")
+    ca: Path = required(PATH, "the cluster's CA certificate")
+    cert: Path = required(PATH, "this node's certificate")
+    key: Path = required(PATH, "this node's private key")
 
 
 @dataclass(frozen=True)
@@ -381,7 +381,7 @@ class Settings:
 
     node_id: str = setting(
         "local",
-        NodeId(),
+        NODE_ID,
         "this node's id in the cluster file",
         env="TENSORD_NODE_ID",
         flag="--node-id",
@@ -397,7 +397,7 @@ class Settings:
         default_doc="the node's `addr` (its port; all interfaces unless the address is "
         "loopback), else `127.0.0.1:7070`",
     )
-    cluster_name: str = setting("tensord", Text(), "the cluster's name", key="name")
+    cluster_name: str = setting("tensord", TEXT, "the cluster's name", key="name")
     cluster_file: Path | None = setting(
         None,
         _OPTIONAL_PATH,
