@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 from dataclasses import replace
@@ -14,20 +13,18 @@ import trio
 from tensord.events import TransferEvent
 from tensord.store import TensorStore
 
+from .support.cluster import write_cluster_file
 from .support.daemons import daemon, free_port
 from .support.helpers import fast_settings, running
 from .support.tcp_proxy import proxied
 
+#: Peers checked often, so that a reload's joins and leaves show within the test.
+TRANSFER = {"peer_check_interval": 0.2, "drain_timeout": 30}
 
-def cluster_file(path: Path, nodes: dict[str, int], **extra: object) -> Path:
-    doc = {
-        "name": "test",
-        "nodes": [{"id": k, "addr": f"127.0.0.1:{p}"} for k, p in nodes.items()],
-        "transfer": {"peer_check_interval": 0.2, "drain_timeout": 30},
-        **extra,
-    }
-    path.write_text(json.dumps(doc))
-    return path
+
+def cluster_file(path: Path, nodes: dict[str, int]) -> Path:
+    """A cluster file of ``nodes`` (id -> port on 127.0.0.1) with fast peer checks."""
+    return write_cluster_file(path, nodes, name="test", transfer=TRANSFER)
 
 
 async def test_sd_notify_ready_status_watchdog_stopping_in_order(tmp_path: Path) -> None:

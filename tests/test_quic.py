@@ -16,7 +16,6 @@ from aioquic._buffer import Buffer
 from aioquic.quic.events import StreamDataReceived
 from aioquic.quic.packet import pull_quic_header
 
-from tensord.certs import init_ca, issue
 from tensord.config import HostPort, TlsSettings
 from tensord.errors import AuthenticationFailed, PeerUnreachable, ProtocolError
 from tensord.net.connection import Connection
@@ -42,6 +41,9 @@ from tensord.wire.frames import FrameDecoder
 from tensord.wire.handshake import ALL_FEATURES, make_hello
 from tensord.wire.messages import Chunk, Hello, Ping, Pong
 
+from .support import pki as shared_pki
+
+pki = shared_pki.pki  # the fixture: the suite's one test PKI (tests/support/pki.py)
 MiB = 1 << 20
 KEY = ClusterKey(b"x" * 32)
 
@@ -143,22 +145,6 @@ async def dial(
         key=key,
         tls=tls,
     )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The cluster CA with certificates for client and server; another CA's for both."""
-    root = tmp_path_factory.mktemp("pki")
-    init_ca(root / "ca")
-    init_ca(root / "other-ca")
-    for node in ("client", "server"):
-        issue(root / "ca", node, root / "certs")
-        issue(root / "other-ca", node, root / "other")
-    # Trusting both CAs (as during a CA rotation): such a node accepts this cluster's peers,
-    # so only their verification of its other-CA certificate can refuse it.
-    both = (root / "ca" / "ca.crt").read_bytes() + (root / "other-ca" / "ca.crt").read_bytes()
-    (root / "both.crt").write_bytes(both)
-    return root
 
 
 def tls_for(pki: Path, node: str, certs: str = "certs", ca: str = "") -> TlsSettings:

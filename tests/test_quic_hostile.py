@@ -437,13 +437,13 @@ async def test_a_daemon_under_three_unauthenticated_connections_stays_small(
     8 MiB window), and a member's transfer still arrives."""
     import numpy as np
 
-    from bench import chaos
-
+    from .support.chaos.common import receiver
+    from .support.daemons import free_port
     from .support.helpers import fast_settings, running
 
-    port = chaos.free_port()
+    port = free_port()
     with trio.fail_after(60):
-        async with chaos.receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d:
+        async with receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d:
             pid = d.proc.pid
             # Warm-up: the first connection's one-time costs (imports, TLS) are not the attack.
             async with raw_client(port) as warm:

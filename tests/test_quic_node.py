@@ -113,21 +113,23 @@ async def test_a_quic_receiver_killed_mid_transfer_is_resumed_after_its_restart(
     restarted on the same port: the attempt ends at io_timeout, the retry's dial replaces the
     silent QUIC connection (the idle timeout is 30 s away), and the transfer resumes from what
     the restarted receiver found on disk."""
-    from bench import chaos
+    from .support.chaos.common import Watermark, digest, receiver, stored_digests, watch_receives
+    from .support.chaos.transfers import ON_DISK
+    from .support.daemons import free_port
 
     size, window = 96 * MiB, 4 * MiB
     data = np.random.default_rng(4).integers(0, 255, size, dtype=np.uint8)
     sender = quic().with_transfer(io_timeout=1.5, connect_timeout=1.0, window_bytes=window)
-    port = chaos.free_port()
-    saved = chaos.Watermark()
+    port = free_port()
+    saved = Watermark()
     results = []
     with trio.fail_after(90):
         async with running(sender) as a, trio.open_nursery() as nursery:
             async with (
-                chaos.receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d,
+                receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d,
                 trio.open_nursery() as watch,
             ):
-                await watch.start(chaos.watch_receives, d.socket, saved)
+                await watch.start(watch_receives, d.socket, saved)
 
                 async def send() -> None:
                     addr = f"tensord://r@127.0.0.1:{port}"
@@ -139,14 +141,14 @@ async def test_a_quic_receiver_killed_mid_transfer_is_resumed_after_its_restart(
                 d.proc.kill()
                 await d.proc.wait()
                 watch.cancel_scope.cancel()
-            async with chaos.receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d:
+            async with receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d:
                 await d.wait_for("tensor arrived: 'big'")
-                found = chaos._ON_DISK.search(d.text)
+                found = ON_DISK.search(d.text)
             nursery.cancel_scope.cancel()
     (result,) = results
     assert result.transport == "quic" and result.retries >= 1, result
     assert at_kill < size  # killed mid-transfer, after a checkpoint
-    assert chaos.stored_digests(tmp_path / "state", ["big"])["big"] == chaos.digest(data)
+    assert stored_digests(tmp_path / "state", ["big"])["big"] == digest(data)
     assert found is not None
     on_disk = int(found.group(1))
     assert on_disk >= at_kill  # the restart found the checkpoint...
@@ -163,21 +165,22 @@ async def test_a_restarted_receiver_resets_the_connection_at_once(
     process, which answers with a stateless reset (a token derived from the cluster secret and
     the node id, so the new process knows the old one's tokens): the sender drops the connection
     at once and the send goes over a new one - no io_timeout, no idle timeout."""
-    from bench import chaos
+    from .support.chaos.common import receiver
+    from .support.daemons import free_port
 
     caplog.set_level(logging.INFO, logger="tensord.net")
     sender = quic().with_transfer(io_timeout=60.0, connect_timeout=10.0)
-    port = chaos.free_port()
+    port = free_port()
     with trio.fail_after(30):
         async with running(sender) as a, trio.open_nursery() as nursery:
             proxy = UdpProxy(("127.0.0.1", port))
             await nursery.start(proxy.run)
             addr = f"tensord://r@{proxy.addr}"
-            async with chaos.receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d:
+            async with receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d:
                 first = await a.send_tensor(addr, "one", np.arange(1000))
                 d.proc.kill()
                 await d.proc.wait()
-            async with chaos.receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d:
+            async with receiver(tmp_path, port, TENSORD_TRANSPORT="quic") as d:
                 with trio.fail_after(10):  # far less than io_timeout or the idle timeout
                     second = await a.send_tensor(addr, "two", np.arange(2000))
                 await d.wait_for("tensor arrived: 'two'")

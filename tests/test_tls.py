@@ -4,33 +4,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import trio
 
-from tensord.certs import init_ca, issue
 from tensord.config import SecuritySettings, Settings, TlsSettings, load_settings
 from tensord.errors import AuthenticationFailed
 
+from .support import pki as shared_pki
+from .support.cluster import write_cluster_file
 from .support.helpers import LogWaiter, fast_settings, running
 
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cluster CA with certificates for a, b; another CA with one for a; an expired b."""
-    root = tmp_path_factory.mktemp("pki")
-    init_ca(root / "ca")
-    init_ca(root / "other-ca")
-    for node in ("a", "b"):
-        issue(root / "ca", node, root / "certs")
-    for node in ("a", "b"):
-        issue(root / "other-ca", node, root / "other")
-    past = datetime.now(UTC) - timedelta(days=2)
-    issue(root / "ca", "b", root / "expired", not_before=past, not_after=past + timedelta(days=1))
-    return root
+pki = shared_pki.pki  # the fixture: the suite's one test PKI (tests/support/pki.py)
 
 
 def tls_node(
@@ -111,27 +98,13 @@ async def test_refusals_are_typed_fast_and_logged(
                 await seen.event.wait()
 
 
-def test_node_placeholder_in_tls_paths_of_a_shared_cluster_file(tmp_path: Path) -> None:
-    import json
+#: The two nodes of the shared cluster files below (addresses never dialled).
+NODES = {"a": "10.0.0.1:7070", "b": "10.0.0.2:7070"}
 
-    cluster = tmp_path / "cluster.json"
-    cluster.write_text(
-        json.dumps(
-            {
-                "nodes": [
-                    {"id": "a", "addr": "10.0.0.1:7070"},
-                    {"id": "b", "addr": "10.0.0.2:7070"},
-                ],
-                "security": {
-                    "tls": {
-                        "ca": "/etc/t/ca.crt",
-                        "cert": "/etc/t/{node}.crt",
-                        "key": "/etc/t/{node}.key",
-                    }
-                },
-            }
-        )
-    )
+
+def test_node_placeholder_in_tls_paths_of_a_shared_cluster_file(tmp_path: Path) -> None:
+    tls = {"ca": "/etc/t/ca.crt", "cert": "/etc/t/{node}.crt", "key": "/etc/t/{node}.key"}
+    cluster = write_cluster_file(tmp_path / "cluster.json", NODES, security={"tls": tls})
     s = load_settings({}, cluster_file=cluster, node_id="b", library=True)
     assert s.security.tls == TlsSettings(
         Path("/etc/t/ca.crt"), Path("/etc/t/b.crt"), Path("/etc/t/b.key")
@@ -140,23 +113,17 @@ def test_node_placeholder_in_tls_paths_of_a_shared_cluster_file(tmp_path: Path) 
 
 
 def test_credentials_placeholder_and_the_cluster_secret_credential(tmp_path: Path) -> None:
-    import json
-
-    import pytest
-
     from tensord.errors import ConfigError
 
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "cluster.secret").write_text("s" * 32)
-    cluster = tmp_path / "cluster.json"
-    nodes = [{"id": "a", "addr": "10.0.0.1:7070"}, {"id": "b", "addr": "10.0.0.2:7070"}]
     tls = {
         "ca": "{credentials}/ca.crt",
         "cert": "{credentials}/node.crt",
         "key": "{credentials}/node.key",
     }
-    cluster.write_text(json.dumps({"nodes": nodes, "security": {"tls": tls}}))
+    cluster = write_cluster_file(tmp_path / "cluster.json", NODES, security={"tls": tls})
     env = {"CREDENTIALS_DIRECTORY": str(creds)}
     s = load_settings(env, cluster_file=cluster, node_id="a", library=True)
     assert s.security.secret_file == creds / "cluster.secret"

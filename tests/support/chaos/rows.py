@@ -1,5 +1,5 @@
-"""The rows of the reliability report (bench/chaos.py) and the small helpers its scenario modules
-share (bench/attacks.py imports them from here, so that neither imports the other's half)."""
+"""The rows of the reliability report (docs/RELIABILITY.md): what each scenario returns, and the
+small helpers every scenario module shares to fill them in."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Any
 import trio
 
 from tensord.config import GiB, KiB, MiB
-from tests.support.daemons import Daemon
+
+from ..daemons import Daemon
 
 
 @dataclass

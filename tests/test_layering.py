@@ -1,0 +1,148 @@
+"""Which code may import which, read from the source with ``ast`` (nothing is imported).
+
+- Nothing under ``tests/`` imports ``bench``: the chaos scenarios live in ``tests/support/chaos``
+  and ``bench/chaos.py`` imports them, never the other way round.
+- No import cycle among the modules of ``tensord/``: dependencies point down (DESIGN.md). Every
+  import counts - at module level, inside a function, under ``if TYPE_CHECKING:`` - because
+  each is a dependency a reader has to follow, whether or not Python runs it at import time.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    """``tensord/net/tcp.py`` -> ``tensord.net.tcp``; a package's ``__init__`` is the package."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported(path: Path, root: Path = ROOT) -> Iterator[tuple[int, str, tuple[str, ...]]]:
+    """Every import in ``path``: (line, absolute module, the names a ``from`` import takes)."""
+    name = module_name(path, root)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name, ()
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module or ""
+            yield node.lineno, module, tuple(alias.name for alias in node.names)
+
+
+def import_graph(package: str, root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the modules of ``package`` it imports. ``from a import b`` is an edge to
+    ``a.b`` when that is a module, else to ``a``; importing a submodule is not counted as
+    importing its parent packages (their ``__init__`` re-exports would make every module
+    look cyclic)."""
+    paths = {module_name(p, root): p for p in (root / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        edges: set[str] = set()
+        for _, module, names in imported(path, root):
+            targets = [f"{module}.{n}" for n in names if f"{module}.{n}" in paths]
+            if len(targets) < len(names) or not names:
+                targets.append(module)
+            edges |= {t for t in targets if t in paths and t != name}
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_nothing_under_tests_imports_bench() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}: {module}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        for line, module, _ in imported(path)
+        if module == "bench" or module.startswith("bench.")
+    ]
+    assert not offenders, "tests/ must not import bench/ (move the code to tests/support):\n" + (
+        "\n".join(offenders)
+    )
+
+
+def test_no_import_cycle_among_tensord_modules() -> None:
+    found = cycles(import_graph("tensord"))
+    assert not found, "import cycles in tensord/ (make one side depend on an interface):\n" + (
+        "\n".join(" <-> ".join(c) for c in found)
+    )
+
+
+def test_the_cycle_finder_finds_a_cycle_and_only_cycles() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}, "f": set()}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"x": {"y"}, "y": set()}) == []
+
+
+def test_the_graph_counts_lazy_and_type_checking_imports(tmp_path: Path) -> None:
+    """A cycle closed by an import under ``TYPE_CHECKING``, one inside a function and a
+    relative ``from . import module`` is found (the control/app <-> daemon cycle was of this
+    kind); a module importing its own package's ``__init__`` names is not a cycle."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    files = {
+        "__init__.py": "from .a import A\n",
+        "a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B\n",
+        "b.py": "def f():\n    from pkg import c\n",
+        "c.py": "from . import a\n",
+        "d.py": "import pkg.a\nfrom pkg import A\n",
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    graph = import_graph("pkg", tmp_path)
+    assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.c"}
+    assert graph["pkg.c"] == {"pkg.a"} and graph["pkg.d"] == {"pkg.a", "pkg"}
+    assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.c"]]
