@@ -20,7 +20,10 @@ import numpy as np
 import trio
 
 from .errors import TransferFailed
+from .limits import MAX_CHUNK
+from .net.connection import Connection
 from .store import PartialReceive, StoreFull, TensorStore
+from .wire.messages import Begin
 from .wire.meta import TensorMeta
 from .wire.transfer import ReceiveTransfer
 
@@ -95,7 +98,7 @@ class MemorySink:
 class StoreSink:
     """A partial file in the store, checkpointed while it fills and committed atomically.
 
-    ``store_as`` stores the tensor under another name than the one on the wire (a pull's
+    ``as_name`` stores the tensor under another name than the one on the wire (a pull's
     ``--as``). Checkpoints and the commit are serialized by a lock, and nothing is saved after
     the commit or a close started: the mapping is gone by then.
     """
@@ -109,11 +112,11 @@ class StoreSink:
         key: str,
         chunk_size: int | None,
         *,
-        store_as: str | None = None,
+        as_name: str | None = None,
     ) -> None:
         self.meta = meta
         self.store = store
-        stored_meta = meta if store_as is None else replace(meta, name=store_as)
+        stored_meta = meta if as_name is None else replace(meta, name=as_name)
         try:
             self.partial: PartialReceive = store.begin_receive(
                 stored_meta, key, chunk_size=chunk_size
@@ -180,4 +183,45 @@ class StoreSink:
             self.partial.discard()
 
 
-__all__ = ["MemorySink", "Sink", "StoreSink", "flat_bytes"]
+def open_sink(
+    store: TensorStore | None,
+    meta: TensorMeta,
+    key: str,
+    chunk_size: int | None,
+    as_name: str | None = None,
+) -> Sink:
+    """Where a receive writes: a partial file in the store, or a new array in memory."""
+    if store is not None:
+        return StoreSink(store, meta, key, chunk_size, as_name=as_name)
+    return MemorySink(meta)
+
+
+def new_receive(
+    store: TensorStore | None,
+    conn: Connection,
+    begin: Begin,
+    key: str,
+    as_name: str | None = None,
+) -> tuple[ReceiveTransfer, Sink]:
+    """A receive of what ``begin`` announces on ``conn`` and its sink, with the progress an
+    earlier process saved of it (a served send and a pull receive alike)."""
+    sink = open_sink(store, begin.meta, key, begin.chunk_size, as_name)
+    try:
+        xfer = ReceiveTransfer(
+            begin,
+            sink.buffer,
+            sender=conn.peer_id,
+            crc=conn.agreement.crc,
+            lz4=conn.agreement.lz4,
+            max_chunk=MAX_CHUNK,
+        )
+    except BaseException:
+        # Nothing arrived: free the space at once (discard of a fresh partial never waits).
+        if isinstance(sink, StoreSink):
+            sink.partial.discard()
+        raise
+    sink.restore(xfer)
+    return xfer, sink
+
+
+__all__ = ["MemorySink", "Sink", "StoreSink", "flat_bytes", "new_receive", "open_sink"]

@@ -55,7 +55,7 @@ async def test_stored_tensors_are_served_to_pulls_and_sent_with_their_wire_dtype
     bf16 = np.arange(4096, dtype=np.uint16)
     async with running(stored(tmp_path / "b")) as b, running(stored(tmp_path / "c", "c")) as c:
         b.put_tensor("w", bf16, dtype="bfloat16")
-        got = await c.pull_tensor(b.addr, "w", store_as="w-copy")
+        got = await c.pull_tensor(b.addr, "w", as_name="w-copy")
         assert got.tobytes() == bf16.tobytes()
         assert c.tensor_info("w-copy").dtype == "bfloat16"
         assert c.tensor_info("w-copy").sender == "b"
@@ -66,6 +66,16 @@ async def test_stored_tensors_are_served_to_pulls_and_sent_with_their_wire_dtype
             await c.pull_tensor(b.addr, "absent")
         b.delete_tensor("w")
         assert b.tensor_names() == ["w2"]
+
+
+async def test_store_as_is_a_deprecated_spelling_of_as_name(tmp_path: Path) -> None:
+    """``pull_tensor(store_as=...)`` still works for one release, with a DeprecationWarning."""
+    async with running(stored(tmp_path / "b")) as b, running(stored(tmp_path / "c", "c")) as c:
+        b.put_tensor("w", np.arange(8))
+        with pytest.warns(DeprecationWarning, match="as_name"):
+            got = await c.pull_tensor(b.addr, "w", store_as="w-old")
+        assert np.array_equal(got, np.arange(8))
+        assert c.tensor_names() == ["w-old"]
 
 
 async def test_receiver_restarted_mid_transfer_resumes_from_its_saved_progress(

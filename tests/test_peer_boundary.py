@@ -14,6 +14,7 @@ from tensord import metrics
 from tensord.config import Settings
 from tensord.errors import BadTensor
 from tensord.node import TensorNode
+from tensord.receiver import Receiver
 from tensord.wire import Error, Hello, Ping, Pong, Request, encode, make_hello
 from tensord.wire.handshake import ALL_FEATURES
 
@@ -81,7 +82,7 @@ async def test_a_puller_checks_the_name_before_it_dials(tmp_path: Path) -> None:
             with pytest.raises(BadTensor, match="bad tensor name"):
                 await node.pull_tensor("127.0.0.1:9", name)  # never dialled: port 9 is closed
         with pytest.raises(BadTensor, match="bad tensor name"):
-            await node.pull_tensor("127.0.0.1:9", "fine", store_as="a/../b")
+            await node.pull_tensor("127.0.0.1:9", "fine", as_name="a/../b")
 
 
 async def test_a_hello_with_a_one_byte_max_chunk_is_refused() -> None:
@@ -105,12 +106,12 @@ async def test_an_unexpected_exception_closes_only_its_connection(
     """A bug in a handler (injected here) is logged with its traceback, counted, answered with an
     ``internal`` error, and closes that connection: the node and its other peers carry on."""
 
-    async def broken(self: TensorNode, conn: object, req: Request) -> None:
+    async def broken(self: Receiver, conn: object, req: Request) -> None:
         raise RuntimeError("injected bug")
 
     before = metrics.UNEXPECTED_ERRORS.labels("peer")._value.get()
     async with running(unauthenticated()) as node:
-        monkeypatch.setattr(TensorNode, "_serve_pull", broken)
+        monkeypatch.setattr(Receiver, "_serve_pull", broken)
         errors = LogWaiter(lambda m: "unexpected RuntimeError: injected bug" in m)
         with errors.watching("tensord.transfer"):
             peer = await RawPeer.connect(node.port)
