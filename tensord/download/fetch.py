@@ -27,120 +27,50 @@ What the known downloaders get wrong, and what this does instead:
 * **Digests.** The SHA-256 is computed as the bytes arrive while they arrive in order, and the
   rest is read back from the page cache once it is contiguous; a mismatch (or a ``416`` for a
   partial) discards the partial and refetches the blob once, with a log line saying why.
+
+This module is the fetch itself: probing, planning and stealing ranges, the connections, the
+writer. The HTTP request and reply checks live in :mod:`.ranged_get`, the partial file, its resume
+record and the digest in :mod:`.partial_blob`, the error kinds in :mod:`.fetch_errors`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import json
 import logging
-import os
-import re
-import ssl
 import statistics
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
 
 import httpx
 import trio
 
 from ..backoff import Backoff
 from ..errors import DownloadError
-from ..fsutil import atomic_write
+from .fetch_errors import BadReply, DiskFull, Refused, TooLarge, _StartOver, first_error
+from .partial_blob import PartialBlob
+from .ranged_get import (
+    MAX_REDIRECTS,
+    Auth,
+    RangedGet,
+    content_length,
+    content_range,
+    describe_http_error,
+    no_auth,
+    read_capped,
+)
 from .ranges import RangeSet, split_pieces, steal_point
 
 log = logging.getLogger("tensord.download")
 
-# httpcore reads a reply body 64 KiB per socket read, and each read costs a trip through
-# h11, httpcore and httpx in Python: at loopback or datacentre speeds that per-read cost is the
-# bottleneck (measured: one connection from nginx, 0.24 GB/s at 64 KiB, 1.16 GB/s at 1 MiB).
-# A read returns whatever has arrived, so a bigger maximum adds no latency on slow links.
-with contextlib.suppress(ImportError, AttributeError):
-    from httpcore._async.http11 import AsyncHTTP11Connection
-
-    if AsyncHTTP11Connection.READ_NUM_BYTES < 1 << 20:
-        AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
-
-MAX_REDIRECTS = 10
 PIECE_CAP = 32 << 20
 WRITE_QUEUE = 256  # reads (~64 KiB each) waiting for the writer thread
 WRITE_BATCH = 64  # reads written per trip to the thread
-# At most 19 digits: a 10,000-digit number must not cost a big-int parse (nor Python's
-# int-from-str limit's ValueError); 19 digits already exceed any max_bytes.
-_CONTENT_RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
-_CONTENT_LENGTH = re.compile(r"\d{1,19}")
 DEFAULT_MAX_BYTES = 256 << 30
-
-
-class Refused(DownloadError):
-    """The download was refused for what the server said (not for a network fault): nothing it
-    wrote is kept, and it is not retried."""
-
-
-class BadReply(Refused):
-    """The server answered something other than what was asked: a range other than the one
-    requested, more bytes than the size promised, a ``Content-Length`` that contradicts its
-    ``Content-Range``."""
-
-
-class TooLarge(Refused):
-    """The blob is bigger than ``downloads.max_bytes`` (promised, declared or counted)."""
-
-
-class DiskFull(DownloadError):
-    """The disk filled up: the download stopped, nothing stored was harmed."""
-
-
-#: ``auth(url, challenge)`` -> headers to send to ``url``'s host. ``challenge`` is the
-#: ``WWW-Authenticate`` of a 401 reply (then fresh credentials are wanted), else ``None``.
-Auth = Callable[[str, str | None], Awaitable[dict[str, str]]]
-
-
-async def no_auth(url: str, challenge: str | None) -> dict[str, str]:
-    return {}
-
-
-def describe_http_error(exc: BaseException, url: str) -> str:
-    """One line naming what failed for a ``httpx`` error whose own text may be empty (a TLS
-    failure under trio is ``ConnectError('')`` caused by ``BrokenResourceError('')`` caused by
-    the ``ssl.SSLError`` that says what happened): the texts along the cause chain, and for a
-    TLS failure the hint that the server may speak plain HTTP."""
-    texts: list[str] = []
-    tls = False
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        tls = tls or isinstance(e, ssl.SSLError)
-        text = str(e).strip()
-        if text and not any(text in t for t in texts):
-            texts.append(text)
-        e = e.__cause__ or e.__context__
-    cause = "; ".join(texts) if texts else "the connection failed without a reason"
-    line = f"GET {url}: {type(exc).__name__}: {cause}"
-    if tls and url.startswith("https://"):
-        line += (
-            " (the TLS handshake failed: if the server speaks plain HTTP, "
-            "write the address with http:// in front)"
-        )
-    return line
-
-
-def content_length(resp: httpx.Response, url: str) -> int | None:
-    """The reply's ``Content-Length`` (``None`` if absent), refused if malformed."""
-    value = resp.headers.get("content-length")
-    if value is None:
-        return None
-    if not _CONTENT_LENGTH.fullmatch(value.strip()):
-        raise BadReply(f"GET {url}: a bad Content-Length {value[:40]!r}")
-    return int(value)
 
 
 @dataclass
@@ -193,33 +123,6 @@ class _Task:
         return got / window
 
 
-class _Hasher:
-    """SHA-256 of the blob, fed in order: directly from arriving bytes when they are the next
-    ones, otherwise caught up later by reading the file back (from the page cache)."""
-
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
-        self.offset = 0
-
-    def feed(self, pos: int, data: memoryview) -> None:
-        if pos == self.offset:
-            self.h.update(data)
-            self.offset += len(data)
-
-    def catch_up(self, fd: int, until: int) -> None:
-        while self.offset < until:
-            data = os.pread(fd, min(8 << 20, until - self.offset), self.offset)
-            if not data:
-                raise OSError(errno.EIO, "short read while hashing the blob")
-            self.h.update(data)
-            self.offset += len(data)
-
-
-def _same_host(a: str, b: str) -> bool:
-    x, y = urlsplit(a), urlsplit(b)
-    return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
-
-
 class BlobFetch:
     """Fetch ``url`` into ``dest`` (renamed there only once complete and verified).
 
@@ -247,9 +150,10 @@ class BlobFetch:
         self.auth = auth
         self.cfg = config or FetchConfig()
         self.on_progress = progress
-        self.partial = dest.with_name(dest.name + ".incomplete")
-        self.control = dest.with_name(dest.name + ".incomplete.json")
-        self.done = RangeSet()
+        self._blob = PartialBlob(dest, url)
+        self._http = RangedGet(client, url, auth)
+        self.partial = self._blob.path
+        self.control = self._blob.control
         self.retries = 0
         self.connections = 0
         self.peak_connections = 0
@@ -258,17 +162,19 @@ class BlobFetch:
         self._tasks: dict[int, _Task] = {}
         self._next_id = 0
         self._finished_rates: deque[float] = deque(maxlen=16)
-        self._fd = -1
-        self._hasher = _Hasher()
         self._work = trio.Event()
         self._failed: DownloadError | None = None
-        self._auth_headers: dict[str, str] | None = None
         self._single_reply: httpx.Response | None = None
         self._save_lock = trio.Lock()
         self._writes: trio.MemorySendChannel[tuple[int, memoryview]] | None = None
         self._pending_first = (0, 0)
         self._workers: trio.Nursery | None = None
         self._expected: int | None = None  # the single stream's length, when declared
+
+    @property
+    def done(self) -> RangeSet:
+        """The byte ranges of the blob written so far."""
+        return self._blob.done
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -319,11 +225,10 @@ class BlobFetch:
             else:
                 await self._single(first)
         finally:
-            if self._fd >= 0:
+            if self._blob.is_open:
                 with contextlib.suppress(OSError):
                     self._save()  # what arrived is kept for a resume
-                fd, self._fd = self._fd, -1
-                os.close(fd)
+                self._blob.close()
         return await trio.to_thread.run_sync(self._finish)
 
     # -- probing -----------------------------------------------------------------------------
@@ -331,13 +236,13 @@ class BlobFetch:
     async def _probe(self) -> tuple[int | None, httpx.Response | None]:
         """Open the first range (or the whole blob). Returns the total size and, if the server
         honours ranges, the open 206 reply for the first missing piece."""
-        resumed = self._load()
+        resumed = self._blob.load(self.sha256)
         start = 0
         want_end = self.cfg.min_piece
         if resumed is not None:
             gaps = self.done.missing(resumed)
             if not gaps:
-                self._open_partial(resumed)
+                self._blob.open(resumed)
                 return resumed, None
             start, gap_end = gaps[0]
             want_end = min(start + self.cfg.min_piece, gap_end)  # never re-fetch what is here
@@ -345,7 +250,7 @@ class BlobFetch:
             want_end = min(want_end, self.size)
         # A bounded first range even when the size is unknown: a server clamps it to the blob,
         # and the rest is split among the connections.
-        resp = await self._open(start, want_end)
+        resp = await self._http.open(start, want_end)
         try:
             return await self._check_probe(resp, resumed, start, want_end)
         except BaseException:
@@ -357,7 +262,7 @@ class BlobFetch:
     ) -> tuple[int | None, httpx.Response | None]:
         status = resp.status_code
         if status == 206 and "content-encoding" not in resp.headers:
-            s, e, total = self._content_range(resp, start, None)
+            s, e, total = content_range(resp, self.url, start, None)
             if total is None:
                 raise BadReply(f"GET {self.url}: 206 without a total length")
             if self.size is not None and total != self.size:
@@ -378,13 +283,13 @@ class BlobFetch:
             if resumed is not None and resumed != total:
                 await resp.aclose()
                 raise _StartOver(f"the blob is now {total} bytes, the partial was for {resumed}")
-            self._open_partial(total)
+            self._blob.open(total)
             self._pending_first = (s, e + 1)
             return total, resp
         if status == 416 and resumed is None and self.size in (None, 0):
             await resp.aclose()  # an empty blob has no byte 0 to ask for
             self.size = 0
-            self._open_partial(0)
+            self._blob.open(0)
             return 0, None
         if status == 416 and resumed is not None:
             await resp.aclose()
@@ -411,7 +316,7 @@ class BlobFetch:
                 log.info("download %s: the server ignores Range; starting from zero", self.url)
                 self._discard()
             self._expected = self.size if self.size is not None else length
-            self._open_partial(self._expected)
+            self._blob.open(self._expected)
             self._single_reply = resp
             return self.size, None
         body = await read_capped(resp, 200)
@@ -545,14 +450,14 @@ class BlobFetch:
                             # A thief may lower task.end while the request is in flight: the
                             # reply is checked against what was asked, and read up to task.end.
                             asked = task.end
-                            reply = await self._open(task.pos, asked)
+                            reply = await self._http.open(task.pos, asked)
                             if reply.status_code != 206:
                                 # Never read: a 200 here is the whole blob, not this piece.
                                 raise DownloadError(
                                     f"GET {self.url} (bytes {task.pos}-{asked - 1}): HTTP "
                                     f"{reply.status_code} instead of 206 Partial Content"
                                 )
-                            _, last, _ = self._content_range(reply, task.pos, self.size)
+                            _, last, _ = content_range(reply, self.url, task.pos, self.size)
                             if last != asked - 1:
                                 raise BadReply(
                                     f"GET {self.url}: asked for bytes {task.pos}-{asked - 1}, "
@@ -655,69 +560,7 @@ class BlobFetch:
                     )
                     t.scope.cancel()
 
-    # -- HTTP --------------------------------------------------------------------------------
-
-    async def _open(self, start: int, end: int | None) -> httpx.Response:
-        """GET ``[start, end)`` (or ``start-`` if ``end`` is None), following redirects here:
-        Range on every hop, Authorization only while on the original host."""
-        url = self.url
-        rng = f"bytes={start}-{'' if end is None else end - 1}"
-        challenge: str | None = None
-        for _ in range(MAX_REDIRECTS + 2):
-            headers = {"Range": rng, "Accept-Encoding": "identity"}
-            if _same_host(url, self.url):
-                if self._auth_headers is None or challenge is not None:
-                    self._auth_headers = await self.auth(url, challenge)
-                headers.update(self._auth_headers)
-            resp = await self.client.send(
-                self.client.build_request("GET", url, headers=headers), stream=True
-            )
-            if resp.status_code in (301, 302, 303, 307, 308) and "location" in resp.headers:
-                await resp.aclose()
-                url = urljoin(url, resp.headers["location"])
-                continue
-            if resp.status_code == 401 and challenge is None and _same_host(url, self.url):
-                challenge = resp.headers.get("www-authenticate", "")
-                await resp.aclose()
-                continue
-            return resp
-        raise DownloadError(f"GET {self.url}: more than {MAX_REDIRECTS} redirects")
-
-    def _content_range(
-        self, resp: httpx.Response, start: int, total: int | None
-    ) -> tuple[int, int, int | None]:
-        value = resp.headers.get("content-range", "")
-        m = _CONTENT_RANGE.fullmatch(value.strip())
-        if m is None:
-            raise BadReply(f"GET {self.url}: 206 with a bad Content-Range {value[:80]!r}")
-        s, e = int(m.group(1)), int(m.group(2))
-        t = None if m.group(3) == "*" else int(m.group(3))
-        if s != start or e < s or (total is not None and t != total):
-            raise BadReply(f"GET {self.url}: asked for bytes {start}-, got Content-Range {value!r}")
-        return s, e, t
-
-    # -- files -------------------------------------------------------------------------------
-
-    def _open_partial(self, total: int | None) -> None:
-        """Open (or create) the partial file, checking first that the blob fits on the disk.
-
-        Not ``posix_fallocate``: on ext4, writes into fallocated (unwritten) extents run at a
-        quarter of the speed of writes into a sparse file (measured: 0.64 vs 2.8 GB/s), and this
-        is a plain ``pwrite`` file, not a mapping, so a full disk mid-way is an ``ENOSPC`` the
-        fetch reports cleanly rather than a ``SIGBUS``.
-        """
-        if total is not None:
-            have = self.partial.stat().st_size if self.partial.exists() else 0
-            st = os.statvfs(self.partial.parent)
-            free = st.f_bavail * st.f_frsize
-            if total - min(have, total) + (1 << 20) > free:
-                raise DiskFull(
-                    f"download {self.url}: {total} bytes do not fit on the disk holding "
-                    f"{self.partial.parent} ({free} bytes free); free space and pull again"
-                )
-        self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
-        if total is not None and os.fstat(self._fd).st_size != total:
-            os.ftruncate(self._fd, total)
+    # -- writing -----------------------------------------------------------------------------
 
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:
@@ -754,7 +597,7 @@ class BlobFetch:
                         break
                 prefix = self.done.prefix()
                 try:
-                    await trio.to_thread.run_sync(self._write_batch, batch, prefix)
+                    await trio.to_thread.run_sync(self._blob.write, batch, prefix)
                 except OSError as exc:
                     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise DiskFull(
@@ -780,58 +623,16 @@ class BlobFetch:
                         )
                     )
 
-    def _write_batch(self, batch: list[tuple[int, memoryview]], prefix: int) -> None:
-        """(worker thread) Write a batch; hash what continues the hashed prefix, and catch up
-        from the file on what became contiguous before it. Only this thread touches the hash."""
-        fd = self._fd
-        for pos, data in batch:
-            view, at = data, pos
-            while len(view):  # a short write is how a filling disk starts: write the rest
-                n = os.pwrite(fd, view, at)
-                if n <= 0:
-                    raise OSError(errno.ENOSPC, f"no byte written at {at}")
-                view, at = view[n:], at + n
-        if prefix > self._hasher.offset:
-            self._hasher.catch_up(fd, prefix)
-        for pos, data in batch:
-            self._hasher.feed(pos, data)
-
-    def _load(self) -> int | None:
-        """Resume state from the control file: the blob's size, with ``done`` filled in."""
-        try:
-            doc = json.loads(self.control.read_bytes())
-            size = doc["size"]
-            if not isinstance(size, int) or size < 0 or not self.partial.exists():
-                raise ValueError("bad size or no data file")
-            if self.sha256 is not None and doc.get("sha256") != self.sha256:
-                raise ValueError("for another blob")
-            self.done = RangeSet.from_json(doc["done"], size)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning(
-                "download %s: ignoring a damaged resume file %s: %s", self.url, self.control, exc
-            )
-            self._discard()
-            return None
-        log.info(
-            "download %s: resuming with %d of %d bytes on disk", self.url, self.done.total, size
-        )
-        return size
+    # -- resume state ------------------------------------------------------------------------
 
     def _save(self) -> None:
         """Record completed ranges; the data they name is made durable first."""
-        if self._fd < 0 or self.size is None:
-            return
-        os.fdatasync(self._fd)
-        body = json.dumps(
-            {"size": self.size, "sha256": self.sha256, "url": self.url, "done": self.done.to_json()}
-        ).encode()
-        atomic_write(self.control, body)
+        if self.size is not None:
+            self._blob.save(self.size, self.sha256)
 
     async def _save_async(self) -> None:
         async with self._save_lock:
-            if self._fd < 0:
+            if not self._blob.is_open:
                 return
             try:
                 await trio.to_thread.run_sync(self._save)
@@ -851,76 +652,18 @@ class BlobFetch:
             await self._save_async()
 
     def _discard(self) -> None:
-        self.done = RangeSet()
-        self._hasher = _Hasher()
-        for p in (self.control, self.partial):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        self._blob.discard()
 
     def _finish(self) -> Path:
         """Verify the digest, then rename the blob into place."""
         size = self.size if self.size is not None else self.done.total
-        fd = os.open(self.partial, os.O_RDONLY)
-        try:
-            self._hasher.catch_up(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        got = self._hasher.h.hexdigest()
-        if self.sha256 is not None and got != self.sha256:
-            raise _StartOver(f"sha256 mismatch: expected {self.sha256}, got {got}")
-        os.replace(self.partial, self.dest)
-        with contextlib.suppress(FileNotFoundError):
-            self.control.unlink()
-        self.sha256 = got
+        self.sha256 = self._blob.finish(size, self.sha256)
         return self.dest
-
-
-async def read_capped(resp: httpx.Response, cap: int) -> bytes:
-    """At most ``cap`` bytes of ``resp``'s body (raw: no decoder inflates it), then close it."""
-    out = bytearray()
-    try:
-        async for data in resp.aiter_raw():
-            out += data[: cap - len(out)]
-            if len(out) >= cap:
-                break
-    except httpx.HTTPError:
-        pass  # an error body is for the message only
-    finally:
-        await resp.aclose()
-    return bytes(out)
-
-
-class _StartOver(Exception):
-    """The partial cannot be trusted: discard it and fetch the blob once more from zero."""
-
-
-def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The most telling leaf of an exception group: a disk-full, then any download error, then
-    whatever came first."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    for leaf in leaves:
-        if isinstance(leaf, OSError) and leaf.errno in (errno.ENOSPC, errno.EDQUOT):
-            return DiskFull(f"the disk filled up: {leaf}; free space and pull again")
-    for kind in (DiskFull, Refused, _StartOver, DownloadError):
-        for leaf in leaves:
-            if isinstance(leaf, kind):
-                return leaf
-    non_cancel = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    return non_cancel[0] if non_cancel else leaves[0]
 
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "MAX_REDIRECTS",
     "Auth",
     "BadReply",
     "BlobFetch",
