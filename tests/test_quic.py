@@ -26,15 +26,14 @@ from tensord.net.quic import (
     QuicSession,
     QuicStreamTransport,
     QuicTuning,
-    _client_config,
-    _FlowControlledConnection,
-    _server_config,
     default_dialer,
     dial_quic,
     open_quic_socket,
     serve_quic,
 )
+from tensord.net.quic._aioquic import FlowControlledConnection
 from tensord.net.quic.reset import ResetTokens
+from tensord.net.quic.tls import client_config, server_config
 from tensord.net.stream import ConnectionClosed
 from tensord.wire.auth import ClusterKey
 from tensord.wire.frames import FrameDecoder
@@ -530,7 +529,8 @@ async def test_cluster_secret_refusals(
 
 
 def test_the_aioquic_internals_this_transport_relies_on_exist() -> None:
-    """The module overrides and reads private aioquic API: fail loudly on an upgrade."""
+    """tensord/net/quic/_aioquic.py overrides and reads private aioquic API: fail loudly on an
+    upgrade."""
     from aioquic import tls
     from aioquic.quic.connection import QuicConnection
     from aioquic.quic.recovery import QuicPacketPacer
@@ -545,13 +545,13 @@ def test_the_aioquic_internals_this_transport_relies_on_exist() -> None:
         assert callable(getattr(QuicConnection, name))
     from aioquic.quic.recovery import QuicPacketSpace
 
-    space = QuicPacketSpace()  # read and moved by _FlowControlledConnection.receive_datagram
+    space = QuicPacketSpace()  # read and moved by FlowControlledConnection.receive_datagram
     assert space.ack_at is None and space.largest_received_packet == -1
     sender = QuicStreamSender(stream_id=0, writable=True)
     assert sender._buffer_stop - sender._buffer_start == 0
     # The limits a listener sets before the transport parameters are written (pre-auth).
     server = QuicConnection(
-        configuration=_server_config(None, DEFAULT_TUNING)[0],
+        configuration=server_config(None, DEFAULT_TUNING)[0],
         original_destination_connection_id=bytes(8),
     )
     assert server._is_client is False
@@ -582,21 +582,21 @@ def test_tuning_is_validated() -> None:
 
 
 class _Pair:
-    """A client and a server ``_FlowControlledConnection``, handshake done, wired by hand."""
+    """A client and a server ``FlowControlledConnection``, handshake done, wired by hand."""
 
     def __init__(self, reset_tokens: ResetTokens | None = None) -> None:
         self.now = 1000.0
-        self.client = _FlowControlledConnection(
-            configuration=_client_config(None, DEFAULT_TUNING),
+        self.client = FlowControlledConnection(
+            configuration=client_config(None, DEFAULT_TUNING),
             connection_window=DEFAULT_TUNING.connection_window,
             request_client_certificate=False,
         )
         self.client.connect(("127.0.0.1", 2), now=self.now)
         first = self.send(self.client)
         dcid = pull_quic_header(Buffer(data=first[0]), host_cid_length=8).destination_cid
-        server_config, _ = _server_config(None, DEFAULT_TUNING)
-        self.server = _FlowControlledConnection(
-            configuration=server_config,
+        listener_config, _ = server_config(None, DEFAULT_TUNING)
+        self.server = FlowControlledConnection(
+            configuration=listener_config,
             original_destination_connection_id=dcid,
             connection_window=DEFAULT_TUNING.connection_window,
             request_client_certificate=False,
@@ -621,16 +621,16 @@ class _Pair:
         self.now += 0.00005
         return self.now
 
-    def send(self, conn: _FlowControlledConnection) -> list[bytes]:
+    def send(self, conn: FlowControlledConnection) -> list[bytes]:
         return [data for data, _ in conn.datagrams_to_send(now=self.tick())]
 
-    def deliver(self, datagrams: list[bytes], to: _FlowControlledConnection) -> None:
+    def deliver(self, datagrams: list[bytes], to: FlowControlledConnection) -> None:
         now = self.tick()  # one batch, as the receive loops read them
         for data in datagrams:
             to.receive_datagram(data, ("127.0.0.1", 2 if to is self.client else 1), now)
 
     @staticmethod
-    def received(conn: _FlowControlledConnection) -> bytes:
+    def received(conn: FlowControlledConnection) -> bytes:
         data = b""
         while (event := conn.next_event()) is not None:
             if isinstance(event, StreamDataReceived):

@@ -2,7 +2,7 @@
 QUIC handshake (anyone can, without ``security.tls``) and then never send a valid Hello - they
 open streams and push data, hold connections open, or ignore the limits they were given.
 
-What they may get (module notes of tensord/net/quic.py, "Before authentication"): one stream
+What they may get (docs/QUIC.md, "Before authentication"): one stream
 with credit for a Hello, a deadline, a slot among ``max_unauthenticated`` that the next stranger
 takes from the oldest, and nothing from the slots of ``max_connections`` that authenticated
 peers hold."""
@@ -37,9 +37,9 @@ from tensord.net.quic import (
     PRE_AUTH_WINDOW,
     ListenerStats,
     QuicDialer,
-    _FlowControlledConnection,
     serve_quic,
 )
+from tensord.net.quic._aioquic import FlowControlledConnection
 from tensord.net.stream import ConnectionClosed
 from tensord.wire.auth import ClusterKey
 from tensord.wire.frames import PREFIX, FrameDecoder, encode
@@ -378,16 +378,16 @@ async def test_an_unexpected_error_ends_one_connection_not_the_listener(
     caplog.set_level(logging.ERROR, logger="tensord.net")
     stats = ListenerStats()
     doomed: list[int] = []
-    original = _FlowControlledConnection.receive_datagram
+    original = FlowControlledConnection.receive_datagram
 
     def receive_datagram(
-        self: _FlowControlledConnection, data: bytes, addr: tuple[str, int], now: float
+        self: FlowControlledConnection, data: bytes, addr: tuple[str, int], now: float
     ) -> None:
         if addr[1] in doomed:
             raise RuntimeError("a bug reached by this datagram")
         original(self, data, addr, now)
 
-    monkeypatch.setattr(_FlowControlledConnection, "receive_datagram", receive_datagram)
+    monkeypatch.setattr(FlowControlledConnection, "receive_datagram", receive_datagram)
 
     async def handler(conn: Connection) -> None:
         msg = await conn.stream.receive()
