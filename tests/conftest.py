@@ -1,17 +1,11 @@
-"""pytest configuration: trio mode is set in setup.cfg; shared helpers live in helpers.py."""
-
-from collections.abc import Iterator
+"""pytest configuration: trio mode is set in setup.cfg; shared helpers live in tests/support/."""
 
 import pytest
 
-from .support import helpers
-
 
 @pytest.fixture(params=["tcp", "quic"])
-def transport(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test over TCP and again over QUIC: nodes from fast_settings() use it."""
-    helpers.TRANSPORT[0] = request.param
-    try:
-        yield request.param
-    finally:
-        helpers.TRANSPORT[0] = "tcp"
+def transport(request: pytest.FixtureRequest) -> str:
+    """Run the test over TCP and again over QUIC: the test passes it to
+    ``fast_settings(transport=...)`` (nothing global changes)."""
+    param: str = request.param
+    return param

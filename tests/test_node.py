@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from functools import partial
 
@@ -30,6 +31,12 @@ from tensord.wire.handshake import ALL_FEATURES
 from .support.helpers import fast_settings, running
 from .support.tcp_proxy import Fault, faulty_path
 
+
+def node_over(transport: str) -> AbstractAsyncContextManager[TensorNode]:
+    """A started library node (fast retries) over ``transport``, the test's fixture."""
+    return running(fast_settings(transport=transport))
+
+
 rng = np.random.default_rng(1234)
 
 
@@ -54,7 +61,7 @@ def random_tensor(n: int, dtype: str = "float32") -> np.ndarray:
     ids=["f32", "i64", "f16", "scalar", "empty", "bool", "multi-chunk"],
 )
 async def test_basic_send_receive(array: np.ndarray, transport: str) -> None:
-    async with running() as a, running() as b:
+    async with node_over(transport) as a, node_over(transport) as b:
         result = await a.send_tensor(b.addr, "layer.0/weight", array)
         got = await b.receive_tensor()
         assert got.name == "layer.0/weight"
@@ -68,7 +75,7 @@ async def test_basic_send_receive(array: np.ndarray, transport: str) -> None:
 
 async def test_bf16_carried_as_two_byte_dtype_name(transport: str) -> None:
     raw = rng.integers(0, 2**16, size=(4, 8), dtype=np.uint16)
-    async with running() as a, running() as b:
+    async with node_over(transport) as a, node_over(transport) as b:
         await a.send_tensor(b.addr, "bf", raw, dtype="bfloat16", requires_grad=True)
         got = await b.receive_tensor()
         assert got.array.dtype.itemsize == 2
@@ -78,7 +85,7 @@ async def test_bf16_carried_as_two_byte_dtype_name(transport: str) -> None:
 async def test_non_contiguous_array_is_sent_as_its_values(transport: str) -> None:
     base = np.arange(64, dtype=np.int32).reshape(8, 8)
     view = base[:, ::2]
-    async with running() as a, running() as b:
+    async with node_over(transport) as a, node_over(transport) as b:
         await a.send_tensor(b.addr, "strided", view)
         assert np.array_equal(b.get_tensor("strided"), view)
 
@@ -97,7 +104,7 @@ async def test_bad_tensor_names_and_dtypes_are_refused_locally() -> None:
 
 async def test_pull_existing_tensor(transport: str) -> None:
     array = random_tensor(250_000)
-    async with running() as a, running() as b:
+    async with node_over(transport) as a, node_over(transport) as b:
         a.put_tensor("shared", array)
         got = await b.pull_tensor(a.addr, "shared")
         assert np.array_equal(got, array)
@@ -111,9 +118,9 @@ async def test_pull_existing_tensor(transport: str) -> None:
 
 async def test_concurrent_sends(transport: str) -> None:
     arrays = {f"t{i}": random_tensor(10_000 + 997 * i) for i in range(24)}
-    settings = fast_settings()
+    settings = fast_settings(transport=transport)
     settings = settings.with_pool(max_connections=4)
-    async with running(settings) as a, running() as b:
+    async with running(settings) as a, node_over(transport) as b:
         async with trio.open_nursery() as nursery:
             for name, arr in arrays.items():
                 nursery.start_soon(a.send_tensor, b.addr, name, arr)
@@ -130,7 +137,7 @@ async def test_concurrent_sends(transport: str) -> None:
 
 
 async def test_rapid_fire_1000_small_tensors(transport: str) -> None:
-    async with running() as a, running() as b:
+    async with node_over(transport) as a, node_over(transport) as b:
         for i in range(1000):
             await a.send_tensor(b.addr, f"s{i}", np.full(16, i, dtype=np.int32))
         names = []
@@ -150,7 +157,7 @@ async def test_rapid_fire_1000_small_tensors(transport: str) -> None:
 @pytest.mark.slow
 async def test_large_tensor_512_mib_byte_exact(transport: str) -> None:
     big = np.random.default_rng(5).integers(0, 2**63, size=(512 << 20) // 8, dtype=np.uint64)
-    async with running() as a, running() as b:
+    async with node_over(transport) as a, node_over(transport) as b:
         result = await a.send_tensor(b.addr, "big", big)
         assert result.transport == transport
         got = b.get_tensor("big")
@@ -166,7 +173,12 @@ async def test_large_tensor_512_mib_byte_exact(transport: str) -> None:
 
 async def test_several_receivers(transport: str) -> None:
     array = random_tensor(300_000)
-    async with running() as a, running() as b, running() as c, running() as d:
+    async with (
+        node_over(transport) as a,
+        node_over(transport) as b,
+        node_over(transport) as c,
+        node_over(transport) as d,
+    ):
         async with trio.open_nursery() as nursery:
             for peer in (b, c, d):
                 nursery.start_soon(a.send_tensor, peer.addr, "bcast", array)
@@ -195,8 +207,10 @@ def _free_port() -> int:
 async def test_send_before_peer_is_ready_retries_then_succeeds(transport: str) -> None:
     port = _free_port()
     array = random_tensor(50_000)
-    receiver_settings = replace(fast_settings(), listen=HostPort("127.0.0.1", port))
-    async with running() as a:
+    receiver_settings = replace(
+        fast_settings(transport=transport), listen=HostPort("127.0.0.1", port)
+    )
+    async with node_over(transport) as a:
         results = []
 
         async def send() -> None:
@@ -219,8 +233,8 @@ async def test_send_before_peer_is_ready_retries_then_succeeds(transport: str) -
 
 async def test_shutdown_mid_transfer_cancels_cleanly(transport: str) -> None:
     big = random_tensor(64 << 20)  # 256 MiB: long enough to be caught in flight
-    async with running() as b:
-        a = TensorNode(fast_settings())
+    async with node_over(transport) as b:
+        a = TensorNode(fast_settings(transport=transport))
         errors: list[BaseException] = []
         with trio.fail_after(30):
             async with a.events.subscribe() as events, trio.open_nursery() as outer:
@@ -245,7 +259,7 @@ async def test_shutdown_mid_transfer_cancels_cleanly(transport: str) -> None:
         with pytest.raises(TensorNotFound):
             b.get_tensor("big")
         # the receiver is unharmed and keeps serving others
-        async with running() as c:
+        async with node_over(transport) as c:
             await c.send_tensor(b.addr, "after", big[:1000])
             assert np.array_equal(b.get_tensor("after"), big[:1000])
 
@@ -370,7 +384,7 @@ async def test_io_timeout_when_a_quic_peer_stops_acknowledging() -> None:
 
 
 async def test_unreachable_peer_is_a_typed_error(transport: str) -> None:
-    settings = fast_settings(max_retries=2)
+    settings = fast_settings(transport=transport, max_retries=2)
     async with running(settings) as a:
         with pytest.raises(PeerUnreachable, match="after 3 attempts"):
             await a.send_tensor(f"127.0.0.1:{_free_port()}", "x", np.zeros(4))
@@ -380,7 +394,7 @@ async def test_unreachable_peer_is_a_typed_error(transport: str) -> None:
 
 
 async def test_pull_missing_tensor_raises_not_found(transport: str) -> None:
-    async with running() as a, running() as b:
+    async with node_over(transport) as a, node_over(transport) as b:
         with pytest.raises(TensorNotFound, match="nope"):
             await b.pull_tensor(a.addr, "nope")
         # the connection stays usable after the refusal
@@ -426,7 +440,7 @@ def test_good_addresses_parse() -> None:
 
 
 async def test_bad_address_in_send_and_wrong_node_id(transport: str) -> None:
-    async with running() as a, running() as b:
+    async with node_over(transport) as a, node_over(transport) as b:
         with pytest.raises(BadAddress):
             await a.send_tensor("not an address", "x", np.zeros(1))
         with pytest.raises(BadAddress, match="unknown peer"):
@@ -441,8 +455,8 @@ async def test_bad_address_in_send_and_wrong_node_id(transport: str) -> None:
 
 
 async def test_calls_after_shutdown_raise_node_closed(transport: str) -> None:
-    async with running() as b:
-        a = TensorNode(fast_settings())
+    async with node_over(transport) as b:
+        a = TensorNode(fast_settings(transport=transport))
         with pytest.raises(NodeClosed):
             await a.send_tensor(b.addr, "x", np.zeros(1))  # never started
         async with a:
@@ -460,7 +474,7 @@ async def test_calls_after_shutdown_raise_node_closed(transport: str) -> None:
 
 
 async def test_receive_waiter_is_woken_by_shutdown(transport: str) -> None:
-    a = TensorNode(fast_settings())
+    a = TensorNode(fast_settings(transport=transport))
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             await a.start(nursery)
@@ -478,7 +492,7 @@ async def test_receive_waiter_is_woken_by_shutdown(transport: str) -> None:
 
 
 async def test_pool_reuses_one_connection(transport: str) -> None:
-    async with running() as a, running() as b:
+    async with node_over(transport) as a, node_over(transport) as b:
         for i in range(50):
             await a.send_tensor(b.addr, f"p{i}", np.full(100, i))
         assert a.pool_size() == 1
@@ -498,7 +512,7 @@ async def test_pool_reuses_one_connection(transport: str) -> None:
 async def test_pool_idle_connections_expire(
     autojump_clock: trio.testing.MockClock, transport: str
 ) -> None:
-    settings = fast_settings().with_pool(max_idle_seconds=300)
+    settings = fast_settings(transport=transport).with_pool(max_idle_seconds=300)
     settings = settings.with_transfer(io_timeout=1e6, connect_timeout=1e6)
     async with running(settings) as a, running(settings) as b:
         await a.send_tensor(b.addr, "x", np.zeros(10))
@@ -515,15 +529,19 @@ async def test_pool_idle_connections_expire(
 
 
 async def test_dead_pooled_connection_is_evicted_and_redialled(transport: str) -> None:
-    async with running() as a:
-        b = TensorNode(fast_settings())
+    async with node_over(transport) as a:
+        b = TensorNode(fast_settings(transport=transport))
         async with trio.open_nursery() as nursery:
             await b.start(nursery)
             port = b.port
             await a.send_tensor(b.addr, "x", np.zeros(10))
             b.shutdown()
         # the peer restarts on the same port; the pooled connection to the old one is dead
-        b2 = replace(fast_settings(), listen=HostPort("127.0.0.1", port), node_id=b.node_id)
+        b2 = replace(
+            fast_settings(transport=transport),
+            listen=HostPort("127.0.0.1", port),
+            node_id=b.node_id,
+        )
         async with running(b2) as b_again:
             result = await a.send_tensor(f"127.0.0.1:{port}", "y", np.ones(10))
             assert np.array_equal(b_again.get_tensor("y"), np.ones(10))
@@ -565,8 +583,8 @@ async def test_a_cut_pull_resumes_from_the_chunks_it_already_has(transport: str)
     first connection goes dark: the puller notices the silence at io_timeout.)"""
     size = 24 << 20
     array = np.random.default_rng(9).integers(0, 255, size, dtype=np.uint8)
-    settings = fast_settings().with_transfer(connect_timeout=1.0, io_timeout=1.5)
-    async with running(settings) as a, running() as b:
+    settings = fast_settings(transport=transport).with_transfer(connect_timeout=1.0, io_timeout=1.5)
+    async with running(settings) as a, node_over(transport) as b:
         b.put_tensor("big", array)
         async with faulty_path(transport, b.port, {0: Fault(down_cut_after=12 << 20)}) as proxy:
             with trio.fail_after(30):

@@ -24,11 +24,11 @@ WINDOW = 2 * MiB
 QUIC_OVERHEAD = 1.05
 
 
-def settings():  # type: ignore[no-untyped-def]
+def settings(transport: str = "tcp"):  # type: ignore[no-untyped-def]
     # A QUIC cut is silence: the attempt ends at io_timeout, and the retry's dial replaces a
     # connection silent for connect_timeout (so io_timeout must be the longer of the two).
     return (
-        fast_settings(chunk_size=CHUNK)
+        fast_settings(transport=transport, chunk_size=CHUNK)
         .with_transfer(window_bytes=WINDOW, connect_timeout=1.0, io_timeout=1.5)
         .with_protocol(enable_compression=False)
     )
@@ -45,7 +45,7 @@ async def test_cut_at_random_byte_resumes_and_resends_at_most_the_window(
     size = 24 * MiB if transport == "tcp" else 12 * MiB
     array = np.random.default_rng(seed).integers(0, 255, size=size, dtype=np.uint8)
     cut = random.Random(seed).randrange(size // 20, size - size // 20)
-    async with running(settings()) as a, running(settings()) as b:
+    async with running(settings(transport)) as a, running(settings(transport)) as b:
         async with faulty_path(transport, b.port, {0: Fault(cut_after=cut)}) as proxy:
             result = await a.send_tensor(proxy.addr, "cut", array)
         got = b.get_tensor("cut")
@@ -68,7 +68,7 @@ async def test_cut_several_times_still_completes(transport: str) -> None:
     size = 16 * MiB
     array = np.random.default_rng(7).integers(0, 255, size=size, dtype=np.uint8)
     faults = {i: Fault(cut_after=1_000_000 + 777 * i) for i in range(4)}
-    async with running(settings()) as a, running(settings()) as b:
+    async with running(settings(transport)) as a, running(settings(transport)) as b:
         async with faulty_path(transport, b.port, faults) as proxy:
             result = await a.send_tensor(proxy.addr, "cuts", array)
         assert b.get_tensor("cuts").tobytes() == array.tobytes()
@@ -82,8 +82,8 @@ async def test_too_many_cuts_fail_with_a_typed_error_and_nothing_stored(transpor
     size = 4 * MiB
     array = np.zeros(size, dtype=np.uint8) + 1
     faults = {i: Fault(cut_after=100_000) for i in range(10)}
-    s = settings().with_protocol(max_retries=2)
-    async with running(s) as a, running(settings()) as b:
+    s = settings(transport).with_protocol(max_retries=2)
+    async with running(s) as a, running(settings(transport)) as b:
         async with faulty_path(transport, b.port, faults) as proxy:
             with pytest.raises(TransferFailed, match="after 3 attempts"):
                 await a.send_tensor(proxy.addr, "doomed", array)
@@ -99,7 +99,7 @@ async def test_corrupted_byte_never_yields_a_corrupt_tensor(where: str, transpor
     # (which then claims a 4 GiB header). Over QUIC, byte 0 is in the first Initial packet
     # and 100 KiB in is a packet of chunk 0.
     offset = 100 * 1024 if where == "payload" else 0
-    async with running(settings()) as a, running(settings()) as b:
+    async with running(settings(transport)) as a, running(settings(transport)) as b:
         async with faulty_path(transport, b.port, {0: Fault(corrupt_at=offset)}) as proxy:
             result = await a.send_tensor(proxy.addr, "crc", array)
         assert proxy.conns[0].corrupted

@@ -49,17 +49,15 @@ def wait_serving(
             time.sleep(0.02)
 
 
-#: The transport of the nodes fast_settings() makes; the ``transport`` fixture (conftest.py)
-#: switches it to run a test over TCP and over QUIC.
-TRANSPORT = ["tcp"]
-
-
-def fast_settings(*, authenticated: bool = True, **protocol: Any) -> Settings:
+def fast_settings(
+    *, transport: str = "tcp", authenticated: bool = True, **protocol: Any
+) -> Settings:
     """Library settings with quick retries, for tests that exercise failures, and the test run's
     cluster secret (so that these nodes and the test daemons authenticate each other).
+    ``transport``: "tcp" or "quic" (a test taking the ``transport`` fixture passes it on).
     ``authenticated=False``: no secret, for peers written by hand that do not authenticate."""
     proto = {"retry_base_delay": 20, "max_retries": 5, **protocol}
-    base = replace(Settings.for_library().with_protocol(**proto), transport=TRANSPORT[0])
+    base = replace(Settings.for_library().with_protocol(**proto), transport=transport)
     if not authenticated:
         return base
     return replace(base, security=SecuritySettings(secret_file=cluster_secret()))
