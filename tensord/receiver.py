@@ -160,6 +160,11 @@ class Receiver:
     def _publish(self, *args: Any, **kwargs: Any) -> None:
         publish_transfer(self._events, *args, **kwargs)
 
+    @property
+    def partials(self) -> int:
+        """Interrupted receives kept for their senders to resume."""
+        return len(self._partials)
+
     def stop_accepting(self) -> None:
         """No more inbound connections (a drain); those being served carry on."""
         self._accepting.cancel()
@@ -221,7 +226,7 @@ class Receiver:
                             HostPort(self.settings.listen.host, port),
                             self._hello,
                             self._decoder,
-                            self._serve_connection,
+                            self.serve_connection,
                             handshake_timeout=t.handshake_timeout,
                             handler_nursery=handlers,
                             key=self._security.key,
@@ -238,7 +243,7 @@ class Receiver:
                         listeners,
                         self._hello,
                         self._decoder,
-                        self._serve_connection,
+                        self.serve_connection,
                         handshake_timeout=t.handshake_timeout,
                         handler_nursery=handlers,
                         security=self._security,
@@ -248,8 +253,9 @@ class Receiver:
                 )
                 task_status.started()
 
-    async def _serve_connection(self, conn: Connection) -> None:
-        """One inbound connection: transfers, pulls and pings, one after another."""
+    async def serve_connection(self, conn: Connection) -> None:
+        """One inbound handshaken connection (from the listeners, or a test's fake network):
+        transfers, pulls and pings, one after another."""
         idle = max(self.settings.pool.max_idle_seconds, 30.0) + 30.0
         limit = self.settings.transfer.max_peer_connections
         if self._inbound[conn.peer_id] >= limit:
