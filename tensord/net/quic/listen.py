@@ -2,8 +2,9 @@
 
 :func:`serve_quic` binds (or takes) the socket and runs a :class:`_Listener`, whose receive
 loop routes each datagram to its connection by destination connection id, admits new ones
-within ``max_connections`` / ``max_unauthenticated`` (evicting the oldest stranger of the
-busiest source, refusing only when members hold every slot), answers packets for connections
+as :class:`~tensord.net.admission.Admission` (sans-I/O) decides - within ``max_connections``
+/ ``max_unauthenticated``, evicting the oldest stranger of the busiest source, refusing only
+when members hold every slot - answers packets for connections
 it never had with a stateless reset, and runs every stream of an authenticated connection
 under an error boundary. The rules a stranger meets: "Before authentication" in docs/QUIC.md.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections import Counter
 from dataclasses import dataclass
 
 import trio
@@ -26,6 +26,7 @@ from ...errors import AuthenticationFailed, PeerUnreachable, ProtocolError
 from ...wire.auth import ClusterKey
 from ...wire.frames import FrameDecoder
 from ...wire.messages import Hello, Message
+from ..admission import Admission
 from ..connection import Connection, server_handshake
 from ..stream import ByteTransport, ConnectionClosed, FramedStream
 from ._aioquic import FlowControlledConnection, parse_header
@@ -99,8 +100,6 @@ class _Listener:
         self.handshake_timeout = handshake_timeout
         self.key = key
         self.tls = tls
-        self.max_connections = max_connections
-        self.max_unauthenticated = max_unauthenticated
         self.tuning = tuning
         self.stats = stats
         self.config, cadata = server_config(tls, tuning)
@@ -114,13 +113,11 @@ class _Listener:
         self.routes: dict[bytes, QuicSession] = {}
         self.sessions: set[QuicSession] = set()  # until their driver ends
         # Counted against max_connections (a dropped one stops counting at once, before its
-        # driver has ended), and those not authenticated yet, oldest first.
-        self.admitted: set[QuicSession] = set()
-        self.unauthenticated: dict[QuicSession, None] = {}
+        # driver has ended), and those not authenticated yet.
+        self.admission: Admission[QuicSession] = Admission(
+            max_connections, max_unauthenticated, answers_per_second=MAX_REFUSALS_PER_SECOND
+        )
         self.accepting = True
-        self._warned_at = -1e9
-        self._refusals_at = -1e9
-        self._refusals = 0
         self._nursery: trio.Nursery | None = None
         self._handlers: trio.Nursery | None = None
 
@@ -150,8 +147,8 @@ class _Listener:
             self._nursery.cancel_scope.cancel()
 
     def _update_gauges(self) -> None:
-        self.stats.open = len(self.admitted)
-        self.stats.unauthenticated = len(self.unauthenticated)
+        self.stats.open = self.admission.open
+        self.stats.unauthenticated = self.admission.unauthenticated
         self.stats.connection_ids = len(self.routes)
 
     async def _receive_loop(self) -> None:
@@ -250,10 +247,10 @@ class _Listener:
         ):
             return None
         assert self._nursery is not None
-        full = self.max_connections is not None and len(self.admitted) >= self.max_connections
-        if self.unauthenticated and (full or len(self.unauthenticated) >= self.max_unauthenticated):
-            self._evict(self._stranger_to_drop(), addr, full=full)
-        elif full:
+        room = self.admission.make_room()
+        if room.victim is not None:
+            self._evict(room.victim, addr, full=room.full)
+        elif room.refused:
             self._refuse(dcid, data, addr, now)
             return None
         quic = FlowControlledConnection(
@@ -280,8 +277,7 @@ class _Listener:
         session.auth_deadline = now + self.handshake_timeout
         session.on_auth_deadline = self._on_auth_deadline
         self.sessions.add(session)
-        self.admitted.add(session)
-        self.unauthenticated[session] = None
+        self.admission.admit(session, _host_of(addr))
         self.stats.connections += 1
         for cid in session.cids:
             self.routes[cid] = session
@@ -291,16 +287,8 @@ class _Listener:
 
     def _forget(self, session: QuicSession) -> None:
         """``session`` no longer counts against the limits (it is being dropped or is gone)."""
-        self.admitted.discard(session)
-        self.unauthenticated.pop(session, None)
+        self.admission.forget(session)
         self._update_gauges()
-
-    def _stranger_to_drop(self) -> QuicSession:
-        """The oldest unauthenticated connection of the source address holding the most (as
-        the TCP listener): a flood from one host evicts its own, not a member mid-handshake."""
-        per_source = Counter(_host_of(s.peer_addr) for s in self.unauthenticated)
-        busiest = max(per_source, key=per_source.__getitem__)
-        return next(s for s in self.unauthenticated if _host_of(s.peer_addr) == busiest)
 
     def _evict(self, session: QuicSession, newcomer: NetworkAddress, *, full: bool) -> None:
         """sshd's MaxStartups: a connection still in its handshake makes room."""
@@ -308,13 +296,13 @@ class _Listener:
         metrics.PEER_CONNECTIONS_DROPPED.labels("budget").inc()
         if full:
             why = (
-                f"all {len(self.admitted)} peer connections are taken (transfer.max_connections) "
+                f"all {self.admission.open} peer connections are taken (transfer.max_connections) "
                 "and this was the oldest still in its handshake from the address holding the most "
                 "(transfer.max_unauthenticated)"
             )
         else:
             why = (
-                f"{len(self.unauthenticated)} connections are in their handshake "
+                f"{self.admission.unauthenticated} connections are in their handshake "
                 "(transfer.max_unauthenticated) and this was the oldest from the address holding "
                 "the most"
             )
@@ -332,26 +320,23 @@ class _Listener:
         CONNECTION_CLOSE (CONNECTION_REFUSED) from a connection that lives for this only."""
         self.stats.refused += 1
         metrics.PEER_CONNECTIONS_DROPPED.labels("limit").inc()
-        if now - self._warned_at > 10:  # one line per 10 s, not one per attempt
-            self._warned_at = now
+        warn, answer = self.admission.refusal(now)
+        if warn:  # one line per 10 s, not one per attempt
             log.warning(
                 "peer connection from %s refused: %d QUIC connections open "
                 "(transfer.max_connections)",
                 _addr_name(addr),
-                len(self.admitted),
+                self.admission.open,
             )
-        if now - self._refusals_at >= 1:
-            self._refusals_at, self._refusals = now, 0
-        if self._refusals >= MAX_REFUSALS_PER_SECOND:
+        if not answer:
             return  # unanswered: the dialer times out
-        self._refusals += 1
         quic = QuicConnection(configuration=self.config, original_destination_connection_id=dcid)
         quic.receive_datagram(data, addr, now)
         quic.close(
             error_code=QuicErrorCode.CONNECTION_REFUSED,
             frame_type=QuicFrameType.PADDING,
             reason_phrase=(
-                f"the node has {len(self.admitted)} peer connections open "
+                f"the node has {self.admission.open} peer connections open "
                 "(transfer.max_connections): try again later, or raise the limit"
             ),
         )
@@ -407,7 +392,7 @@ class _Listener:
 
     def _authenticated(self, session: QuicSession) -> None:
         self.stats.authenticated += 1
-        self.unauthenticated.pop(session, None)
+        self.admission.authenticated(session)
         self._update_gauges()
         session.authenticate()
 
