@@ -84,9 +84,9 @@ class FlowControlledConnection(QuicConnection):
     """A ``QuicConnection`` whose receive credit is granted as the application consumes.
 
     ``app_buffered`` is kept by the session: bytes delivered by aioquic that the application
-    has not read yet. Stream limits are moved by :meth:`QuicStreamTransport.recv_into`
-    (``consumed + stream_window``); the two overrides below only stop aioquic's doubling and
-    compute the connection limit.
+    has not read yet. Stream limits are moved as the reader consumes (:meth:`consumed`, from
+    ``QuicStreamTransport.recv_into``: ``consumed + stream_window``); the two overrides below
+    only stop aioquic's doubling and compute the connection limit.
 
     Peers may open bidirectional streams only towards a listener (a dialer's peer never has a
     reason to) and unidirectional ones never. A listener's connection starts
