@@ -5,8 +5,8 @@ Usage (``make bench`` runs it after the other rows)::
     .venv/bin/python bench/gateway.py
     QUICK=1 .venv/bin/python bench/gateway.py
 
-Three processes: the in-repo Ollama-compatible backend (tests/support/ollama_backend.py), the gateway
-(tensord.gateway.server.Gateway), and this one, the client. A stream's tokens leave the backend
+Three processes: the in-repo Ollama-compatible backend
+(tests/support/ollama_backend.py), the gateway (tensord.gateway.server.Gateway), and this one, the client. A stream's tokens leave the backend
 on a fixed schedule from the request (``interval`` apart), so the k-th token's arrival time,
 measured from the request, through the gateway minus directly is what the gateway added to
 that token. Rows:

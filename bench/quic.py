@@ -219,8 +219,8 @@ def receiver(out: Reporter, transport: str, quic: dict[str, Any], netns: str | N
 
 
 def proxy(out: Reporter, target_port: int, loss: float, seed: int, counters: Any) -> None:
-    """tests/support/udp_proxy.py in front of the receiver's UDP port. Its counters go to ``counters``
-    (shared memory: forwarded, dropped), every 0.1 s."""
+    """tests/support/udp_proxy.py in front of the receiver's UDP port. Its counters go to
+    ``counters`` (shared memory: forwarded, dropped), every 0.1 s."""
     from tests.support.udp_proxy import UdpProxy
 
     async def main() -> None:
@@ -716,7 +716,8 @@ def summary(cfg: Config, done: dict[str, RowResult]) -> tuple[list[str], dict[st
     line(f"{_mib(cfg.lat_size)} latency p99, us", "lat/tcp", "lat/quic", p99=True)
     line(f"{cfg.tasks} x {_mib(cfg.conc_size)} concurrent, MB/s", "conc/tcp", "conc/quic")
     line(f"  QUIC max_datagram_size {cfg.jumbo} (jumbo)", "conc/tcp", "conc/jumbo")
-    lines.append(f"{pct} loss (TCP: netns + tc drop, MTU 1500; QUIC: through tests/support/udp_proxy.py)")
+    via = "TCP: netns + tc drop, MTU 1500; QUIC: through tests/support/udp_proxy.py"
+    lines.append(f"{pct} loss ({via})")
     for k, label in (
         ("lthr", f"{_mib(cfg.loss_size)} throughput, MB/s"),
         ("lconc", f"{cfg.tasks} x {_mib(cfg.loss_conc_size)} concurrent, MB/s"),

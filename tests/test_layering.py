@@ -13,8 +13,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -116,53 +114,8 @@ def test_nothing_under_tests_imports_bench() -> None:
     )
 
 
-#: Cycles known and being removed, each by the owner of its modules. A new cycle fails
-#: test_no_new_import_cycle_among_tensord_modules at once; when a known one is gone,
-#: test_the_known_import_cycles_are_gone passes (strict xfail: the run fails) - then drop it
-#: from this list, and the mark when the list is empty.
-KNOWN_CYCLES = [
-    # store/partial.py names TensorStore in a type hint (TYPE_CHECKING) of the store it serves.
-    ["tensord.store.partial", "tensord.store.tensor_store"],
-]
-
-
 def test_no_new_import_cycle_among_tensord_modules() -> None:
-    found = [c for c in cycles(import_graph("tensord")) if c not in KNOWN_CYCLES]
+    found = cycles(import_graph("tensord"))
     assert not found, "import cycles in tensord/ (make one side depend on an interface):\n" + (
         "\n".join(" <-> ".join(c) for c in found)
     )
-
-
-@pytest.mark.xfail(
-    strict=True, reason="the store's owner removes store/partial <-> store/tensor_store"
-)
-def test_the_known_import_cycles_are_gone() -> None:
-    found = cycles(import_graph("tensord"))
-    assert not [c for c in KNOWN_CYCLES if c in found], found
-
-
-def test_the_cycle_finder_finds_a_cycle_and_only_cycles() -> None:
-    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}, "f": set()}
-    assert cycles(graph) == [["a", "b", "c"]]
-    assert cycles({"x": {"y"}, "y": set()}) == []
-
-
-def test_the_graph_counts_lazy_and_type_checking_imports(tmp_path: Path) -> None:
-    """A cycle closed by an import under ``TYPE_CHECKING``, one inside a function and a
-    relative ``from . import module`` is found (the control/app <-> daemon cycle was of this
-    kind); a module importing its own package's ``__init__`` names is not a cycle."""
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    files = {
-        "__init__.py": "from .a import A\n",
-        "a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B\n",
-        "b.py": "def f():\n    from pkg import c\n",
-        "c.py": "from . import a\n",
-        "d.py": "import pkg.a\nfrom pkg import A\n",
-    }
-    for name, text in files.items():
-        (pkg / name).write_text(text)
-    graph = import_graph("pkg", tmp_path)
-    assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.c"}
-    assert graph["pkg.c"] == {"pkg.a"} and graph["pkg.d"] == {"pkg.a", "pkg"}
-    assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.c"]]

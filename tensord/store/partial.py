@@ -17,8 +17,9 @@ import os
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from ..errors import StoreFull
 from ..fsutil import atomic_write as _atomic_write
 from ..fsutil import fsync_dir as _fsync_dir
 from ..fsutil import unlink_quietly as _unlink
@@ -27,12 +28,26 @@ from ..wire.meta import TensorMeta
 from .disk import _close_quietly, _is_full
 from .names import _data_file_name, encode_component
 from .progress import _bytes_have, _progress_bytes, _read_progress
-from .records import TensorInfo, _sidecar_bytes
-
-if TYPE_CHECKING:
-    from .tensor_store import TensorStore
+from .records import TensorInfo, _Sidecar, _sidecar_bytes
 
 log = logging.getLogger("tensord.store")
+
+
+class PartialOwner(Protocol):
+    """What a partial uses of the :class:`~tensord.store.TensorStore` that made it: its two
+    directories and four pieces of bookkeeping. Stated here so the dependency points one way
+    (the store imports this module; this module names no store)."""
+
+    _tensor_dir: Path
+    _partial_dir: Path
+
+    def _read_sidecar(self, stem: str) -> _Sidecar | None: ...
+
+    def _remove_partial_files(self, stem: str) -> None: ...
+
+    def _full_midway(self, meta: TensorMeta, doing: str) -> StoreFull: ...
+
+    def _forget(self, partial: PartialReceive) -> None: ...
 
 
 class PartialReceive:
@@ -47,7 +62,7 @@ class PartialReceive:
 
     def __init__(
         self,
-        store: TensorStore,
+        store: PartialOwner,
         key: str,
         meta: TensorMeta,
         chunk_size: int | None,

@@ -5,8 +5,8 @@ TensorNode client). So one trio loop runs in a thread for the whole test (:class
 the state machine's steps call into it: the raw connections, their reader tasks, the daemon's
 log pump and the honest client all live in that one loop, across steps and examples.
 
-The daemon is a real subprocess (tests/support/daemons.py) so that a crash shows as a process exit, and
-its RSS is read from /proc. It runs without a cluster secret on loopback because hand-written
+The daemon is a real subprocess (tests/support/daemons.py) so that a crash shows as a process
+exit, and its RSS is read from /proc. It runs without a cluster secret on loopback because hand-written
 peers do not authenticate - which is also the worst case: anyone who reaches the port is a peer.
 """
 

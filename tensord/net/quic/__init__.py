@@ -15,8 +15,7 @@ from __future__ import annotations
 from .codes import ALPN, E_AUTH, E_NONE, E_PROTOCOL, E_REFUSED
 from .dial import DialerStats, QuicDialer, default_dialer, dial_quic
 from .listen import ListenerStats, serve_quic
-from .session import QuicSession
-from .streams import QuicStreamTransport
+from .session import QuicSession, QuicStreamTransport
 from .tuning import (
     DEFAULT_TUNING,
     MAX_ACK_DELAY_MS,

@@ -23,8 +23,7 @@ from ..connection import Connection, client_handshake
 from ..stream import ConnectionClosed, FramedStream
 from ._aioquic import FlowControlledConnection
 from .codes import E_NONE, close_args
-from .session import QuicSession
-from .streams import DecoderFactory
+from .session import DecoderFactory, QuicSession
 from .tls import check_identity, client_config
 from .tuning import DEFAULT_TUNING, QuicTuning
 from .udp import UdpSocket, tune_socket

@@ -32,8 +32,7 @@ from ..stream import ByteTransport, ConnectionClosed, FramedStream
 from ._aioquic import FlowControlledConnection, parse_header
 from .codes import E_NONE, E_PROTOCOL, E_REFUSED, close_args
 from .reset import ResetTokens, reset_key
-from .session import QuicSession
-from .streams import DecoderFactory, Handler, QuicStreamTransport
+from .session import DecoderFactory, Handler, QuicSession, QuicStreamTransport
 from .tls import check_identity, server_config
 from .tuning import CID_LENGTH, DEFAULT_TUNING, RECV_BATCH, QuicTuning
 from .udp import UdpSocket, open_quic_socket
