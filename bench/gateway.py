@@ -5,11 +5,11 @@ Usage (``make bench`` runs it after the other rows)::
     .venv/bin/python bench/gateway.py
     QUICK=1 .venv/bin/python bench/gateway.py
 
-Three processes: the in-repo Ollama-compatible backend
-(tests/support/ollama_backend.py), the gateway (tensord.gateway.server.Gateway), and this one, the client. A stream's tokens leave the backend
-on a fixed schedule from the request (``interval`` apart), so the k-th token's arrival time,
-measured from the request, through the gateway minus directly is what the gateway added to
-that token. Rows:
+Three processes: the in-repo Ollama-compatible backend (tests/support/ollama_backend.py), the
+gateway (tensord.gateway.server.Gateway), and this one, the client. A stream's tokens leave the
+backend on a fixed schedule from the request (``interval`` apart), so the k-th token's arrival
+time, measured from the request, through the gateway minus directly is what the gateway added
+to that token. Rows:
 
 * added time to first token, and per-token added latency (p50, p99) at 20 ms between tokens:
   each later token's arrival relative to the first, through the gateway minus directly (the

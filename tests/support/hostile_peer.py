@@ -6,8 +6,9 @@ the state machine's steps call into it: the raw connections, their reader tasks,
 log pump and the honest client all live in that one loop, across steps and examples.
 
 The daemon is a real subprocess (tests/support/daemons.py) so that a crash shows as a process
-exit, and its RSS is read from /proc. It runs without a cluster secret on loopback because hand-written
-peers do not authenticate - which is also the worst case: anyone who reaches the port is a peer.
+exit, and its RSS is read from /proc. It runs without a cluster secret on loopback because
+hand-written peers do not authenticate - which is also the worst case: anyone who reaches the
+port is a peer.
 """
 
 from __future__ import annotations
