@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import trio
 
@@ -29,11 +28,11 @@ Json = dict[str, Any]
 T = TypeVar("T")
 
 
-class Bars(AbstractContextManager["Bars"]):
-    """One live progress bar per transfer on stderr, fed by transfer events; drawn only when
-    stderr is a terminal (tests and pipes get the summary lines and nothing else)."""
+class _LiveBars:
+    """Rich bars on stderr, drawn only when stderr is a terminal: a bar's description, bytes,
+    speed and time left, then ``last`` (a text column of the bar's fields)."""
 
-    def __init__(self, console: Console | None = None, *, drop_finished: bool = False) -> None:
+    def __init__(self, console: Console | None, last: str) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -52,20 +51,15 @@ class Bars(AbstractContextManager["Bars"]):
             DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[retries]} retries"),
+            TextColumn(last),
             console=self.console,
             disable=not self.live,
             # Results go to stdout, which may be a pipe: do not route it through the bars.
             redirect_stdout=False,
             redirect_stderr=False,
         )
-        #: ``watch`` runs for days: a finished transfer's bar goes (its line stays).
-        self._drop_finished = drop_finished
-        self._tasks: dict[tuple[str, str], TaskID] = {}
-        #: The last event of each transfer seen, by (direction, id).
-        self.last: dict[tuple[str, str], Json] = {}
 
-    def __enter__(self) -> Bars:
+    def __enter__(self) -> Self:
         self.progress.start()
         return self
 
@@ -73,6 +67,19 @@ class Bars(AbstractContextManager["Bars"]):
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.progress.stop()
+
+
+class Bars(_LiveBars):
+    """One live progress bar per transfer on stderr, fed by transfer events; drawn only when
+    stderr is a terminal (tests and pipes get the summary lines and nothing else)."""
+
+    def __init__(self, console: Console | None = None, *, drop_finished: bool = False) -> None:
+        super().__init__(console, "{task.fields[retries]} retries")
+        #: ``watch`` runs for days: a finished transfer's bar goes (its line stays).
+        self._drop_finished = drop_finished
+        self._tasks: dict[tuple[str, str], TaskID] = {}
+        #: The last event of each transfer seen, by (direction, id).
+        self.last: dict[tuple[str, str], Json] = {}
 
     def update(self, ev: Json) -> None:
         key = (ev["direction"], ev["id"])
@@ -146,46 +153,14 @@ async def following(
     return results[0]
 
 
-class DownloadBars(AbstractContextManager["DownloadBars"]):
+class DownloadBars(_LiveBars):
     """A total bar and one bar per layer, with the connections in use, from download events."""
 
     def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        console = Console(stderr=True)
-        self.live = console.is_terminal and not console.is_dumb_terminal
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=console,
-            disable=not self.live,
-            redirect_stdout=False,
-            redirect_stderr=False,
-        )
+        super().__init__(None, "{task.fields[info]}")
         self._total: TaskID | None = None
         self._layers: dict[str, TaskID] = {}
         self.max_connections = 0
-
-    def __enter__(self) -> DownloadBars:
-        self.progress.start()
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.progress.stop()
 
     def update(self, ev: Json) -> None:
         self.max_connections = max(self.max_connections, int(ev.get("connections") or 0))
