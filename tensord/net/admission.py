@@ -1,17 +1,22 @@
 """Who holds a listener's connection slots: members first, strangers share what is left.
 
-Sans-I/O (no trio, no sockets): the QUIC listener asks it on every new connection and tells it
-when a connection authenticates or goes. The policy is sshd's ``MaxStartups``, as the TCP
-listener's (``tcp.serve``, which keeps its own bookkeeping of the same rules today):
+Sans-I/O (no trio, no sockets): both peer listeners (``tcp.serve`` and the QUIC listener) ask it
+on every new connection and tell it when a connection authenticates or goes. The policy is
+sshd's ``MaxStartups``:
 
 * at most ``max_connections`` connections are counted at once (handshakes included), and of
   those at most ``max_unauthenticated`` before their authenticated Hello ("strangers");
 * a newcomer that finds either bound reached takes the place of the oldest stranger of the
-  source address holding the most strangers - a flood from one host evicts its own, and a
-  member mid-handshake is dropped only if its address holds as many strangers as any other;
+  source address holding the most strangers (of sources holding as many, the one whose oldest
+  stranger is oldest) - a flood from one host evicts its own, and a member mid-handshake is
+  dropped only if its address holds as many strangers as any other;
 * only when authenticated peers hold every slot is the newcomer refused. Refusals are
-  answered at most ``answers_per_second`` times a second (each answer costs the listener a
-  TLS handshake) and logged at most once per ``warn_every`` seconds.
+  answered at most ``answers_per_second`` times a second where answering costs the listener
+  something (QUIC: a TLS handshake) and logged at most once per ``warn_every`` seconds.
+
+What an evicted stranger costs until it is gone is the listener's to say: the QUIC listener
+calls :meth:`~Admission.forget` on it at once (its datagrams share one socket), the TCP listener
+marks it :meth:`~Admission.dropping` and counts it until its socket is closed.
 """
 
 from __future__ import annotations
@@ -43,11 +48,13 @@ class Admission(Generic[K]):
     def __init__(
         self,
         max_connections: int | None,
-        max_unauthenticated: int,
+        max_unauthenticated: int | None,
         *,
-        answers_per_second: int,
+        answers_per_second: int | None = None,
         warn_every: float = 10.0,
     ) -> None:
+        """``None`` for a bound means none: no cap on connections, no budget of the strangers'
+        own (only ``max_connections``), every refusal answered."""
         self.max_connections = max_connections
         self.max_unauthenticated = max_unauthenticated
         self.answers_per_second = answers_per_second
@@ -70,7 +77,10 @@ class Admission(Generic[K]):
     def make_room(self) -> Room[K]:
         """What a newcomer's arrival means now (call :meth:`forget` on an evicted victim)."""
         full = self.max_connections is not None and len(self.admitted) >= self.max_connections
-        if self.strangers and (full or len(self.strangers) >= self.max_unauthenticated):
+        crowded = (
+            self.max_unauthenticated is not None and len(self.strangers) >= self.max_unauthenticated
+        )
+        if self.strangers and (full or crowded):
             return Room(self._stranger_to_drop(), full)
         return Room(None, full)
 
@@ -81,6 +91,12 @@ class Admission(Generic[K]):
 
     def authenticated(self, key: K) -> None:
         """``key`` passed its Hello: out of the strangers' budget, still holding its slot."""
+        self.strangers.pop(key, None)
+
+    def dropping(self, key: K) -> None:
+        """``key`` (a victim) is being dropped: out of the strangers, so it is not chosen twice,
+        but it holds its slot until :meth:`forget` (a TCP connection holds its socket until it
+        is closed)."""
         self.strangers.pop(key, None)
 
     def forget(self, key: K) -> None:
@@ -95,7 +111,7 @@ class Admission(Generic[K]):
             self._warned_at = now
         if now - self._answered_at >= 1:
             self._answered_at, self._answered = now, 0
-        answer = self._answered < self.answers_per_second
+        answer = self.answers_per_second is None or self._answered < self.answers_per_second
         if answer:
             self._answered += 1
         return warn, answer

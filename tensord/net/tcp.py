@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -16,6 +15,7 @@ from ..config import HostPort
 from ..errors import AuthenticationFailed, PeerUnreachable, ProtocolError
 from ..wire.frames import FrameDecoder
 from ..wire.messages import Hello
+from .admission import Admission
 from .connection import Connection, client_handshake, server_handshake
 from .security import (
     PeerSecurity,
@@ -150,67 +150,47 @@ async def serve(
     neither idle connections nor a flood from one host can lock cluster members out (a member
     is a stranger too while its handshake runs: it is dropped only if its own address holds as
     many strangers as any other). Only when every slot is held by an authenticated peer is a
-    newcomer refused.
+    newcomer refused. :class:`~tensord.net.admission.Admission` decides, as for the QUIC
+    listener; a dropped stranger holds its slot here until its socket is closed.
     """
 
     sec = security or PeerSecurity()
-    limit = max_connections if max_connections is not None else 1 << 62
-    budget = max_unauthenticated if max_unauthenticated is not None else limit
-    open_now = 0
-    warned_at = -1e9
-    #: Connections still in their handshake, oldest first, with the scope that drops them.
-    strangers: dict[object, tuple[trio.CancelScope, str]] = {}
-    per_source: Counter[str] = Counter()
-    dropped: set[object] = set()
-
-    def forget(key: object) -> None:
-        entry = strangers.pop(key, None)
-        if entry is not None:
-            per_source[entry[1]] -= 1
-            if not per_source[entry[1]]:
-                del per_source[entry[1]]
-
-    def drop_a_stranger() -> None:
-        """The oldest stranger of the source holding the most (a flood evicts itself)."""
-        busiest = max(per_source, key=per_source.__getitem__)
-        key, (scope, _) = next((k, e) for k, e in strangers.items() if e[1] == busiest)
-        forget(key)
-        dropped.add(key)
-        scope.cancel()
-        metrics.PEER_CONNECTIONS_DROPPED.labels("budget").inc()
+    #: Each connection is known by the scope that drops it (at its deadline, or for a newer one).
+    slots: Admission[trio.CancelScope] = Admission(max_connections, max_unauthenticated)
+    #: Strangers dropped for a newer connection, until their task has ended.
+    dropped: set[trio.CancelScope] = set()
 
     async def on_stream(stream: trio.SocketStream) -> None:
-        nonlocal open_now, warned_at
-        if open_now >= limit and not strangers:
+        room = slots.make_room()
+        if room.refused:
             metrics.PEER_CONNECTIONS_DROPPED.labels("limit").inc()
-            if trio.current_time() - warned_at > 10:  # one line per 10 s, not one per attempt
-                warned_at = trio.current_time()
+            warn, _ = slots.refusal(trio.current_time())
+            if warn:  # one line per 10 s, not one per attempt
                 log.warning(
                     "peer connection from %s refused: %d connections open, all authenticated "
                     "(transfer.max_connections)",
                     _remote(stream),
-                    open_now,
+                    slots.open,
                 )
             await _close(stream)
             return
-        if open_now >= limit or len(strangers) >= budget:
-            drop_a_stranger()
-        key = object()
+        if room.victim is not None:
+            # It counts until its socket is closed, but is not chosen again meanwhile.
+            slots.dropping(room.victim)
+            dropped.add(room.victim)
+            room.victim.cancel()
+            metrics.PEER_CONNECTIONS_DROPPED.labels("budget").inc()
         scope = trio.CancelScope(deadline=trio.current_time() + handshake_timeout)
-        source = _source(stream)
-        strangers[key] = (scope, source)
-        per_source[source] += 1
-        open_now += 1
+        slots.admit(scope, _source(stream))
         try:
-            await _serve_one(stream, key, scope)
+            await _serve_one(stream, scope)
         except Exception as exc:  # the boundary: one connection's bug is logged, not fatal
             report_unexpected(log, "peer", f"peer connection from {_remote(stream)}", exc)
         finally:
-            open_now -= 1
-            forget(key)
-            dropped.discard(key)
+            slots.forget(scope)
+            dropped.discard(scope)
 
-    async def _serve_one(stream: trio.SocketStream, key: object, scope: trio.CancelScope) -> None:
+    async def _serve_one(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
         _tune(stream)
         framed: FramedStream | None = None
         conn: Connection | None = None
@@ -246,7 +226,7 @@ async def serve(
             await _close(stream, framed)
             return
         if conn is None:  # the scope was cancelled: dropped, or out of time
-            if key in dropped:
+            if scope in dropped:
                 why = "dropped for a newer one (transfer.max_unauthenticated)"
             else:
                 metrics.PEER_CONNECTIONS_DROPPED.labels("deadline").inc()
@@ -256,7 +236,7 @@ async def serve(
             )
             await _close(stream, framed)
             return
-        forget(key)  # authenticated: out of the strangers' budget
+        slots.authenticated(scope)  # out of the strangers' budget, still holding its slot
         try:
             await handler(conn)
         finally:
