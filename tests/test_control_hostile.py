@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 import threading
 from collections.abc import AsyncIterator
@@ -24,18 +23,19 @@ import trio.testing
 
 import tensord.control.app as control_app
 from tensord.config import HostPort, NodeEntry, load_settings
+from tensord.control import status as control_status
 from tensord.daemon import Daemon as InProcessDaemon
 from tensord.peer_health import PeerHealth
 
+from .support.caller import call_as_group_member
+from .support.cluster import two_node_cluster, write_cluster_file
+from .support.control_api import http, ready
 from .support.daemons import daemon, free_port
 from .support.helpers import require
-from .test_control import http, ready, two_node_cluster
 
 
 def one_node_cluster(path: Path, **extra: Any) -> Path:
-    doc = {"name": "t", "nodes": [{"id": "n1", "addr": f"127.0.0.1:{free_port()}"}], **extra}
-    path.write_text(json.dumps(doc))
-    return path
+    return write_cluster_file(path, {"n1": free_port()}, **({"name": "t"} | extra))
 
 
 async def raw_request(sock: Path, head: bytes, body: bytes = b"") -> bytes:
@@ -162,31 +162,6 @@ async def test_directories_and_devices_are_refused_by_kind(tmp_path: Path) -> No
 
 # -- hole 6: the confused deputy ------------------------------------------------------------
 
-CLIENT = """
-import http.client, json, socket, sys
-class C(http.client.HTTPConnection):
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(sys.argv[1])
-out = []
-for method, url, body in json.loads(sys.argv[2]):
-    c = C("tensord")
-    c.request(method, url, body=json.dumps(body), headers={"content-type": "application/json"})
-    r = c.getresponse()
-    out.append([r.status, json.loads(r.read())])
-    c.close()
-print(json.dumps(out))
-"""
-
-NOBODY = 65534
-
-
-def _as_group_member() -> None:
-    """uid/gid 65534 (no passwd entry needed), a member of group 0: the socket's group."""
-    os.setgroups([0])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
-
 
 async def test_a_group_member_reads_only_files_it_could_read_itself() -> None:
     require(os.geteuid() == 0, "needs root to run a client as another uid")
@@ -218,13 +193,7 @@ async def test_a_group_member_reads_only_files_it_could_read_itself() -> None:
                 ["GET", "/v1/tensors", {}],
             ]
             out = await trio.to_thread.run_sync(
-                lambda: subprocess.run(
-                    [python, "-c", CLIENT, str(d.socket), json.dumps(calls)],
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    preexec_fn=_as_group_member,
-                )
+                lambda: call_as_group_member(python, d.socket, calls)
             )
             assert out.returncode == 0, out.stderr
             replies = json.loads(out.stdout)
@@ -350,20 +319,22 @@ async def in_process(tmp_path: Path) -> AsyncIterator[tuple[InProcessDaemon, htt
         nursery.cancel_scope.cancel()
 
 
-async def test_status_is_built_on_the_event_loop_while_tables_churn(tmp_path: Path) -> None:
+async def test_status_is_built_on_the_event_loop_while_tables_churn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with in_process(tmp_path) as (d, c):
         threads: set[str] = set()
-        peer_list, in_flight = d.peer_list, d.transfers.in_flight
+        peer_list, in_flight = control_status.peer_list, d.transfers.in_flight
 
-        def watched_peers() -> list[dict[str, Any]]:
+        def watched_peers(services: Any) -> list[dict[str, Any]]:
             threads.add(threading.current_thread().name)
-            return peer_list()
+            return peer_list(services)
 
         def watched_transfers() -> list[dict[str, Any]]:
             threads.add(threading.current_thread().name)
             return in_flight()
 
-        d.peer_list = watched_peers  # type: ignore[method-assign]
+        monkeypatch.setattr(control_status, "peer_list", watched_peers)
         d.transfers.in_flight = watched_transfers  # type: ignore[method-assign]
         entry = NodeEntry("p", HostPort("127.0.0.1", 9))
         stop = trio.Event()
@@ -422,11 +393,11 @@ async def test_bad_names_and_unknown_fields_are_400_with_a_clear_message(tmp_pat
 
 
 async def test_a_bug_in_a_handler_is_a_counted_500_and_the_daemon_carries_on(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with in_process(tmp_path) as (d, c):
+    async with in_process(tmp_path) as (_, c):
 
-        def broken() -> list[dict[str, Any]]:
+        def broken(services: Any) -> list[dict[str, Any]]:
             raise RuntimeError("simulated bug")
 
         def errors() -> float:
@@ -437,7 +408,7 @@ async def test_a_bug_in_a_handler_is_a_counted_500_and_the_daemon_carries_on(
 
         metrics_text = (await c.get("/metrics")).text
         before = errors()
-        d.peer_list = broken  # type: ignore[method-assign]
+        monkeypatch.setattr(control_status, "peer_list", broken)
         r = await c.get("/v1/peers")
         assert r.status_code == 500
         err = r.json()["error"]
