@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from .support.cli import CliResult, run
+from .support.control_api import ready
 from .support.daemons import Daemon, daemon
 from .support.nginx import nginx
 from .support.registry import registry
-from .test_control import ready
 
 MiB = 1 << 20
 

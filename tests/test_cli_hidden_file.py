@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from .support.cli import run
+from .support.control_api import http, ready
 from .support.daemons import daemon, free_port
 from .support.helpers import require
-from .test_control import http, ready
 
 
 async def test_send_streams_a_file_hidden_from_the_daemon(tmp_path: Path) -> None:

@@ -8,58 +8,19 @@ import os
 import pwd
 import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import numpy as np
 import trio
 
-from .support.daemons import Daemon, daemon, free_port
+from .support.cluster import two_node_cluster
+from .support.control_api import events, http, ready
+from .support.daemons import daemon, free_port
 from .support.helpers import require
 from .support.tcp_proxy import proxied
-
-Seen = tuple[float, dict[str, Any]]
-
-
-def http(d: Daemon) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.AsyncHTTPTransport(uds=str(d.socket)),
-        base_url="http://tensord",
-        timeout=httpx.Timeout(120, connect=5),
-    )
-
-
-async def ready(d: Daemon) -> None:
-    await d.wait_for("control socket")
-
-
-@asynccontextmanager
-async def events(
-    d: Daemon,
-) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[float, dict[str, Any]]]]:
-    """The daemon's SSE stream as (time received, event) pairs; yields once subscribed."""
-    send, recv = trio.open_memory_channel[Seen](100_000)
-    subscribed = trio.Event()
-
-    async def pump() -> None:
-        async with http(d) as c, c.stream("GET", "/v1/events") as r:
-            assert r.headers["content-type"] == "text/event-stream"
-            async for line in r.aiter_lines():
-                if line == ": subscribed":
-                    subscribed.set()
-                elif line.startswith("data: "):
-                    send.send_nowait((time.time(), json.loads(line[6:])))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump)
-        await subscribed.wait()
-        yield recv
-        nursery.cancel_scope.cancel()
 
 
 async def test_tensors_round_trip_and_errors_name_the_cause(tmp_path: Path) -> None:
@@ -103,18 +64,6 @@ async def test_tensors_round_trip_and_errors_name_the_cause(tmp_path: Path) -> N
             assert (st, code) == (400, "bad_request")
             assert (await c.delete(f"/v1/tensors/{name}")).json() == {"deleted": "layers/0/w"}
             assert (await c.get("/v1/tensors")).json() == {"tensors": []}
-
-
-def two_node_cluster(path: Path, ports: dict[str, int], **extra: Any) -> Path:
-    doc = {
-        "name": "t",
-        "nodes": [{"id": k, "addr": f"127.0.0.1:{p}"} for k, p in ports.items()],
-        "transfer": {"peer_check_interval": 0.2},
-        "tensor_protocol": {"retry_base_delay": 100, "max_retries": 8},
-        **extra,
-    }
-    path.write_text(json.dumps(doc))
-    return path
 
 
 async def test_send_between_daemons_with_events_pushed_as_they_happen(tmp_path: Path) -> None:

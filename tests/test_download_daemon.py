@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import trio
 
+from .support.control_api import events, http, ready
 from .support.daemons import daemon
 from .support.nginx import nginx
 from .support.registry import registry
-from .test_control import events, http, ready
 
 MiB = 1 << 20
 

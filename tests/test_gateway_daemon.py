@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 
+from .support.control_api import http, ready
 from .support.daemons import daemon, free_port
 from .support.ollama_backend import BackendConfig, ollama_backend
-from .test_control import http, ready
 
 
 def cluster(path: Path, port: int, backends: dict[str, str]) -> Path:

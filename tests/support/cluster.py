@@ -42,3 +42,14 @@ def write_cluster_file(
     doc.update(sections)
     path.write_text(json.dumps(doc))
     return path
+
+
+def two_node_cluster(path: Path, ports: Mapping[str, int], **extra: Any) -> Path:
+    """The cluster file of the control API tests: the nodes of ``ports`` on 127.0.0.1, peers
+    checked every 0.2 s and quick retries (``extra`` sections replace these)."""
+    sections: dict[str, Any] = {
+        "name": "t",
+        "transfer": {"peer_check_interval": 0.2},
+        "tensor_protocol": {"retry_base_delay": 100, "max_retries": 8},
+    }
+    return write_cluster_file(path, dict(ports), **(sections | extra))
