@@ -19,9 +19,9 @@ import trio
 from tensord.download.fetch import BlobFetch, DiskFull, DownloadError, FetchConfig
 
 from .support.helpers import require
+from .support.lying_http import honest, lying_servers
 from .support.nginx import Nginx, nginx
 from .support.tcp_proxy import Fault, proxied
-from .test_download_hostile import honest, lying_servers
 
 MiB = 1 << 20
 

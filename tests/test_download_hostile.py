@@ -1,7 +1,7 @@
 """Download servers and registries that lie (issue 12, holes 3 and 4, and the bugs found beside).
 
-A real HTTP server on loopback (:class:`LyingServer`, raw bytes over trio sockets, so it can say
-what no honest server library would let it: a ``Content-Range`` past the total, a
+A real HTTP server on loopback (``tests/support/lying_http.py``, raw bytes over trio sockets, so it
+can say what no honest server library would let it: a ``Content-Range`` past the total, a
 ``Content-Length`` the body contradicts, 40 MiB for a 1000-byte blob) plays the download server,
 the registry and the "evil" host a registry redirects to. Each test asserts what reached the disk
 and what the other host saw, not only the error.
@@ -10,21 +10,15 @@ and what the other host saw, not only the error.
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import json
 import logging
 import os
 import re
-import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
-import trio
 
 from tensord.download.fetch import (
     BadReply,
@@ -45,143 +39,19 @@ from tensord.download.registry import (
 )
 from tensord.logs import setup_logging
 
+from .support import cli
+from .support.control_api import ready
+from .support.lying_http import (
+    Handler,
+    Reply,
+    Request,
+    evil_host,
+    honest,
+    lying_servers,
+)
+
 MiB = 1 << 20
 MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-
-
-# -- a server that lies ---------------------------------------------------------------------
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str]
-
-    @property
-    def range(self) -> tuple[int, int | None] | None:
-        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("range", ""))
-        if m is None:
-            return None
-        return int(m.group(1)), int(m.group(2)) if m.group(2) else None
-
-
-@dataclass
-class Reply:
-    """What the server sends: ``headers`` verbatim (nothing added but ``Connection: close``),
-    then ``body``, then ``extra`` more bytes (zeros, streamed: a huge lie costs no RAM)."""
-
-    status: int
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes = b""
-    extra: int = 0
-
-
-Handler = Callable[[Request], Reply]
-
-
-@dataclass
-class LyingServer:
-    handler: Handler
-    port: int = 0
-    requests: list[Request] = field(default_factory=list)
-    open_now: int = 0
-    most_open: int = 0
-    bytes_sent: int = 0
-    #: If set, every body waits (after its headers) until this many connections were open at
-    #: once: a fetcher that opens fewer never gets its bytes (the test's deadline fails it).
-    hold_bodies_until_open: int = 0
-    _all_open: trio.Event = field(default_factory=trio.Event)
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}{path}"
-
-    async def serve(self, stream: trio.SocketStream) -> None:
-        self.open_now += 1
-        self.most_open = max(self.most_open, self.open_now)
-        if self.most_open >= self.hold_bodies_until_open:
-            self._all_open.set()
-        try:
-            async with stream:
-                await self._serve(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client hung up on a lie: what it is expected to do
-        finally:
-            self.open_now -= 1
-
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            data = await stream.receive_some(65536)
-            if not data or len(buf) > 65536:
-                return
-            buf += data
-            if buf.startswith(b"\x16"):  # a TLS ClientHello: answered as Go's net/http does
-                await stream.send_all(
-                    b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS "
-                    b"server.\n"
-                )
-                return
-        head = buf.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
-        method, path, _ = head[0].split(" ", 2)
-        headers = {}
-        for line in head[1:]:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
-        req = Request(method, path, headers)
-        self.requests.append(req)
-        reply = self.handler(req)
-        lines = [f"HTTP/1.1 {reply.status} X"] + [f"{k}: {v}" for k, v in reply.headers]
-        lines.append("Connection: close")
-        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
-        await self._all_open.wait()
-        await stream.send_all(reply.body)
-        self.bytes_sent += len(reply.body)
-        left, zeros = reply.extra, bytes(256 << 10)
-        while left > 0:
-            n = min(left, len(zeros))
-            await stream.send_all(zeros[:n])
-            self.bytes_sent += n
-            left -= n
-
-
-@asynccontextmanager
-async def lying_servers(*handlers: Handler) -> AsyncIterator[list[LyingServer]]:
-    """One loopback server per handler, stopped on exit."""
-    servers = [LyingServer(h) for h in handlers]
-    async with trio.open_nursery() as nursery:
-        for server in servers:
-            (listener,) = await nursery.start(
-                functools.partial(trio.serve_tcp, host="127.0.0.1"), server.serve, 0
-            )
-            server.port = listener.socket.getsockname()[1]
-        yield servers
-        nursery.cancel_scope.cancel()
-
-
-def honest(data: bytes) -> Handler:
-    """A correct server of ``data``: ranges answered exactly."""
-
-    def handler(req: Request) -> Reply:
-        rng = req.range
-        if rng is None:
-            return Reply(200, [("Content-Length", str(len(data)))], data)
-        start, end = rng
-        end = min(len(data) - 1 if end is None else end, len(data) - 1)
-        if start >= len(data):
-            return Reply(416, [("Content-Range", f"bytes */{len(data)}")])
-        body = data[start : end + 1]
-        headers = [
-            ("Content-Range", f"bytes {start}-{end}/{len(data)}"),
-            ("Content-Length", str(len(body))),
-        ]
-        return Reply(206, headers, body)
-
-    return handler
 
 
 def leftovers(dest: Path) -> list[str]:
@@ -383,22 +253,6 @@ async def test_registry_manifests_are_bounded(manifest: bytes, message: str) -> 
 BASIC = "Basic " + base64.b64encode(b"alice:s3cret").decode()
 
 
-def evil_host(seen: list[str]) -> Handler:
-    """Asks for a Bearer token from itself and records every Authorization it is sent."""
-    holder: dict[str, int] = {}
-
-    def handler(req: Request) -> Reply:
-        seen.append(req.headers.get("authorization", "-"))
-        if req.path.startswith("/token"):
-            body = json.dumps({"token": "evil-token"}).encode()
-            return Reply(200, [("Content-Length", str(len(body)))], body)
-        realm = f'Bearer realm="http://127.0.0.1:{holder["port"]}/token",service="evil"'
-        return Reply(401, [("WWW-Authenticate", realm), ("Content-Length", "0")])
-
-    handler.holder = holder  # type: ignore[attr-defined]
-    return handler
-
-
 async def test_a_redirect_to_another_host_never_gets_the_credentials(tmp_path: Path) -> None:
     """Today: the registry redirects the manifest to an evil host; its 401 Bearer challenge is
     answered with the registry's Basic credentials, at the token URL the evil host chose."""
@@ -559,16 +413,6 @@ async def test_library_loggers_stay_at_warning_unless_debugging() -> None:
             logging.getLogger(n).setLevel(lv)
 
 
-async def _cli(socket: Path, *args: str) -> tuple[int, str, str]:
-    out = await trio.run_process(
-        [sys.executable, "-m", "tensord", "--socket", str(socket), *args],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-    return out.returncode, out.stdout.decode(), out.stderr.decode()
-
-
 def _error_lines_are_whole(err: str) -> list[str]:
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines, "no error line at all"
@@ -581,7 +425,6 @@ def _error_lines_are_whole(err: str) -> list[str]:
 async def test_cli_download_errors_name_their_cause(tmp_path: Path) -> None:
     """Every way a pull or download fails prints one line that says why."""
     from .support.daemons import daemon, free_port
-    from .test_control import ready
 
     closed_port = free_port()
     big = os.urandom(2 * MiB)
@@ -602,17 +445,17 @@ async def test_cli_download_errors_name_their_cause(tmp_path: Path) -> None:
             f"{plain.host}/library/tiny:latest": ("pull-model", "not JSON"),
         }
         for source, (command, word) in cases.items():
-            code, out, err = await _cli(sock, command, source)
+            code, out, err = await cli.run(command, source, socket=sock)
             assert code == 1, (source, out, err)
             (line,) = _error_lines_are_whole(err)
             assert word in line, (source, line)
-        code, _, err = await _cli(
-            sock, "download", large.url("/big"), "--sha256", hashlib.sha256(big).hexdigest()
+        code, _, err = await cli.run(
+            "download", large.url("/big"), "--sha256", hashlib.sha256(big).hexdigest(), socket=sock
         )
         assert code == 1
         (line,) = _error_lines_are_whole(err)
         assert "downloads.max_bytes" in line, line
-        code, _, err = await _cli(sock, "download", plain.url("/b"), "--sha256", "0" * 64)
+        code, _, err = await cli.run("download", plain.url("/b"), "--sha256", "0" * 64, socket=sock)
         assert code == 1
         (line,) = _error_lines_are_whole(err)
         assert "sha256 mismatch" in line, line
@@ -647,7 +490,6 @@ async def test_a_loopback_registry_is_plain_http_and_the_summary_counts_connecti
 
     from .support.daemons import daemon
     from .support.registry import registry
-    from .test_control import ready
 
     # Small, as in the report: a fast pull publishes few (rate-limited) progress events.
     layers = [np.random.default_rng(i).bytes(1000) for i in (1, 2)]
@@ -656,10 +498,10 @@ async def test_a_loopback_registry_is_plain_http_and_the_summary_counts_connecti
         async with daemon({"TENSORD_LISTEN": "127.0.0.1:0"}) as d:
             await ready(d)
             ref = f"{reg.host}/models/tiny:v1"
-            code, out, err = await _cli(d.socket, "pull-model", ref)
+            code, out, err = await cli.run("pull-model", ref, socket=d.socket)
             assert code == 0, err
             m = re.search(r"up to (\d+) connections?", out)
             assert m is not None and int(m.group(1)) >= 1, out
-            code, out, _ = await _cli(d.socket, "downloads", "--json")
+            code, out, _ = await cli.run("downloads", "--json", socket=d.socket)
             (job,) = json.loads(out)
             assert job["state"] == "done" and job["peak_connections"] >= 1, job

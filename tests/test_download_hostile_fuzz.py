@@ -1,6 +1,6 @@
 """A stateful fuzzer for the blob fetcher against a real loopback server that lies.
 
-Hypothesis drives a :class:`~tests.test_download_hostile.LyingServer` whose every answer is drawn
+Hypothesis drives a :class:`~tests.support.lying_http.LyingServer` whose every answer is drawn
 from edge values: wrong ``Content-Length`` (missing, short, long, garbage, huge), ``200`` to a
 range, ``Content-Range`` starting or ending elsewhere than asked or past the total, totals that
 disagree with the promised size or are huge, truncated bodies, extra bytes, wrong bytes,
@@ -40,7 +40,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tensord.download.fetch import BlobFetch, DownloadError, FetchConfig, Refused
 
-from .test_download_hostile import Handler, Reply, Request, lying_servers
+from .support.lying_http import Handler, Reply, Request, lying_servers
 
 KiB = 1 << 10
 MiB = 1 << 20

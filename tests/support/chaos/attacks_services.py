@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +22,8 @@ import trio
 
 from tensord.config import KiB
 
+from ..caller import call_as_group_member
+from ..lying_http import Reply, Request, evil_host, honest, lying_servers
 from .attacks_target import (
     Target,
     closed_by_peer,
@@ -75,8 +76,6 @@ async def start_download(t: Target, body: dict[str, str]) -> tuple[dict[str, Any
 
 
 async def lying_downloads(row: Row, t: Target, big: int, ceiling: int) -> None:
-    from tests.test_download_hostile import Reply, Request, honest, lying_servers
-
     def registry(blob: Callable[[Request], Reply], data: bytes = LAYER) -> Any:
         doc = manifest(data)
 
@@ -147,8 +146,6 @@ async def lying_downloads(row: Row, t: Target, big: int, ceiling: int) -> None:
 
 
 async def redirected_credentials(row: Row, t: Target, creds_file: Path) -> None:
-    from tests.test_download_hostile import Reply, Request, evil_host, lying_servers
-
     seen: list[str] = []
     evil = evil_host(seen)
     where: dict[str, str] = {}
@@ -229,8 +226,6 @@ async def fifo_flood(row: Row, t: Target, requests: int) -> None:
 
 
 async def confused_deputy(row: Row, t: Target) -> None:
-    from tests.test_control_hostile import CLIENT, _as_group_member
-
     python = "/usr/bin/python3"
     files = t.home / "files"
     files.mkdir(mode=0o755)
@@ -244,15 +239,7 @@ async def confused_deputy(row: Row, t: Target) -> None:
         ["GET", "/v1/tensors", {}],
     ]
     before = reset_peak(t.pid)
-    out = await trio.to_thread.run_sync(
-        lambda: subprocess.run(
-            [python, "-c", CLIENT, str(t.d.socket), json.dumps(calls)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            preexec_fn=_as_group_member,
-        )
-    )
+    out = await trio.to_thread.run_sync(lambda: call_as_group_member(python, t.d.socket, calls))
     if not row.check(out.returncode == 0, f"the client as uid 65534 failed: {out.stderr}"):
         return
     replies = json.loads(out.stdout)
