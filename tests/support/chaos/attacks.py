@@ -9,9 +9,9 @@ things the issue promises: the daemon is still alive, its peak RSS grew by less 
 during the attack (the kernel's peak is reset first, ``/proc/PID/clear_refs``, so VmHWM is the
 attack's own peak), and a legitimate peer still sends a tensor and pulls it back. The attacks
 come from the suite's own hostile clients: ``RawPeer`` (tests/support/raw_peer.py) for frames,
-aioquic's raw client (tests/test_quic_hostile.py) for QUIC, the lying HTTP server
-(tests/test_download_hostile.py) for downloads and registries, and the control client run as
-another uid (tests/test_control_hostile.py). With ``fuzz`` (the full mode), the stateful
+aioquic's raw client (tests/support/quic_client.py) for QUIC, the lying HTTP server
+(tests/support/lying_http.py) for downloads and registries, and the control client run as
+another uid (tests/support/caller.py). With ``fuzz`` (the full mode), the stateful
 fuzzers of issue 12 run again for longer (``TENSORD_FUZZ_LONG=1``), one row per file.
 """
 

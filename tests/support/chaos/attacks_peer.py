@@ -21,6 +21,7 @@ from tensord.node import TensorNode
 from tensord.wire import Error, Hello
 
 from ..daemons import daemon, free_port
+from ..quic_client import raw_client
 from ..raw_peer import RawPeer, header
 from .attacks_target import (
     QUIC_CAP,
@@ -173,8 +174,6 @@ async def idle_strangers(row: Row, t: Target, n: int, limit: int, budget: int) -
 async def quic_strangers(
     rows: list[Row], home: Path, clients: int, streams: int, per_stream: int, limit: int, more: int
 ) -> None:
-    from tests.test_quic_hostile import raw_client
-
     # Long handshake deadlines: the strangers must be dropped by the caps, not by time.
     deadlines = {"handshake_timeout": 60.0, "connect_timeout": 60.0}
     cluster = {"transfer": {"max_connections": limit, **deadlines}}
