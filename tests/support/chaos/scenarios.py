@@ -30,20 +30,20 @@ from .transfers import (
 #: their scenarios (lost-stored, retries, idle-partial, partial-space) are ordinary checks now.
 BUG_LOST_STORED = (
     "a lost Stored makes the sender re-send the whole tensor and the receiver store and announce "
-    "it twice (TensorNode._receive forgets a committed transfer at once)"
+    "it twice (Receiver._receive forgets a committed transfer at once)"
 )
 BUG_RETRY_BUDGET = (
     "the retry budget counts every failure of a transfer, even after attempts that made "
-    "progress (TensorNode._send_job never resets `retries`)"
+    "progress (RetryBudget.run never resets `retries`)"
 )
 BUG_PARTIAL_SPACE = (
     "a restarted sender cannot re-send a tensor while the partial its previous process left "
     "holds the space: the store refuses it as full (a final error) until that partial expires "
-    "(TensorNode._receive never drops or adopts the same peer's partial of the same tensor)"
+    "(Receiver._receive never drops or adopts the same peer's partial of the same tensor)"
 )
 BUG_IDLE_PARTIAL = (
     "a running node never removes a partial receive abandoned by its sender unless another "
-    "receive arrives after the TTL (TensorNode._expire_partials runs only in _receive)"
+    "receive arrives after the TTL (Receiver.expire runs only in Receiver._receive)"
 )
 
 #: Scenarios whose rows show a known bug (expected to fail their checks; a pass shows as
