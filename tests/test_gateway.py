@@ -3,7 +3,7 @@ in-repo Ollama-compatible backend: every token in order, no bursts, keep-alive c
 errors mid-stream, disconnects that cancel upstream, concurrency limits, API keys.
 
 The WebSocket endpoint is tested in test_gateway_ws.py, the per-request log line and the metrics
-in test_gateway_logs.py; both use :func:`gateway` from here."""
+in test_gateway_logs.py; all three use :func:`tests.support.gateway.gateway`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ import itertools
 import json
 import statistics
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -22,36 +19,12 @@ import openai
 import pytest
 import trio
 
-from tensord.config import GatewaySettings, HostPort, NodeEntry, Settings
+from tensord.config import HostPort
 from tensord.errors import ConfigError
-from tensord.gateway.server import Gateway, load_api_keys
+from tensord.gateway.server import load_api_keys
 
-from .support.ollama_backend import BackendConfig, OllamaBackend, ollama_backend
-
-TOKENS = [f"tok{i} " for i in range(20)]
-MSG = [{"role": "user", "content": "hi"}]
-
-
-def gateway_settings(backends: list[OllamaBackend], **gateway: object) -> Settings:
-    nodes = tuple(
-        NodeEntry(f"gpu-{i}", HostPort("127.0.0.1", 7070 + i), b.url)
-        for i, b in enumerate(backends)
-    )
-    g = replace(GatewaySettings(listen=HostPort("127.0.0.1", 0)), **gateway)  # type: ignore[arg-type]
-    return replace(Settings.for_library(), nodes=nodes, gateway=g)
-
-
-@asynccontextmanager
-async def gateway(
-    *configs: BackendConfig, **gw: object
-) -> AsyncIterator[tuple[Gateway, list[OllamaBackend]]]:
-    async with AsyncExitStack() as stack:
-        backends = [await stack.enter_async_context(ollama_backend(c)) for c in configs]
-        g = Gateway(gateway_settings(backends, **gw))
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        await nursery.start(g.run)
-        yield g, backends
-        nursery.cancel_scope.cancel()
+from .support.gateway import MSG, TOKENS, gateway, gateway_settings
+from .support.ollama_backend import BackendConfig
 
 
 async def test_openai_sdk_streams_every_token_with_the_right_metadata() -> None:

@@ -10,8 +10,8 @@ import json
 import httpx
 import trio
 
+from .support.gateway import MSG, gateway
 from .support.ollama_backend import BackendConfig
-from .test_gateway import MSG, gateway
 
 
 async def _connect(url: str) -> trio.SocketStream:

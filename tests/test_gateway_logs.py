@@ -23,8 +23,8 @@ from trio_websocket import open_websocket_url
 from tensord import metrics
 from tensord.gateway.encoders import ERROR, OTHER, TOKEN, line_kind
 
+from .support.gateway import MSG, gateway
 from .support.ollama_backend import BackendConfig
-from .test_gateway import MSG, gateway
 
 PREFIX = "gateway request: "
 N = 12  # tokens per reply

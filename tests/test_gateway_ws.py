@@ -17,8 +17,8 @@ from trio_websocket import ConnectionRejected, WebSocketConnection, open_websock
 
 from tensord.gateway.server import Gateway
 
+from .support.gateway import MSG, TOKENS, gateway
 from .support.ollama_backend import BackendConfig
-from .test_gateway import MSG, TOKENS, gateway
 
 Msg = dict[str, Any]
 
