@@ -60,8 +60,8 @@ from tensord.wire.messages import (
 from tensord.wire.meta import ALLOWED_DTYPES, TensorMeta
 from tensord.wire.transfer import ReceiveState, SendState, SendTransfer, chunk_count
 
-from .test_wire_frames import EXAMPLES, frame_bytes, split_at
-from .test_wire_frames import frames as valid_frames
+from .support.frame_strategies import EXAMPLES, frame_bytes, split_at
+from .support.frame_strategies import frames as valid_frames
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 XID = "0123456789abcdef"
