@@ -22,7 +22,8 @@ from tensord.cli.render import human_bytes, human_rate, table
 from tensord.errors import ControlError
 
 from .support.cli import ok, start, tensord
-from .test_client import Cluster, running_cluster, save, unique, write_safetensors
+from .support.client_cluster import Cluster, running_cluster
+from .support.tensor_files import save, unique, write_safetensors
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,10 @@ import errno
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,142 +31,14 @@ from tensord.control.client import (
 from tensord.control.sse import SSEComment, SSEMessage, SSEParser, event_dict
 from tensord.errors import BadAddress, StoreFull, TransferFailed
 
-from .support.daemons import daemon_env, free_port
-
-B_STORE_CAP = 24 << 20
-
-
-# --------------------------------------------------------------------------------------------
-# Two real daemons, a and b, in one cluster (plus c, which never runs), shared by the module.
-
-
-@dataclass
-class Node:
-    id: str
-    home: Path
-    socket: Path
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def log(self) -> str:
-        return (self.home / "log").read_text(errors="replace")
-
-    def client(self) -> Client:
-        return Client(self.socket)
-
-    def async_client(self) -> AsyncClient:
-        return AsyncClient(self.socket)
-
-
-@dataclass
-class Cluster:
-    a: Node
-    b: Node
-    file: Path
-    work: Path
-
-
-def _start(home: Path, node_id: str, port: int, cluster: Path, **env: str) -> Node:
-    home.mkdir()
-    full = daemon_env({"TENSORD_NODE_ID": node_id, "TENSORD_LISTEN": f"127.0.0.1:{port}"}, home)
-    with open(home / "log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tensord", "serve", "--cluster", str(cluster)],
-            env=full | env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-    return Node(node_id, home, Path(full["TENSORD_CONTROL_SOCKET"]), proc)
-
-
-def wait_ready(node: Node, deadline: float = 30.0) -> None:
-    """Until the daemon answers ``status()`` on its socket (bounded; fails with its log)."""
-    give_up = time.monotonic() + deadline
-    with node.client() as c:
-        while True:
-            if node.proc.poll() is not None:
-                pytest.fail(f"daemon {node.id} exited ({node.proc.returncode}):\n{node.log}")
-            try:
-                c.status()
-                return
-            except DaemonNotRunning:
-                if time.monotonic() > give_up:
-                    pytest.fail(f"daemon {node.id} not ready after {deadline} s:\n{node.log}")
-                time.sleep(0.05)  # polling interval, not synchronisation
-
-
-def _stop(node: Node) -> None:
-    if node.proc.poll() is None:
-        node.proc.terminate()
-        try:
-            node.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            node.proc.kill()
-            node.proc.wait()
-
-
-def cluster_doc(ports: dict[str, int]) -> dict[str, Any]:
-    return {
-        "name": "client-test",
-        "nodes": [{"id": k, "addr": f"127.0.0.1:{p}"} for k, p in ports.items()],
-        "transfer": {"peer_check_interval": 0.2, "connect_timeout": 2.0},
-        "tensor_protocol": {"retry_base_delay": 20, "max_retries": 1, "chunk_size": 256 << 10},
-    }
-
-
-def running_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Daemons a and b (b's store capped), stopped at the end."""
-    root = tmp_path_factory.mktemp("ctl")  # short: a socket path must fit in 108 bytes
-    ports = {"a": free_port(), "b": free_port(), "c": free_port()}  # c never runs
-    file = root / "cluster.json"
-    file.write_text(json.dumps(cluster_doc(ports)))
-    work = root / "work"
-    work.mkdir()
-    a = _start(root / "a", "a", ports["a"], file)
-    b = _start(root / "b", "b", ports["b"], file, TENSORD_STORE_MAX_BYTES=str(B_STORE_CAP))
-    try:
-        wait_ready(a)
-        wait_ready(b)
-        yield Cluster(a, b, file, work)
-    finally:
-        _stop(a)
-        _stop(b)
+from .support.client_cluster import B_STORE_CAP, Cluster, running_cluster
+from .support.cluster import write_cluster_file
+from .support.tensor_files import save, unique, write_safetensors
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     yield from running_cluster(tmp_path_factory)
-
-
-def unique(prefix: str) -> str:
-    """A tensor name no other test of the module uses (the daemons are shared)."""
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def save(path: Path, array: np.ndarray[Any, Any]) -> Path:
-    np.save(path, array)
-    return path
-
-
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray[Any, Any]]) -> Path:
-    codes = {"float32": "F32", "int32": "I32", "uint8": "U8"}
-    header: dict[str, Any] = {}
-    blobs = []
-    offset = 0
-    for key, array in tensors.items():
-        data = np.ascontiguousarray(array).tobytes()
-        header[key] = {
-            "dtype": codes[array.dtype.name],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        offset += len(data)
-        blobs.append(data)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,16 +169,11 @@ def test_the_socket_is_found_as_the_daemon_finds_it(tmp_path: Path) -> None:
         "/x/explicit.sock"
     )
     assert resolve_socket(None, {"TENSORD_CONTROL_SOCKET": "/env/c.sock"}) == Path("/env/c.sock")
-    cluster = tmp_path / "cluster.json"
-    cluster.write_text(json.dumps({"control": {"socket": "/file/c.sock"}}))
+    cluster = write_cluster_file(tmp_path / "cluster.json", control={"socket": "/file/c.sock"})
     env = {"TENSORD_CLUSTER_FILE": str(cluster), "XDG_RUNTIME_DIR": "/xdg"}
     assert resolve_socket(None, env) == Path("/file/c.sock")
     # A cluster file that does not name this node is fine for a client...
-    cluster.write_text(
-        json.dumps(
-            {"control": {"socket": "/file/c.sock"}, "nodes": [{"id": "n", "addr": "10.0.0.1:1"}]}
-        )
-    )
+    write_cluster_file(cluster, {"n": "10.0.0.1:1"}, control={"socket": "/file/c.sock"})
     assert resolve_socket(None, env) == Path("/file/c.sock")
     # ...and a broken one falls back to the defaults rather than failing.
     cluster.write_text("{broken")
