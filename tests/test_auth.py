@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from tensord.wire.auth import ClusterKey, check_auth, check_reply, listener_repl
 from tensord.wire.handshake import ALL_FEATURES, answer_hello, make_hello
 from tensord.wire.messages import Auth, Error, Hello
 
+from .support.cluster import write_cluster_file
 from .support.helpers import LogWaiter, fast_settings, running
 
 KEY = ClusterKey(b"k" * 32)
@@ -221,13 +221,9 @@ async def test_a_node_rejects_a_bad_secret_file_at_construction(tmp_path: Path) 
 
 
 def two_node_cluster(path: Path, **extra: object) -> Path:
-    import json
-
     from .support.daemons import free_port
 
-    nodes = [{"id": k, "addr": f"127.0.0.1:{free_port()}"} for k in ("a", "b")]
-    path.write_text(json.dumps({"nodes": nodes, **extra}))
-    return path
+    return write_cluster_file(path, {k: free_port() for k in ("a", "b")}, **extra)
 
 
 async def test_a_cluster_without_authentication_refuses_to_start(tmp_path: Path) -> None:
@@ -291,8 +287,7 @@ async def test_a_listener_off_loopback_without_authentication_refuses_to_start(
     if how == "env":
         env["TENSORD_LISTEN"] = f"0.0.0.0:{port}"
     else:
-        path = tmp_path / "c.json"
-        path.write_text(json.dumps({"nodes": [{"id": "solo", "addr": f"10.1.2.3:{port}"}]}))
+        path = write_cluster_file(tmp_path / "c.json", {"solo": f"10.1.2.3:{port}"})
         env["TENSORD_NODE_ID"] = "solo"
         args = ("--cluster", str(path))
     async with daemon(env, *args) as d:
@@ -301,8 +296,7 @@ async def test_a_listener_off_loopback_without_authentication_refuses_to_start(
         await d.wait_for("is not on loopback and there is no peer authentication")
     assert d.proc.returncode == 78
     env["TENSORD_LISTEN"] = f"0.0.0.0:{port}"
-    insecure = tmp_path / "i.json"
-    insecure.write_text(json.dumps({"security": {"insecure": True}}))
+    insecure = write_cluster_file(tmp_path / "i.json", security={"insecure": True})
     async with daemon(env, "--cluster", str(insecure)) as d:
         await d.wait_for("security.insecure is set: peers are not authenticated")
         await d.wait_for("listening on")

@@ -34,6 +34,7 @@ from tensord.config import TlsSettings, load_settings
 from tensord.errors import ConfigError
 
 from .support.cli import in_process
+from .support.cluster import write_cluster_file
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -628,9 +629,8 @@ def test_cli_init_ca_and_issue(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "{node}.crt" in shared  # the form for a cluster file that every node shares
     security = json.loads("{" + line + "}")["security"]
     assert security == {"tls": {"ca": str(ca / "ca.crt"), "cert": str(cert), "key": str(key)}}
-    cluster_file = tmp_path / "cluster.json"
-    cluster_file.write_text(
-        json.dumps({"nodes": [{"id": "n1", "addr": "127.0.0.1:7070"}], "security": security})
+    cluster_file = write_cluster_file(
+        tmp_path / "cluster.json", {"n1": "127.0.0.1:7070"}, security=security
     )
     settings = load_settings({}, cluster_file=cluster_file, node_id="n1", library=True)
     assert settings.security.tls == TlsSettings(ca=ca / "ca.crt", cert=cert, key=key)

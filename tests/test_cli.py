@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import trio
 
 from .support.cli import start, tensord
+from .support.cluster import write_cluster_file
 from .support.daemons import daemon_env
 from .support.helpers import running
 
@@ -30,14 +30,8 @@ def test_bad_env_var_exits_78_with_one_line() -> None:
 
 
 def test_bad_cluster_file_exits_78_naming_file_and_key(tmp_path: Path) -> None:
-    cluster = tmp_path / "cluster.json"
-    cluster.write_text(
-        json.dumps(
-            {
-                "nodes": [{"id": "a", "addr": "10.0.0.1:7070"}],
-                "tensor_protocol": {"max_retries": -1},
-            }
-        )
+    cluster = write_cluster_file(
+        tmp_path / "cluster.json", {"a": "10.0.0.1:7070"}, tensor_protocol={"max_retries": -1}
     )
     out = tensord("serve", "--cluster", str(cluster), "--node-id", "a")
     assert out.code == 78
@@ -46,8 +40,7 @@ def test_bad_cluster_file_exits_78_naming_file_and_key(tmp_path: Path) -> None:
 
 
 def test_unknown_node_id_exits_78(tmp_path: Path) -> None:
-    cluster = tmp_path / "cluster.json"
-    cluster.write_text(json.dumps({"nodes": [{"id": "a", "addr": "10.0.0.1:7070"}]}))
+    cluster = write_cluster_file(tmp_path / "cluster.json", {"a": "10.0.0.1:7070"})
     out = tensord("serve", "--cluster", str(cluster), env={"TENSORD_NODE_ID": "zz"})
     assert out.code == 78
     assert "TENSORD_NODE_ID" in out.err and "'zz'" in out.err

@@ -3,7 +3,6 @@ the CLI streams it into the daemon's store and sends it from there."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .support.cli import run
+from .support.cluster import write_cluster_file
 from .support.control_api import http, ready
 from .support.daemons import daemon, free_port
 from .support.helpers import require
@@ -23,10 +23,7 @@ async def test_send_streams_a_file_hidden_from_the_daemon(tmp_path: Path) -> Non
     array = np.random.default_rng(4).standard_normal((512, 256)).astype(np.float32)
     np.save(hidden / "w.npy", array)
     ports = {"a": free_port(), "b": free_port()}
-    cluster = tmp_path / "c.json"
-    cluster.write_text(
-        json.dumps({"nodes": [{"id": k, "addr": f"127.0.0.1:{p}"} for k, p in ports.items()]})
-    )
+    cluster = write_cluster_file(tmp_path / "c.json", ports)
     # Daemon a runs in its own mount namespace with an empty tmpfs over the file's directory,
     # as PrivateTmp= does under systemd.
     private = ("unshare", "--mount", "--propagation", "private", "sh", "-c",

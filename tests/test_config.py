@@ -27,6 +27,8 @@ from tensord.config import (
 from tensord.config.schema import Integer, Nullable, Number, Row, walk
 from tensord.errors import ConfigError, TensorError
 
+from .support.cluster import write_cluster_file
+
 NODES = [
     {"id": "gpu-1", "addr": "10.0.0.11:7071"},
     {"id": "gpu-2", "addr": "10.0.0.12:7072"},
@@ -34,6 +36,8 @@ NODES = [
 
 
 def write(tmp_path: Path, content: Any, name: str = "cluster.json") -> Path:
+    """A cluster file written by hand, for the malformed ones (an ordinary one:
+    :func:`write_cluster_file`)."""
     path = tmp_path / name
     path.write_text(content if isinstance(content, str) else json.dumps(content, indent=2))
     return path
@@ -139,13 +143,11 @@ def test_with_helpers_replace_one_section() -> None:
 
 
 def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
-    path = write(
-        tmp_path,
-        {
-            "nodes": NODES,
-            "tensor_protocol": {"chunk_size": 2 * MiB, "max_retries": 7},
-            "log_level": "warning",
-        },
+    path = write_cluster_file(
+        tmp_path / "cluster.json",
+        NODES,
+        tensor_protocol={"chunk_size": 2 * MiB, "max_retries": 7},
+        log_level="warning",
     )
     # the file over the defaults
     s = load_settings(env={}, cluster_file=path, node_id="gpu-1")
@@ -178,15 +180,16 @@ def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
 
 
 def test_cluster_file_argument_wins_over_the_variable(tmp_path: Path) -> None:
-    a = write(tmp_path, {"name": "from-env"}, "a.json")
-    b = write(tmp_path, {"name": "from-cli"}, "b.json")
+    a = write_cluster_file(tmp_path / "a.json", name="from-env")
+    b = write_cluster_file(tmp_path / "b.json", name="from-cli")
     assert load_settings(env={"TENSORD_CLUSTER_FILE": str(a)}).cluster_name == "from-env"
     s = load_settings(env={"TENSORD_CLUSTER_FILE": str(a)}, cluster_file=b)
     assert s.cluster_name == "from-cli" and s.cluster_file == b
 
 
 def test_env_overrides_one_protocol_key_and_keeps_the_files_others(tmp_path: Path) -> None:
-    path = write(tmp_path, {"tensor_protocol": {"enable_compression": False, "max_retries": 9}})
+    protocol = {"enable_compression": False, "max_retries": 9}
+    path = write_cluster_file(tmp_path / "cluster.json", tensor_protocol=protocol)
     s = load_settings(env={"OLLAMA_TENSOR_MAX_RETRIES": "1"}, cluster_file=path)
     assert s.tensor_protocol.max_retries == 1
     assert s.tensor_protocol.enable_compression is False
@@ -401,7 +404,7 @@ def test_duplicate_node_ids(tmp_path: Path) -> None:
 
 
 def test_unknown_node_id(tmp_path: Path) -> None:
-    path = write(tmp_path, {"nodes": NODES})
+    path = write_cluster_file(tmp_path / "cluster.json", NODES)
     msg = config_error(cluster_file=path, node_id="gpu-9")
     assert msg.startswith("--node-id: ") and "'gpu-9'" in msg and "gpu-1, gpu-2" in msg
     msg = config_error(env={"TENSORD_NODE_ID": "gpu-9"}, cluster_file=path)
@@ -409,7 +412,7 @@ def test_unknown_node_id(tmp_path: Path) -> None:
 
 
 def test_node_id_required_with_a_cluster_file(tmp_path: Path) -> None:
-    path = write(tmp_path, {"nodes": NODES})
+    path = write_cluster_file(tmp_path / "cluster.json", NODES)
     msg = config_error(cluster_file=path)
     assert msg.startswith(f"{path}: ") and "TENSORD_NODE_ID" in msg and "gpu-1" in msg
 
@@ -494,7 +497,7 @@ FULL: dict[str, Any] = {
 
 
 def test_full_schema_parses(tmp_path: Path) -> None:
-    path = write(tmp_path, FULL)
+    path = write_cluster_file(tmp_path / "cluster.json", **FULL)
     s = load_settings(env={}, cluster_file=path, node_id="gpu-2")
     assert s.cluster_name == "inference-b" and s.cluster_file == path
     assert s.nodes[0] == NodeEntry("gpu-1", HostPort("10.0.0.11", 7070), "http://10.0.0.11:11434")
@@ -543,7 +546,7 @@ def test_full_schema_parses(tmp_path: Path) -> None:
 def test_listen_address_derives_from_the_nodes_own_addr(
     tmp_path: Path, node_id: str, listen: HostPort
 ) -> None:
-    path = write(tmp_path, FULL)
+    path = write_cluster_file(tmp_path / "cluster.json", **FULL)
     s = load_settings(env={}, cluster_file=path, node_id=node_id)
     assert s.listen == listen
     assert s.node_id not in [p.id for p in s.peers]
@@ -555,14 +558,15 @@ def test_tls_needs_all_three_paths(tmp_path: Path) -> None:
 
 
 def test_null_sections_values(tmp_path: Path) -> None:
-    path = write(tmp_path, {"security": {"tls": None, "secret_file": None}, "state_dir": None})
+    security = {"tls": None, "secret_file": None}
+    path = write_cluster_file(tmp_path / "cluster.json", security=security, state_dir=None)
     s = load_settings(env={}, cluster_file=path)
     assert s.security.tls is None and s.security.secret_file is None
     assert s.state_dir == default_state_dir({})  # null means "the default"
 
 
 def test_file_without_nodes_needs_no_node_id(tmp_path: Path) -> None:
-    path = write(tmp_path, {"name": "solo", "pool": {"max_connections": 1}})
+    path = write_cluster_file(tmp_path / "cluster.json", name="solo", pool={"max_connections": 1})
     s = load_settings(env={}, cluster_file=path)
     assert s.node_id == "local" and s.pool.max_connections == 1
     assert s.listen == HostPort("127.0.0.1", 7070)
@@ -589,7 +593,7 @@ def test_file_numbers_and_booleans_must_not_be_strings(
 def test_library_node_may_use_a_cluster_file_without_being_one_of_its_nodes(
     tmp_path: Path,
 ) -> None:
-    path = write(tmp_path, {"nodes": [{"id": "a", "addr": "10.0.0.1:7070"}]})
+    path = write_cluster_file(tmp_path / "cluster.json", {"a": "10.0.0.1:7070"})
     settings = load_settings({}, cluster_file=path, library=True)
     assert settings.node_id.startswith("node-") and settings.listen.port == 0
     assert [p.id for p in settings.peers] == ["a"]

@@ -9,18 +9,16 @@ from pathlib import Path
 
 import httpx
 
+from .support.cluster import NodeSpec, write_cluster_file
 from .support.control_api import http, ready
 from .support.daemons import daemon, free_port
 from .support.ollama_backend import BackendConfig, ollama_backend
 
 
 def cluster(path: Path, port: int, backends: dict[str, str]) -> Path:
-    nodes = [{"id": "me", "addr": f"127.0.0.1:{port}"}]
-    nodes += [
-        {"id": k, "addr": f"127.0.0.1:{free_port()}", "ollama": url} for k, url in backends.items()
-    ]
-    path.write_text(json.dumps({"nodes": nodes, "transfer": {"peer_check_interval": 60}}))
-    return path
+    nodes: dict[str, NodeSpec] = {"me": port}
+    nodes |= {k: {"addr": f"127.0.0.1:{free_port()}", "ollama": url} for k, url in backends.items()}
+    return write_cluster_file(path, nodes, transfer={"peer_check_interval": 60})
 
 
 async def test_daemon_serves_the_gateway_and_reload_changes_backends(tmp_path: Path) -> None:

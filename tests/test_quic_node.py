@@ -13,6 +13,7 @@ import trio
 from tensord.config import QuicSettings, Settings
 from tensord.events import TransferEvent
 
+from .support.cluster import write_cluster_file
 from .support.helpers import fast_settings, running
 from .support.udp_proxy import UdpFault, UdpProxy
 
@@ -82,7 +83,6 @@ async def test_a_peer_without_quic_is_reached_over_tcp() -> None:
 
 
 def test_the_quic_section_of_the_cluster_file(tmp_path: object) -> None:
-    import json
     from pathlib import Path
 
     import pytest
@@ -90,9 +90,9 @@ def test_the_quic_section_of_the_cluster_file(tmp_path: object) -> None:
     from tensord.config import load_settings
     from tensord.errors import ConfigError
 
-    path = Path(str(tmp_path)) / "c.json"
-    path.write_text(
-        json.dumps({"quic": {"max_datagram_size": 8952, "congestion_control": "cubic"}})
+    path = write_cluster_file(
+        Path(str(tmp_path)) / "c.json",
+        quic={"max_datagram_size": 8952, "congestion_control": "cubic"},
     )
     s = load_settings({}, cluster_file=path, library=True)
     assert s.quic == QuicSettings(max_datagram_size=8952, congestion_control="cubic")
@@ -101,7 +101,7 @@ def test_the_quic_section_of_the_cluster_file(tmp_path: object) -> None:
         {"max_datagram_size": 65000},
         {"stream_window": 1 << 30, "connection_window": 1 << 20},
     ):
-        path.write_text(json.dumps({"quic": bad}))
+        write_cluster_file(path, quic=bad)
         with pytest.raises(ConfigError, match="quic"):
             load_settings({}, cluster_file=path, library=True)
 

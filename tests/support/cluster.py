@@ -9,7 +9,7 @@ the JSON by hand, so the shape of a node entry is written once.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,22 @@ def node_entry(node_id: str, spec: NodeSpec) -> dict[str, Any]:
 
 
 def write_cluster_file(
-    path: Path, nodes: Mapping[str, NodeSpec] | None = None, **sections: Any
+    path: Path,
+    nodes: Mapping[str, NodeSpec] | Sequence[Mapping[str, Any]] | None = None,
+    **sections: Any,
 ) -> Path:
     """Write a cluster file to ``path`` and return ``path``.
 
-    ``nodes`` maps each node id to a :data:`NodeSpec` (no ``nodes`` key when omitted: a file
-    that only sets sections, for a daemon told its own id and address by env vars);
+    ``nodes`` maps each node id to a :data:`NodeSpec`, or is the list of entries itself (for
+    the configuration tests, whose subject is the entries); no ``nodes`` key when omitted: a
+    file that only sets sections, for a daemon told its own id and address by env vars.
     ``sections`` are the other top-level keys, written as given.
     """
     doc: dict[str, Any] = {}
-    if nodes is not None:
+    if isinstance(nodes, Mapping):
         doc["nodes"] = [node_entry(node_id, spec) for node_id, spec in nodes.items()]
+    elif nodes is not None:
+        doc["nodes"] = [dict(entry) for entry in nodes]
     doc.update(sections)
     path.write_text(json.dumps(doc))
     return path
