@@ -2,6 +2,7 @@
 
 - Nothing under ``tests/`` imports ``bench``: the chaos scenarios live in ``tests/support/chaos``
   and ``bench/chaos.py`` imports them, never the other way round.
+- Nothing imports a test module (``tests/test_*.py``): shared helpers live in ``tests/support``.
 - No import cycle among the modules of ``tensord/``: dependencies point down (DESIGN.md). Every
   import counts - at module level, inside a function, under ``if TYPE_CHECKING:`` - because
   each is a dependency a reader has to follow, whether or not Python runs it at import time.
@@ -110,6 +111,31 @@ def test_nothing_under_tests_imports_bench() -> None:
         if module == "bench" or module.startswith("bench.")
     ]
     assert not offenders, "tests/ must not import bench/ (move the code to tests/support):\n" + (
+        "\n".join(offenders)
+    )
+
+
+def test_no_test_module_is_imported() -> None:
+    """A test module is what pytest runs, not a library: what two files share lives in
+    ``tests/support`` (importing a test module also collects its tests a second time under
+    another name, and its fixtures leak into the importer)."""
+
+    def is_test_module(module: str, names: tuple[str, ...]) -> bool:
+        parts = module.split(".")
+        if parts[0] != "tests":
+            return False
+        if parts[-1].startswith("test_"):
+            return True
+        return module == "tests" and any(n.startswith("test_") for n in names)
+
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}: {module}"
+        for folder in ("tests", "bench")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for line, module, names in imported(path)
+        if is_test_module(module, names)
+    ]
+    assert not offenders, "a test module imported (move what it shares to tests/support):\n" + (
         "\n".join(offenders)
     )
 
