@@ -274,6 +274,51 @@ class DownloadSettings:
         "before the first write",
         env="TENSORD_DOWNLOAD_MAX_BYTES",
     )
+    share: bool | None = setting(
+        None,
+        Nullable(Boolean()),
+        "peer-first downloads: blob pieces come from peers that have them (complete or still "
+        "arriving) and from the origin only what no peer has or will have; null = on when the "
+        "cluster has peers",
+        env="TENSORD_DOWNLOAD_SHARE",
+    )
+    piece_size: int = setting(
+        4 * MiB,
+        Integer(256 * KiB, 64 * MiB, _BYTES),
+        "the unit peers share blobs in (and the origin fetch is split into): one piece is "
+        "fetched from the origin by exactly one node",
+    )
+
+
+@dataclass(frozen=True)
+class MirrorSettings:
+    """A read-only OCI registry mirror (Distribution API) over the store, for skopeo,
+    containerd and Ollama."""
+
+    listen: HostPort | None = setting(
+        None,
+        Nullable(Address()),
+        "the mirror's HTTP listener; off loopback it needs `api_keys_file` or TLS; null = off",
+        env="TENSORD_MIRROR_LISTEN",
+    )
+    upstream: str | None = setting(
+        None,
+        Nullable(URL),
+        "the registry a miss is fetched from (through the cluster); null = the registry a "
+        "client names in its `ns` query parameter (containerd), else `registry.ollama.ai`",
+        env="TENSORD_MIRROR_UPSTREAM",
+    )
+    api_keys_file: Path | None = setting(
+        None,
+        _OPTIONAL_PATH,
+        "one API key per line (`#` comments); clients send `Authorization: Bearer KEY`",
+    )
+    max_connections: int = setting(1024, Integer(1, 1 << 20), "client connections open at once")
+    read_timeout: float = setting(
+        30.0,
+        Number(0.1, _SECONDS),
+        "a client must send a request's headers within this",
+    )
 
 
 @dataclass(frozen=True)
@@ -425,6 +470,9 @@ class Settings:
     )
     gateway: GatewaySettings = setting(
         GatewaySettings(), Section(GatewaySettings), "the token gateway"
+    )
+    mirror: MirrorSettings = setting(
+        MirrorSettings(), Section(MirrorSettings), "the OCI registry mirror"
     )
     control: ControlSettings = setting(
         ControlSettings(), Section(ControlSettings), "the control socket"
