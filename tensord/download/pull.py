@@ -7,7 +7,6 @@ written last, so a model is listed only once all its blobs are verified and in p
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -147,27 +146,18 @@ async def pull_model(
 
 
 def manifest_path(root: Path, ref: Reference) -> Path:
-    """``manifests/<registry>/<repository>/<tag or digest>``, Ollama's layout."""
+    """``manifests/<registry>/<repository>/<tag>``: Ollama's layout, with the registry's host
+    and port as Ollama writes them (``127.0.0.1:5000``), so ``OLLAMA_MODELS`` can point at the
+    model directory. A pull pinned to a digest alone is kept under ``sha256-<hex>``."""
     tag = ref.tag or (ref.digest or "latest").replace(":", "-")
-    return root / "manifests" / ref.registry.replace(":", "_") / ref.repository / tag
+    return root / "manifests" / ref.registry / ref.repository / tag
 
 
 def _write_manifest(root: Path, ref: Reference, manifest: Manifest) -> None:
+    """The manifest's own bytes, as Ollama keeps them: its digest is the file's SHA-256."""
     path = manifest_path(root, ref)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps(
-        {
-            "reference": str(ref),
-            "digest": manifest.digest,
-            "mediaType": manifest.media_type,
-            "blobs": [
-                {"digest": b.digest, "size": b.size, "mediaType": b.media_type}
-                for b in manifest.blobs
-            ],
-        },
-        indent=1,
-    ).encode()
-    atomic_write(path, body)
+    atomic_write(path, manifest.raw)
 
 
 __all__ = ["BlobLocks", "PullProgress", "manifest_path", "pull_model"]

@@ -33,7 +33,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -171,6 +171,9 @@ class Manifest:
     media_type: str
     config: Layer | None
     layers: tuple[Layer, ...]
+    #: The manifest exactly as the registry sent it (its SHA-256 is ``digest``): what is kept
+    #: on disk (Ollama's layout) and served again by the mirror.
+    raw: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def blobs(self) -> tuple[Layer, ...]:
@@ -384,7 +387,7 @@ async def fetch_manifest(
 async def _fetch_manifest(
     client: httpx.AsyncClient, ref: Reference, auth: RegistryAuth, platform: str, max_bytes: int
 ) -> Manifest:
-    doc, digest, media = await _get_manifest(client, ref, ref.ref, auth)
+    doc, digest, media, raw = await _get_manifest(client, ref, ref.ref, auth)
     if media in INDEX_TYPES or "manifests" in doc:
         entries = [m for m in _entries(doc, "manifests", ref) if isinstance(m, dict)]
         want_os, _, want_arch = platform.partition("/")
@@ -399,13 +402,14 @@ async def _fetch_manifest(
         )
         if chosen is None or not DIGEST_RE.fullmatch(str(chosen.get("digest"))):
             raise DownloadError(f"{ref}: the index has no usable manifest")
-        doc, digest, media = await _get_manifest(client, ref, chosen["digest"], auth)
+        doc, digest, media, raw = await _get_manifest(client, ref, chosen["digest"], auth)
     layers = [
         layer
         for x in _entries(doc, "layers", ref)
         if (layer := _layer(x, ref, max_bytes)) is not None
     ]
-    return Manifest(digest, media, _layer(doc.get("config"), ref, max_bytes), tuple(layers))
+    config = _layer(doc.get("config"), ref, max_bytes)
+    return Manifest(digest, media, config, tuple(layers), raw)
 
 
 def _entries(doc: dict[str, Any], key: str, ref: Reference) -> list[Any]:
@@ -440,7 +444,7 @@ def _layer(entry: Any, ref: Reference, max_bytes: int) -> Layer | None:
 
 async def _get_manifest(
     client: httpx.AsyncClient, ref: Reference, which: str, auth: RegistryAuth
-) -> tuple[dict[str, Any], str, str]:
+) -> tuple[dict[str, Any], str, str, bytes]:
     registry_url = url = ref.url("manifests", which)
     challenge: str | None = None
     for _ in range(MAX_REDIRECTS + 2):
@@ -484,7 +488,7 @@ async def _get_manifest(
     media = resp.headers.get("content-type", "").split(";")[0].strip() or str(
         doc.get("mediaType", "")
     )
-    return doc, digest, media[:200]
+    return doc, digest, media[:200], body
 
 
 async def _manifest_body(resp: httpx.Response, url: str) -> bytes:
