@@ -29,10 +29,12 @@ import numpy as np
 import trio
 
 from .address import PeerAddress
+from .cluster.holdings import Holdings
 from .config import MAX_CHUNK_SIZE, Settings
 from .errors import BadTensor, NodeClosed, ProtocolError, TensorNotFound
 from .events import ArrivalEvent, EventBus
 from .lifecycle import Event, Lifecycle, State
+from .net.connection import Connection
 from .net.quic import ListenerStats, QuicDialer, QuicTuning
 from .net.security import PeerSecurity
 from .net.tcp import open_listeners
@@ -92,6 +94,8 @@ class TensorNode:
             if state is not None
             else None
         )
+        #: The blobs this node serves to peers, and what peers announced (:mod:`.cluster`).
+        self.holdings = Holdings.for_store(self.store, self.settings.downloads.piece_size)
         self._hello = make_hello(self.node_id, self.features, MAX_CHUNK_SIZE, versions)
         #: The cluster secret and TLS contexts (read once, here: a bad file fails construction).
         self.security = PeerSecurity.from_settings(self.settings.security)
@@ -143,6 +147,7 @@ class TensorNode:
             in_flight=self._in_flight,
             stored=self._stored,
             arrive=self._arrive,
+            holdings=self.holdings,
             sweep_interval=SWEEP_INTERVAL,  # read now: bench/chaos.py sets it for one run
         )
         self._life = Lifecycle(self.node_id)
@@ -470,6 +475,21 @@ class TensorNode:
             requires_grad=meta.requires_grad,
             dtype=meta.dtype,
         )
+
+    async def with_peer_connection(
+        self, peer: str | PeerAddress, fn: Callable[[Connection], Awaitable[T]]
+    ) -> T:
+        """Run ``fn`` on a pooled connection to ``peer`` (dialled if none), as a job of this
+        node (shutdown cancels it): how the :mod:`tensord.cluster` protocols speak to peers. The
+        connection goes back to the pool if ``fn`` returns, and is closed if it raises."""
+        self._check_running()
+        p = await self._peers.get(self._peers.resolve(peer))
+
+        async def job() -> T:
+            async with p.pool.connection() as conn:
+                return await fn(conn)
+
+        return await self._run_job(job)
 
     async def ping(self, peer: str | PeerAddress) -> float:
         """Round-trip time to ``peer`` in seconds, over a pooled connection (dialled if none).

@@ -2,8 +2,10 @@
 
 Every connection a peer opens is served here, one message after another: a ``Begin`` starts (or
 resumes) a receive, ``Legacy`` a receive from an old peer, ``Request`` a pull this node answers
-by sending, ``Ping`` a ``Pong``. Each connection is an error boundary (:meth:`Receiver.
-_serve_messages`): whatever a peer makes it do, the worst outcome is that its connection ends.
+by sending, ``Ping`` a ``Pong``; the ``pieces`` messages (``Query``, ``Announce``,
+``PieceRequest``) are answered from the node's blob holdings (:mod:`tensord.cluster.
+piece_server`). Each connection is an error boundary (:meth:`Receiver._serve_messages`):
+whatever a peer makes it do, the worst outcome is that its connection ends.
 
 A receive may outlive its connection. What arrived of an interrupted one is kept as a partial
 (checkpointed to the store while it runs) that the sender's retry resumes; a committed one is
@@ -29,6 +31,8 @@ import numpy as np
 import trio
 
 from .boundary import report_unexpected
+from .cluster.holdings import Holdings
+from .cluster.piece_server import serve_announce, serve_piece, serve_query
 from .config import HostPort, Settings
 from .errors import BadTensor, ProtocolError, TensorError, TensorNotFound, TransferFailed
 from .events import EventBus
@@ -44,14 +48,17 @@ from .store import TensorStore
 from .wire.frames import FrameDecoder
 from .wire.messages import (
     Accept,
+    Announce,
     Begin,
     Chunk,
     End,
     Error,
     Hello,
     Legacy,
+    PieceRequest,
     Ping,
     Pong,
+    Query,
     Request,
     Stored,
 )
@@ -134,6 +141,7 @@ class Receiver:
         in_flight: InFlight,
         stored: HeldTensor,
         arrive: ArriveHook,
+        holdings: Holdings | None = None,
         sweep_interval: float = SWEEP_INTERVAL,
     ) -> None:
         self.settings = settings
@@ -148,6 +156,8 @@ class Receiver:
         self._in_flight = in_flight
         self._stored = stored
         self._arrive = arrive
+        #: The blobs this node serves to peers' piece requests (``pieces`` feature).
+        self.holdings = holdings if holdings is not None else Holdings(None)
         self._sweep_interval = sweep_interval
         self._partials: dict[tuple[str, str], _Partial] = {}
         self._inbound: Counter[str] = Counter()  # inbound connections per peer
@@ -295,6 +305,13 @@ class Receiver:
                     await self._serve_pull(conn, msg)
                 elif isinstance(msg, Ping):
                     await conn.stream.send(Pong(msg.seq))
+                elif isinstance(msg, PieceRequest):
+                    chunk = self.settings.tensor_protocol.chunk_size
+                    await serve_piece(conn, msg, self.holdings, chunk_size=chunk)
+                elif isinstance(msg, Query):
+                    await serve_query(conn, msg, self.holdings)
+                elif isinstance(msg, Announce):
+                    await serve_announce(conn, msg, self.holdings)
                 elif isinstance(msg, Error) and msg.code == "auth":
                     log.warning("peer %s refused this node: %s", conn.peer_id, msg.message)
                     return

@@ -4,7 +4,9 @@ The dialer sends ``Hello`` with every version and feature it supports; the liste
 ``Hello`` carrying the one version and the features both sides have (or ``Error`` and a close).
 What one side lacks is never used: a peer without ``chunked`` - an older peer, or one configured
 with ``use_streaming_protocol=false`` - gets legacy mode, the whole tensor in one frame; without
-``lz4`` nothing is compressed; without ``crc32c`` no checksums are sent or checked.
+``lz4`` nothing is compressed; without ``crc32c`` no checksums are sent or checked; without
+``pieces`` no blob holdings are asked for or announced and no piece is requested of the peer;
+without ``chain`` a broadcast sends to the peer directly instead of asking it to forward.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from ..errors import ProtocolError
 from .messages import PROTOCOL_NAME, Hello
 
 VERSIONS: tuple[int, ...] = (1,)
-ALL_FEATURES: frozenset[str] = frozenset({"chunked", "lz4", "crc32c", "resume", "pull"})
+ALL_FEATURES: frozenset[str] = frozenset(
+    {"chunked", "lz4", "crc32c", "resume", "pull", "pieces", "chain"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,10 @@ class Agreement:
         return "lz4" in self.features
 
     @property
+    def pieces(self) -> bool:
+        return "pieces" in self.features
+
+    @property
     def resume(self) -> bool:
         return "resume" in self.features and self.chunked
 
@@ -48,7 +56,7 @@ def local_features(*, streaming: bool, compression: bool) -> frozenset[str]:
     """The features this node offers, given its settings."""
     out = set(ALL_FEATURES)
     if not streaming:
-        out -= {"chunked", "resume"}
+        out -= {"chunked", "resume", "chain"}  # a chain relays chunks
     if not compression:
         out.discard("lz4")
     return frozenset(out)

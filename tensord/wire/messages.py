@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ProtocolError
-from ..limits import MIN_CHUNK, check_name
+from ..limits import MAX_CHUNK, MIN_CHUNK, check_name
 from .meta import TensorMeta
 
 PROTOCOL_NAME = "tensord"
@@ -24,6 +24,24 @@ NONCE_LEN = 32  # bytes of a handshake challenge
 PROOF_LEN = 32  # bytes of an HMAC-SHA256 proof
 MAX_RANGES = 4096
 MAX_MESSAGE_LEN = 1024
+#: Peers one chain broadcast may name (``Begin.chain``, ``Stored.outcomes``).
+MAX_CHAIN = 64
+CHAIN_STATUSES = frozenset({"stored", "failed", "fallback"})
+#: A chain entry: a ticket ``tensord://<node-id or _>@host:port`` (the relay dials it).
+_CHAIN_PEER_RE = re.compile(
+    r"tensord://(_|[A-Za-z0-9][A-Za-z0-9._-]{0,62})@"
+    r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):[0-9]{1,5}\Z"
+)
+
+#: A blob's name on the wire: its content digest (the one form a path is ever built from).
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
+#: Digests one ``Query`` may name (and entries one ``Have`` may carry).
+MAX_QUERY_DIGESTS = 256
+#: Bounds of a blob's piece size, and of one ``PieceRequest``'s length (at most one piece).
+MIN_PIECE = MIN_CHUNK
+MAX_PIECE = MAX_CHUNK
+#: The largest blob a peer may describe (4 TiB: beyond any model layer).
+MAX_BLOB_BYTES = 1 << 42
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +75,9 @@ class Begin:
     chunk_size: int
     window: int  # chunks the sender may have unacknowledged
     resume: bool = False
+    #: A chain broadcast (feature ``chain``): the peers the receiver forwards the tensor to,
+    #: in order (the first one gets the rest). ``()``: the chain's tail; ``None``: no chain.
+    chain: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +127,31 @@ class End:
 
 
 @dataclass(frozen=True, slots=True)
+class ChainOutcome:
+    """What became of one peer of a chain broadcast (not a message: ``Stored`` carries it).
+
+    ``peer`` is the chain entry as the ``Begin`` named it; ``status`` one of
+    :data:`CHAIN_STATUSES`: ``stored``, ``failed``, or ``fallback`` (not reached: a peer before
+    it lacks the ``chain`` feature, so the origin sends to it directly). The byte counts are of
+    the link that delivered it: ``sent`` on the wire, ``resent`` of those twice, ``skipped``
+    already held when the link resumed (after a repair).
+    """
+
+    peer: str
+    status: str
+    detail: str = ""
+    sent: int = 0
+    resent: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Stored:
-    """The receiver verified the whole tensor and holds it."""
+    """The receiver verified the whole tensor and holds it. In a chain broadcast it answers
+    only once the rest of the chain has answered, with ``outcomes`` for each peer after it."""
 
     id: str
+    outcomes: tuple[ChainOutcome, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +183,84 @@ class Legacy:
 
 
 @dataclass(frozen=True, slots=True)
+class BlobEntry:
+    """What a node holds of one blob (not a message: ``Have`` and ``Announce`` carry it).
+
+    ``pieces`` are the piece indices held, as sorted disjoint half-open ranges of pieces of
+    ``piece_size`` bytes (the last one may be shorter); a ``complete`` blob holds all of them.
+    ``fetching`` says the node is downloading the blob now: more pieces will land.
+    """
+
+    digest: str
+    size: int
+    piece_size: int
+    complete: bool
+    pieces: Ranges = ()
+    fetching: bool = False
+
+    @property
+    def npieces(self) -> int:
+        return -(-self.size // self.piece_size)
+
+    @classmethod
+    def whole(cls, digest: str, size: int, piece_size: int) -> BlobEntry:
+        """A complete blob: every piece held."""
+        n = -(-size // piece_size)
+        return cls(digest, size, piece_size, True, ((0, n),) if n else ())
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Pieces: which of these blobs does the peer hold? Answered by ``Have``."""
+
+    digests: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Have:
+    """Reply to ``Query``: an entry per blob asked about that the node holds, complete or
+    arriving (blobs it knows nothing of are left out)."""
+
+    entries: tuple[BlobEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Pieces: "I hold (or am fetching) this blob", pushed to a peer; answered by ``Noted``.
+    Nodes that start the same pull at the same moment learn of each other this way."""
+
+    entry: BlobEntry
+
+
+@dataclass(frozen=True, slots=True)
+class Noted:
+    """Reply to ``Announce``."""
+
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class PieceRequest:
+    """Pieces: send bytes ``[offset, offset + length)`` of blob ``digest``. Answered by
+    ``PieceChunk`` frames covering the range in order, or by an ``Error`` (``not_found``,
+    ``not_yet``: the range did not land within the server's wait, ``bad_range``)."""
+
+    digest: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class PieceChunk:
+    """Header of part of a requested range: ``wire_len`` raw bytes at blob offset ``offset``
+    follow, with their crc32c (always: a piece is verified per chunk, the blob by SHA-256)."""
+
+    offset: int
+    wire_len: int
+    crc: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     seq: int
 
@@ -165,12 +285,18 @@ Message = (
     | Legacy
     | Ping
     | Pong
+    | Query
+    | Have
+    | Announce
+    | Noted
+    | PieceRequest
+    | PieceChunk
 )
 
 
 def payload_len(msg: Message) -> int:
     """Length of the raw payload that follows this message's header."""
-    if isinstance(msg, Chunk | Legacy):
+    if isinstance(msg, Chunk | Legacy | PieceChunk):
         return msg.wire_len
     return 0
 
@@ -181,6 +307,17 @@ def payload_len(msg: Message) -> int:
 
 def _ranges(r: Ranges) -> list[list[int]]:
     return [[a, b] for a, b in r]
+
+
+def _entry(e: BlobEntry) -> dict[str, Any]:
+    h: dict[str, Any] = {"d": e.digest, "s": e.size, "ps": e.piece_size}
+    if e.complete:
+        h["c"] = True  # every piece: the list is implied
+    else:
+        h["p"] = _ranges(e.pieces)
+    if e.fetching:
+        h["f"] = True
+    return h
 
 
 def to_header(msg: Message) -> dict[str, Any]:
@@ -221,8 +358,8 @@ def to_header(msg: Message) -> dict[str, Any]:
             return h
         case Auth(proof):
             return {"t": "auth", "pf": proof}
-        case Begin(id, meta, chunk_size, window, resume):
-            return {
+        case Begin(id, meta, chunk_size, window, resume, chain):
+            h = {
                 "t": "begin",
                 "id": id,
                 "meta": meta.to_wire(),
@@ -230,14 +367,30 @@ def to_header(msg: Message) -> dict[str, Any]:
                 "w": window,
                 "resume": resume,
             }
+            if chain is not None:
+                h["chain"] = list(chain)
+            return h
         case Accept(id, have):
             return {"t": "accept", "id": id, "have": _ranges(have)}
         case Nack(id, index):
             return {"t": "nack", "id": id, "i": index}
         case End(id, crc):
             return {"t": "end", "id": id, "c": crc}
-        case Stored(id):
-            return {"t": "stored", "id": id}
+        case Stored(id, outcomes):
+            h = {"t": "stored", "id": id}
+            if outcomes:
+                h["out"] = [
+                    {
+                        "p": o.peer,
+                        "s": o.status,
+                        "d": o.detail[:MAX_MESSAGE_LEN],
+                        "n": o.sent,
+                        "r": o.resent,
+                        "k": o.skipped,
+                    }
+                    for o in outcomes
+                ]
+            return h
         case Error(code, message, id):
             return {"t": "error", "code": code, "msg": message[:MAX_MESSAGE_LEN], "id": id}
         case Request(name, resume):
@@ -251,6 +404,18 @@ def to_header(msg: Message) -> dict[str, Any]:
             return {"t": "ping", "s": seq}
         case Pong(seq):
             return {"t": "pong", "s": seq}
+        case Query(digests):
+            return {"t": "query", "d": list(digests)}
+        case Have(entries):
+            return {"t": "have", "b": [_entry(e) for e in entries]}
+        case Announce(entry):
+            return {"t": "announce", "b": _entry(entry)}
+        case Noted(digest):
+            return {"t": "noted", "d": digest}
+        case PieceRequest(digest, offset, length):
+            return {"t": "piece", "d": digest, "o": offset, "l": length}
+        case PieceChunk(offset, wire_len, crc):
+            return {"t": "pchunk", "o": offset, "n": wire_len, "c": crc}
     raise TypeError(f"not a message: {msg!r}")  # pragma: no cover
 
 
@@ -303,6 +468,12 @@ class _Fields:
             return None
         if not isinstance(v, bytes) or len(v) != size:
             raise self._bad(key, f"{size} bytes")
+        return v
+
+    def digest(self, key: str = "d") -> str:
+        v = self.h.get(key)
+        if not isinstance(v, str) or not DIGEST_RE.match(v):
+            raise self._bad(key, "a blob digest: sha256:<64 lowercase hex digits>")
         return v
 
     def bool_(self, key: str, default: bool = False) -> bool:
@@ -394,7 +565,53 @@ def _begin(f: _Fields, max_bytes: int) -> Begin:
         f.int_("cs", 1),
         f.int_("w", 1, 1 << 20),
         f.bool_("resume"),
+        _chain(f) if f.h.get("chain") is not None else None,
     )
+
+
+def _chain_peer(f: _Fields, v: object, key: str) -> str:
+    if not isinstance(v, str) or len(v) > 512 or not _CHAIN_PEER_RE.match(v):
+        raise f._bad(key, "peer tickets tensord://<node-id>@host:port")
+    port = int(v.rsplit(":", 1)[1])
+    if not 0 < port < 1 << 16:
+        raise f._bad(key, "peer tickets with a port in 1..65535")
+    return v
+
+
+def _chain(f: _Fields) -> tuple[str, ...]:
+    """``Begin.chain``: at most ``MAX_CHAIN`` distinct peer tickets."""
+    v = f.h.get("chain")
+    if not isinstance(v, list) or len(v) > MAX_CHAIN:
+        raise f._bad("chain", f"a list of at most {MAX_CHAIN} peer tickets")
+    chain = tuple(_chain_peer(f, p, "chain") for p in v)
+    if len(set(chain)) != len(chain):
+        raise f._bad("chain", "a list of distinct peer tickets")
+    return chain
+
+
+def _stored(f: _Fields, _: int) -> Stored:
+    v = f.h.get("out", [])
+    if not isinstance(v, list) or len(v) > MAX_CHAIN:
+        raise f._bad("out", f"a list of at most {MAX_CHAIN} chain outcomes")
+    outcomes = []
+    for raw in v:
+        if not isinstance(raw, dict):
+            raise f._bad("out", "a list of chain outcome maps")
+        o = _Fields(raw, f.t)
+        status = o.str_("s", 16)
+        if status not in CHAIN_STATUSES:
+            raise o._bad("s", f"one of {', '.join(sorted(CHAIN_STATUSES))}")
+        outcomes.append(
+            ChainOutcome(
+                _chain_peer(o, raw.get("p"), "p"),
+                status,
+                _printable(o.str_("d", MAX_MESSAGE_LEN)),
+                o.int_("n", 0, 1 << 50),
+                o.int_("r", 0, 1 << 50),
+                o.int_("k", 0, 1 << 50),
+            )
+        )
+    return Stored(f.id(), tuple(outcomes))
 
 
 def _chunk(f: _Fields, _: int) -> Chunk:
@@ -424,6 +641,58 @@ def _legacy(f: _Fields, max_bytes: int) -> Legacy:
     return Legacy(meta, f.opt_crc("c"), n)
 
 
+def _blob_entry(raw: object, t: str, key: str) -> BlobEntry:
+    """One ``BlobEntry`` map: every number bounded, the piece ranges sorted, disjoint and
+    within the blob's piece count."""
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{t!r} frame: field {key!r} must be a map of a blob's holdings")
+    f = _Fields(raw, t)
+    digest = f.digest("d")
+    size = f.int_("s", 0, MAX_BLOB_BYTES)
+    piece_size = f.int_("ps", MIN_PIECE, MAX_PIECE)
+    complete = f.bool_("c")
+    fetching = f.bool_("f")
+    if complete:
+        return replace(BlobEntry.whole(digest, size, piece_size), fetching=fetching)
+    pieces = f.ranges("p")
+    n = -(-size // piece_size)
+    end = 0
+    for a, b in pieces:
+        if a < end or b > n:
+            raise f._bad("p", f"sorted disjoint ranges of piece indices below {n}")
+        end = b
+    return BlobEntry(digest, size, piece_size, False, pieces, fetching)
+
+
+def _query(f: _Fields, _: int) -> Query:
+    v = f.h.get("d")
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_QUERY_DIGESTS:
+        raise f._bad("d", f"a list of 1-{MAX_QUERY_DIGESTS} blob digests")
+    return Query(tuple(_Fields({"d": d}, f.t).digest("d") for d in v))
+
+
+def _have(f: _Fields, _: int) -> Have:
+    v = f.h.get("b")
+    if not isinstance(v, list) or len(v) > MAX_QUERY_DIGESTS:
+        raise f._bad("b", f"a list of at most {MAX_QUERY_DIGESTS} blob entries")
+    return Have(tuple(_blob_entry(e, f.t, "b") for e in v))
+
+
+def _piece_request(f: _Fields, _: int) -> PieceRequest:
+    digest = f.digest()
+    offset = f.int_("o", 0, MAX_BLOB_BYTES - 1)
+    length = f.int_("l", 1, MAX_PIECE)
+    if offset + length > MAX_BLOB_BYTES:
+        raise f._bad("l", f"a length that ends the range within {MAX_BLOB_BYTES} bytes")
+    return PieceRequest(digest, offset, length)
+
+
+def _piece_chunk(f: _Fields, _: int) -> PieceChunk:
+    return PieceChunk(
+        f.int_("o", 0, MAX_BLOB_BYTES - 1), f.int_("n", 1, MAX_PIECE), f.int_("c", 0, 0xFFFFFFFF)
+    )
+
+
 _DECODERS: dict[str, Callable[[_Fields, int], Message]] = {
     "hello": _hello,
     "auth": _auth,
@@ -433,10 +702,16 @@ _DECODERS: dict[str, Callable[[_Fields, int], Message]] = {
     "ack": lambda f, _: Ack(f.id(), f.int_("u"), f.ranges("r")),
     "nack": lambda f, _: Nack(f.id(), f.int_("i")),
     "end": lambda f, _: End(f.id(), f.opt_crc("c")),
-    "stored": lambda f, _: Stored(f.id()),
+    "stored": _stored,
     "error": _error,
     "request": lambda f, _: Request(f.name(), f.id() if "id" in f.h else None),
     "tensor": _legacy,
     "ping": lambda f, _: Ping(f.int_("s")),
     "pong": lambda f, _: Pong(f.int_("s")),
+    "query": _query,
+    "have": _have,
+    "announce": lambda f, _: Announce(_blob_entry(f.h.get("b"), f.t, "b")),
+    "noted": lambda f, _: Noted(f.digest()),
+    "piece": _piece_request,
+    "pchunk": _piece_chunk,
 }
