@@ -5,11 +5,6 @@ link goes down mid-transfer.
 from __future__ import annotations
 
 import contextlib
-import os
-import random
-import secrets
-import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +18,7 @@ from tensord.config import MiB
 from tensord.control.client import AsyncClient
 
 from ..daemons import daemon
+from ..netcluster import DEV, SUBNET, address, ip, link, namespaces, netns_unavailable, shape
 from .common import (
     Watermark,
     arrivals,
@@ -36,71 +32,22 @@ from .rows import Row, fmt_bytes
 # -- 7. separate network namespaces ------------------------------------------------------------
 
 
-def netns_missing() -> str | None:
-    """Why two network namespaces with a veth pair and tbf cannot be set up (None: they can)."""
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"no {tool} command (iproute2)"
-    name = f"tdprobe{os.getpid()}"
-    p = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if p.returncode != 0:
-        return f"ip netns add failed: {p.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", name], check=False)
-    return None
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
+#: Why two network namespaces with a veth pair and tbf cannot be set up (None: they can).
+netns_missing = netns_unavailable
 
 
 @contextlib.contextmanager
 def veth_pair(rate: str) -> Iterator[tuple[str, str, str, str, str]]:
     """Namespaces A and B joined by a veth pair, each end shaped by ``tbf rate``: yields
-    (ns A, ns B, address in A, address in B, A's device)."""
-    tag = f"{os.getpid() % 100000}{secrets.token_hex(1)}"
-    ns_a, ns_b = f"tdc{tag}a", f"tdc{tag}b"
-    dev_a, dev_b = f"tdc{tag}a"[:15], f"tdc{tag}b"[:15]
-    net = f"10.{random.randrange(200, 250)}.{random.randrange(0, 250)}"
-    ip_a, ip_b = f"{net}.1", f"{net}.2"
-    try:
-        _ip("netns", "add", ns_a)
-        _ip("netns", "add", ns_b)
-        _ip("link", "add", dev_a, "type", "veth", "peer", "name", dev_b)
-        _ip("link", "set", dev_a, "netns", ns_a)
-        _ip("link", "set", dev_b, "netns", ns_b)
-        for ns, dev, ip in ((ns_a, dev_a, ip_a), (ns_b, dev_b, ip_b)):
-            _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-            subprocess.run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "tc",
-                    "qdisc",
-                    "add",
-                    "dev",
-                    dev,
-                    "root",
-                    "tbf",
-                    "rate",
-                    rate,
-                    "burst",
-                    "32kbit",
-                    "latency",
-                    "50ms",
-                ],
-                check=True,
-                capture_output=True,
-            )
-        yield ns_a, ns_b, ip_a, ip_b, dev_a
-    finally:
-        for ns in (ns_a, ns_b):
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    (ns A, ns B, address in A, address in B, A's device). The namespaces, links and shaping are
+    those of the cluster harness (tests/support/netcluster.py)."""
+    ip_a, ip_b = f"{SUBNET}.1", f"{SUBNET}.2"
+    with namespaces("a", "b") as ns:
+        link(ns["a"], DEV, ns["b"], DEV)
+        for role, addr in (("a", ip_a), ("b", ip_b)):
+            address(ns[role], DEV, addr)
+            shape(ns[role], DEV, rate)
+        yield ns["a"], ns["b"], ip_a, ip_b, DEV
 
 
 async def netns_link_flap(
@@ -156,9 +103,9 @@ async def netns_link_flap(
                 nursery.start_soon(send)
                 await received.wait_for(size * 0.4)
                 down_at = received.value
-                _ip("-n", ns_a, "link", "set", dev_a, "down")
+                ip("-n", ns_a, "link", "set", dev_a, "down")
                 await trio.sleep(down_seconds)  # the fault itself: the link stays down this long
-                _ip("-n", ns_a, "link", "set", dev_a, "up")
+                ip("-n", ns_a, "link", "set", dev_a, "up")
                 await trio.sleep_forever()
             elapsed = time.perf_counter() - t0
             await r.wait_for("tensor arrived: 'big'")
