@@ -49,6 +49,7 @@ bench: $(STAMP_BENCH)
 	$(PY) bench/quic.py
 	$(PY) bench/downloads.py
 	$(PY) bench/gateway.py
+	$(PY) bench/cluster.py
 
 ## chaos: the fault-injection suite at full size (cuts, corruption, kill -9, full disks, load, bad input, netns); rewrites docs/RELIABILITY.md
 chaos: $(STAMP_DEV)

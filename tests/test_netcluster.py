@@ -110,8 +110,9 @@ async def test_independent_pulls_each_read_the_whole_model_from_the_registry(
             assert result.code == 0, result
         assert_exact_everywhere(c, model)
         served = c.registry.bytes_served(blobs_only=True)
-        # Every node needs every byte; retries may add a little, never a whole extra copy.
-        assert 4 * model.size <= served < 4.5 * model.size, served / model.size
+        # Every node needs every byte; a connection replaced for being slow re-reads a little
+        # (the uplink is shared, so some look slow), never a whole extra copy.
+        assert 4 * model.size <= served < 5 * model.size, served / model.size
 
 
 @pytest.mark.xfail(strict=False, reason="peer-first downloads (issue 14, track P2) not merged yet")
