@@ -1,10 +1,18 @@
-"""Small ASGI helpers shared by the control API and the token gateway."""
+"""Small ASGI helpers shared by the control API, the token gateway and the OCI mirror."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import json
+from pathlib import Path
+from typing import Any
 
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+
+from .config import HostPort, is_loopback
+from .errors import ConfigError
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -44,4 +52,52 @@ async def send_json(
     await send_body(send, status, json.dumps(doc).encode(), b"application/json", headers or [])
 
 
-__all__ = ["Headers", "lifespan", "send_body", "send_json"]
+def load_api_keys(path: Path | None, listen: HostPort, section: str) -> set[str] | None:
+    """The API keys clients of ``section`` (``gateway``, ``mirror``) must present, or None when
+    the server is open (loopback only): an open endpoint on the network is a hole in the cluster.
+
+    The file holds one key per line; blank lines and lines starting with ``#`` are ignored."""
+    if path is None:
+        if not is_loopback(listen.host):
+            raise ConfigError(
+                f"{section}.listen is {listen}, not a loopback address: set "
+                f"{section}.api_keys_file (one API key per line) so that only clients with a "
+                "key can use it"
+            )
+        return None
+    try:
+        lines = (line.strip() for line in path.read_text().splitlines())
+        keys = {line for line in lines if line and not line.startswith("#")}
+    except OSError as exc:
+        raise ConfigError(f"{section}.api_keys_file: cannot read {path}: {exc}") from None
+    if not keys:
+        raise ConfigError(f"{section}.api_keys_file: {path} holds no keys")
+    return keys
+
+
+def presents_key(scope: Scope, keys: list[bytes], *, basic: bool = False) -> bool:
+    """Does the request carry one of ``keys``: ``Authorization: Bearer KEY`` or, with
+    ``basic``, HTTP Basic with the key as the password (what registry clients send when given
+    a username and password)? Keys are bytes: a header is bytes, and hmac refuses non-ASCII
+    str."""
+    headers: Any = scope.get("headers", [])
+    for name, value in headers:
+        if name.lower() != b"authorization":
+            continue
+        scheme, _, key = bytes(value).partition(b" ")
+        key = key.strip()
+        scheme = scheme.lower()
+        if basic and scheme == b"basic":
+            try:
+                key = base64.b64decode(key, validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                return False
+        elif scheme != b"bearer":
+            return False
+        # Every key is compared, so the time taken says nothing about which one matched.
+        matches = [hmac.compare_digest(key, k) for k in keys]
+        return any(matches)
+    return False
+
+
+__all__ = ["Headers", "lifespan", "load_api_keys", "presents_key", "send_body", "send_json"]

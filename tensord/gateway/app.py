@@ -24,7 +24,6 @@ This module routes requests and relays the HTTP ones; the reply to a generation 
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
@@ -38,7 +37,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from .. import metrics
 from .._version import __version__
-from ..asgi import lifespan
+from ..asgi import lifespan, presents_key
 from ..boundary import report_unexpected
 from ..control.serving import RequestTimeout
 from .backends import Backend, Backends
@@ -96,15 +95,7 @@ class GatewayApp:
             await _json(send, 500, {"error": "internal error: see the gateway's log"})
 
     def _authorized(self, scope: Scope) -> bool:
-        headers: Any = scope.get("headers", [])
-        for name, value in headers:
-            if name.lower() == b"authorization":
-                scheme, _, key = bytes(value).partition(b" ")
-                key = key.strip()
-                # Every key is compared, so the time taken says nothing about which one matched.
-                matches = [hmac.compare_digest(key, k) for k in self._keys]
-                return scheme.lower() == b"bearer" and any(matches)
-        return False
+        return presents_key(scope, self._keys)
 
     # -- WebSocket ---------------------------------------------------------------------------
 

@@ -15,15 +15,14 @@ A reply being relayed is never cut by either: a client may read a long token str
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import httpx
 import trio
 from hypercorn.config import Config
 
-from ..config import Settings, is_loopback
+from ..asgi import load_api_keys as read_api_keys
+from ..config import Settings
 from ..control.serving import HTTPConnections
-from ..errors import ConfigError
 from .app import GatewayApp
 from .backends import Backends
 
@@ -35,26 +34,9 @@ def backend_entries(settings: Settings) -> list[tuple[str, str]]:
 
 
 def load_api_keys(settings: Settings) -> set[str] | None:
-    """The API keys clients must present, or None when the gateway is open (loopback only).
-
-    The file holds one key per line; blank lines and lines starting with ``#`` are ignored."""
-    path: Path | None = settings.gateway.api_keys_file
-    listen = settings.gateway.listen
-    if path is None:
-        if not is_loopback(listen.host):
-            raise ConfigError(
-                f"gateway.listen is {listen}, not a loopback address: set gateway.api_keys_file "
-                "(one API key per line) so that only clients with a key can use it"
-            )
-        return None
-    try:
-        lines = (line.strip() for line in path.read_text().splitlines())
-        keys = {line for line in lines if line and not line.startswith("#")}
-    except OSError as exc:
-        raise ConfigError(f"gateway.api_keys_file: cannot read {path}: {exc}") from None
-    if not keys:
-        raise ConfigError(f"gateway.api_keys_file: {path} holds no keys")
-    return keys
+    """The API keys clients must present, or None when the gateway is open (loopback only)."""
+    g = settings.gateway
+    return read_api_keys(g.api_keys_file, g.listen, "gateway")
 
 
 class Gateway:
