@@ -33,6 +33,7 @@ from .download.manager import DownloadManager
 from .errors import ConfigError, NodeClosed
 from .events import DownloadEvent, Event, TransferEvent
 from .gateway.server import Gateway, backend_entries
+from .mirror import Mirror
 from .node import TensorNode
 from .peer_health import PeerHealth, supervise_peer
 from .sdnotify import Notifier, run_watchdog
@@ -65,6 +66,12 @@ class Daemon:
         self.downloads = DownloadManager(
             self.store.root / "models", settings.downloads, self.node.events
         )
+        # The OCI mirror runs when mirror.listen is set (its API keys are checked here).
+        self.mirror = (
+            Mirror(settings, self.downloads, self.node.events)
+            if settings.mirror.listen is not None
+            else None
+        )
         self.notifier = Notifier.from_env(env, os.getpid())
         self.peers: dict[str, PeerHealth] = {}
         self.started_at = time.time()
@@ -83,6 +90,8 @@ class Daemon:
                 await nursery.start(self.downloads.run)
                 if self.gateway is not None:
                     await nursery.start(self.gateway.run)
+                if self.mirror is not None:
+                    await nursery.start(self.mirror.run)
                 socket_path = await self._start_control(nursery)
                 for entry in self.settings.peers:
                     self._add_peer(entry)

@@ -124,7 +124,21 @@ def check_security_policy(settings: Settings) -> str | None:
     listener is bound to anything but loopback (a single-node file or ``TENSORD_LISTEN`` can do
     that too), and neither ``security.secret_file`` nor ``security.tls`` is set - unless
     ``security.insecure`` is true; then returns the warning to log at every start.
+
+    The OCI mirror off loopback needs ``mirror.api_keys_file`` (whatever the peer security):
+    otherwise anyone who can reach it reads the models and makes the cluster download.
     """
+    mirror = settings.mirror
+    if (
+        mirror.listen is not None
+        and not is_loopback(mirror.listen.host)
+        and mirror.api_keys_file is None
+    ):
+        raise ConfigError(
+            f"mirror.listen is {mirror.listen}, not a loopback address: set "
+            "mirror.api_keys_file (one API key per line) so that only clients with a key can "
+            "read the models and make the cluster fetch new ones"
+        )
     sec = settings.security
     if sec.secret_file is not None or sec.tls is not None:
         return None

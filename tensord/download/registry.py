@@ -65,8 +65,8 @@ INDEX_TYPES = (
 )
 ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-_REPO_RE = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*")
-_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+REPOSITORY_RE = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 #: The largest manifest (or index) read; real ones are a few KiB.
 MAX_MANIFEST_BYTES = 4 << 20
 #: The most layers (or index entries) a manifest may list.
@@ -137,7 +137,7 @@ def parse_reference(text: str) -> Reference:
         path, tag = name, maybe_tag
     if tag is None and digest is None:
         tag = "latest"
-    if not _REPO_RE.fullmatch(path) or (tag is not None and not _TAG_RE.fullmatch(tag)):
+    if not REPOSITORY_RE.fullmatch(path) or (tag is not None and not TAG_RE.fullmatch(tag)):
         raise DownloadError(
             f"bad model reference {original!r}: expected [REGISTRY/]NAME[:TAG][@sha256:DIGEST]"
         )
@@ -515,6 +515,8 @@ __all__ = [
     "DEFAULT_REGISTRY",
     "MAX_LAYERS",
     "MAX_MANIFEST_BYTES",
+    "REPOSITORY_RE",
+    "TAG_RE",
     "Credential",
     "Credentials",
     "Layer",

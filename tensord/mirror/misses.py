@@ -1,0 +1,124 @@
+"""What the mirror does when the store lacks what a client asked for: fetch it through the daemon.
+
+A manifest is resolved at the upstream at once (it is small, and the client is waiting for it)
+and the model it names is queued as a pull in the daemon's
+:class:`~tensord.download.manager.DownloadManager` - the same job ``tensord pull-model`` starts,
+shared with a pull already running, resumed across restarts, and (with peer-first downloads)
+fetched through the cluster. The client then asks for the blobs; each one it asks for before it
+has landed waits for the pull that brings it. A blob of a repository the mirror knows that no
+pull brings (a digest the client found elsewhere) is queued as a blob download of its own.
+
+Waiting is driven by the download events (no polling): a waiter re-checks the store at each
+event of the job it waits on and stops when the blob is in place or the job has ended.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+import trio
+
+from ..download.fetch import DownloadError
+from ..download.manager import FINAL, DownloadManager
+from ..download.registry import RegistryAuth, fetch_manifest, load_credentials, parse_reference
+from ..events import DownloadEvent, EventBus
+from .protocol import MirrorError, Upstream
+from .store import ModelDir
+
+log = logging.getLogger("tensord.mirror")
+
+
+class Misses:
+    def __init__(
+        self,
+        models: ModelDir,
+        downloads: DownloadManager,
+        events: EventBus,
+        client: httpx.AsyncClient,
+        *,
+        credentials_file: Path | None = None,
+        max_bytes: int,
+    ) -> None:
+        self.models = models
+        self.downloads = downloads
+        self.events = events
+        self.client = client
+        self.credentials_file = credentials_file
+        self.max_bytes = max_bytes
+        #: blob digest -> the download job that brings it (a pull this mirror started).
+        self._bringing: dict[str, str] = {}
+        #: model reference -> (its pull, the manifest resolved for it), while the pull runs.
+        self._resolved: dict[str, tuple[str, bytes]] = {}
+
+    async def manifest(self, upstream: Upstream, name: str, reference: str) -> bytes:
+        """The manifest ``name:reference`` at ``upstream``, with the pull of its blobs queued."""
+        source = upstream.reference(name, reference)
+        resolved = self._resolved.get(source)
+        if resolved is not None and not self._ended(resolved[0]):
+            return resolved[1]  # its pull is still running: the upstream is not asked again
+        try:
+            ref = parse_reference(source)
+            creds = await trio.to_thread.run_sync(load_credentials, self.credentials_file)
+            auth = RegistryAuth(self.client, creds)
+            manifest = await fetch_manifest(self.client, ref, auth, max_bytes=self.max_bytes)
+        except DownloadError as exc:
+            log.info("mirror: %s: %s", source, exc)
+            if "no such model" in str(exc):
+                raise MirrorError(404, "MANIFEST_UNKNOWN", "manifest unknown", str(exc)) from None
+            raise MirrorError(502, "UNKNOWN", f"the upstream failed: {exc}") from None
+        if reference.startswith("sha256:") and manifest.digest != reference:
+            # An index: this mirror serves the platform's manifest by tag, not the index.
+            raise MirrorError(404, "MANIFEST_UNKNOWN", "manifest unknown", reference)
+        job = self.downloads.start("model", source)
+        # What ended pulls were bringing is in the store now, or will not be: forget it.
+        self._bringing = {d: j for d, j in self._bringing.items() if not self._ended(j)}
+        self._resolved = {s: r for s, r in self._resolved.items() if not self._ended(r[0])}
+        self._resolved[source] = (job.id, manifest.raw)
+        for blob in manifest.blobs:
+            self._bringing[blob.digest] = job.id
+        log.info("mirror: %s not in the store: pull %s queued", source, job.id)
+        return manifest.raw
+
+    async def blob(self, upstream: Upstream, name: str, digest: str) -> None:
+        """Returns once blob ``digest`` of ``name`` is in the store, or no download will bring
+        it (then the caller answers ``BLOB_UNKNOWN``)."""
+        job_id = self._bringing.get(digest)
+        if job_id is None or self._ended(job_id):
+            job_id = await self._start_blob(upstream, name, digest)
+            if job_id is None:
+                return
+        await self._wait(job_id, digest)
+        if self.models.blob(digest) is not None:
+            self._bringing.pop(digest, None)
+
+    async def _start_blob(self, upstream: Upstream, name: str, digest: str) -> str | None:
+        listing = await trio.to_thread.run_sync(self.models.tags_listing, name, digest)
+        if listing:  # a stored model lists it (its file was removed): pull that model again
+            registry, tag = listing[0]
+            scheme = upstream.scheme if registry == upstream.registry else None
+            source = f"{scheme}://" if scheme else ""
+            job = self.downloads.start("model", f"{source}{registry}/{name}:{tag}")
+        elif await trio.to_thread.run_sync(self.models.knows, name):
+            url = upstream.blob_url(name, digest)
+            job = self.downloads.start("url", url, digest.removeprefix("sha256:"))
+        else:
+            return None
+        self._bringing[digest] = job.id
+        log.info("mirror: blob %s of %s not in the store: download %s", digest, name, job.id)
+        return job.id
+
+    def _ended(self, job_id: str) -> bool:
+        job = self.downloads.jobs.get(job_id)
+        return job is None or job.state in FINAL
+
+    async def _wait(self, job_id: str, digest: str) -> None:
+        async with self.events.subscribe() as events:
+            while self.models.blob(digest) is None and not self._ended(job_id):
+                async for event in events:
+                    if isinstance(event, DownloadEvent) and event.id == job_id:
+                        break
+
+
+__all__ = ["Misses"]

@@ -1,0 +1,101 @@
+"""What the mirror serves from: the daemon's model directory, in Ollama's layout.
+
+``blobs/sha256-<hex>`` holds verified blobs (:class:`~tensord.download.blobs.BlobStore`);
+``manifests/<registry>/<repository>/<tag>`` holds each pulled manifest as the registry sent it
+(:func:`~tensord.download.pull.manifest_path`), so its digest is the SHA-256 of the file. A tag
+is looked up under the registry the mirror fetches from; a digest under any registry, since a
+digest names the same bytes wherever they came from. Names reaching here were checked by
+:func:`~tensord.mirror.protocol.parse_target`, and every manifest read is bounded.
+
+These are blocking file operations: the app runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..download.blobs import BlobStore
+from ..download.pull import manifest_path
+from ..download.registry import MAX_MANIFEST_BYTES, Reference
+
+
+class ModelDir:
+    """Lookups in one model directory (``<state>/models``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = BlobStore(root)
+        self.manifests = root / "manifests"
+
+    def blob(self, digest: str) -> tuple[Path, int] | None:
+        """The blob's file and size, if it is complete in the store."""
+        path = self.blobs.path(digest)
+        try:
+            return path, os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+
+    def manifest_by_tag(self, registry: str, name: str, tag: str) -> bytes | None:
+        return _read_manifest(manifest_path(self.root, Reference(registry, name, tag)))
+
+    def manifest_by_digest(self, name: str, digest: str) -> bytes | None:
+        """The manifest of ``name`` whose SHA-256 is ``digest``, pulled from any registry."""
+        for path in self._manifest_files(name):
+            body = _read_manifest(path)
+            if body is not None and "sha256:" + hashlib.sha256(body).hexdigest() == digest:
+                return body
+        return None
+
+    def knows(self, name: str) -> bool:
+        """Has any manifest of ``name`` been pulled (so its blobs may be fetched on a miss)?"""
+        return any(True for _ in self._manifest_files(name))
+
+    def tags_listing(self, name: str, digest: str) -> list[tuple[str, str]]:
+        """``(registry, tag)`` of the stored manifests of ``name`` that list blob ``digest``."""
+        out = []
+        for path in self._manifest_files(name):
+            body = _read_manifest(path)
+            if body is not None and digest in _blob_digests(body):
+                registry = path.relative_to(self.manifests).parts[0]
+                out.append((registry, path.name))
+        return out
+
+    def _manifest_files(self, name: str) -> list[Path]:
+        try:
+            registries = [e.path for e in os.scandir(self.manifests) if e.is_dir()]
+        except FileNotFoundError:
+            return []
+        files = []
+        for registry in registries:
+            try:
+                entries = list(os.scandir(Path(registry) / name))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            files += [Path(e.path) for e in entries if e.is_file() and not e.name.startswith(".")]
+        return files
+
+
+def _read_manifest(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            body = f.read(MAX_MANIFEST_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    return body if len(body) <= MAX_MANIFEST_BYTES else None
+
+
+def _blob_digests(body: bytes) -> set[str]:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return set()
+    if not isinstance(doc, dict):
+        return set()
+    entries = [doc.get("config"), *(doc.get("layers") or [])]
+    return {str(e.get("digest")) for e in entries if isinstance(e, dict)}
+
+
+__all__ = ["ModelDir"]
