@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import trio
@@ -50,6 +50,7 @@ from .wire.messages import (
     Accept,
     Announce,
     Begin,
+    ChainOutcome,
     Chunk,
     End,
     Error,
@@ -78,6 +79,23 @@ HeldTensor = Callable[[str], tuple[TensorMeta, np.ndarray[Any, Any]]]
 ArriveHook = Callable[[str, np.ndarray[Any, Any], str], None]
 
 
+class Forwarder(Protocol):
+    """A chain receive's forwarding to the rest of its chain (:class:`tensord.cluster.chain.
+    Relay`): told of arriving chunks, run as a task, and asked for the ``Stored`` to answer."""
+
+    def arrived(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def stored(self, upstream: Connection, io_timeout: float) -> Stored: ...
+
+
+#: Makes the forwarder of a chain receive (``Begin.chain`` names peers after this node).
+ForwardHook = Callable[[Begin, ReceiveTransfer], Forwarder]
+
+
 @dataclass
 class _Partial:
     xfer: ReceiveTransfer
@@ -96,6 +114,8 @@ class _Completed:
     nchunks: int
     crc: int | None
     expires: float
+    chain: bool = False
+    outcomes: tuple[ChainOutcome, ...] = ()
 
     def matches(self, begin: Begin) -> bool:
         return begin.meta == self.meta and begin.chunk_size == self.chunk_size
@@ -106,6 +126,7 @@ class _Active:
     scope: trio.CancelScope
     released: trio.Event
     nbytes: int = 0
+    chain: bool = False
 
 
 def _kind(msg: object) -> str:
@@ -142,6 +163,7 @@ class Receiver:
         stored: HeldTensor,
         arrive: ArriveHook,
         holdings: Holdings | None = None,
+        forward: ForwardHook | None = None,
         sweep_interval: float = SWEEP_INTERVAL,
     ) -> None:
         self.settings = settings
@@ -156,6 +178,7 @@ class Receiver:
         self._in_flight = in_flight
         self._stored = stored
         self._arrive = arrive
+        self._forward = forward
         #: The blobs this node serves to peers' piece requests (``pieces`` feature).
         self.holdings = holdings if holdings is not None else Holdings(None)
         self._sweep_interval = sweep_interval
@@ -348,12 +371,22 @@ class Receiver:
             await conn.send_error("internal", f"internal error while handling {_kind(msg)}")
 
     def _remember_completed(
-        self, key: tuple[str, str], begin: Begin, xfer: ReceiveTransfer
+        self,
+        key: tuple[str, str],
+        begin: Begin,
+        xfer: ReceiveTransfer,
+        outcomes: tuple[ChainOutcome, ...] = (),
     ) -> None:
         ttl = self.settings.transfer.partial_ttl_seconds
         mine = self._completed.setdefault(key[0], {})
         mine[key[1]] = _Completed(
-            begin.meta, begin.chunk_size, xfer.nchunks, xfer.end_crc, trio.current_time() + ttl
+            begin.meta,
+            begin.chunk_size,
+            xfer.nchunks,
+            xfer.end_crc,
+            trio.current_time() + ttl,
+            begin.chain is not None,
+            outcomes,
         )
         # Bounded like the partials: the oldest records of this peer go first.
         while len(mine) > self.settings.transfer.max_peer_transfers:
@@ -380,7 +413,7 @@ class Receiver:
                 if msg.crc is not None and done.crc is not None and msg.crc != done.crc:
                     await conn.send_error("checksum", "the tensor differs from the one stored")
                     raise ProtocolError(f"transfer {begin.id}: end crc differs from the stored")
-                await conn.stream.send(Stored(begin.id))
+                await conn.stream.send(Stored(begin.id, done.outcomes))
                 return
 
     async def _drop_superseded(self, peer: str, name: str, key: tuple[str, str]) -> None:
@@ -465,9 +498,53 @@ class Receiver:
                 # Kept on disk (the sweep removes it later if nobody resumes it).
                 partial.sink.partial.close()
 
+    def _check_chain(self, conn: Connection, begin: Begin) -> None:
+        """A chain ``Begin`` needs the feature agreed, and must not lead back to this node."""
+        if "chain" not in conn.agreement.features:
+            raise ProtocolError("a chain transfer on a connection without the chain feature")
+        me = f"tensord://{self.settings.node_id}@"
+        if any(p.startswith(me) for p in begin.chain or ()):
+            raise ProtocolError("the chain names this node: it would loop", code="bad_chain")
+
+    async def _take_over_chain(self, peer: str, begin: Begin) -> None:
+        """A chain link resumed by a new predecessor (the old one died, or stalled): what the
+        old one's link left here - a receive still running, a partial, a committed record - is
+        this link's now, so it resumes from what this node holds. Only chain transfers, and
+        only with the same id, tensor and chunking."""
+        for (p, xid), active in list(self._active.items()):
+            if xid == begin.id and p != peer and active.chain:
+                active.scope.cancel()
+                await active.released.wait()
+        key = (peer, begin.id)
+        for old, part in list(self._partials.items()):
+            mine = old[1] == begin.id and old[0] != peer and part.xfer.begin.chain is not None
+            if mine and key not in self._partials and part.xfer.matches(begin):
+                log.info(
+                    "tensor transfer %s: %s takes over the chain link from %s at %d bytes",
+                    begin.id,
+                    peer,
+                    old[0],
+                    part.xfer.bytes_have,
+                )
+                self._partials[key] = self._partials.pop(old)
+        found = [
+            done
+            for p, mine in self._completed.items()
+            if p != peer
+            and (done := mine.get(begin.id)) is not None
+            and done.chain
+            and done.matches(begin)
+        ]
+        if found:
+            self._completed.setdefault(peer, {})[begin.id] = found[0]
+
     async def _receive(self, conn: Connection, begin: Begin) -> None:
         # (Expiry of partials and completed records runs on the sweep's timer, not here.)
         key = (conn.peer_id, begin.id)
+        if begin.chain is not None:
+            self._check_chain(conn, begin)
+            if begin.resume:
+                await self._take_over_chain(conn.peer_id, begin)
         done = self._completed.get(conn.peer_id, {}).get(begin.id)
         if done is not None and begin.resume and done.matches(begin):
             await self._confirm_again(conn, begin, done)
@@ -508,18 +585,31 @@ class Receiver:
         started = time.perf_counter()
         self._publish("receive", begin.id, meta, conn.peer_id, "started", xfer.bytes_have)
 
+        relay: Forwarder | None = None
+        if begin.chain and self._forward is not None and self._handlers is not None:
+            relay = self._forward(begin, xfer)  # forwards each chunk as it lands
+
         def progress(done: int) -> None:
+            if relay is not None:
+                relay.arrived()
             if self._events.active:
                 self._publish("receive", begin.id, meta, conn.peer_id, "progress", done)
 
         committed: list[bool] = []
+        outcomes: list[ChainOutcome] = []
 
-        async def complete() -> None:
+        async def complete() -> Stored | None:
             array = await sink.commit(conn.peer_id)
             committed.append(True)
             self._arrive(meta.name, array, conn.peer_id)
+            if relay is None:
+                return None
+            # Answer once the rest of the chain has, with its outcomes.
+            stored = await relay.stored(conn, self.settings.transfer.io_timeout)
+            outcomes.extend(stored.outcomes)
+            return stored
 
-        active = _Active(trio.CancelScope(), trio.Event(), meta.nbytes)
+        active = _Active(trio.CancelScope(), trio.Event(), meta.nbytes, begin.chain is not None)
         checkpoints = trio.CancelScope()
         self._active[key] = active
         self._in_flight.enter()
@@ -529,6 +619,9 @@ class Receiver:
                     self._handlers.start_soon(
                         self._checkpoints, sink, xfer, conn.peer_id, checkpoints
                     )
+                if relay is not None and self._handlers is not None:
+                    self._handlers.start_soon(relay.run)
+                    relay.arrived()  # what a resumed receive already holds
                 try:
                     await receive_chunked(
                         conn,
@@ -543,6 +636,8 @@ class Receiver:
                     raise
         finally:
             checkpoints.cancel()
+            if relay is not None and not committed:
+                relay.cancel()  # the sender resumes this receive, with a new relay
             with trio.CancelScope(shield=True):
                 if xfer.state is ReceiveState.RECEIVING and xfer.have_count:
                     # Persist what arrived (a drain, a cut): the sender's retry, from this
@@ -565,7 +660,7 @@ class Receiver:
             self._in_flight.leave()
         if active.scope.cancelled_caught:
             raise ConnectionClosed("superseded by the sender's resumed transfer")
-        self._remember_completed(key, begin, xfer)
+        self._remember_completed(key, begin, xfer, tuple(outcomes))
         seconds = time.perf_counter() - started
         self._publish("receive", begin.id, meta, conn.peer_id, "done", meta.nbytes)
         log.info(

@@ -315,13 +315,14 @@ async def receive_chunked(
     *,
     io_timeout: float,
     progress: Progress | None = None,
-    on_complete: Callable[[], Awaitable[None]] | None = None,
+    on_complete: Callable[[], Awaitable[Stored | None]] | None = None,
 ) -> None:
     """Drive a chunked receive until the tensor is complete (``Stored`` sent) or fails.
 
     Uncompressed payloads are received straight into the destination array. ``on_complete``
     runs once the tensor is verified and *before* ``Stored`` is sent, so that when the sender
-    hears ``Stored`` the tensor is already visible (and, with a store, durable) on this node.
+    hears ``Stored`` the tensor is already visible (and, with a store, durable) on this node;
+    a ``Stored`` it returns is sent instead (a chain relay's, with its successors' outcomes).
     """
     stream = conn.stream
     with trio.CancelScope() as scope:
@@ -357,7 +358,9 @@ async def receive_chunked(
                 raise ProtocolError(f"unexpected {type(msg).__name__} during a transfer")
             if xfer.complete and on_complete is not None:
                 done, on_complete = on_complete, None
-                await done()
+                stored = await done()
+                if stored is not None:
+                    replies = [stored if isinstance(r, Stored) else r for r in replies]
                 deadline.touch()
             if replies:
                 await stream.send(*replies)
