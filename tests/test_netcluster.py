@@ -63,7 +63,28 @@ async def test_four_hosts_and_a_registry_host_up_shaped_and_gone_afterwards(
         with trio.fail_after(60):
             await c.wait_peers_up(h3)
             await c.wait_peers_up(c["h0"], [h3])
+        # SIGHUP: h0 rereads the cluster file, which no longer names h3.
+        h0 = c["h0"]
+        assert h0.daemon is not None
+        c.write_cluster_file([h for h in c.hosts if h is not h3])
+        c.reload(h0)
+        await h0.daemon.wait_for("reload: 2 peers")
+        code, out, _ = await run("peers", "--json", socket=h0.socket)
+        assert code == 0 and sorted(p["id"] for p in json.loads(out)) == ["h1", "h2"]
     assert not any((NETNS_DIR / ns).exists() for ns in made)
+
+
+async def test_a_failing_test_leaves_no_namespace_and_no_daemon(tmp_path: Path) -> None:
+    made: list[str] = []
+    daemons = []
+    with pytest.raises(BaseExceptionGroup) as failed:  # the cluster's nursery wraps it
+        async with netcluster(tmp_path, 2) as c:
+            made = namespace_names(c)
+            daemons = [h.daemon for h in c.hosts]
+            raise RuntimeError("the test failed")
+    assert failed.group_contains(RuntimeError, match="the test failed")
+    assert made and not any((NETNS_DIR / ns).exists() for ns in made)
+    assert all(d is not None and d.proc.returncode is not None for d in daemons)
 
 
 def test_namespaces_of_a_run_that_died_are_removed() -> None:
