@@ -26,6 +26,7 @@ import trio
 
 from . import metrics
 from ._version import __version__
+from .cluster.sharing import NodePieces, Sharing
 from .config import NodeEntry, Settings, check_security_policy, load_settings
 from .control.app import ControlApp
 from .control.server import serve_control
@@ -63,8 +64,15 @@ class Daemon:
         self.transfers = TransferTable()
         # The token gateway runs when the cluster names Ollama nodes to relay from.
         self.gateway = Gateway(settings) if backend_entries(settings) else None
+        # Peer-first downloads: blob pieces from the peers that are up (downloads.share).
+        sharing = Sharing(
+            NodePieces(self.node),
+            self.live_peers,
+            lambda: self.settings.downloads.share,
+            settings.downloads.piece_size,
+        )
         self.downloads = DownloadManager(
-            self.store.root / "models", settings.downloads, self.node.events
+            self.store.root / "models", settings.downloads, self.node.events, sharing
         )
         # The OCI mirror runs when mirror.listen is set (its API keys are checked here).
         self.mirror = (
@@ -229,6 +237,10 @@ class Daemon:
             lambda: self.settings.transfer.peer_check_interval,
             self._changed,
         )
+
+    def live_peers(self) -> list[str]:
+        """The ids of the peers answering their pings now."""
+        return [peer for peer, health in self.peers.items() if health.state == "up"]
 
     # -- status ------------------------------------------------------------------------------
 

@@ -73,6 +73,8 @@ class DownloadEvent(Event):
     detail: str = ""
     #: Per blob: (digest, bytes done, bytes total), for per-layer progress.
     layers: tuple[tuple[str, int, int], ...] = ()
+    #: Per blob and source: (digest, "origin" or a peer's id, bytes) (peer-first downloads).
+    sources: tuple[tuple[str, str, int], ...] = ()
 
 
 class EventBus:

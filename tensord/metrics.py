@@ -66,6 +66,13 @@ DOWNLOADS = Counter(
 DOWNLOAD_BYTES = Counter(
     "tensord_download_bytes", "Bytes of completed downloads", registry=REGISTRY
 )
+DOWNLOAD_SOURCE_BYTES = Counter(
+    "tensord_download_source_bytes",
+    "Blob bytes downloaded, by source (origin: the registry or URL; peer: another node of the "
+    "cluster, peer-first downloads)",
+    ["source"],
+    registry=REGISTRY,
+)
 UNEXPECTED_ERRORS = Counter(
     "tensord_unexpected_errors",
     "Unexpected exceptions stopped at an error boundary, by boundary (peer, quic, control, "
@@ -91,6 +98,7 @@ def exposition() -> tuple[bytes, str]:
 __all__ = [
     "DOWNLOADS",
     "DOWNLOAD_BYTES",
+    "DOWNLOAD_SOURCE_BYTES",
     "GATEWAY_INTER_TOKEN",
     "GATEWAY_IN_FLIGHT",
     "GATEWAY_REQUESTS",

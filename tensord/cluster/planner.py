@@ -55,17 +55,24 @@ def piece_range(index: int, size: int, piece_size: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class PeerHolding:
-    """What a peer holds of the blob: all of it, or some whole pieces (still arriving)."""
+    """What a peer holds of the blob: all of it, or some whole pieces; ``fetching`` says more
+    are arriving (the peer takes part in fetching the blob, so it owns pieces)."""
 
     complete: bool = False
     pieces: frozenset[int] = frozenset()
+    fetching: bool = True
 
     def has(self, index: int) -> bool:
         return self.complete or index in self.pieces
 
     @classmethod
     def from_ranges(
-        cls, ranges: Iterable[tuple[int, int]], size: int, piece_size: int
+        cls,
+        ranges: Iterable[tuple[int, int]],
+        size: int,
+        piece_size: int,
+        *,
+        fetching: bool = True,
     ) -> PeerHolding:
         """The whole pieces covered by byte ranges ``[start, end)`` (a partly landed piece
         does not count: it cannot be read whole yet)."""
@@ -81,8 +88,8 @@ class PeerHolding:
                 if s >= start:
                     held.add(i)
         if count and len(held) == count:
-            return cls(complete=True)
-        return cls(pieces=frozenset(held))
+            return cls(complete=True, fetching=False)
+        return cls(pieces=frozenset(held), fetching=fetching)
 
 
 @dataclass(frozen=True)
@@ -123,9 +130,16 @@ class BlobPlan:
     failed: dict[str, str] = field(default_factory=dict)
     #: Pieces landed here.
     done: set[int] = field(default_factory=set)
+    #: Peers that are up and may start fetching the blob any moment (not yet participants).
+    prospects: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.count = piece_count(self.size, self.piece_size)
+        # Owners depend only on the live set: computed once per set, not per question.
+        self._owners: dict[int, str] = {}
+        self._owners_of: frozenset[str] = frozenset()
+        self._expected: dict[int, str] = {}
+        self._expected_of: frozenset[str] = frozenset()
 
     # -- what the node learns ----------------------------------------------------------------
 
@@ -138,7 +152,10 @@ class BlobPlan:
             self.participants.discard(peer)
             self.holdings.pop(peer, None)
             return
-        self.participants.add(peer)
+        if holding.fetching:
+            self.participants.add(peer)
+        else:  # complete, or stopped: a source, but it fetches nothing more
+            self.participants.discard(peer)
         self.holdings[peer] = holding
 
     def fail(self, peer: str, why: str) -> None:
@@ -163,8 +180,30 @@ class BlobPlan:
         holders = [p for p, h in self.holdings.items() if p not in self.failed and h.has(index)]
         if holders:
             return Take(ranked(self.digest, index, holders)[0])
-        who = owner(self.digest, index, self.live)
+        who = self.owner(index)
         return ORIGIN if who == self.node_id else Wait(who)
+
+    def owner(self, index: int) -> str:
+        """The live participant that fetches piece ``index`` from the origin."""
+        live = frozenset(self.live)
+        if live != self._owners_of:
+            self._owners, self._owners_of = {}, live
+        who = self._owners.get(index)
+        if who is None:
+            who = self._owners[index] = owner(self.digest, index, live)
+        return who
+
+    def expected_owner(self, index: int) -> str:
+        """The owner of piece ``index`` should every prospect join: a node that fetches its own
+        expected pieces first has fetched nothing twice when peers that start a moment later
+        take their share (until then it owns everything, so it fetches the rest after)."""
+        everyone = frozenset(self.live | (self.prospects - self.failed.keys()))
+        if everyone != self._expected_of:
+            self._expected, self._expected_of = {}, everyone
+        who = self._expected.get(index)
+        if who is None:
+            who = self._expected[index] = owner(self.digest, index, everyone)
+        return who
 
     def plan(self) -> dict[int, Action]:
         """Every missing piece's action."""

@@ -49,6 +49,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from .. import metrics
 from ..backoff import Backoff
 from ..errors import DownloadError
 from .fetch_errors import BadReply, DiskFull, Refused, TooLarge, _StartOver, first_error
@@ -101,6 +102,8 @@ class Progress:
     #: The most connections this fetch had open at once (``connections`` is the current
     #: count, often 0 by the time a small blob's last bytes are reported).
     peak_connections: int = 0
+    #: Bytes by where they came from: ``"origin"``, or a peer's id (peer-first downloads).
+    sources: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,6 +161,10 @@ class BlobFetch:
         self.connections = 0
         self.peak_connections = 0
         self.bytes_fetched = 0  # from the network in this run (a resume fetches less)
+        #: Bytes written in this run by source: "origin", or a peer's id.
+        self.sources: dict[str, int] = {}
+        #: Called with (offset, length) once bytes are in the partial file (peers may read them).
+        self.on_landed: Callable[[int, int], None] | None = None
         self._queue: list[tuple[int, int]] = []
         self._tasks: dict[int, _Task] = {}
         self._next_id = 0
@@ -607,21 +614,36 @@ class BlobFetch:
                     raise DownloadError(
                         f"download {self.url}: writing {self.partial}: {exc}"
                     ) from None
+                written = 0
                 for pos, data in batch:
                     self.done.add(pos, pos + len(data))
-                    self.bytes_fetched += len(data)
-                if self.on_progress is not None:
-                    self.on_progress(
-                        Progress(
-                            self.url,
-                            self.done.total,
-                            self.size,
-                            self.connections,
-                            self.retries,
-                            0.0,
-                            self.peak_connections,
-                        )
-                    )
+                    written += len(data)
+                    if self.on_landed is not None:
+                        self.on_landed(pos, len(data))
+                self.bytes_fetched += written
+                self._count("origin", written)
+                self._report()
+
+    def _count(self, source: str, n: int) -> None:
+        """Account ``n`` bytes to ``source`` (``"origin"`` or a peer id): per fetch, and in
+        ``/metrics`` by kind."""
+        self.sources[source] = self.sources.get(source, 0) + n
+        metrics.DOWNLOAD_SOURCE_BYTES.labels("origin" if source == "origin" else "peer").inc(n)
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(
+                Progress(
+                    self.url,
+                    self.done.total,
+                    self.size,
+                    self.connections,
+                    self.retries,
+                    0.0,
+                    self.peak_connections,
+                    dict(self.sources),
+                )
+            )
 
     # -- resume state ------------------------------------------------------------------------
 

@@ -30,9 +30,10 @@ from ..errors import DownloadNotFound
 from ..events import DownloadEvent, EventBus
 from ..fsutil import atomic_write
 from .blobs import BlobStore
-from .fetch import BlobFetch, DownloadError, FetchConfig, Progress, describe_http_error
-from .pull import BlobLocks, PullProgress, pull_model
+from .fetch import DownloadError, FetchConfig, Progress, describe_http_error
+from .pull import BlobLocks, PullProgress, make_fetch, pull_model
 from .registry import load_credentials, parse_reference
+from .sources import PeerSources
 
 log = logging.getLogger("tensord.download")
 
@@ -60,16 +61,28 @@ class Job:
     finished: float | None = None
     #: Per blob in progress or done in this run: digest -> [done, total].
     layers: dict[str, list[int]] = field(default_factory=dict)
+    #: Per blob, bytes by source: digest -> {"origin": n, "<peer id>": n} (peer-first downloads).
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class DownloadManager:
-    def __init__(self, root: Path, settings: DownloadSettings, events: EventBus) -> None:
+    """The queue of downloads. ``peers`` makes them peer-first (``downloads.share``): blob
+    pieces come from the cluster's peers when any is up and shares, from the origin otherwise."""
+
+    def __init__(
+        self,
+        root: Path,
+        settings: DownloadSettings,
+        events: EventBus,
+        peers: PeerSources | None = None,
+    ) -> None:
         self.root = root
         self.settings = settings
         self.events = events
+        self.peers = peers
         self.blobs = BlobStore(root)
         self.jobs: dict[str, Job] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
@@ -188,6 +201,8 @@ class DownloadManager:
                 job.peak_connections = max(job.peak_connections, p.peak_connections)
                 for digest, bp in p.blobs.items():
                     job.layers[digest] = [bp.done, bp.total or 0]
+                    if bp.sources:
+                        job.sources[digest] = dict(bp.sources)
                 self._publish(job)
 
             creds = await trio.to_thread.run_sync(load_credentials, s.credentials_file)
@@ -200,6 +215,7 @@ class DownloadManager:
                 max_concurrent=s.max_concurrent,
                 progress=on_model,
                 blob_locks=self._locks,
+                peers=self.peers,
             )
             job.bytes_done = job.bytes_total = manifest.total
             return
@@ -211,16 +227,19 @@ class DownloadManager:
             job.connections, job.retries = p.connections, p.retries
             job.peak_connections = max(job.peak_connections, p.peak_connections)
             job.layers[digest] = [p.done, p.total or 0]
+            if p.sources:
+                job.sources[digest] = dict(p.sources)
             self._publish(job)
 
         async with self._locks.hold(digest):
             if self.blobs.has(digest):
                 job.bytes_done = job.bytes_total = os.stat(self.blobs.path(digest)).st_size
                 return
-            fetch = BlobFetch(
+            fetch = make_fetch(
                 self._client,
                 job.source,
                 self.blobs.path(digest),
+                self.peers,
                 sha256=job.sha256,
                 config=cfg,
                 progress=on_url,
@@ -260,6 +279,7 @@ class DownloadManager:
                 job.retries,
                 job.error,
                 tuple((d, v[0], v[1]) for d, v in job.layers.items()),
+                tuple((d, src, n) for d, by in job.sources.items() for src, n in by.items()),
             )
         )
 

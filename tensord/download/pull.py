@@ -8,10 +8,12 @@ written last, so a model is listed only once all its blobs are verified and in p
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -20,6 +22,8 @@ from ..fsutil import atomic_write
 from .blobs import BlobStore
 from .fetch import BlobFetch, FetchConfig, Progress, first_error
 from .registry import Credentials, Manifest, Reference, RegistryAuth, fetch_manifest
+from .shared_fetch import SharedBlobFetch
+from .sources import PeerSources
 
 log = logging.getLogger("tensord.download")
 
@@ -84,11 +88,14 @@ async def pull_model(
     max_concurrent: int = 2,
     progress: Callable[[PullProgress], None] | None = None,
     blob_locks: BlobLocks | None = None,
+    peers: PeerSources | None = None,
 ) -> Manifest:
     """Pull ``ref`` into ``root`` (``blobs/`` and ``manifests/``); returns its manifest.
 
     ``blob_locks`` is shared by pulls running at the same time, so two models with a common
     layer (or two pulls of one model) download it once: the second waits, then finds it.
+    With ``peers`` (peer-first downloads), each blob's pieces come from the cluster's peers
+    first and from the origin only what no peer has or will have.
     """
     locks = blob_locks if blob_locks is not None else BlobLocks()
     auth = RegistryAuth(client, credentials or {})
@@ -110,10 +117,17 @@ async def pull_model(
         manifest.total,
         len(todo),
     )
-    limit = trio.Semaphore(max(1, max_concurrent))
+    # Taken in the manifest's order (not in whatever order tasks reach a semaphore): nodes that
+    # pull the same model together then fetch the same blob at the same moment, and share it.
+    queue = deque(todo)
+
+    async def worker() -> None:
+        while queue:
+            blob = queue.popleft()
+            await one(blob.digest, blob.size)
 
     async def one(digest: str, size: int) -> None:
-        async with limit, locks.hold(digest):
+        async with locks.hold(digest):
             if blobs.has(digest, size):  # another pull fetched it meanwhile
                 state.skipped += size
                 return
@@ -123,10 +137,11 @@ async def pull_model(
                 if progress is not None:
                     progress(state)
 
-            fetch = BlobFetch(
+            fetch = make_fetch(
                 client,
                 ref.url("blobs", digest),
                 blobs.path(digest),
+                peers,
                 size=size,
                 sha256=digest.removeprefix("sha256:"),
                 auth=auth,
@@ -137,12 +152,25 @@ async def pull_model(
 
     try:
         async with trio.open_nursery() as nursery:
-            for blob in todo:
-                nursery.start_soon(one, blob.digest, blob.size)
+            for _ in range(min(len(todo), max(1, max_concurrent))):
+                nursery.start_soon(worker)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     await trio.to_thread.run_sync(_write_manifest, root, ref, manifest)
     return manifest
+
+
+def make_fetch(
+    client: httpx.AsyncClient,
+    url: str,
+    dest: Path,
+    peers: PeerSources | None,
+    **kwargs: Any,
+) -> BlobFetch:
+    """The fetch of one blob: peer-first when the cluster is a source, else the plain one."""
+    if peers is None:
+        return BlobFetch(client, url, dest, **kwargs)
+    return SharedBlobFetch(client, url, dest, peers=peers, **kwargs)
 
 
 def manifest_path(root: Path, ref: Reference) -> Path:
@@ -160,4 +188,10 @@ def _write_manifest(root: Path, ref: Reference, manifest: Manifest) -> None:
     atomic_write(path, manifest.raw)
 
 
-__all__ = ["BlobLocks", "PullProgress", "manifest_path", "pull_model"]
+__all__ = [
+    "BlobLocks",
+    "PullProgress",
+    "make_fetch",
+    "manifest_path",
+    "pull_model",
+]
