@@ -148,3 +148,27 @@ def test_a_peer_that_stops_fetching_stops_owning_pieces() -> None:
     assert any(isinstance(a, Wait) for a in plan.plan().values())
     plan.update("other", None)
     assert all(isinstance(a, Origin) for a in plan.plan().values())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 80))
+def test_pieces_a_node_reads_first_alone_are_its_own_once_the_others_join(
+    n: int, pieces: int
+) -> None:
+    """A node that starts alone but knows its live peers (prospects) fetches first the pieces it
+    will still own when they join: those reads are never wasted."""
+    ids = [f"n{i}" for i in range(n)]
+    alone = BlobPlan(DIGEST, pieces * 4, 4, "n0", prospects=set(ids[1:]))
+    together = cluster(n, pieces * 4, 4)["n0"]
+    for i in range(pieces):
+        assert alone.action(i) == Origin()  # alone, it owns everything ...
+        mine_later = together.action(i) == Origin()
+        assert (alone.expected_owner(i) == "n0") == mine_later  # ... and knows what stays its
+
+
+def test_a_peer_that_holds_the_blob_but_fetches_nothing_owns_no_piece() -> None:
+    plan = BlobPlan(DIGEST, 40, 4, "me")
+    plan.update("seed", PeerHolding(complete=True, fetching=False))
+    plan.update("stopped", PeerHolding(pieces=frozenset({0}), fetching=False))
+    assert plan.live == {"me"}
+    assert plan.action(0) in (Take("seed"), Take("stopped")) and plan.action(5) == Take("seed")

@@ -11,13 +11,22 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+import pytest
 import trio
+
+from tensord.cluster.holdings import Holdings
+from tensord.cluster.sharing import Sharing
+from tensord.download.fetch import FetchConfig
+from tensord.download.shared_fetch import SharedBlobFetch
+from tensord.wire.messages import BlobEntry
 
 from .support.cluster import write_cluster_file
 from .support.control_api import events, http, ready
 from .support.counting_proxy import CountingProxy, counting_proxy
 from .support.daemons import Daemon, daemon, free_port
+from .support.nginx import nginx
 from .support.registry import registry
 
 MiB = 1 << 20
@@ -158,3 +167,102 @@ async def test_with_sharing_off_each_node_pulls_everything_itself(tmp_path: Path
         assert proxy.blob_bytes() >= 3 * total
         for job in jobs.values():
             assert peer_bytes(job) == 0 and origin_bytes(job) == job["bytes_total"], job
+
+
+# -- one fetch against fake peers: failures are re-planned, nothing corrupt is committed ------
+
+PIECE = 256 * 1024
+
+
+class FakePeers:
+    """Peers as the sharing code sees them (:class:`PieceNetwork`): each holds the whole blob
+    and serves it well (``good``), flipped (``corrupt``) or not at all (``dead``)."""
+
+    def __init__(self, blob: bytes, peers: dict[str, str]) -> None:
+        self.node_id = "me"
+        self.holdings = Holdings(None, PIECE)
+        self.io_timeout = 5.0
+        self.blob = blob
+        self.peers = peers
+        self.digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        self.served: dict[str, int] = {p: 0 for p in peers}
+
+    def _reach(self, peer: str) -> None:
+        if self.peers[peer] == "dead":
+            raise OSError(f"connection to {peer} refused")
+
+    async def query(self, peer: str, digest: str) -> BlobEntry | None:
+        self._reach(peer)
+        return BlobEntry.whole(digest, len(self.blob), PIECE) if digest == self.digest else None
+
+    async def announce(self, peer: str, entry: BlobEntry) -> None:
+        self._reach(peer)
+
+    async def fetch_range(self, peer: str, digest: str, offset: int, into: memoryview) -> None:
+        self._reach(peer)
+        data = self.blob[offset : offset + len(into)]
+        if self.peers[peer] == "corrupt":
+            data = bytes(b ^ 0xFF for b in data[:16]) + data[16:]
+        into[:] = data
+        self.served[peer] += len(into)
+
+
+async def fetch_with(tmp: Path, peers: dict[str, str]) -> tuple[FakePeers, SharedBlobFetch, int]:
+    """Fetch a 3 MiB blob from nginx with ``peers``; returns the fakes, the fetch and the bytes
+    nginx served."""
+    blob = np.random.default_rng(7).integers(0, 255, 3 * MiB, dtype=np.uint8).tobytes()
+    net = FakePeers(blob, peers)
+    sharing = Sharing(net, lambda: list(peers), lambda: None, PIECE)
+    with nginx(tmp) as web:
+        (web.root / "blob").write_bytes(blob)
+        async with httpx.AsyncClient() as client:
+            fetch = SharedBlobFetch(
+                client,
+                web.url("files", "blob"),
+                tmp / "out",
+                size=len(blob),
+                sha256=net.digest.removeprefix("sha256:"),
+                config=FetchConfig(connections=3, min_piece=PIECE),
+                peers=sharing,
+            )
+            await fetch.run()
+        origin = sum(x.sent for x in web.log() if x.uri.endswith("/blob"))
+    assert (tmp / "out").read_bytes() == blob
+    assert net.holdings.in_flight(net.digest) is None  # finished or abandoned, never left over
+    return net, fetch, origin
+
+
+async def test_pieces_come_from_a_live_peer_and_a_dead_one_is_skipped(tmp_path: Path) -> None:
+    net, fetch, origin = await fetch_with(tmp_path, {"dead": "dead", "good": "good"})
+    assert origin == 0
+    assert fetch.sources == {"good": 3 * MiB}
+    assert net.holdings.source(net.digest) is not None  # served as a complete blob from now on
+
+
+async def test_a_corrupt_peer_is_caught_by_the_digest_and_the_blob_refetched_from_the_origin(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    net, fetch, origin = await fetch_with(tmp_path, {"liar": "corrupt"})
+    assert net.served["liar"] == 3 * MiB  # the first attempt took all of it from the liar ...
+    assert origin >= 3 * MiB  # ... the second, from the origin alone
+    assert fetch.sources["origin"] == 3 * MiB
+    assert "pieces from liar fails its digest" in caplog.text
+
+
+async def test_with_sharing_off_the_fetch_is_the_plain_one(tmp_path: Path) -> None:
+    blob = b"x" * (PIECE + 5)
+    net = FakePeers(blob, {"good": "good"})
+    sharing = Sharing(net, lambda: ["good"], lambda: False, PIECE)
+    assert not sharing.available()
+    with nginx(tmp_path) as web:
+        (web.root / "blob").write_bytes(blob)
+        async with httpx.AsyncClient() as client:
+            fetch = SharedBlobFetch(
+                client,
+                web.url("files", "blob"),
+                tmp_path / "out",
+                sha256=net.digest.removeprefix("sha256:"),
+                peers=sharing,
+            )
+            await fetch.run()
+    assert fetch.sources == {"origin": len(blob)} and net.served["good"] == 0
