@@ -627,6 +627,8 @@ class BlobFetch:
     def _count(self, source: str, n: int) -> None:
         """Account ``n`` bytes to ``source`` (``"origin"`` or a peer id): per fetch, and in
         ``/metrics`` by kind."""
+        if n <= 0:
+            return
         self.sources[source] = self.sources.get(source, 0) + n
         metrics.DOWNLOAD_SOURCE_BYTES.labels("origin" if source == "origin" else "peer").inc(n)
 

@@ -192,6 +192,9 @@ class SharedBlobFetch(BlobFetch):
         self._count(piece.peer, n)
         share.landed(piece.start, n)
         self._report()
+        # An empty write wakes the writer thread, which hashes whatever became contiguous (read
+        # back from the page cache): the SHA-256 keeps pace instead of all waiting for the end.
+        await self._queue_write(piece.start, memoryview(b""))
 
 
 __all__ = ["SharedBlobFetch"]
