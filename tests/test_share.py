@@ -6,6 +6,7 @@ pulls everything itself (the behaviour before issue 14)."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -128,6 +129,10 @@ async def test_nodes_pulling_together_read_each_blob_from_the_registry_about_onc
             jobs = await pull_all(nodes, model)
             for d in nodes.values():
                 assert_blobs_exact(d, data)
+            async with http(nodes["a"]) as c:
+                text = (await c.get("/metrics")).text
+            found = re.search(r'tensord_download_source_bytes_total\{source="peer"\} (\S+)', text)
+            assert found and float(found[1]) == peer_bytes(jobs["a"]) > 0
         served = proxy.blob_bytes()
         sources = {n: j["sources"] for n, j in jobs.items()}
         assert served <= 1.05 * total, (served, total, sources)
