@@ -135,6 +135,9 @@ class BlobPlan:
 
     def __post_init__(self) -> None:
         self.count = piece_count(self.size, self.piece_size)
+        #: Changes whenever an answer could change (not when a piece lands here): callers that
+        #: keep a schedule rebuild it only then.
+        self.version = 0
         # Owners depend only on the live set: computed once per set, not per question.
         self._owners: dict[int, str] = {}
         self._owners_of: frozenset[str] = frozenset()
@@ -148,6 +151,7 @@ class BlobPlan:
         it stops being a participant)."""
         if peer == self.node_id:
             return
+        self.version += 1
         if holding is None:
             self.participants.discard(peer)
             self.holdings.pop(peer, None)
@@ -160,8 +164,9 @@ class BlobPlan:
 
     def fail(self, peer: str, why: str) -> None:
         """Never read from ``peer`` again for this blob; its pieces are re-planned."""
-        if peer != self.node_id:
-            self.failed.setdefault(peer, why)
+        if peer != self.node_id and peer not in self.failed:
+            self.failed[peer] = why
+            self.version += 1
 
     def landed(self, index: int) -> None:
         self.done.add(index)

@@ -17,7 +17,7 @@ the blob and its pieces re-planned.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Collection, Set
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -141,6 +141,8 @@ class BlobShare(BlobPeers):
         self._heard: dict[str, BlobEntry] = {}
         self._not_yet: Counter[str] = Counter()
         self._changed = trio.Event()
+        self._schedule_key: tuple[int, frozenset[str]] | None = None
+        self._queues: list[deque[tuple[int, str | None]]] = []
 
     # -- meeting the peers -------------------------------------------------------------------
 
@@ -201,32 +203,44 @@ class BlobShare(BlobPeers):
 
     def next_piece(self, busy: Set[int]) -> Piece | None:
         self._refresh()
-        # Pieces this node would own with every prospect in are taken from the end, those another
-        # node may soon own from the start: a node that began alone works from the start on the
-        # pieces of the nodes that join, so it meets what they fetch (from the end) only once -
-        # at most the pieces in flight at that moment are read twice from the origin.
-        origin: int | None = None  # the last this node would own with every peer in
-        other: int | None = None  # the first another node may soon fetch
-        wait: tuple[int, str] | None = None
+        self._reschedule()
+        done = self.plan.done
+        for queue in self._queues:
+            while queue and queue[0][0] in done:
+                queue.popleft()
+            for index, peer in queue:  # past the busy ones (at most one per connection)
+                if index not in busy and index not in done:
+                    return self._piece(index, peer)
+        return None
+
+    def _reschedule(self) -> None:
+        """Sort the missing pieces into the order they are fetched in, again only when the plan
+        changed (a peer's news, a failure), not at every piece: first what a peer holds, then
+        what this node would own with every live peer in (from the end), then what another
+        node may soon own (from the start), last what an owner is still fetching.
+
+        Why those two directions: a node that began alone works from the start on the pieces
+        of the nodes that join, and they fetch their own from the end, so the two meet only
+        once - at most the pieces in flight at that moment are read twice from the origin."""
+        key = (self.plan.version, frozenset(self.plan.prospects))
+        if key == self._schedule_key:
+            return
+        self._schedule_key = key
+        take: list[tuple[int, str | None]] = []
+        mine: list[tuple[int, str | None]] = []
+        others: list[tuple[int, str | None]] = []
+        wait: list[tuple[int, str | None]] = []
         for i in self.plan.missing():
-            if i in busy:
-                continue
             action = self.plan.action(i)
             if isinstance(action, Take):
-                return self._piece(i, action.peer)  # ready now: first
-            if isinstance(action, Origin):
-                if self.plan.expected_owner(i) == self.plan.node_id:
-                    origin = i
-                elif other is None:
-                    other = i
-            elif wait is None and action is not None:
-                wait = (i, action.owner)
-        first = origin if origin is not None else other
-        if first is not None:
-            return self._piece(first, None)
-        if wait is not None:
-            return self._piece(*wait)
-        return None
+                take.append((i, action.peer))
+            elif isinstance(action, Origin):
+                expected = self.plan.expected_owner(i)
+                (mine if expected == self.plan.node_id else others).append((i, None))
+            elif action is not None:
+                wait.append((i, action.owner))
+        mine.reverse()
+        self._queues = [deque(take), deque(mine), deque(others), deque(wait)]
 
     def _piece(self, index: int, peer: str | None) -> Piece:
         start, end = piece_range(index, self.size, self.piece_size)
