@@ -113,6 +113,11 @@ class InFlight:
         """This blob as the wire describes it."""
         return BlobEntry(self.digest, self.size, self.piece_size, False, self.pieces(), True)
 
+    @property
+    def waiting(self) -> int:
+        """Tasks waiting for this blob's next change (peers' requests for ranges not landed)."""
+        return self._changed.statistics().tasks_waiting
+
     async def wait_changed(self) -> None:
         """Until the next :meth:`landed`, :meth:`finish` or :meth:`abandon`."""
         await self._changed.wait()

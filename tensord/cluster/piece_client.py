@@ -119,7 +119,7 @@ async def fetch_range(
             f"length, not {length} bytes at {offset} into {len(into)}"
         )
     io_timeout = node.settings.transfer.io_timeout
-    refused: list[Error] = []
+    refused: list[tuple[str, Error]] = []
 
     async def fetch(conn: Connection) -> None:
         stream = conn.stream
@@ -131,7 +131,7 @@ async def fetch_range(
             with trio.fail_after(wait):
                 msg = await stream.receive()
                 if isinstance(msg, Error) and not got:
-                    refused.append(msg)
+                    refused.append((conn.peer_id, msg))
                     return
                 if not isinstance(msg, PieceChunk):
                     raise _unexpected(conn, msg, "pchunk")
@@ -156,20 +156,9 @@ async def fetch_range(
 
     await _on_peer(node, peer, digest, fetch)
     if refused:  # raised once the connection is back in the pool: it stays usable
-        err = refused[0]
+        who, err = refused[0]
         cls = PieceUnavailable if err.code in ("not_found", "not_yet", "bad_range") else PieceError
-        raise cls(
-            f"peer {_name(peer)}: {err.message or err.code}",
-            peer=_name(peer),
-            digest=digest,
-            code=err.code,
-        )
-
-
-def _name(peer: PeerRef) -> str:
-    if isinstance(peer, PeerAddress):
-        return peer.node_id or str(peer.hostport)
-    return peer
+        raise cls(f"peer {who}: {err.message or err.code}", peer=who, digest=digest, code=err.code)
 
 
 async def _on_peer(

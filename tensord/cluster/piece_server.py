@@ -92,11 +92,14 @@ async def serve_piece(
     holdings: Holdings,
     *,
     chunk_size: int,
-    wait: float = NOT_YET_WAIT,
+    wait: float | None = None,
 ) -> None:
     """Answer ``PieceRequest`` with the range's bytes in ``PieceChunk`` frames of at most
-    ``chunk_size`` bytes (capped by what the peer accepts), or with a typed ``Error``."""
+    ``chunk_size`` bytes (capped by what the peer accepts), or with a typed ``Error``. A range
+    not landed yet is waited for ``wait`` seconds (default :data:`NOT_YET_WAIT`)."""
     _require_pieces(conn, "piece request")
+    if wait is None:
+        wait = NOT_YET_WAIT
     src = holdings.source(req.digest)
     end = req.offset + req.length
     if src is not None and end > src.size:
@@ -148,9 +151,7 @@ class _Unreadable(Exception):
     """The blob's file could not be opened or mapped before the first byte was sent."""
 
 
-async def _send_range(
-    conn: Connection, src: Source, offset: int, length: int, chunk: int
-) -> None:
+async def _send_range(conn: Connection, src: Source, offset: int, length: int, chunk: int) -> None:
     """The range as ``PieceChunk`` frames, from a mapping of the file: no copy in Python."""
     with ExitStack() as stack:
         try:
