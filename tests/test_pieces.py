@@ -16,6 +16,8 @@ import msgpack
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tensord.cluster import piece_server
 from tensord.cluster.holdings import Holdings, InFlight
@@ -314,3 +316,31 @@ async def test_hostile_requests_are_refused_and_the_node_carries_on(tmp_path: Pa
         assert isinstance(reply, Error) and reply.code == "bad_range"
         assert isinstance(after, Pong)
         assert await fetched(b, a.addr, digest, 0, MiB) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 40_000),
+    st.integers(4096, 9000),
+    st.lists(st.tuples(st.integers(0, 40_000), st.integers(0, 9000)), max_size=12),
+)
+def test_in_flight_pieces_are_exactly_the_pieces_wholly_landed(
+    size: int, piece: int, writes: list[tuple[int, int]]
+) -> None:
+    holdings = Holdings(None, 4096)
+    flight = holdings.begin(ABSENT, size, Path("/nonexistent"), piece)
+    written = bytearray(size)
+    for offset, length in writes:
+        offset, length = min(offset, size), min(length, size - min(offset, size))
+        flight.landed(offset, length)
+        written[offset : offset + length] = b"\1" * length
+    n = -(-size // piece)
+    held = [i for i in range(n) if all(written[i * piece : min((i + 1) * piece, size)])]
+    got = [i for a, b in flight.pieces() for i in range(a, b)]
+    assert got == held
+    assert flight.entry().pieces == flight.pieces() and flight.entry().fetching
+    with pytest.raises(ValueError):
+        flight.landed(size, 1)
+    flight.finish()
+    assert holdings.in_flight(ABSENT) is None
+    assert holdings.entry(ABSENT) == BlobEntry.whole(ABSENT, size, 4096)
