@@ -142,6 +142,8 @@ class BlobShare(BlobPeers):
         self._not_yet: Counter[str] = Counter()
         self._changed = trio.Event()
         self._schedule_key: tuple[int, frozenset[str]] | None = None
+        #: Peers that speak the pieces feature (they answered): who may join the fetch.
+        self._capable: set[str] = set()
         self._queues: list[deque[tuple[int, str | None]]] = []
 
     # -- meeting the peers -------------------------------------------------------------------
@@ -165,6 +167,7 @@ class BlobShare(BlobPeers):
         except Exception as exc:  # a peer is a trust boundary: it is just not a source
             log.info("share %s: peer %s is not a source: %s", self.digest, peer, exc)
             return
+        self._capable.add(peer)
         self._learn(peer, got)
 
     def _learn(self, peer: str, entry: BlobEntry | None) -> None:
@@ -186,11 +189,12 @@ class BlobShare(BlobPeers):
         """Peers that announced this blob since (even those that had nothing when asked: they
         started after): participants; peers no longer up: not."""
         live = set(self.live_peers())
-        self.plan.prospects = live
         for peer, entry in self.network.holdings.heard(self.digest).items():
             if peer in live and self._heard.get(peer) is not entry:
                 self._heard[peer] = entry
+                self._capable.add(peer)
                 self._learn(peer, entry)
+        self.plan.prospects = live & self._capable
         for peer in list(self.plan.holdings):
             if peer not in live:
                 self.plan.update(peer, None)
