@@ -35,6 +35,10 @@ from .piece_client import PieceUnavailable
 from .piece_server import NOT_YET_WAIT
 from .planner import BlobPlan, Origin, PeerHolding, Take, piece_range
 
+#: The schedule's queues: what a peer holds, this node's own pieces, pieces peers that may
+#: join would own, pieces an owner is fetching.
+TAKE, MINE, OTHERS, WAIT = range(4)
+
 __all__ = ["BlobShare", "NodePieces", "PieceNetwork", "Sharing"]
 
 log = logging.getLogger("tensord.download")
@@ -43,6 +47,13 @@ log = logging.getLogger("tensord.download")
 MIN_PEER_RATE = 1 << 20
 #: A peer that answers ``not_yet`` this many times in a row for pieces it owns is too slow.
 MAX_NOT_YET = 3
+#: How long a node leaves for the peers that may join a fetch (live, speaking ``pieces``, not
+#: yet heard from) the pieces they would own, before it fetches them itself: nodes told to pull
+#: "at the same moment" start a CLI, resolve a manifest and reach the blob up to a second or two
+#: apart, and a piece both read from the origin is the waste this is for. It ends early once
+#: every such peer is a participant, a holder or failed; a node pulling alone pays it only when
+#: its own pieces take less than this.
+JOIN_GRACE = 2.0
 
 
 class PieceNetwork(Protocol):
@@ -141,6 +152,9 @@ class BlobShare(BlobPeers):
         self._heard: dict[str, BlobEntry] = {}
         self._not_yet: Counter[str] = Counter()
         self._changed = trio.Event()
+        # A blob of one piece is not worth the wait: read twice, it costs one piece at most.
+        grace = JOIN_GRACE if self.plan.count > 1 else 0.0
+        self._grace_ends = trio.current_time() + grace
         self._schedule_key: tuple[int, frozenset[str]] | None = None
         #: Peers that speak the pieces feature (they answered): who may join the fetch.
         self._capable: set[str] = set()
@@ -209,7 +223,9 @@ class BlobShare(BlobPeers):
         self._refresh()
         self._reschedule()
         done = self.plan.done
-        for queue in self._queues:
+        for n, queue in enumerate(self._queues):
+            if n == OTHERS and not self._others_may_go():
+                continue
             while queue and queue[0][0] in done:
                 queue.popleft()
             for index, peer in queue:  # past the busy ones (at most one per connection)
@@ -251,7 +267,21 @@ class BlobShare(BlobPeers):
         return Piece(index, start, end, peer)
 
     async def changed(self) -> None:
+        if self._queues and self._queues[OTHERS] and not self._others_may_go():
+            with trio.move_on_at(self._grace_ends):  # then the others' pieces may go
+                await self._changed.wait()
+            return
         await self._changed.wait()
+
+    def _others_may_go(self) -> bool:
+        """May this node fetch the pieces peers that have not joined yet would own? After
+        :data:`JOIN_GRACE`, or once every prospect has shown up (or failed)."""
+        if trio.current_time() >= self._grace_ends:
+            return True
+        plan = self.plan
+        return all(
+            p in plan.participants or p in plan.holdings or p in plan.failed for p in plan.prospects
+        )
 
     async def fetch(self, peer: str, offset: int, into: memoryview) -> None:
         limit = 2 * self.network.io_timeout + NOT_YET_WAIT + len(into) / MIN_PEER_RATE
