@@ -5,8 +5,10 @@ node; a peer without the ``chain`` feature gets a direct send; hostile chain fie
 
 from __future__ import annotations
 
+import signal
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,8 @@ from tensord.wire.handshake import ALL_FEATURES
 from tensord.wire.messages import MAX_CHAIN, ChainOutcome, from_header, to_header
 from tensord.wire.meta import TensorMeta
 
+from .support.chaos.common import receiver
+from .support.daemons import free_port
 from .support.helpers import fast_settings
 from .support.raw_peer import RawPeer, header, unauthenticated
 
@@ -132,3 +136,62 @@ async def test_broadcast_to_three_peers_is_byte_exact_and_pipelined(transport: s
             if ev.direction == "send" and ev.peer == c.node_id and ev.state == "progress"
         )
         assert first_out < last_in
+
+
+async def test_a_peer_without_the_chain_feature_is_sent_to_directly() -> None:
+    data = tensor(4 * MiB, seed=1)
+    async with AsyncExitStack() as stack:
+        a, b, d = await nodes(stack, 3)
+        old = await stack.enter_async_context(
+            TensorNode(settings(), features=ALL_FEATURES - {"chain"})
+        )
+        result = await a.broadcast_tensor([b.addr, old.addr, d.addr], "w", data)
+        assert result.ok, result
+        statuses = {o.peer: o.status for o in result.outcomes}
+        # b relays, but cannot ask `old` to: the origin sends to it, and to d after it.
+        assert statuses == {b.addr: "stored", old.addr: "direct", d.addr: "direct"}
+        assert "chain feature" in result.outcomes[1].detail
+        for n, sender in ((b, a), (old, a), (d, a)):
+            arrival = await n.receive_tensor()
+            assert arrival.sender == sender.node_id and np.array_equal(arrival.array, data)
+        # The first peer without it: a direct send, then a chain for the rest.
+        result = await a.broadcast_tensor([old.addr, b.addr, d.addr], "v", data)
+        assert [o.status for o in result.outcomes] == ["direct", "stored", "stored"]
+        assert (await d.receive_tensor()).sender == b.node_id
+
+
+async def test_a_middle_node_killed_mid_transfer_is_repaired_around(tmp_path: Path) -> None:
+    """a -> b -> c -> d, c a daemon killed with SIGKILL once d holds chunks from it: b links to
+    d, which resumes from what it holds; b and d complete byte-exact, c is reported failed."""
+    data = tensor(128 * MiB, seed=2)
+    port = free_port()
+    async with AsyncExitStack() as stack:
+        a, b, d = await nodes(stack, 3)
+        c = await stack.enter_async_context(receiver(tmp_path, port, node_id="c"))
+        c_addr = f"tensord://c@127.0.0.1:{port}"
+        killed: list[int] = []
+
+        async def kill_when_d_holds_chunks(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            async with d.events.subscribe() as events:
+                task_status.started()
+                async for ev in events:
+                    if isinstance(ev, TransferEvent) and ev.peer == "c" and ev.bytes_done > 0:
+                        c.proc.send_signal(signal.SIGKILL)
+                        killed.append(ev.bytes_done)
+                        return
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kill_when_d_holds_chunks)
+            result = await a.broadcast_tensor([b.addr, c_addr, d.addr], "w", data)
+            nursery.cancel_scope.cancel()
+        assert killed and killed[0] < data.nbytes  # killed mid-transfer
+        by_peer = {o.peer: o for o in result.outcomes}
+        assert by_peer[b.addr].status == "stored" and by_peer[d.addr].status == "stored"
+        assert by_peer[c_addr].status == "failed" and not result.ok
+        for n in (b, d):
+            assert np.array_equal(n.get_tensor("w"), data)
+        # d resumed from what it had from c: those bytes were not sent to it again.
+        repaired = by_peer[d.addr]
+        assert repaired.bytes_skipped >= killed[0] > 0
+        assert repaired.bytes_sent <= data.nbytes - repaired.bytes_skipped + repaired.bytes_resent
+        assert (await d.receive_tensor()).sender == b.node_id  # the repaired link
