@@ -85,6 +85,10 @@ class Forwarder(Protocol):
 
     def arrived(self) -> None: ...
 
+    async def hold_data(self) -> None: ...
+
+    def use_data(self, data: memoryview) -> None: ...
+
     def cancel(self) -> None: ...
 
     async def run(self) -> None: ...
@@ -601,11 +605,14 @@ class Receiver:
         outcomes: list[ChainOutcome] = []
 
         async def complete() -> Stored | None:
+            if relay is not None:
+                await relay.hold_data()  # the receive buffer may be unmapped by the commit
             array = await sink.commit(conn.peer_id)
             committed.append(True)
             self._arrive(meta.name, array, conn.peer_id)
             if relay is None:
                 return None
+            relay.use_data(flat_bytes(array))
             # Answer once the rest of the chain has, with its outcomes.
             stored = await relay.stored(conn, self.settings.transfer.io_timeout)
             outcomes.extend(stored.outcomes)

@@ -5,6 +5,7 @@ node; a peer without the ``chain`` feature gets a direct send; hostile chain fie
 
 from __future__ import annotations
 
+import re
 import signal
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import trio
 
+from tensord import AsyncClient
 from tensord.config import Settings
+from tensord.errors import ControlError
 from tensord.events import Event, TransferEvent
 from tensord.node import TensorNode
 from tensord.wire import Begin, Stored
@@ -24,9 +27,12 @@ from tensord.wire.messages import MAX_CHAIN, ChainOutcome, from_header, to_heade
 from tensord.wire.meta import TensorMeta
 
 from .support.chaos.common import receiver
+from .support.cli import run
+from .support.cluster import write_cluster_file
 from .support.daemons import free_port
 from .support.helpers import fast_settings
 from .support.raw_peer import RawPeer, header, unauthenticated
+from .support.tensor_files import save
 
 MiB = 1 << 20
 
@@ -195,3 +201,38 @@ async def test_a_middle_node_killed_mid_transfer_is_repaired_around(tmp_path: Pa
         assert repaired.bytes_skipped >= killed[0] > 0
         assert repaired.bytes_sent <= data.nbytes - repaired.bytes_skipped + repaired.bytes_resent
         assert (await d.receive_tensor()).sender == b.node_id  # the repaired link
+
+
+# -- daemons: the CLI and the control API ------------------------------------------------------
+
+
+async def test_cli_and_control_api_broadcast_to_three_daemons(tmp_path: Path) -> None:
+    """``tensord send FILE --to all`` and ``--to b,c``, and ``send(to=[...])`` of the client,
+    against four real daemons of one cluster file."""
+    ids = ["a", "b", "c", "d"]
+    ports = {n: free_port() for n in ids}
+    cluster = write_cluster_file(tmp_path / "cluster.json", ports, name="t")
+    data = tensor(3 * MiB, seed=3)
+    path = save(tmp_path / "w.npy", data)
+    async with AsyncExitStack() as stack:
+        ds = {
+            n: await stack.enter_async_context(
+                receiver(tmp_path / n, ports[n], "--cluster", str(cluster), node_id=n)
+            )
+            for n in ids
+        }
+        result = await run("send", str(path), "--to", "all", socket=ds["a"].socket)
+        assert result.code == 0, result
+        assert "broadcast w: 3.0 MiB to 3 peers" in result.out
+        for n in ("b", "c", "d"):
+            assert re.search(rf"^  {n}: stored$", result.out, re.M), result.out
+            async with AsyncClient(ds[n].socket) as client:
+                assert np.array_equal(await client.load("w"), data)
+        async with AsyncClient(ds["a"].socket) as client:
+            [done] = await client.send(to=["d", "b"], path=path, name="v")
+            assert done["ok"], done["peers"]
+            assert [p["peer"] for p in done["peers"]] == ["d", "b"]
+            with pytest.raises(ControlError, match="twice"):
+                await client.send(to=["b", "b"], name="w")
+        result = await run("send", str(path), "--to", "c,nobody", socket=ds["a"].socket)
+        assert result.code != 0 and "nobody" in result.err

@@ -78,7 +78,12 @@ def _client_commands(p: argparse.ArgumentParser, sub: Any) -> None:
     add("ls", "the tensors in the store", as_json)
     send = add("send", "send a .npy or .safetensors file's tensors to a peer")
     send.add_argument("file", metavar="FILE", help=".npy or .safetensors file (read by the daemon)")
-    send.add_argument("--to", metavar="PEER", required=True, help="node id, ticket or host:port")
+    send.add_argument(
+        "--to",
+        metavar="PEER",
+        required=True,
+        help="node id, ticket or host:port; b,c,d or all: a pipelined broadcast down that chain",
+    )
     send.add_argument(
         "--name", metavar="N", help="remote name (.npy; default: the file's stem) or prefix"
     )

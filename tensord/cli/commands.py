@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ControlError
 from .progress import Bars, DownloadBars, following
 from .render import (
+    broadcast_lines,
     downloads_table,
     event_line,
     human_bytes,
@@ -95,7 +96,18 @@ async def cmd_transfers(args: argparse.Namespace) -> int:
         return _show(args, await client.transfers(), transfers_table)
 
 
+def _chain_of(to: str) -> list[str] | str | None:
+    """``--to b,c,d`` or ``--to all``: a broadcast's peers; one peer: ``None`` (a send)."""
+    if to == "all":
+        return "all"
+    peers = [p.strip() for p in to.split(",") if p.strip()]
+    return peers if len(peers) > 1 else None
+
+
 async def cmd_send(args: argparse.Namespace) -> int:
+    chain = _chain_of(args.to)
+    if chain is not None:
+        return await _broadcast(args, chain)
     path = Path(args.file)
     prefix: str | None = None
     if path.suffix == ".safetensors":
@@ -130,6 +142,32 @@ async def cmd_send(args: argparse.Namespace) -> int:
     for r in results:
         print(summary("sent", "to", r["name"], r.get("peer") or args.to, r, r["retries"]))
     return 0
+
+
+async def _broadcast(args: argparse.Namespace, chain: list[str] | str) -> int:
+    """``tensord send FILE --to b,c,d``: down a chain, each peer forwarding as chunks land;
+    a line per peer, exit status 1 if any failed."""
+    path = Path(args.file)
+
+    def match(ev: Json) -> bool:
+        return ev["direction"] == "send" and (
+            chain == "all" or any(_peer_matches(p, ev["peer"]) for p in chain)
+        )
+
+    async with _client(args) as client:
+        with Bars() as bars:
+            try:
+                results = await following(
+                    client, bars, match, lambda: client.send(to=chain, path=path, name=args.name)
+                )
+            except ControlError as exc:
+                raise _unseen_file(exc, path) from None
+    if getattr(args, "json", False):
+        print_json(results)
+    else:
+        for r in results:
+            print(broadcast_lines(r))
+    return 0 if all(r["ok"] for r in results) else 1
 
 
 def _hidden_from_daemon(exc: ControlError, path: Path) -> bool:

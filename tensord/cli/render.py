@@ -200,6 +200,24 @@ def summary(verb: str, way: str, name: str, peer: str, r: Json, retries: int | N
     return line
 
 
+def broadcast_lines(r: Json) -> str:
+    """A broadcast's outcome: ``broadcast w: 256.0 MiB to 3 peers in 0.80 s``, then a line per
+    peer (``stored``, ``direct`` or ``failed``, with what a repair saved and re-sent)."""
+    peers = r["peers"]
+    lines = [
+        f"broadcast {r['name']}: {human_bytes(r['nbytes'])} to "
+        f"{plural(len(peers), 'peer', 'peers')} in {r['seconds']:.2f} s"
+    ]
+    for p in peers:
+        line = f"  {p['peer']}: {p['status']}"
+        if p["bytes_skipped"]:
+            line += f", resumed with {human_bytes(p['bytes_skipped'])} already there"
+        if p["bytes_resent"]:
+            line += f", {human_bytes(p['bytes_resent'])} re-sent"
+        lines.append(line + (f" ({p['detail']})" if p["detail"] else ""))
+    return "\n".join(lines)
+
+
 def short_digest(digest: str) -> str:
     return digest.removeprefix("sha256:")[:12]
 

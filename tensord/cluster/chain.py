@@ -134,6 +134,47 @@ class _Wakeup:
         self._event = trio.Event()
 
 
+class DataGate:
+    """Where a link reads its chunks: the receive's buffer, then the committed tensor.
+
+    A store's partial file is unmapped when it is committed, so a relay's links must hold no
+    view of it then: :meth:`close` waits until no chunk is being sent from it and stops new
+    ones; :meth:`reopen` points the links at the committed tensor (memory-mapped: still no
+    copy). The origin's gate never closes.
+    """
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self._busy = 0
+        self._closed = False
+        self._changed = trio.Event()
+
+    def _change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def acquire(self) -> memoryview:
+        while self._closed:
+            await self._changed.wait()
+        self._busy += 1
+        return self.data
+
+    def release(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._change()
+
+    async def close(self) -> None:
+        self._closed = True
+        while self._busy:
+            await self._changed.wait()
+
+    def reopen(self, data: memoryview) -> None:
+        self.data = data
+        self._closed = False
+        self._change()
+
+
 def _peer_error(err: Error, name: str) -> TensorError:
     if err.code in FINAL_ERROR_CODES or err.code == "bad_chain":
         return TransferFailed(f"peer refused tensor {name!r}: {err.message}", code=err.code)
@@ -144,6 +185,7 @@ async def drive_link(
     conn: Connection,
     xfer: RelaySend,
     wakeup: _Wakeup,
+    gate: DataGate,
     *,
     io_timeout: float,
     progress: Callable[[int], None] | None = None,
@@ -188,18 +230,24 @@ async def drive_link(
                 while xfer.state in (SendState.SENDING, SendState.ENDED):
                     if reader_failed:
                         raise reader_failed[0]
-                    out = xfer.next_chunk()
-                    if out is not None:
-                        after = encode(xfer.end()) if xfer.wants_end else b""
-                        await stream.send_with_payload(out.header, out.payload, b"", after)
-                        deadline.touch()
-                        if progress is not None:
-                            progress(xfer.stats.bytes_sent)
-                    elif xfer.wants_end:
-                        await stream.send(xfer.end())
-                        deadline.touch()
-                    else:
-                        await wakeup.wait()
+                    xfer.data = await gate.acquire()
+                    try:
+                        out = xfer.next_chunk()
+                        if out is not None:
+                            after = encode(xfer.end()) if xfer.wants_end else b""
+                            await stream.send_with_payload(out.header, out.payload, b"", after)
+                            out = None  # no view of the buffer outlives the send
+                            deadline.touch()
+                            if progress is not None:
+                                progress(xfer.stats.bytes_sent)
+                            continue
+                        if xfer.wants_end:
+                            await stream.send(xfer.end())
+                            deadline.touch()
+                            continue
+                    finally:
+                        gate.release()
+                    await wakeup.wait()
                 if reader_failed:
                     raise reader_failed[0]
             except BaseException as exc:  # re-raised below, not wrapped by the nursery
@@ -238,6 +286,7 @@ class _Links:
         self.xid = xid
         self.meta = meta
         self.data = data
+        self.gate = DataGate(data)
         self.chunk = chunk
         self.arriving = arriving
         self.wakeup = wakeup
@@ -347,6 +396,7 @@ class _Links:
                     conn,
                     xfer,
                     self.wakeup,
+                    self.gate,
                     io_timeout=settings.transfer.io_timeout,
                     progress=progress,
                 )
@@ -400,6 +450,15 @@ class Relay:
         """The receive got chunks: wake the link if some are new."""
         if self.arriving.poll():
             self.wakeup.set()
+
+    async def hold_data(self) -> None:
+        """The receive is about to be committed: stop reading its buffer (see
+        :class:`DataGate`)."""
+        await self._links.gate.close()
+
+    def use_data(self, data: memoryview) -> None:
+        """The committed tensor's bytes: read chunks from there from now on."""
+        self._links.gate.reopen(data)
 
     def cancel(self) -> None:
         """The receive stopped before it completed (its sender will resume it, with a new

@@ -51,6 +51,7 @@ from ..limits import check_name
 from ..node import TransferResult
 from ..store import PartialReceive, TensorInfo, TensorStore
 from ..tensorfile import FileTensor, read_tensor_file
+from ..wire.messages import MAX_CHAIN
 from ..wire.meta import TensorMeta, wire_dtype
 from . import status
 from .files import FILE_THREADS, open_for_caller
@@ -427,11 +428,16 @@ class ControlApp:
         await self._json(send, 200, {"deleted": args[0]})
 
     async def send_(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
-        doc = await req.fields("peer", "name", "path")
-        peer = str(field(doc, "peer"))
+        doc = await req.fields("peer", "to", "name", "path")
         name = name_field(doc, "name", required=False)
         path_value = field(doc, "path", required=False)
         path = None if path_value is None else file_path(path_value)
+        if "to" in doc:
+            if "peer" in doc:
+                raise HTTPError(400, "bad_request", "give 'peer' or 'to', not both")
+            await self._broadcast(req, send, self._chain_peers(doc["to"]), name, path)
+            return
+        peer = str(field(doc, "peer"))
 
         async def work() -> list[dict[str, Any]]:
             if path is None:
@@ -446,6 +452,56 @@ class ControlApp:
 
         results = await self._until_disconnect(req, work())
         await self._json(send, 200, {"transfers": results})
+
+    def _chain_peers(self, to: object) -> list[str]:
+        """``"to"``: a list of peers (node ids, tickets or host:port), or ``"all"``: every
+        other node of the cluster file. At most :data:`MAX_CHAIN`, none twice."""
+        if to == "all":
+            me = self.node.node_id
+            peers = [n.id for n in self.node.settings.nodes if n.id != me]
+            if not peers:
+                raise HTTPError(400, "bad_request", "'to': 'all': the cluster file has no peers")
+            return peers
+        if (
+            not isinstance(to, list)
+            or not 1 <= len(to) <= MAX_CHAIN
+            or not all(isinstance(p, str) and 0 < len(p) <= 512 for p in to)
+        ):
+            raise HTTPError(
+                400,
+                "bad_request",
+                f"field 'to' must be \"all\" or a list of 1-{MAX_CHAIN} peers "
+                "(node ids, tickets or host:port)",
+            )
+        if len(set(to)) != len(to):
+            raise HTTPError(400, "bad_request", "field 'to' names a peer twice")
+        return list(to)
+
+    async def _broadcast(
+        self,
+        req: Request,
+        send: ASGISendCallable,
+        peers: list[str],
+        name: str | None,
+        path: Path | None,
+    ) -> None:
+        """``POST /v1/send`` with ``"to"``: a chain broadcast per tensor, each peer's outcome."""
+
+        async def work() -> list[dict[str, Any]]:
+            if path is None:
+                if name is None:
+                    raise HTTPError(400, "bad_request", "give the tensor's 'name' or a 'path'")
+                return [(await self.node.send_stored_to_all(peers, name)).to_json()]
+            found = await self._read_file(req, path, name)
+            return [
+                (
+                    await self.node.broadcast_tensor(peers, ft.name, ft.array, dtype=ft.dtype)
+                ).to_json()
+                for ft in found
+            ]
+
+        results = await self._until_disconnect(req, work())
+        await self._json(send, 200, {"broadcasts": results})
 
     async def pull(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
         doc = await req.fields("peer", "name", "as")

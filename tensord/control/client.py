@@ -31,7 +31,7 @@ import os
 import secrets
 import urllib.parse
 import warnings
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -328,24 +328,32 @@ class _Endpoints:
     @endpoint
     def send(
         self,
-        peer: str,
+        peer: str | None = None,
         *,
+        to: Sequence[str] | str | None = None,
         name: str | None = None,
         path: str | os.PathLike[str] | None = None,
     ) -> Call[list[Json]]:
         """Send stored tensor ``name``, or the tensors of the file at ``path`` (then ``name`` is
         the remote name, or prefix for a ``.safetensors``), to ``peer``. Returns once the peer
-        has verified and stored everything."""
-        body: Json
+        has verified and stored everything: one transfer result per tensor.
+
+        With ``to`` (a list of peers, or ``"all"``: every other node of the cluster file)
+        instead of ``peer``: a pipelined broadcast down that chain, one result per tensor
+        listing each peer's outcome under ``"peers"`` (docs/CONTROL.md)."""
+        if (peer is None) == (to is None):
+            raise ValueError("send() needs a peer or to=[peers], not both")
+        body: Json = {"peer": peer} if to is None else {"to": to if to == "all" else list(to)}
         if path is None:
             if name is None:
                 raise ValueError("send() needs a stored tensor's name or a file's path")
-            body = {"peer": peer, "name": name}
+            body["name"] = name
         else:
-            body = {"peer": peer, "path": _absolute(path)}
+            body["path"] = _absolute(path)
             if name is not None:
                 body["name"] = name
-        return Call("POST", "/v1/send", _listed("transfers"), json=body, long=True)
+        listed = _listed("transfers" if to is None else "broadcasts")
+        return Call("POST", "/v1/send", listed, json=body, long=True)
 
     @endpoint
     def pull(self, peer: str, name: str, *, as_name: str | None = None) -> Call[Json]:
