@@ -96,6 +96,8 @@ class Daemon:
                 await self.node.start(nursery)
                 await nursery.start(self._report_status)
                 await nursery.start(self.downloads.run)
+                # A peer's `pull-model --on` starts a job here, as the control API would.
+                self.node.on_pull_request = lambda peer, ref: self.downloads.start("model", ref).id
                 if self.gateway is not None:
                     await nursery.start(self.gateway.run)
                 if self.mirror is not None:

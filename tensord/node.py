@@ -31,6 +31,7 @@ import trio
 from .address import PeerAddress
 from .cluster.chain import BroadcastResult, Chain
 from .cluster.holdings import Holdings
+from .cluster.remote_pull import PullHook
 from .config import MAX_CHUNK_SIZE, Settings
 from .errors import BadTensor, NodeClosed, ProtocolError, TensorNotFound
 from .events import ArrivalEvent, EventBus
@@ -262,6 +263,16 @@ class TensorNode:
             scope.cancel()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    @property
+    def on_pull_request(self) -> PullHook | None:
+        """What starts a model pull a peer asks for (``tensord pull-model --on``): the daemon
+        installs its download manager's here; ``None`` (a library node) refuses them."""
+        return self._receiver.on_pull_request
+
+    @on_pull_request.setter
+    def on_pull_request(self, hook: PullHook | None) -> None:
+        self._receiver.on_pull_request = hook
 
     @property
     def state(self) -> State:

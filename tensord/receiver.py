@@ -4,8 +4,9 @@ Every connection a peer opens is served here, one message after another: a ``Beg
 resumes) a receive, ``Legacy`` a receive from an old peer, ``Request`` a pull this node answers
 by sending, ``Ping`` a ``Pong``; the ``pieces`` messages (``Query``, ``Announce``,
 ``PieceRequest``) are answered from the node's blob holdings (:mod:`tensord.cluster.
-piece_server`). Each connection is an error boundary (:meth:`Receiver._serve_messages`):
-whatever a peer makes it do, the worst outcome is that its connection ends.
+piece_server`), ``PullModel`` by the daemon's hook (:mod:`tensord.cluster.remote_pull`).
+Each connection is an error boundary (:meth:`Receiver._serve_messages`): whatever a peer makes
+it do, the worst outcome is that its connection ends.
 
 A receive may outlive its connection. What arrived of an interrupted one is kept as a partial
 (checkpointed to the store while it runs) that the sender's retry resumes; a committed one is
@@ -33,6 +34,7 @@ import trio
 from .boundary import report_unexpected
 from .cluster.holdings import Holdings
 from .cluster.piece_server import serve_announce, serve_piece, serve_query
+from .cluster.remote_pull import PullHook, serve_pull_model
 from .config import HostPort, Settings
 from .errors import BadTensor, ProtocolError, TensorError, TensorNotFound, TransferFailed
 from .events import EventBus
@@ -59,6 +61,7 @@ from .wire.messages import (
     PieceRequest,
     Ping,
     Pong,
+    PullModel,
     Query,
     Request,
     Stored,
@@ -183,6 +186,9 @@ class Receiver:
         self._stored = stored
         self._arrive = arrive
         self._forward = forward
+        #: Starts a model pull a peer asks for (``remote_pull``): set by the daemon, which owns
+        #: the download manager; ``None`` (a library node) refuses such requests.
+        self.on_pull_request: PullHook | None = None
         #: The blobs this node serves to peers' piece requests (``pieces`` feature).
         self.holdings = holdings if holdings is not None else Holdings(None)
         self._sweep_interval = sweep_interval
@@ -339,6 +345,8 @@ class Receiver:
                     await serve_query(conn, msg, self.holdings)
                 elif isinstance(msg, Announce):
                     await serve_announce(conn, msg, self.holdings)
+                elif isinstance(msg, PullModel):
+                    await serve_pull_model(conn, msg, self.on_pull_request)
                 elif isinstance(msg, Error) and msg.code == "auth":
                     log.warning("peer %s refused this node: %s", conn.peer_id, msg.message)
                     return

@@ -110,6 +110,14 @@ def _client_commands(p: argparse.ArgumentParser, sub: Any) -> None:
     )
     model = add("pull-model", "download a model's layers from a registry", detach)
     model.add_argument("reference", metavar="REGISTRY/NAME:TAG", help="e.g. llama3:8b")
+    model.add_argument(
+        "--on",
+        metavar="all|b,c,...",
+        help="ask these nodes of the cluster file (all: every node, this one too) to pull it; "
+        "they share the pieces. This node's own pull is followed; the others' are shown as "
+        "started (their job ids: see `tensord downloads` there). Exit status 1 if any node "
+        "could not start it",
+    )
     url = add("download", "download a URL into the blob store, checking its sha256", detach)
     url.add_argument("url", metavar="URL")
     url.add_argument("--sha256", metavar="HEX", required=True, help="the expected SHA-256")

@@ -28,6 +28,8 @@ from .render import (
     peers_table,
     plural,
     print_json,
+    pull_on_lines,
+    sources_summary,
     status_text,
     summary,
     tensors_table,
@@ -252,18 +254,24 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 
 
 async def _follow_download(
-    args: argparse.Namespace, start: Callable[[AsyncClient], Awaitable[Json]]
+    args: argparse.Namespace, start: Callable[[AsyncClient], Awaitable[Json | None]]
 ) -> int:
+    """Start a download and follow it to its end (or only start it, ``--detach``). ``start``
+    returning ``None``: no job on this node to follow (``pull-model --on`` other nodes)."""
     async with _client(args) as client:
         if args.detach:
             job = await start(client)
-            print(f"download {job['id']}: {job['source']} ({job['state']}); "
-                  f"see `tensord downloads`")  # fmt: skip
+            if job is not None:
+                print(f"download {job['id']}: {job['source']} ({job['state']}); "
+                      f"see `tensord downloads`")  # fmt: skip
             return 0
         started = time.perf_counter()
         connections = 0
+        final: Json = {}
         async with client.subscribe() as events:
             job = await start(client)
+            if job is None:
+                return 0
             if job["state"] in ("done", "failed", "cancelled"):
                 last: Json = job
             else:
@@ -293,12 +301,26 @@ async def _follow_download(
         used = plural(connections, "connection", "connections")
         line += f" ({human_rate(size / seconds)}, up to {used}"
         line += f", {plural(int(last.get('retries') or 0), 'retry', 'retries')})"
-    print(line)
+    sources = sources_summary(final.get("sources") or last.get("sources"))
+    print(f"{line}; {sources}" if sources else line)
     return 0
 
 
 async def cmd_pull_model(args: argparse.Namespace) -> int:
-    return await _follow_download(args, lambda c: c.pull_model(args.reference))
+    if not args.on:
+        return await _follow_download(args, lambda c: c.pull_model(args.reference))
+    on = "all" if args.on == "all" else [n.strip() for n in args.on.split(",") if n.strip()]
+    reply: Json = {}
+
+    async def start(client: AsyncClient) -> Json | None:
+        reply.update(await client.pull_model(args.reference, on=on))
+        print(pull_on_lines(reply), flush=True)
+        job: Json | None = reply.get("job")
+        return job
+
+    status = await _follow_download(args, start)
+    failed = any("error" in n for n in reply.get("nodes", []))
+    return 1 if failed else status
 
 
 async def cmd_download(args: argparse.Namespace) -> int:

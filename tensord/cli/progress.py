@@ -16,7 +16,7 @@ import trio
 
 from ..errors import ControlError
 from ..transfers import FINAL_STATES
-from .render import short_digest
+from .render import short_digest, sources_text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -153,8 +153,17 @@ async def following(
     return results[0]
 
 
+def download_info(ev: Json) -> str:
+    """The total bar's last column: connections, retries, and the bytes by source (the origin
+    and each peer it took pieces from)."""
+    info = f"{ev.get('connections', 0)} connections, {ev.get('retries', 0)} retries"
+    sources = sources_text(ev.get("sources") or ())
+    return f"{info}; {sources}" if sources else info
+
+
 class DownloadBars(_LiveBars):
-    """A total bar and one bar per layer, with the connections in use, from download events."""
+    """A total bar and one bar per layer, with the connections in use and the bytes by
+    source, from download events."""
 
     def __init__(self) -> None:
         super().__init__(None, "{task.fields[info]}")
@@ -164,7 +173,7 @@ class DownloadBars(_LiveBars):
 
     def update(self, ev: Json) -> None:
         self.max_connections = max(self.max_connections, int(ev.get("connections") or 0))
-        info = f"{ev.get('connections', 0)} connections, {ev.get('retries', 0)} retries"
+        info = download_info(ev)
         if self._total is None:
             self._total = self.progress.add_task("total", total=ev.get("bytes_total"), info=info)
         self.progress.update(

@@ -218,6 +218,51 @@ def broadcast_lines(r: Json) -> str:
     return "\n".join(lines)
 
 
+def source_totals(sources: object) -> dict[str, int]:
+    """Bytes by source ("origin" first, then peers by most bytes) from a download event's
+    ``sources`` (``[digest, source, bytes]`` rows) or a job's (``{digest: {source: bytes}}``)."""
+    totals: dict[str, int] = {}
+    rows: list[tuple[str, int]] = []
+    if isinstance(sources, dict):
+        rows = [(src, int(n)) for by in sources.values() for src, n in by.items()]
+    elif isinstance(sources, list | tuple):
+        rows = [(str(row[1]), int(row[2])) for row in sources]
+    for src, n in rows:
+        totals[src] = totals.get(src, 0) + n
+    return dict(sorted(totals.items(), key=lambda kv: (kv[0] != "origin", -kv[1], kv[0])))
+
+
+def sources_text(sources: object) -> str:
+    """``origin 12.0 MiB, gpu-2 40.0 MiB``: where a download's bytes came from so far."""
+    return ", ".join(f"{src} {human_bytes(n)}" for src, n in source_totals(sources).items() if n)
+
+
+def sources_summary(sources: object) -> str:
+    """The end of a download's summary line: ``12.0 MiB from the origin, 36.0 MiB from peers
+    (gpu-2 36.0 MiB)``; empty when nothing was accounted."""
+    totals = source_totals(sources)
+    origin = totals.pop("origin", 0)
+    peers = {src: n for src, n in totals.items() if n}
+    if not origin and not peers:
+        return ""
+    text = f"{human_bytes(origin)} from the origin"
+    if peers:
+        listed = ", ".join(f"{src} {human_bytes(n)}" for src, n in peers.items())
+        text += f", {human_bytes(sum(peers.values()))} from peers ({listed})"
+    return text
+
+
+def pull_on_lines(reply: Json) -> str:
+    """``tensord pull-model --on``: a line per node, the job it started or why not."""
+    lines = []
+    for n in reply.get("nodes", []):
+        if "error" in n:
+            lines.append(f"{n['node']}: failed: {n['error']['message']}")
+        else:
+            lines.append(f"{n['node']}: started download {n['id']}")
+    return "\n".join(lines)
+
+
 def short_digest(digest: str) -> str:
     return digest.removeprefix("sha256:")[:12]
 

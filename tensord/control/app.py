@@ -40,6 +40,8 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from .. import metrics
 from ..asgi import lifespan, send_body
 from ..boundary import report_unexpected
+from ..cluster.remote_pull import request_pull
+from ..download.registry import parse_reference
 from ..errors import (
     BadTensor,
     ProtocolError,
@@ -51,7 +53,7 @@ from ..limits import check_name
 from ..node import TransferResult
 from ..store import PartialReceive, TensorInfo, TensorStore
 from ..tensorfile import FileTensor, read_tensor_file
-from ..wire.messages import MAX_CHAIN
+from ..wire.messages import MAX_CHAIN, MODEL_REF_RE
 from ..wire.meta import TensorMeta, wire_dtype
 from . import status
 from .files import FILE_THREADS, open_for_caller
@@ -534,17 +536,86 @@ class ControlApp:
         await self._json(send, 200, {"downloads": [j.to_json() for j in jobs]})
 
     async def start_download(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
-        doc = await req.fields("model", "url", "sha256")
+        doc = await req.fields("model", "url", "sha256", "on")
         model = field(doc, "model", required=False)
         url = field(doc, "url", required=False)
         if (model is None) == (url is None):
             raise HTTPError(400, "bad_request", "give exactly one of 'model' or 'url'")
         manager = self.daemon.downloads
+        if "on" in doc:
+            if model is None:
+                raise HTTPError(400, "bad_request", "'on' goes with a 'model' pull, not a 'url'")
+            await self._json(send, 202, await self._pull_on(model, self._pull_nodes(doc["on"])))
+            return
         if model is not None:
             job = manager.start("model", model)
         else:
             job = manager.start("url", str(url), field(doc, "sha256"))
         await self._json(send, 202, job.to_json())
+
+    def _pull_nodes(self, on: object) -> list[str]:
+        """``"on"``: ``"all"`` (every node of the cluster file, this one included) or a list of
+        node ids of the cluster file, none twice."""
+        known = [n.id for n in self.node.settings.nodes]
+        if on == "all":
+            return known or [self.node.node_id]
+        if (
+            not isinstance(on, list)
+            or not 1 <= len(on) <= MAX_CHAIN
+            or not all(isinstance(n, str) and 0 < len(n) <= 256 for n in on)
+        ):
+            raise HTTPError(
+                400,
+                "bad_request",
+                f"field 'on' must be \"all\" or a list of 1-{MAX_CHAIN} node ids",
+            )
+        if len(set(on)) != len(on):
+            raise HTTPError(400, "bad_request", "field 'on' names a node twice")
+        me = self.node.node_id
+        unknown = [n for n in on if n != me and n not in known]
+        if unknown:
+            raise HTTPError(
+                404,
+                "unknown_peer",
+                f"unknown node {unknown[0][:80]!r} in 'on': the cluster file names "
+                f"{', '.join(known) or 'no nodes'} (nothing was started)",
+            )
+        return list(on)
+
+    async def _pull_on(self, model: str, nodes: list[str]) -> dict[str, Any]:
+        """``POST /v1/downloads`` with ``"on"``: this node starts the pull if named, each peer
+        named is asked to over the peer protocol (``remote_pull``); the nodes then share the
+        pieces. One entry per node: the job id, or the error."""
+        parse_reference(model)  # a bad reference is refused here, before any node is asked
+        if not MODEL_REF_RE.match(model):
+            raise HTTPError(400, "bad_request", f"model reference {model[:80]!r} is too long")
+        me = self.node.node_id
+        out: dict[str, dict[str, Any]] = {}
+        local = None
+        if me in nodes:
+            local = self.daemon.downloads.start("model", model)
+            out[me] = {"node": me, "id": local.id}
+
+        async def ask(peer: str) -> None:
+            try:
+                out[peer] = {"node": peer, "id": await request_pull(self.node, peer, model)}
+            except TensorError as exc:
+                _, code = exc.http()
+                out[peer] = {"node": peer, "error": {"code": code, "message": str(exc)}}
+            except Exception as exc:  # a connection that broke: this peer's outcome only
+                log.info("asking %s to pull %s failed: %s", peer, model, exc)
+                text = f"peer {peer}: {type(exc).__name__}: {exc}"
+                out[peer] = {"node": peer, "error": {"code": "peer_unreachable", "message": text}}
+
+        async with trio.open_nursery() as nursery:
+            for peer in nodes:
+                if peer != me:
+                    nursery.start_soon(ask, peer)
+        return {
+            "model": model,
+            "nodes": [out[n] for n in nodes],
+            "job": None if local is None else local.to_json(),
+        }
 
     async def download(self, req: Request, send: ASGISendCallable, args: list[str]) -> None:
         await self._json(send, 200, self.daemon.downloads.get(args[0]).to_json())

@@ -4,7 +4,7 @@ Both speak HTTP/1.1 over the daemon's Unix socket with httpx, and turn its JSON 
 the typed errors the daemon raised (``TensorNotFound``, ``PeerUnreachable``, ...), so a program
 using the client handles the same exceptions as one embedding a ``TensorNode``.
 
-Each endpoint is written once (httpx's ``BaseClient`` idea): a method of :class:`_Endpoints`
+Each endpoint is written once (httpx's ``BaseClient`` idea), in :mod:`.endpoints`: a method
 describes the request (method, path, body) and how its reply becomes a result, as a
 :class:`Call`; the two clients only differ in how they send one (blocking or awaited). What is
 I/O beyond one request and reply - writing a tensor to a file, reading the events stream - is
@@ -24,18 +24,14 @@ once the daemon has said ``: subscribed``, so nothing that happens afterwards is
 from __future__ import annotations
 
 import errno
-import functools
-import io
 import json
 import os
 import secrets
-import urllib.parse
 import warnings
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
 
 import anyio
 import httpx
@@ -43,10 +39,11 @@ import httpx
 from .._version import __version__
 from ..config import default_control_socket, load_settings
 from ..errors import ConfigError, ControlError, DaemonNotRunning, TensorError, error_for_code
+from .endpoints import EVENTS, Call, Endpoints, absolute, tensor_data, tensor_path
 from .sse import EventQueue, SSEComment, SSEMessage, SSEParser
 
 if TYPE_CHECKING:
-    import numpy as np
+    pass
 
 # numpy is imported when needed: a CLI command starts faster without it.
 
@@ -90,15 +87,6 @@ def resolve_socket(
     if not default.exists() and SYSTEM_SOCKET.exists():
         return SYSTEM_SOCKET
     return default
-
-
-def tensor_path(name: str, *rest: str) -> str:
-    """``/v1/tensors/<name>``: the name is one percent-encoded path segment, ``/`` included
-    (and a name of dots encoded too, or the URL would be normalised to its parent)."""
-    segment = urllib.parse.quote(name, safe="")
-    if segment.strip(".") == "":
-        segment = segment.replace(".", "%2E")
-    return "/".join(["/v1/tensors", segment, *rest])
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,91 +160,8 @@ def _transport_error(socket: Path, exc: httpx.TransportError) -> ControlError:
 # Requests, written once for both clients
 
 
-@dataclass(frozen=True, slots=True)
-class Call(Generic[T]):
-    """One request of the control API and what its reply means: everything about an endpoint
-    except how the request is sent."""
-
-    method: str
-    url: str
-    #: The result, from a successful reply (whose body has been read).
-    parse: Callable[[httpx.Response], T]
-    json: Json | None = None
-    #: The body is this file's bytes, streamed (``application/octet-stream``).
-    upload: str | None = None
-    #: As long as a transfer (send, pull, put, events): no read timeout.
-    long: bool = False
-
-
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise ControlError(f"the daemon's reply is not JSON: {exc}", code="protocol") from None
-
-
-def _reply(response: httpx.Response) -> Json:
-    doc: Json = _json(response)
-    return doc
-
-
-def _listed(key: str) -> Callable[[httpx.Response], list[Json]]:
-    """The list under ``key`` of a reply such as ``{"peers": [...]}``."""
-
-    def parse(response: httpx.Response) -> list[Json]:
-        items: list[Json] = _json(response)[key]
-        return items
-
-    return parse
-
-
-def _no_result(response: httpx.Response) -> None:
-    _json(response)
-
-
-def _array(response: httpx.Response) -> np.ndarray[Any, Any]:
-    """A ``.npy`` reply as an array (bf16/fp8 come as same-size unsigned ints)."""
-    import numpy as np
-
-    return np.load(io.BytesIO(response.content), allow_pickle=False)  # type: ignore[no-any-return]
-
-
-#: The events stream: its reply is read as it comes (``EventStream``), never parsed whole.
-_EVENTS: Call[None] = Call("GET", "/v1/events", _no_result, long=True)
-
-
-class endpoint(Generic[P, T]):
-    """Turns a method of :class:`_Endpoints` that builds a :class:`Call` into the client's
-    method that makes it: on a ``Client`` it returns the result, on an ``AsyncClient`` an
-    awaitable of it (each client's ``_execute`` decides)."""
-
-    def __init__(self, build: Callable[Concatenate[Any, P], Call[T]]) -> None:
-        self._build = build
-        self.__doc__ = build.__doc__
-
-    @overload
-    def __get__(self, client: None, owner: type[Any]) -> Self: ...
-    @overload
-    def __get__(self, client: Client, owner: type[Any]) -> Callable[P, T]: ...
-    @overload
-    def __get__(
-        self, client: AsyncClient, owner: type[Any]
-    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
-    def __get__(self, client: _Endpoints | None, owner: type[Any]) -> Any:
-        if client is None:
-            return self
-        build = self._build
-
-        @functools.wraps(build)
-        def call(*args: P.args, **kwargs: P.kwargs) -> Any:
-            # Built by the executor, so that an async call's bad arguments raise when awaited.
-            return client._execute(functools.partial(build, client, *args, **kwargs))
-
-        return call
-
-
-class _Endpoints:
-    """The socket, the timeouts, and every endpoint of the control API as a :class:`Call`."""
+class _Endpoints(Endpoints):
+    """The socket and the timeouts of a client; the endpoints are :class:`Endpoints`'."""
 
     _http: httpx.Client | httpx.AsyncClient
 
@@ -268,11 +173,6 @@ class _Endpoints:
         #: Calls that last as long as a transfer (send, pull, put, events): no read limit.
         self._long = httpx.Timeout(None, connect=CONNECT_TIMEOUT)
         self._headers = {"user-agent": f"tensord-client/{__version__}"}
-
-    def _execute(self, describe: Callable[[], Call[Any]]) -> Any:
-        """Send the call ``describe()`` builds and return its result (an awaitable of it, for
-        the async client)."""
-        raise NotImplementedError
 
     def _request(
         self, call: Call[Any], content: Iterator[bytes] | AsyncIterator[bytes] | None = None
@@ -286,123 +186,6 @@ class _Endpoints:
             headers=headers,
             timeout=self._long if call.long else self._short,
         )
-
-    @endpoint
-    def status(self) -> Call[Json]:
-        """The node: id, version, store, peers, transfers in flight."""
-        return Call("GET", "/v1/status", _reply)
-
-    @endpoint
-    def peers(self) -> Call[list[Json]]:
-        return Call("GET", "/v1/peers", _listed("peers"))
-
-    @endpoint
-    def tensors(self) -> Call[list[Json]]:
-        return Call("GET", "/v1/tensors", _listed("tensors"))
-
-    @endpoint
-    def tensor(self, name: str) -> Call[Json]:
-        return Call("GET", tensor_path(name), _reply)
-
-    @endpoint
-    def load(self, name: str) -> Call[np.ndarray[Any, Any]]:
-        """Tensor ``name`` as an array (bf16/fp8 come as same-size unsigned ints)."""
-        return Call("GET", tensor_path(name, "data"), _array)
-
-    @endpoint
-    def put(self, name: str, path: str | os.PathLike[str]) -> Call[Json]:
-        """Store the tensor in the file at ``path`` (``.npy``, or ``.safetensors`` holding one)
-        as ``name``. The daemon opens the file itself: see ``upload`` for files it cannot see."""
-        return Call("PUT", tensor_path(name), _reply, json={"path": _absolute(path)}, long=True)
-
-    @endpoint
-    def upload(self, name: str, path: str | os.PathLike[str]) -> Call[Json]:
-        """Store a ``.npy`` file by streaming its bytes to the daemon, for a file the daemon
-        cannot open (another user's home, ``PrivateTmp=``)."""
-        return Call("PUT", tensor_path(name), _reply, upload=os.fspath(path), long=True)
-
-    @endpoint
-    def delete(self, name: str) -> Call[None]:
-        return Call("DELETE", tensor_path(name), _no_result)
-
-    @endpoint
-    def send(
-        self,
-        peer: str | None = None,
-        *,
-        to: Sequence[str] | str | None = None,
-        name: str | None = None,
-        path: str | os.PathLike[str] | None = None,
-    ) -> Call[list[Json]]:
-        """Send stored tensor ``name``, or the tensors of the file at ``path`` (then ``name`` is
-        the remote name, or prefix for a ``.safetensors``), to ``peer``. Returns once the peer
-        has verified and stored everything: one transfer result per tensor.
-
-        With ``to`` (a list of peers, or ``"all"``: every other node of the cluster file)
-        instead of ``peer``: a pipelined broadcast down that chain, one result per tensor
-        listing each peer's outcome under ``"peers"`` (docs/CONTROL.md)."""
-        if (peer is None) == (to is None):
-            raise ValueError("send() needs a peer or to=[peers], not both")
-        body: Json = {"peer": peer} if to is None else {"to": to if to == "all" else list(to)}
-        if path is None:
-            if name is None:
-                raise ValueError("send() needs a stored tensor's name or a file's path")
-            body["name"] = name
-        else:
-            body["path"] = _absolute(path)
-            if name is not None:
-                body["name"] = name
-        listed = _listed("transfers" if to is None else "broadcasts")
-        return Call("POST", "/v1/send", listed, json=body, long=True)
-
-    @endpoint
-    def pull(self, peer: str, name: str, *, as_name: str | None = None) -> Call[Json]:
-        """Fetch ``name`` from ``peer`` into the daemon's store (as ``as_name``)."""
-        body: Json = {"peer": peer, "name": name}
-        if as_name is not None:
-            body["as"] = as_name
-        return Call("POST", "/v1/pull", _reply, json=body, long=True)
-
-    @endpoint
-    def transfers(self) -> Call[list[Json]]:
-        return Call("GET", "/v1/transfers", _listed("transfers"))
-
-    @endpoint
-    def reload(self) -> Call[Json]:
-        return Call("POST", "/v1/reload", _reply)
-
-    @endpoint
-    def downloads(self) -> Call[list[Json]]:
-        """Background downloads, newest first."""
-        return Call("GET", "/v1/downloads", _listed("downloads"))
-
-    @endpoint
-    def pull_model(self, reference: str) -> Call[Json]:
-        """Start pulling a model (``[REGISTRY/]NAME[:TAG]``) in the background; returns the job
-        (an existing job for the same model if one runs). Follow it on :meth:`events`."""
-        return Call("POST", "/v1/downloads", _reply, json={"model": reference})
-
-    @endpoint
-    def download_url(self, url: str, sha256: str) -> Call[Json]:
-        """Start downloading ``url`` (checked against ``sha256``) in the background."""
-        return Call("POST", "/v1/downloads", _reply, json={"url": url, "sha256": sha256})
-
-    @endpoint
-    def download_job(self, job_id: str) -> Call[Json]:
-        return Call("GET", _job_path(job_id), _reply)
-
-    @endpoint
-    def cancel_download(self, job_id: str) -> Call[Json]:
-        return Call("DELETE", _job_path(job_id), _reply)
-
-
-def _tensor_data(name: str) -> Call[None]:
-    """The request of :meth:`Client.get`: its reply is streamed, not parsed."""
-    return Call("GET", tensor_path(name, "data"), _no_result)
-
-
-def _job_path(job_id: str) -> str:
-    return f"/v1/downloads/{urllib.parse.quote(job_id, safe='')}"
 
 
 def _raise_for_error(response: httpx.Response) -> None:
@@ -446,12 +229,6 @@ def _unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _absolute(path: str | os.PathLike[str]) -> str:
-    """The daemon resolves paths from its own directory: send it an absolute one (``getcwd``,
-    no I/O on the file)."""
-    return os.path.abspath(path)
-
-
 # --------------------------------------------------------------------------------------------
 # Blocking client
 
@@ -475,7 +252,7 @@ class EventStream(Iterator[Json]):
         if self._response is not None or self._closed:
             return self
         http = self._client._http
-        request = self._client._request(_EVENTS)
+        request = self._client._request(EVENTS)
         try:
             self._response = http.send(request, stream=True)
             if not self._response.is_success:
@@ -569,9 +346,9 @@ class Client(_Endpoints):
     def get(self, name: str, path: str | os.PathLike[str]) -> Json:
         """Write tensor ``name`` to ``path`` as a ``.npy`` file, atomically: whoever opens
         ``path`` sees the old file or the whole new one."""
-        target = Path(_absolute(path))
+        target = Path(absolute(path))
         try:
-            response = self._http.send(self._request(_tensor_data(name)), stream=True)
+            response = self._http.send(self._request(tensor_data(name)), stream=True)
             try:
                 if not response.is_success:
                     response.read()
@@ -635,7 +412,7 @@ class AsyncEventStream(AsyncIterator[Json]):
         if self._response is not None or self._closed:
             return self
         http = self._client._http
-        request = self._client._request(_EVENTS)
+        request = self._client._request(EVENTS)
         try:
             self._response = await http.send(request, stream=True)
             if not self._response.is_success:
@@ -737,9 +514,9 @@ class AsyncClient(_Endpoints):
     async def get(self, name: str, path: str | os.PathLike[str]) -> Json:
         """Write tensor ``name`` to ``path`` as a ``.npy`` file, atomically (see
         ``Client.get``); the file is written from a worker thread."""
-        target = Path(_absolute(path))
+        target = Path(absolute(path))
         try:
-            response = await self._http.send(self._request(_tensor_data(name)), stream=True)
+            response = await self._http.send(self._request(tensor_data(name)), stream=True)
             try:
                 if not response.is_success:
                     await response.aread()

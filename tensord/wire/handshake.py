@@ -6,7 +6,8 @@ What one side lacks is never used: a peer without ``chunked`` - an older peer, o
 with ``use_streaming_protocol=false`` - gets legacy mode, the whole tensor in one frame; without
 ``lz4`` nothing is compressed; without ``crc32c`` no checksums are sent or checked; without
 ``pieces`` no blob holdings are asked for or announced and no piece is requested of the peer;
-without ``chain`` a broadcast sends to the peer directly instead of asking it to forward.
+without ``chain`` a broadcast sends to the peer directly instead of asking it to forward;
+without ``remote_pull`` the peer is never asked to pull a model (``pull-model --on``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .messages import PROTOCOL_NAME, Hello
 
 VERSIONS: tuple[int, ...] = (1,)
 ALL_FEATURES: frozenset[str] = frozenset(
-    {"chunked", "lz4", "crc32c", "resume", "pull", "pieces", "chain"}
+    {"chunked", "lz4", "crc32c", "resume", "pull", "pieces", "chain", "remote_pull"}
 )
 
 
@@ -46,6 +47,10 @@ class Agreement:
     @property
     def pieces(self) -> bool:
         return "pieces" in self.features
+
+    @property
+    def remote_pull(self) -> bool:
+        return "remote_pull" in self.features
 
     @property
     def resume(self) -> bool:

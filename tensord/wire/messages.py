@@ -42,6 +42,11 @@ MIN_PIECE = MIN_CHUNK
 MAX_PIECE = MAX_CHUNK
 #: The largest blob a peer may describe (4 TiB: beyond any model layer).
 MAX_BLOB_BYTES = 1 << 42
+#: A model reference a peer may ask this node to pull (``PullModel``): bounded in length and
+#: to the characters of ``[http://]REGISTRY/NAME:TAG@sha256:...`` (``[::1]:5000`` included);
+#: the download manager parses it further, as it does the control API's.
+MAX_MODEL_REF = 512
+MODEL_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@\[\]+-]{0,511}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +266,22 @@ class PieceChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class PullModel:
+    """Remote pull (``remote_pull``): start a background pull of model ``ref`` on the peer (which
+    shares its pieces with the others that pull it). Answered by ``PullStarted`` or an
+    ``Error`` (``unsupported``: the peer takes no pull requests; ``download``: a bad reference)."""
+
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class PullStarted:
+    """Reply to ``PullModel``: the id of the download job the peer started (or already runs)."""
+
+    job: str
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     seq: int
 
@@ -291,6 +312,8 @@ Message = (
     | Noted
     | PieceRequest
     | PieceChunk
+    | PullModel
+    | PullStarted
 )
 
 
@@ -416,6 +439,10 @@ def to_header(msg: Message) -> dict[str, Any]:
             return {"t": "piece", "d": digest, "o": offset, "l": length}
         case PieceChunk(offset, wire_len, crc):
             return {"t": "pchunk", "o": offset, "n": wire_len, "c": crc}
+        case PullModel(ref):
+            return {"t": "pullmodel", "m": ref}
+        case PullStarted(job):
+            return {"t": "pullstarted", "j": job}
     raise TypeError(f"not a message: {msg!r}")  # pragma: no cover
 
 
@@ -693,6 +720,13 @@ def _piece_chunk(f: _Fields, _: int) -> PieceChunk:
     )
 
 
+def _pull_model(f: _Fields, _: int) -> PullModel:
+    ref = f.str_("m", MAX_MODEL_REF)
+    if not MODEL_REF_RE.match(ref):
+        raise f._bad("m", "a model reference ([REGISTRY/]NAME[:TAG][@sha256:DIGEST])")
+    return PullModel(ref)
+
+
 _DECODERS: dict[str, Callable[[_Fields, int], Message]] = {
     "hello": _hello,
     "auth": _auth,
@@ -714,4 +748,6 @@ _DECODERS: dict[str, Callable[[_Fields, int], Message]] = {
     "noted": lambda f, _: Noted(f.digest()),
     "piece": _piece_request,
     "pchunk": _piece_chunk,
+    "pullmodel": _pull_model,
+    "pullstarted": lambda f, _: PullStarted(f.id("j")),
 }
