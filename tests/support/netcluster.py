@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -29,7 +30,7 @@ import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,7 +45,7 @@ from .cluster import write_cluster_file
 from .daemons import Daemon, daemon
 from .helpers import require, wait_serving
 from .registry import CONFIG as REGISTRY_CONFIG
-from .registry import Registry
+from .registry import OLLAMA_MODEL, Registry
 
 T = TypeVar("T")
 
@@ -57,6 +58,8 @@ REGISTRY_PORT = 5000
 PEER_PORT = 7070
 DEV = "eth0"
 MB = 1_000_000
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 NETNS_DIR = Path("/run/netns")
 _CLONE_NEWNET = 0x40000000
 _STALE = re.compile(rf"^{PREFIX}(\d+)x[0-9a-f]+-")
@@ -295,20 +298,47 @@ class RegistryHost:
         """Reply body bytes the registry served to the hosts (all requests, or blob GETs)."""
         return sum(s.body for s in self.served() if not blobs_only or "/blobs/" in s.uri)
 
-    def push_model(self, repo: str, tag: str, sizes: Sequence[int], seed: int = 0) -> Model:
+    def push_model(
+        self, repo: str, tag: str, sizes: Sequence[int], seed: int = 0, *, oci: bool = False
+    ) -> Model:
         """Push a model of random layers of ``sizes`` bytes (plus a config blob and the
         manifest), straight to the registry on its host's loopback: nothing is logged by nginx
-        and nothing crosses the shaped uplink."""
+        and nothing crosses the shaped uplink. ``oci``: an OCI manifest (what skopeo copies
+        whatever the layers' media types) instead of Docker's v2 schema 2."""
         rng = np.random.default_rng(seed)
         layers = [rng.bytes(size) for size in sizes]
         reg = Registry(self.upstream)
-        manifest = in_namespace(self.ns, lambda: reg.push_model(repo, tag, layers))
+        push = _push_oci_model if oci else Registry.push_model
+        manifest = in_namespace(self.ns, lambda: push(reg, repo, tag, layers))
         config = manifest["config"]
         assert isinstance(config, dict)
         blobs = {"sha256:" + hashlib.sha256(d).hexdigest(): d for d in layers}
         got = in_namespace(self.ns, lambda: _fetch(reg, repo, config["digest"]))
         blobs[config["digest"]] = got
         return Model(f"http://{self.host}/{repo}:{tag}", manifest, blobs)
+
+
+def _push_oci_model(reg: Registry, repo: str, tag: str, layers: list[bytes]) -> dict[str, Any]:
+    """Push ``layers`` as an Ollama model under an OCI manifest; returns the manifest."""
+    config = json.dumps({"model_format": "gguf", "model_family": "test"}).encode()
+    manifest: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": reg.push_blob(repo, config),
+                   "size": len(config)},
+        "layers": [
+            {"mediaType": OLLAMA_MODEL, "digest": reg.push_blob(repo, d), "size": len(d)}
+            for d in layers
+        ],
+    }  # fmt: skip
+    with reg.client() as c:
+        r = c.put(
+            f"/v2/{repo}/manifests/{tag}",
+            content=json.dumps(manifest).encode(),
+            headers={"content-type": OCI_MANIFEST},
+        )
+        assert r.status_code == 201, r.text
+    return manifest
 
 
 def _fetch(reg: Registry, repo: str, digest: str) -> bytes:
@@ -395,6 +425,25 @@ class Host:
 
     def blob_path(self, digest: str) -> Path:
         return self.home / "state" / "models" / "blobs" / digest.replace(":", "-")
+
+    def corrupt_blob(self, digest: str, offset: int) -> None:
+        """Flip the byte at ``offset`` of the blob this host stored (a disk going bad under a
+        committed blob: what the host then serves its peers is wrong)."""
+        with open(self.blob_path(digest), "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+    def stored_blobs_exact(self) -> dict[str, bool]:
+        """Every blob file this host stored: does its content hash to its name?"""
+        blobs = self.home / "state" / "models" / "blobs"
+        out = {}
+        for path in sorted(blobs.iterdir()) if blobs.is_dir() else ():
+            if path.name.startswith("sha256-") and path.is_file():
+                digest = path.name.replace("-", ":", 1)
+                out[digest] = self.blob_sha256(digest) == digest
+        return out
 
     def blob_sha256(self, digest: str) -> str | None:
         """``sha256:HEX`` of the blob this host stored under ``digest`` (None: absent)."""
@@ -508,6 +557,25 @@ class NetCluster:
                 async for ev in events:
                     if ev["kind"] == "peer" and await all_up():
                         return
+        raise AssertionError(f"{host.name}'s events stream ended")
+
+    async def on_event(
+        self,
+        host: Host,
+        match: Callable[[dict[str, Any]], bool],
+        then: Callable[[dict[str, Any]], Awaitable[object]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Await ``then(ev)`` on the first event of ``host``'s events stream (control API, JSON
+        form) that ``match`` accepts. Start it with ``nursery.start``: it is subscribed when
+        that returns, so what the caller does next cannot slip by unseen."""
+        async with AsyncClient(host.socket) as client, client.subscribe() as events:
+            task_status.started()
+            async for ev in events:
+                if match(ev):
+                    await then(ev)
+                    return
         raise AssertionError(f"{host.name}'s events stream ended")
 
     def total_tx(self) -> dict[str, int]:
