@@ -18,18 +18,30 @@ by the decoder (``MODEL_REF_RE``), then parsed by the download manager (a bad on
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import trio
 
 from ..address import PeerAddress
+from ..config import Settings
 from ..errors import ProtocolError, TensorError, TransferFailed
 from ..net.connection import Connection
 from ..wire.messages import Error, PullModel, PullStarted
 
-if TYPE_CHECKING:
-    from ..node import TensorNode
+T = TypeVar("T")
+
+
+class PeerCaller(Protocol):
+    """What asking a peer needs of the node (a :class:`~tensord.node.TensorNode`, which imports
+    this module for its hook's type)."""
+
+    settings: Settings
+
+    async def with_peer_connection(
+        self, peer: str | PeerAddress, fn: Callable[[Connection], Awaitable[T]]
+    ) -> T: ...
+
 
 log = logging.getLogger("tensord.cluster.remote_pull")
 
@@ -50,7 +62,7 @@ class RemotePullUnsupported(RemotePullError):
     """The peer does not take pull requests: an older tensord, or a library node."""
 
 
-async def request_pull(node: TensorNode, peer: str | PeerAddress, ref: str) -> str:
+async def request_pull(node: PeerCaller, peer: str | PeerAddress, ref: str) -> str:
     """Ask ``peer`` to start pulling model ``ref``; returns the id of its download job."""
     replies: list[PullStarted | Error] = []
     lacking: list[str] = []
@@ -112,6 +124,7 @@ async def serve_pull_model(conn: Connection, msg: PullModel, hook: PullHook | No
 
 
 __all__ = [
+    "PeerCaller",
     "PullHook",
     "RemotePullError",
     "RemotePullUnsupported",

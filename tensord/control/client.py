@@ -39,7 +39,16 @@ import httpx
 from .._version import __version__
 from ..config import default_control_socket, load_settings
 from ..errors import ConfigError, ControlError, DaemonNotRunning, TensorError, error_for_code
-from .endpoints import EVENTS, Call, Endpoints, absolute, tensor_data, tensor_path
+from .endpoints import (
+    EVENTS,
+    AsyncEndpoints,
+    Call,
+    Endpoints,
+    SyncEndpoints,
+    absolute,
+    tensor_data,
+    tensor_path,
+)
 from .sse import EventQueue, SSEComment, SSEMessage, SSEParser
 
 if TYPE_CHECKING:
@@ -306,7 +315,7 @@ class EventStream(Iterator[Json]):
         self.close()
 
 
-class Client(_Endpoints):
+class Client(_Endpoints, SyncEndpoints):
     """Blocking client of a local ``tensord serve``: ``with Client() as c: c.status()``."""
 
     _http: httpx.Client
@@ -473,7 +482,7 @@ class AsyncEventStream(AsyncIterator[Json]):
             await self.aclose()
 
 
-class AsyncClient(_Endpoints):
+class AsyncClient(_Endpoints, AsyncEndpoints):
     """Async client of a local ``tensord serve``: ``async with AsyncClient() as c: ...``; the
     same methods as :class:`Client`, awaited."""
 

@@ -21,8 +21,6 @@ from ..errors import ControlError
 if TYPE_CHECKING:
     import numpy as np
 
-    from .client import AsyncClient, Client
-
 Json = dict[str, Any]
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -102,10 +100,10 @@ class endpoint(Generic[P, T]):
     @overload
     def __get__(self, client: None, owner: type[Any]) -> Self: ...
     @overload
-    def __get__(self, client: Client, owner: type[Any]) -> Callable[P, T]: ...
+    def __get__(self, client: SyncEndpoints, owner: type[Any]) -> Callable[P, T]: ...
     @overload
     def __get__(
-        self, client: AsyncClient, owner: type[Any]
+        self, client: AsyncEndpoints, owner: type[Any]
     ) -> Callable[P, Coroutine[Any, Any, T]]: ...
     def __get__(self, client: Endpoints | None, owner: type[Any]) -> Any:
         if client is None:
@@ -245,6 +243,14 @@ class Endpoints:
         return Call("DELETE", _job_path(job_id), _reply)
 
 
+class SyncEndpoints(Endpoints):
+    """A client whose endpoint methods return their results (``Client``)."""
+
+
+class AsyncEndpoints(Endpoints):
+    """A client whose endpoint methods return awaitables of their results (``AsyncClient``)."""
+
+
 def tensor_data(name: str) -> Call[None]:
     """The request of :meth:`Client.get`: its reply is streamed, not parsed."""
     return Call("GET", tensor_path(name, "data"), _no_result)
@@ -262,9 +268,11 @@ def absolute(path: str | os.PathLike[str]) -> str:
 
 __all__ = [
     "EVENTS",
+    "AsyncEndpoints",
     "Call",
     "Endpoints",
     "Json",
+    "SyncEndpoints",
     "absolute",
     "endpoint",
     "tensor_data",
