@@ -334,3 +334,19 @@ def test_upstream_choice_and_request_grammar() -> None:
     assert parse_range("items=0-1", 10) is None
     with pytest.raises(MirrorError):
         parse_range("bytes=-5", 0)
+
+
+def test_a_manifest_file_of_an_older_tensord_is_a_miss_not_served(tmp_path: Path) -> None:
+    """tensord before the mirror kept a JSON summary where the manifest now lives: the mirror
+    must not serve it as a manifest (a miss fetches the real one again; blobs are kept)."""
+    from tensord.mirror.store import ModelDir
+
+    root = tmp_path / "models"
+    path = root / "manifests" / "127.0.0.1:5000" / "library" / "m" / "v1"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"reference": "x", "digest": "sha256:" + "0" * 64, "blobs": []}))
+    models = ModelDir(root)
+    assert models.manifest_by_tag("127.0.0.1:5000", "library/m", "v1") is None
+    real = json.dumps({"schemaVersion": 2, "layers": []}).encode()
+    path.write_bytes(real)
+    assert models.manifest_by_tag("127.0.0.1:5000", "library/m", "v1") == real

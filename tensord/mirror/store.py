@@ -79,12 +79,21 @@ class ModelDir:
 
 
 def _read_manifest(path: Path) -> bytes | None:
+    """A stored manifest's bytes, or None if there is none - or if the file is not a registry
+    manifest: tensord before the mirror kept its own JSON summary there, which must be fetched
+    again rather than served (a miss re-pulls it; the blobs are kept)."""
     try:
         with open(path, "rb") as f:
             body = f.read(MAX_MANIFEST_BYTES + 1)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
-    return body if len(body) <= MAX_MANIFEST_BYTES else None
+    if len(body) > MAX_MANIFEST_BYTES:
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return body if isinstance(doc, dict) and "schemaVersion" in doc else None
 
 
 def _blob_digests(body: bytes) -> set[str]:
