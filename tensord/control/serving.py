@@ -45,6 +45,8 @@ from hypercorn.typing import (
 )
 from hypercorn.utils import wrap_app
 
+from ..config import HostPort
+
 log = logging.getLogger("tensord.http")
 
 #: How long a refused client is given to finish sending its request head before the refusal
@@ -304,4 +306,20 @@ class HTTPConnections:
             await trio.aclose_forcefully(stream)
 
 
-__all__ = ["Connections", "HTTPConnections", "RequestTimeout", "http_config", "refuse"]
+async def open_http_listeners(listen: HostPort) -> tuple[list[trio.SocketListener], str]:
+    """The TCP listeners of an HTTP service on ``listen`` (port 0: the kernel picks one) and
+    the base URL it is reachable at, as the gateway and the mirror log and report it."""
+    listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+    host, port = listeners[0].socket.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return listeners, url
+
+
+__all__ = [
+    "Connections",
+    "HTTPConnections",
+    "RequestTimeout",
+    "http_config",
+    "open_http_listeners",
+    "refuse",
+]

@@ -22,7 +22,7 @@ from hypercorn.config import Config
 
 from ..asgi import load_api_keys as read_api_keys
 from ..config import Settings
-from ..control.serving import HTTPConnections
+from ..control.serving import HTTPConnections, open_http_listeners
 from .app import GatewayApp
 from .backends import Backends
 
@@ -79,9 +79,7 @@ class Gateway:
                 read_timeout=g.read_timeout,
                 what="gateway",
             )
-            listeners = await trio.open_tcp_listeners(g.listen.port, host=g.listen.host)
-            host, port = listeners[0].socket.getsockname()[:2]
-            self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            listeners, self.url = await open_http_listeners(g.listen)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.backends.run)
                 await nursery.start(trio.serve_listeners, server.serve, listeners)

@@ -18,7 +18,7 @@ from hypercorn.config import Config
 
 from ..asgi import load_api_keys
 from ..config import Settings
-from ..control.serving import HTTPConnections
+from ..control.serving import HTTPConnections, open_http_listeners
 from ..download.manager import DownloadManager
 from ..events import EventBus
 from .app import MirrorApp
@@ -66,9 +66,7 @@ class Mirror:
                 read_timeout=m.read_timeout,
                 what="mirror",
             )
-            listeners = await trio.open_tcp_listeners(m.listen.port, host=m.listen.host)
-            host, port = listeners[0].socket.getsockname()[:2]
-            self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            listeners, self.url = await open_http_listeners(m.listen)
             async with trio.open_nursery() as nursery:
                 await nursery.start(trio.serve_listeners, server.serve, listeners)
                 log.info(
