@@ -33,12 +33,13 @@ from .cluster.chain import BroadcastResult, Chain
 from .cluster.holdings import Holdings
 from .cluster.remote_pull import PullHook
 from .config import MAX_CHUNK_SIZE, Settings
-from .errors import BadTensor, NodeClosed, ProtocolError, TensorNotFound
+from .errors import BadTensor, NodeClosed, PeerUnreachable, ProtocolError, TensorNotFound
 from .events import ArrivalEvent, EventBus
 from .lifecycle import Event, Lifecycle, State
 from .net.connection import Connection
 from .net.quic import ListenerStats, QuicDialer, QuicTuning
 from .net.security import PeerSecurity
+from .net.stream import ConnectionClosed
 from .net.tcp import open_listeners
 from .outbound import Outbound, retry_backoff
 from .peers import Dialer, Peers
@@ -562,16 +563,34 @@ class TensorNode:
         self._check_running()
         p = await self._peers.get(self._peers.resolve(peer))
 
-        async def job() -> float:
+        timeout = self.settings.transfer.io_timeout
+
+        async def once() -> float:
             seq = self._ids.next_seq()
             async with p.pool.connection() as conn:
                 started = time.perf_counter()
                 await conn.stream.send(Ping(seq))
-                with trio.fail_after(self.settings.transfer.io_timeout):
+                with trio.fail_after(timeout):
                     reply = await conn.stream.receive()
                 if not isinstance(reply, Pong) or reply.seq != seq:
                     raise ProtocolError(f"expected pong {seq}, got {reply!r}")
                 return time.perf_counter() - started
+
+        async def job() -> float:
+            # A pooled connection the peer has since closed (it restarted, or dropped the
+            # connection after an error) fails at once: try once more, on a fresh one.
+            for last in (False, True):
+                try:
+                    return await once()
+                except (OSError, ConnectionClosed) as exc:
+                    if last:
+                        raise PeerUnreachable(f"peer {p.name}: connection lost ({exc})") from None
+                except trio.TooSlowError:
+                    raise PeerUnreachable(
+                        f"peer {p.name} did not answer a ping within {timeout:g} s "
+                        "(transfer.io_timeout)"
+                    ) from None
+            raise AssertionError("unreachable")  # pragma: no cover
 
         return await self._run_job(job)
 

@@ -62,6 +62,10 @@ class RemotePullUnsupported(RemotePullError):
     """The peer does not take pull requests: an older tensord, or a library node."""
 
 
+class _Closed(Exception):
+    """The peer answered with an error and closed the connection."""
+
+
 async def request_pull(node: PeerCaller, peer: str | PeerAddress, ref: str) -> str:
     """Ask ``peer`` to start pulling model ``ref``; returns the id of its download job."""
     replies: list[PullStarted | Error] = []
@@ -79,9 +83,15 @@ async def request_pull(node: PeerCaller, peer: str | PeerAddress, ref: str) -> s
                 f"peer {conn.peer_id}: expected pullstarted, got {type(reply).__name__}"
             )
         replies.append(reply)
+        if isinstance(reply, Error) and reply.code == "internal":
+            # The peer's error boundary closes the connection after a bug: raising here keeps
+            # it out of the pool (with_peer_connection closes it) - the error is raised below.
+            raise _Closed
 
     try:
         await node.with_peer_connection(peer, ask)
+    except _Closed:
+        pass
     except trio.TooSlowError:
         raise RemotePullError(
             f"peer {peer} did not answer the pull request within "
