@@ -582,7 +582,7 @@ class TensorNode:
             for last in (False, True):
                 try:
                     return await once()
-                except (OSError, ConnectionClosed) as exc:
+                except (OSError, ConnectionClosed, trio.BrokenResourceError) as exc:
                     if last:
                         raise PeerUnreachable(f"peer {p.name}: connection lost ({exc})") from None
                 except trio.TooSlowError:

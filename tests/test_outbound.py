@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from tensord.address import PeerAddress
 from tensord.errors import PeerUnreachable, TransferFailed
@@ -134,3 +135,43 @@ async def test_a_budget_of_zero_retries_fails_at_the_first_error(
     with pytest.raises(TransferFailed, match="after 1 attempts"):
         await RetryBudget(proto, "pulling 'w' from b", lambda: 0).run(attempt)
     assert calls == 1
+
+
+async def test_a_ping_to_a_silent_peer_is_unreachable_after_io_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A hung peer is a typed PeerUnreachable (the peer supervisor backs off on it), not a raw
+    TooSlowError it would count as a bug."""
+    settings = fast_settings().with_transfer(io_timeout=7.0)
+    async with trio.open_nursery() as nursery:
+        net = FakeNetwork(nursery, peer=silent)
+        async with running(settings, dialer=net.dial) as node:
+            started = trio.current_time()
+            with pytest.raises(PeerUnreachable, match=r"did not answer a ping within 7 s"):
+                await node.ping("127.0.0.1:9")
+            assert trio.current_time() - started == pytest.approx(7.0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_ping_over_a_pooled_connection_the_peer_closed_retries_on_a_fresh_one(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The peer answers one ping per connection and then closes it (as a restarted peer or an
+    error boundary does): the next ping finds the pooled connection dead and dials again."""
+
+    async def one_pong(conn: Connection) -> None:
+        from tensord.wire.messages import Ping, Pong
+
+        msg = await conn.stream.receive()
+        assert isinstance(msg, Ping)
+        await conn.stream.send(Pong(msg.seq))
+        await conn.stream.transport.aclose()
+
+    async with trio.open_nursery() as nursery:
+        net = FakeNetwork(nursery, peer=one_pong)
+        async with running(fast_settings(), dialer=net.dial) as node:
+            assert await node.ping("127.0.0.1:9") >= 0
+            await trio.testing.wait_all_tasks_blocked()  # the peer has closed its end
+            assert await node.ping("127.0.0.1:9") >= 0
+        nursery.cancel_scope.cancel()
+    assert len(net.dials) == 2
