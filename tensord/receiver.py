@@ -539,8 +539,6 @@ class Receiver:
                     part.xfer.bytes_have,
                 )
                 self._partials[key] = self._partials.pop(old)
-                # Acks as often as this sender's window needs (the old one's may be wider).
-                part.xfer.ack_every = max(1, min(begin.window // 4, 64))
         found = [
             done
             for p, mine in self._completed.items()

@@ -429,6 +429,26 @@ def test_rebegin_without_resume_returns_nothing() -> None:
     assert rx.rebegin(tx.begin(resume=False), lz4=True) == []
 
 
+def test_a_resumed_attempt_with_a_narrower_window_is_acked_as_often_as_it_needs() -> None:
+    """A restarted sender (or a chain link taken over) may run a narrower window than the first
+    attempt's: the receiver acks per the new window, or the sender would stall for acks."""
+    data = make_data(64 * 4096, "random", 3)
+    tx, rx, dest = make_pair(data, 4096, 256)
+    assert rx.ack_every == 64
+    narrow = SendTransfer(XID, tx.meta, memoryview(data), chunk_size=4096, window=4, crc=True)
+    (accept,) = rx.rebegin(narrow.begin(resume=True), lz4=True)
+    assert rx.ack_every == 1
+    narrow.on_message(accept)
+    for _ in range(narrow.nchunks):
+        out = narrow.next_chunk()
+        assert out is not None  # never blocked on the window: every chunk was acked at once
+        for reply in deliver_chunk(rx, out.header, bytes(out.payload)):
+            narrow.on_message(reply)
+    for reply in rx.on_end(narrow.end()):
+        narrow.on_message(reply)
+    assert narrow.state is SendState.DONE and bytes(dest) == data
+
+
 def test_matches_only_the_same_transfer() -> None:
     tx, rx, _ = make_pair(bytes(8192), 4096, 2)
     begin = tx.begin(resume=True)

@@ -289,6 +289,11 @@ class ReceiveStats:
 MAX_CRC_ERRORS = 64
 
 
+def _ack_every(window: int) -> int:
+    """Chunks between acks for a sender's window: a quarter of it, at least 1, at most 64."""
+    return max(1, min(window // 4, 64))
+
+
 class ReceiveTransfer:
     """Receiver side of one transfer, writing into ``dest`` (a flat writable ``B`` memoryview).
 
@@ -334,7 +339,7 @@ class ReceiveTransfer:
         self.state = ReceiveState.RECEIVING
         self.stats = ReceiveStats()
         self.have_count = 0
-        self.ack_every = max(1, min(begin.window // 4, 64))
+        self.ack_every = _ack_every(begin.window)
         self._have = bytearray(self.nchunks)
         self._raw_crc = [0] * self.nchunks
         self._first_missing = 0
@@ -352,6 +357,9 @@ class ReceiveTransfer:
         ``lz4``: whether that connection negotiated lz4 (its agreement, not the first one's,
         decides whether compressed chunks are accepted from now on)."""
         self.lz4 = lz4
+        # Acks as often as this attempt's window needs: a restarted or different sender may
+        # have a narrower window than the first, and would stall waiting for acks.
+        self.ack_every = _ack_every(begin.window)
         self._end = None
         self._unacked.clear()
         return [self.accept()] if begin.resume else []
