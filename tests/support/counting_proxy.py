@@ -14,39 +14,62 @@ from pathlib import Path
 from .daemons import free_port
 from .helpers import require, wait_serving
 
-CONF = """
+PROXY_CONF = """
 daemon off;
 master_process off;
 worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-events {{ worker_connections 512; }}
+events {{ worker_connections 1024; }}
 http {{
-    log_format log '$request_method|$request_uri|$status|$http_range|$bytes_sent';
-    access_log {d}/access.log log;
+    log_format served
+        '$request_method|$request_uri|$status|$http_range|$body_bytes_sent|$bytes_sent';
+    access_log {d}/access.log served;
     client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
     uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+    client_max_body_size 0;
     server {{
-        listen 127.0.0.1:{port};
+        listen {listen};
         location / {{
             proxy_pass http://{upstream};
             proxy_http_version 1.1;
             proxy_set_header Host $http_host;
             proxy_buffering off;
+            proxy_request_buffering off;
             proxy_max_temp_file_size 0;
+            proxy_read_timeout 600s;
         }}
     }}
 }}
 """
 
 
+def proxy_conf(d: Path, listen: str, upstream: str) -> str:
+    """nginx.conf for a reverse proxy on ``listen`` (``ADDR:PORT``) in front of ``upstream``
+    (``HOST:PORT``), its files in ``d``, logging every request as :func:`read_served` reads it.
+    Used on loopback here and inside the registry host's namespace (tests/support/netcluster.py)."""
+    return PROXY_CONF.format(d=d, listen=listen, upstream=upstream)
+
+
 @dataclass
 class Served:
+    """One request the proxy answered."""
+
     method: str
     uri: str
     status: int
     range: str
-    sent: int
+    body: int  # reply body bytes
+    sent: int  # bytes sent, headers included
+
+
+def read_served(log: Path) -> list[Served]:
+    """Every request in the proxy's access log, in order."""
+    out = []
+    for line in log.read_text().splitlines() if log.exists() else ():
+        method, uri, status, rng, body, sent = line.split("|")
+        out.append(Served(method, uri, int(status), rng, int(body), int(sent)))
+    return out
 
 
 @dataclass
@@ -59,12 +82,7 @@ class CountingProxy:
         return f"127.0.0.1:{self.port}"
 
     def log(self) -> list[Served]:
-        out = []
-        path = self.dir / "access.log"
-        for line in path.read_text().splitlines() if path.exists() else []:
-            method, uri, status, rng, sent = line.split("|")
-            out.append(Served(method, uri, int(status), rng, int(sent)))
-        return out
+        return read_served(self.dir / "access.log")
 
     def blob_bytes(self) -> int:
         """Bytes the origin sent in replies to blob GETs (headers included)."""
@@ -78,7 +96,7 @@ def counting_proxy(tmp: Path, upstream: str) -> Iterator[CountingProxy]:
     d = tmp / "proxy"
     (d / "tmp").mkdir(parents=True)
     p = CountingProxy(free_port(), d)
-    (d / "nginx.conf").write_text(CONF.format(d=d, port=p.port, upstream=upstream))
+    (d / "nginx.conf").write_text(proxy_conf(d, f"127.0.0.1:{p.port}", upstream))
     proc = subprocess.Popen([binary, "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")])
     try:
         probe = lambda: socket.create_connection(("127.0.0.1", p.port), timeout=1).close()  # noqa: E731

@@ -42,6 +42,7 @@ import trio
 from tensord.control.client import AsyncClient
 
 from .cluster import write_cluster_file
+from .counting_proxy import Served, proxy_conf, read_served
 from .daemons import Daemon, daemon
 from .helpers import require, wait_serving
 from .registry import CONFIG as REGISTRY_CONFIG
@@ -219,44 +220,6 @@ def in_namespace(ns: str, fn: Callable[[], T]) -> T:
 
 # -- the registry host ------------------------------------------------------------------------
 
-NGINX = """
-daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    log_format served '$request_method|$request_uri|$status|$body_bytes_sent|$bytes_sent';
-    access_log {d}/access.log served;
-    client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
-    uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
-    client_max_body_size 0;
-    server {{
-        listen {addr}:{port};
-        location / {{
-            proxy_pass http://127.0.0.1:{upstream};
-            proxy_http_version 1.1;
-            proxy_set_header Host $http_host;
-            proxy_buffering off;
-            proxy_request_buffering off;
-            proxy_read_timeout 600s;
-        }}
-    }}
-}}
-"""
-
-
-@dataclass
-class Served:
-    """One request nginx answered for the registry."""
-
-    method: str
-    uri: str
-    status: int
-    body: int
-    total: int
-
 
 @dataclass
 class Model:
@@ -287,12 +250,7 @@ class RegistryHost:
 
     def served(self) -> list[Served]:
         """Every request nginx answered, in order."""
-        log = self.dir / "nginx" / "access.log"
-        out = []
-        for line in log.read_text().splitlines() if log.exists() else ():
-            method, uri, status, body, total = line.split("|")
-            out.append(Served(method, uri, int(status), int(body), int(total)))
-        return out
+        return read_served(self.dir / "nginx" / "access.log")
 
     def bytes_served(self, blobs_only: bool = False) -> int:
         """Reply body bytes the registry served to the hosts (all requests, or blob GETs)."""
@@ -365,7 +323,7 @@ def registry_host(ns: str, tmp: Path) -> Iterator[RegistryHost]:
     conf = REGISTRY_CONFIG.format(root=tmp / "data", port=reg.upstream, auth="")
     (tmp / "config.yml").write_text(conf)
     (tmp / "nginx" / "nginx.conf").write_text(
-        NGINX.format(d=tmp / "nginx", addr=reg.addr, port=reg.port, upstream=reg.upstream)
+        proxy_conf(tmp / "nginx", reg.host, f"127.0.0.1:{reg.upstream}")
     )
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(tmp / "log", "wb"))
