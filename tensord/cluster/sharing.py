@@ -188,6 +188,9 @@ class BlobShare(BlobPeers):
         if entry is None or entry.size != self.size:
             self.plan.update(peer, None)
             return
+        if entry.complete:
+            self.plan.update(peer, PeerHolding(complete=True, fetching=False))
+            return
         ranges = [
             (first * entry.piece_size, min(self.size, last * entry.piece_size))
             for first, last in entry.pieces
@@ -195,8 +198,6 @@ class BlobShare(BlobPeers):
         holding = PeerHolding.from_ranges(
             ranges, self.size, self.piece_size, fetching=entry.fetching
         )
-        if entry.complete:
-            holding = PeerHolding(complete=True, fetching=False)
         self.plan.update(peer, holding)
 
     def _refresh(self) -> None:
