@@ -555,6 +555,11 @@ class TensorNode:
 
         return await self._run_job(job)
 
+    async def wait_connected(self, peer_id: str) -> None:
+        """Return at the next successful connection to node ``peer_id`` (by any send, pull or
+        ping)."""
+        await self._peers.wait_connected(peer_id)
+
     async def ping(self, peer: str | PeerAddress) -> float:
         """Round-trip time to ``peer`` in seconds, over a pooled connection (dialled if none).
 

@@ -1,7 +1,9 @@
 """What the daemon knows of each configured peer, and the loop that keeps it current.
 
 One supervisor task per peer pings it every ``transfer.peer_check_interval``; a failure marks the
-peer down and the next try waits 1 s, 2 s, 4 s ... 30 s (:data:`PEER_BACKOFF`). The daemon owns
+peer down and the next try waits 1 s, 2 s, 4 s ... 30 s (:data:`PEER_BACKOFF`), or less: any
+successful connection to the peer meanwhile (a send that got through) ends the wait at once, so
+the state shown never contradicts what the user just did. The daemon owns
 the tasks (one cancel scope each, so a reload can drop one peer); the control API reads the
 records through :mod:`tensord.control.status`. Nothing here can take the daemon down.
 """
@@ -9,7 +11,7 @@ records through :mod:`tensord.control.status`. Nothing here can take the daemon 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -65,7 +67,7 @@ async def supervise_peer(
                 if health.state != "down":
                     log.warning("peer %s is down: %s", health.entry.id, exc)
                 set_state("down")
-                await PEER_BACKOFF.sleep(health.failures)
+                await _backoff_or_connected(node, health)
                 continue
             except Exception as exc:  # a bug: log it, count it, keep supervising
                 report_unexpected(log, "peer", f"supervisor of peer {health.entry.id}", exc)
@@ -76,3 +78,16 @@ async def supervise_peer(
             health.failures = 0
             set_state("up")
             await trio.sleep(check_interval())
+
+
+async def _backoff_or_connected(node: TensorNode, health: PeerHealth) -> None:
+    """Wait out the backoff after ``health.failures`` failures, or until a connection to the
+    peer succeeds, whichever comes first."""
+    async with trio.open_nursery() as nursery:
+
+        async def first(wait: Callable[[], Awaitable[None]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(first, lambda: PEER_BACKOFF.sleep(health.failures))
+        nursery.start_soon(first, lambda: node.wait_connected(health.entry.id))

@@ -103,6 +103,7 @@ class Peers:
         self._addresses: dict[str, PeerAddress] = {}
         self._peers: dict[tuple[str, int], Peer] = {}
         self._lock = trio.Lock()
+        self._connected: dict[str, trio.Event] = {}
 
     def resolve(self, peer: str | PeerAddress) -> PeerAddress:
         """A node id, ticket or host:port as an address (remembered: no lookup per send)."""
@@ -225,7 +226,18 @@ class Peers:
             await conn.aclose()
             raise BadAddress(f"{addr.hostport} is node {conn.peer_id!r}, not {addr.node_id!r}")
         self._events.publish(PeerEvent(conn.peer_id, "connected"))
+        waiting = self._connected.pop(conn.peer_id, None)
+        if waiting is not None:
+            waiting.set()
         return conn
+
+    async def wait_connected(self, peer_id: str) -> None:
+        """Return at the next successful dial of node ``peer_id`` (any caller's: a send that got
+        through is news to the peer supervisor, which would otherwise wait out its backoff)."""
+        event = self._connected.get(peer_id)
+        if event is None:  # one per configured peer: the ids come from the cluster file
+            event = self._connected[peer_id] = trio.Event()
+        await event.wait()
 
 
 __all__ = ["Dialer", "Peer", "Peers"]

@@ -46,9 +46,14 @@ def test_formatting_helpers() -> None:
 def test_status_peers_ls_transfers_print_tables_and_json(cluster: Cluster) -> None:
     sock = str(cluster.a.socket)
     name = f"cli/{unique('ls')}"
-    with cluster.a.client() as c:
+    with cluster.a.client() as c, c.events() as events:
         c.put(name, save(cluster.work / f"{unique('f')}.npy", np.zeros((256, 1024), np.float32)))
         c.send("b", name=name)  # something for `transfers`
+        # a's supervisor may have pinged b before b listened; the send's connection ends its
+        # backoff, so b turns "up" now rather than seconds later: wait for that, not a time.
+        if not any(p["id"] == "b" and p["state"] == "up" for p in c.peers()):
+            b_up = ("peer", "b", "up")
+            next(e for e in events if (e["kind"], e.get("peer"), e.get("state")) == b_up)
 
         status = json.loads(ok("--socket", sock, "status", "--json"))
         assert status["node_id"] == "a" and status["store"]["tensors"] >= 1

@@ -25,6 +25,12 @@ class FakeNode:
     events: EventBus = field(default_factory=EventBus)
     pinged_at: list[float] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
+    #: Set by a test to play "a send to the peer just connected".
+    connected: trio.Event = field(default_factory=trio.Event)
+
+    async def wait_connected(self, peer: str) -> None:
+        await self.connected.wait()
+        self.connected = trio.Event()
 
     async def ping(self, peer: str) -> float:
         self.pinged_at.append(trio.current_time())
@@ -38,7 +44,7 @@ class FakeNode:
 
 
 async def run_script(
-    script: list[BaseException | float], interval: float = 10.0
+    script: list[BaseException | float], interval: float = 10.0, connect_at: float | None = None
 ) -> tuple[FakeNode, PeerHealth, list[PeerEvent], int]:
     node = FakeNode(script)
     health = PeerHealth(NodeEntry("gpu-2", HostPort("10.0.0.2", 7070)))
@@ -53,6 +59,9 @@ async def run_script(
         nursery.start_soon(
             supervise_peer, cast(TensorNode, node), health, lambda: interval, changed
         )
+        if connect_at is not None:
+            await trio.sleep(connect_at)
+            node.connected.set()
         await node.done.wait()
         health.scope.cancel()
         while True:
@@ -96,3 +105,14 @@ async def test_a_bug_in_a_ping_is_survived(autojump_clock: trio.testing.MockCloc
     assert len(node.pinged_at) == 3
     assert node.pinged_at[1] - node.pinged_at[0] == pytest.approx(MAX_PEER_BACKOFF)
     assert health.state == "up"
+
+
+async def test_a_connection_made_meanwhile_ends_the_backoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A send that got through to a peer marked down is news: the supervisor pings at once
+    instead of waiting out its backoff, so `tensord peers` right after the send says "up"."""
+    down = PeerUnreachable("connection refused")
+    node, health, seen, _ = await run_script([down, 0.002], connect_at=0.1)
+    assert node.pinged_at[1] - node.pinged_at[0] == pytest.approx(0.1)  # backoff was 0.8-1.2 s
+    assert [e.state for e in seen] == ["down", "up"] and health.state == "up"
