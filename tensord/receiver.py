@@ -608,6 +608,9 @@ class Receiver:
                 self._publish("receive", begin.id, meta, conn.peer_id, "progress", done)
 
         committed: list[bool] = []
+        #: Committed, and the ``Stored`` to answer is known: from here a resumed ``Begin`` is
+        #: confirmed again, even if sending this ``Stored`` fails.
+        answerable: list[bool] = []
         outcomes: list[ChainOutcome] = []
 
         async def complete() -> Stored | None:
@@ -617,11 +620,13 @@ class Receiver:
             committed.append(True)
             self._arrive(meta.name, array, conn.peer_id)
             if relay is None:
+                answerable.append(True)
                 return None
             relay.use_data(flat_bytes(array))
             # Answer once the rest of the chain has, with its outcomes.
             stored = await relay.stored(conn, self.settings.transfer.io_timeout)
             outcomes.extend(stored.outcomes)
+            answerable.append(True)
             return stored
 
         active = _Active(trio.CancelScope(), trio.Event(), meta.nbytes, begin.chain is not None)
@@ -670,12 +675,15 @@ class Receiver:
                 self._publish(
                     "receive", begin.id, meta, conn.peer_id, "interrupted", xfer.bytes_have
                 )
+            if answerable:
+                # Remembered however this ends: a connection that breaks while ``Stored`` is on
+                # its way leaves a sender that resumes, and must hear "stored", not start over.
+                self._remember_completed(key, begin, xfer, tuple(outcomes))
             del self._active[key]
             active.released.set()
             self._in_flight.leave()
         if active.scope.cancelled_caught:
             raise ConnectionClosed("superseded by the sender's resumed transfer")
-        self._remember_completed(key, begin, xfer, tuple(outcomes))
         seconds = time.perf_counter() - started
         self._publish("receive", begin.id, meta, conn.peer_id, "done", meta.nbytes)
         log.info(

@@ -16,12 +16,14 @@ from tensord.events import EventBus, TransferEvent
 from tensord.net.connection import send_chunked
 from tensord.net.quic import ListenerStats, QuicTuning
 from tensord.net.security import PeerSecurity
+from tensord.net.stream import ConnectionClosed
 from tensord.receiver import Receiver
 from tensord.results import InFlight, TransferIds
 from tensord.sending import meta_of, new_send
 from tensord.sink import flat_bytes
 from tensord.wire.frames import FrameDecoder
 from tensord.wire.handshake import ALL_FEATURES, make_hello
+from tensord.wire.messages import Chunk, Stored
 from tensord.wire.meta import TensorMeta
 
 from .support.fake_network import connection_pair
@@ -102,3 +104,59 @@ async def test_an_idle_inbound_connection_is_closed(autojump_clock: trio.abc.Clo
     started = trio.current_time()
     await recv.serve_connection(served)
     assert trio.current_time() - started == pytest.approx(70.0)
+
+
+async def test_a_stored_that_cannot_be_sent_is_confirmed_again_on_resume() -> None:
+    """The tensor is committed but the connection breaks while ``Stored`` is being sent: the
+    sender's resumed ``Begin`` hears "stored" (every chunk accepted), nothing is sent twice and
+    nothing arrives twice - the receiver remembered the completed transfer on the failing path
+    too."""
+    s = settings()
+    arrivals: list[str] = []
+    recv = Receiver(
+        s,
+        store=None,
+        hello=make_hello("b", ALL_FEATURES, 64 << 20),
+        decoder=FrameDecoder,
+        security=PeerSecurity(),
+        quic_tuning=QuicTuning(),
+        quic_stats=ListenerStats(),
+        events=EventBus(),
+        ids=TransferIds(),
+        in_flight=InFlight(),
+        stored=nothing_held,
+        arrive=lambda name, array, sender: arrivals.append(name),
+    )
+    data = np.arange(1 << 18, dtype=np.uint32)  # 1 MiB: 16 chunks
+    sender, served = await connection_pair("a", "b")
+    real_send = served.stream.send
+
+    async def send_breaking_on_stored(*msgs: Any) -> None:
+        if any(isinstance(m, Stored) for m in msgs):
+            await served.aclose()  # the sender sees the connection end without a reply
+            raise trio.BrokenResourceError("the connection broke under Stored")
+        await real_send(*msgs)
+
+    served.stream.send = send_breaking_on_stored  # type: ignore[method-assign]
+    xfer = new_send(s, TransferIds().next(), meta_of("w", data), flat_bytes(data), sender.agreement)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(recv.serve_connection, served)
+        with pytest.raises((ConnectionClosed, trio.BrokenResourceError, trio.EndOfChannel)):
+            await send_chunked(sender, xfer, resume=False, io_timeout=5)
+        await sender.aclose()
+        assert arrivals == ["w"]
+
+        again, served_again = await connection_pair("a", "b")
+        nursery.start_soon(recv.serve_connection, served_again)
+        sent: list[int] = []
+        real_again = again.stream.send
+
+        async def count_chunks(*msgs: Any) -> None:
+            sent.extend(m.index for m in msgs if isinstance(m, Chunk))
+            await real_again(*msgs)
+
+        again.stream.send = count_chunks  # type: ignore[method-assign]
+        await send_chunked(again, xfer, resume=True, io_timeout=5)
+        assert sent == [] and arrivals == ["w"]  # confirmed, not re-sent, not stored twice
+        await again.aclose()
+        nursery.cancel_scope.cancel()
