@@ -11,7 +11,7 @@ from typing import Any
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
-from .config import HostPort, is_loopback
+from .config import HostPort, unauthenticated_listener
 from .errors import ConfigError
 
 Headers = list[tuple[bytes, bytes]]
@@ -52,18 +52,19 @@ async def send_json(
     await send_body(send, status, json.dumps(doc).encode(), b"application/json", headers or [])
 
 
-def load_api_keys(path: Path | None, listen: HostPort, section: str) -> set[str] | None:
+def load_api_keys(
+    path: Path | None, listen: HostPort, section: str, *, client_certs: bool | None = None
+) -> set[str] | None:
     """The API keys clients of ``section`` (``gateway``, ``mirror``) must present, or None when
-    the server is open (loopback only): an open endpoint on the network is a hole in the cluster.
+    the server is open: an open endpoint on the network is a hole in the cluster, so it may be
+    open only on loopback - or when TLS verifies every client's certificate (``client_certs``;
+    None for a server that has no such option): :func:`~tensord.config.unauthenticated_listener`.
 
     The file holds one key per line; blank lines and lines starting with ``#`` are ignored."""
     if path is None:
-        if not is_loopback(listen.host):
-            raise ConfigError(
-                f"{section}.listen is {listen}, not a loopback address: set "
-                f"{section}.api_keys_file (one API key per line) so that only clients with a "
-                "key can use it"
-            )
+        why = unauthenticated_listener(section, listen, api_keys=False, client_certs=client_certs)
+        if why is not None:
+            raise ConfigError(why)
         return None
     try:
         lines = (line.strip() for line in path.read_text().splitlines())

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import shutil
+import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import trio
 
+from tensord.certs import issue
 from tensord.mirror.protocol import (
     MirrorError,
     Target,
@@ -27,6 +29,7 @@ from tensord.mirror.protocol import (
     parse_target,
 )
 
+from .support import pki as shared_pki
 from .support.cluster import write_cluster_file
 from .support.control_api import ready
 from .support.daemons import Daemon, daemon
@@ -34,10 +37,13 @@ from .support.helpers import require
 from .support.registry import OLLAMA_MODEL, Registry, registry
 from .support.tcp_proxy import ChaosProxy, proxied
 
+pki = shared_pki.pki  # the fixture: the suite's one test PKI (tests/support/pki.py)
+
 MiB = 1 << 20
 NAME = "library/tiny"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 def layers(*sizes: int) -> list[bytes]:
@@ -83,19 +89,26 @@ async def upstream(tmp: Path, data: list[bytes]) -> AsyncIterator[tuple[Registry
 
 
 @asynccontextmanager
-async def mirror(env: dict[str, str], *args: str) -> AsyncIterator[tuple[Daemon, str]]:
-    """A daemon with the mirror on loopback, and the mirror's URL."""
+async def mirror(
+    env: dict[str, str], *args: str, scheme: str = "http"
+) -> AsyncIterator[tuple[Daemon, str]]:
+    """A daemon with the mirror on loopback (unless ``env`` says otherwise), and its URL."""
     async with daemon({"TENSORD_MIRROR_LISTEN": "127.0.0.1:0", **env}, *args) as d:
         await ready(d)
-        end = await d.wait_for("mirror on http://")
-        yield d, d.text[end - len("http://") :].split()[0]
+        prefix = f"mirror on {scheme}://"
+        end = await d.wait_for(prefix)
+        yield d, d.text[end - len(f"{scheme}://") :].split()[0]
 
 
 def skopeo_copy(url: str, name: str, dest: Path, *extra: str) -> None:
-    """``skopeo copy docker://MIRROR/NAME dir:DEST`` (run in a thread: it blocks)."""
-    host = url.removeprefix("http://")
+    """``skopeo copy docker://MIRROR/NAME dir:DEST`` (run in a thread: it blocks); plain HTTP
+    unless ``extra`` says how to verify the mirror's certificate."""
+    host = url.removeprefix("http://").removeprefix("https://")
+    verify = (
+        [] if any(x.startswith("--src-cert-dir") for x in extra) else ["--src-tls-verify=false"]
+    )
     done = subprocess.run(
-        ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", *extra,
+        ["skopeo", "--insecure-policy", "copy", *verify, *extra,
          f"docker://{host}/{name}", f"dir:{dest}"],
         capture_output=True, timeout=120,
     )  # fmt: skip
@@ -350,3 +363,126 @@ def test_a_manifest_file_of_an_older_tensord_is_a_miss_not_served(tmp_path: Path
     real = json.dumps({"schemaVersion": 2, "layers": []}).encode()
     path.write_bytes(real)
     assert models.manifest_by_tag("127.0.0.1:5000", "library/m", "v1") == real
+
+
+def tls_files(pki: Path, tmp: Path) -> dict[str, Path]:
+    """A server certificate for 127.0.0.1 and a client certificate, from the test CA; and a
+    skopeo certificate directory (``*.crt`` roots, ``*.cert``/``*.key`` its client pair)."""
+    ca = pki / "ca"
+    server_crt, server_key = issue(ca, "mirror", tmp / "server", hosts=["127.0.0.1", "localhost"])
+    client_crt, client_key = issue(ca, "client", tmp / "client")
+    skopeo_dir = tmp / "skopeo-certs"
+    skopeo_dir.mkdir()
+    shutil.copy(ca / "ca.crt", skopeo_dir / "ca.crt")
+    shutil.copy(client_crt, skopeo_dir / "client.cert")
+    shutil.copy(client_key, skopeo_dir / "client.key")
+    files = {"ca": ca / "ca.crt", "cert": server_crt, "key": server_key}
+    return files | {"client_cert": client_crt, "client_key": client_key, "skopeo": skopeo_dir}
+
+
+async def test_tls_mirror_verified_by_its_clients_and_verifying_theirs(
+    tmp_path: Path, pki: Path
+) -> None:
+    """mirror.tls with client_ca: HTTPS whose certificate clients verify (httpx with the test
+    CA, skopeo with a certificate directory), clients without a certificate turned away; and
+    since clients are authenticated, it may listen off loopback without API keys."""
+    f = tls_files(pki, tmp_path)
+    tls = {"cert": str(f["cert"]), "key": str(f["key"]), "client_ca": str(f["ca"])}
+    cluster = write_cluster_file(tmp_path / "c.json", mirror={"tls": tls})
+    data = layers(2 * MiB + 3)
+    async with upstream(tmp_path, data) as (_, proxy):
+        env = {
+            "TENSORD_MIRROR_UPSTREAM": f"http://{proxy.addr}",
+            "TENSORD_MIRROR_LISTEN": "0.0.0.0:0",
+        }
+        async with mirror(env, "--cluster", str(cluster), scheme="https") as (d, url):
+            url = "https://127.0.0.1:" + url.rsplit(":", 1)[1]
+            assert "client certificates required" in d.text
+            trust = ssl.create_default_context(cafile=str(f["ca"]))
+            anonymous = httpx.AsyncClient(base_url=url, verify=trust, timeout=30)
+            with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+                async with anonymous:
+                    await anonymous.get("/v2/")
+            trust.load_cert_chain(f["client_cert"], f["client_key"])
+            async with httpx.AsyncClient(base_url=url, verify=trust, timeout=30) as c:
+                assert (await c.get("/v2/")).status_code == 200
+                r = await c.get(f"/v2/{NAME}/manifests/v1")
+                assert r.status_code == 200
+                blob = await c.get(f"/v2/{NAME}/blobs/{sha(data[0])}")
+                assert blob.status_code == 200 and blob.content == data[0]
+            # A client that does not trust the test CA does not get through either.
+            async with httpx.AsyncClient(base_url=url, timeout=30) as untrusting:
+                with pytest.raises(httpx.ConnectError):
+                    await untrusting.get("/v2/")
+            if shutil.which("skopeo") is not None:
+                dest = tmp_path / "copy"
+                cert_dir = ("--src-cert-dir", str(f["skopeo"]))
+                await trio.to_thread.run_sync(skopeo_copy, url, f"{NAME}:v1", dest, *cert_dir)
+                assert sha(data[0]) in copied_digests(dest)[1]
+
+
+async def test_tls_without_client_certificates_is_no_licence_to_leave_loopback(
+    tmp_path: Path, pki: Path
+) -> None:
+    """TLS alone encrypts; it does not say who asks: off loopback the mirror still wants API
+    keys or client certificates, and a certificate it cannot load is a configuration error."""
+    f = tls_files(pki, tmp_path)
+    cases = {
+        "open": ({"cert": str(f["cert"]), "key": str(f["key"])}, "0.0.0.0:0", "tls.client_ca"),
+        "no key": ({"cert": str(f["cert"]), "key": str(tmp_path / "nokey")}, "127.0.0.1:0",
+                   "cannot load the certificate"),
+    }  # fmt: skip
+    for name, (tls, listen, said) in cases.items():
+        cluster = write_cluster_file(tmp_path / f"{name}.json", mirror={"tls": tls})
+        async with daemon({"TENSORD_MIRROR_LISTEN": listen}, "--cluster", str(cluster)) as d:
+            with trio.fail_after(30):
+                await d.proc.wait()
+            assert d.proc.returncode == 78, name
+            assert said in d.text, (name, d.text)
+
+
+def push_index(reg: Registry, repo: str, tag: str) -> tuple[bytes, dict[str, bytes]]:
+    """A two-platform image: one OCI manifest per platform (pushed by digest, each with its own
+    layer) under an OCI index tagged ``tag``. Returns the index and each platform's layer."""
+    entries, platform_layers = [], {}
+    for arch in ("amd64", "arm64"):
+        layer = f"layer of {arch}".encode() * 1000
+        body = push_oci_model(reg, repo, f"only-{arch}", [layer])
+        entries.append({"mediaType": OCI_MANIFEST, "digest": sha(body), "size": len(body),
+                        "platform": {"os": "linux", "architecture": arch}})  # fmt: skip
+        platform_layers[arch] = layer
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+    with reg.client() as c:
+        r = c.put(f"/v2/{repo}/manifests/{tag}", content=index,
+                  headers={"content-type": OCI_INDEX})  # fmt: skip
+        assert r.status_code == 201, r.text
+    return index, platform_layers
+
+
+async def test_a_multi_platform_index_by_digest(tmp_path: Path) -> None:
+    """A client that resolved a tag at the registry (containerd with only the "pull"
+    capability) or holds an image pinned by digest asks the mirror for the index by its digest:
+    it gets the index's bytes, then its platform's manifest and blobs by digest; the index is
+    kept, so asking again reads nothing from the upstream."""
+    with registry(tmp_path) as reg:
+        index, platform_layers = push_index(reg, NAME, "multi")
+        async with proxied(reg.port, {}) as proxy:
+            env = {"TENSORD_MIRROR_UPSTREAM": f"http://{proxy.addr}"}
+            async with mirror(env) as (_, url), httpx.AsyncClient(base_url=url, timeout=30) as c:
+                r = await c.get(f"/v2/{NAME}/manifests/{sha(index)}")
+                assert r.status_code == 200, r.text
+                assert r.content == index
+                assert r.headers["content-type"] == OCI_INDEX
+                assert r.headers["docker-content-digest"] == sha(index)
+                if shutil.which("skopeo") is not None:
+                    # skopeo picks the arm64 entry of the index and copies that image.
+                    dest = tmp_path / "arm64"
+                    arch = ("--override-os", "linux", "--override-arch", "arm64")
+                    ref = f"{NAME}@{sha(index)}"
+                    await trio.to_thread.run_sync(skopeo_copy, url, ref, dest, *arch)
+                    assert sha(platform_layers["arm64"]) in copied_digests(dest)[1]
+                before = upstream_reads(proxy)
+                r = await c.head(f"/v2/{NAME}/manifests/{sha(index)}")
+                assert r.status_code == 200 and r.headers["docker-content-digest"] == sha(index)
+                assert (await c.get(f"/v2/{NAME}/manifests/{sha(index)}")).content == index
+                assert upstream_reads(proxy) == before

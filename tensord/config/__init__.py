@@ -17,6 +17,7 @@ from .load import (
     is_loopback,
     load_settings,
     read_cluster_file,
+    unauthenticated_listener,
 )
 from .settings import (
     DEFAULT_PEER_PORT,
@@ -94,4 +95,5 @@ __all__ = [
     "parse_str",
     "parse_url",
     "read_cluster_file",
+    "unauthenticated_listener",
 ]

@@ -117,6 +117,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def unauthenticated_listener(
+    section: str, listen: HostPort, *, api_keys: bool, client_certs: bool | None = None
+) -> str | None:
+    """Why an HTTP service's listener may not be open as configured, or None if it may: off
+    loopback its clients must be authenticated - by API keys, or by TLS client certificates
+    (``client_certs``; None for a service without that option). TLS without client
+    certificates encrypts but does not say who is asking. The one check for the gateway and
+    the mirror (:func:`tensord.asgi.load_api_keys`, :func:`check_security_policy`)."""
+    if api_keys or client_certs or is_loopback(listen.host):
+        return None
+    other = (
+        f" or {section}.tls.client_ca (clients present certificates of that CA)"
+        if client_certs is not None
+        else ""
+    )
+    return (
+        f"{section}.listen is {listen}, not a loopback address: set {section}.api_keys_file "
+        f"(one API key per line){other} so that only known clients can use it"
+    )
+
+
 def check_security_policy(settings: Settings) -> str | None:
     """A daemon that strangers can reach must authenticate its peers.
 
@@ -125,20 +146,20 @@ def check_security_policy(settings: Settings) -> str | None:
     that too), and neither ``security.secret_file`` nor ``security.tls`` is set - unless
     ``security.insecure`` is true; then returns the warning to log at every start.
 
-    The OCI mirror off loopback needs ``mirror.api_keys_file`` (whatever the peer security):
-    otherwise anyone who can reach it reads the models and makes the cluster download.
+    The OCI mirror off loopback needs its clients authenticated (``mirror.api_keys_file`` or
+    ``mirror.tls.client_ca``), whatever the peer security: otherwise anyone who can reach it
+    reads the models and makes the cluster download.
     """
     mirror = settings.mirror
-    if (
-        mirror.listen is not None
-        and not is_loopback(mirror.listen.host)
-        and mirror.api_keys_file is None
-    ):
-        raise ConfigError(
-            f"mirror.listen is {mirror.listen}, not a loopback address: set "
-            "mirror.api_keys_file (one API key per line) so that only clients with a key can "
-            "read the models and make the cluster fetch new ones"
+    if mirror.listen is not None:
+        why = unauthenticated_listener(
+            "mirror",
+            mirror.listen,
+            api_keys=mirror.api_keys_file is not None,
+            client_certs=mirror.tls is not None and mirror.tls.client_ca is not None,
         )
+        if why is not None:
+            raise ConfigError(why)
     sec = settings.security
     if sec.secret_file is not None or sec.tls is not None:
         return None

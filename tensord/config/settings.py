@@ -291,6 +291,20 @@ class DownloadSettings:
 
 
 @dataclass(frozen=True)
+class ServerTlsSettings:
+    """TLS for an HTTP listener: PEM paths (``client_ca`` asks clients for certificates)."""
+
+    cert: Path = required(PATH, "the server's certificate chain (PEM)")
+    key: Path = required(PATH, "its private key (PEM)")
+    client_ca: Path | None = setting(
+        None,
+        _OPTIONAL_PATH,
+        "when set, clients must present a certificate signed by this CA (mutual TLS); it "
+        "authenticates them as API keys do",
+    )
+
+
+@dataclass(frozen=True)
 class MirrorSettings:
     """A read-only OCI registry mirror (Distribution API) over the store, for skopeo,
     containerd and Ollama."""
@@ -298,8 +312,14 @@ class MirrorSettings:
     listen: HostPort | None = setting(
         None,
         Nullable(Address()),
-        "the mirror's HTTP listener; off loopback it needs `api_keys_file` or TLS; null = off",
+        "the mirror's HTTP(S) listener; off loopback it needs `api_keys_file` or "
+        "`tls.client_ca` (clients authenticated); null = off",
         env="TENSORD_MIRROR_LISTEN",
+    )
+    tls: ServerTlsSettings | None = setting(
+        None,
+        Nullable(Section(ServerTlsSettings)),
+        "serve HTTPS (`cert`, `key`, optional `client_ca`); null = plain HTTP",
     )
     upstream: str | None = setting(
         None,

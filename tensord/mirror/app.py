@@ -111,6 +111,8 @@ class MirrorApp:
         name, ref = target.name, target.reference
         if target.is_digest:
             body = await trio.to_thread.run_sync(self.models.manifest_by_digest, name, ref)
+            if body is None:
+                body = await trio.to_thread.run_sync(self.models.index_by_digest, ref)
         else:
             registry = upstream.registry
             body = await trio.to_thread.run_sync(self.models.manifest_by_tag, registry, name, ref)

@@ -22,7 +22,15 @@ import trio
 
 from ..download.fetch import DownloadError
 from ..download.manager import FINAL, DownloadManager
-from ..download.registry import RegistryAuth, fetch_manifest, load_credentials, parse_reference
+from ..download.ranged_get import describe_http_error
+from ..download.registry import (
+    Reference,
+    RegistryAuth,
+    fetch_manifest,
+    load_credentials,
+    parse_reference,
+)
+from ..download.registry import _get_manifest as get_manifest  # the index, not resolved
 from ..events import DownloadEvent, EventBus
 from .protocol import MirrorError, Upstream
 from .store import ModelDir
@@ -69,8 +77,10 @@ class Misses:
                 raise MirrorError(404, "MANIFEST_UNKNOWN", "manifest unknown", str(exc)) from None
             raise MirrorError(502, "UNKNOWN", f"the upstream failed: {exc}") from None
         if reference.startswith("sha256:") and manifest.digest != reference:
-            # An index: this mirror serves the platform's manifest by tag, not the index.
-            raise MirrorError(404, "MANIFEST_UNKNOWN", "manifest unknown", reference)
+            # The digest names an index (a client that resolved the tag at the registry, or an
+            # image pinned by digest): serve the index itself; the client picks its platform's
+            # manifest and asks for that by digest, which is the pull.
+            return await self._index(ref, auth, reference)
         job = self.downloads.start("model", source)
         # What ended pulls were bringing is in the store now, or will not be: forget it.
         self._bringing = {d: j for d, j in self._bringing.items() if not self._ended(j)}
@@ -80,6 +90,24 @@ class Misses:
             self._bringing[blob.digest] = job.id
         log.info("mirror: %s not in the store: pull %s queued", source, job.id)
         return manifest.raw
+
+    async def _index(self, ref: Reference, auth: RegistryAuth, digest: str) -> bytes:
+        """The index ``digest`` exactly as the upstream sent it (its digest checked), kept in
+        the blob store - content-addressed like any blob - so the next client is served
+        without the upstream."""
+        try:
+            _, got, _, raw = await get_manifest(self.client, ref, digest, auth)
+        except DownloadError as exc:
+            raise MirrorError(502, "UNKNOWN", f"the upstream failed: {exc}") from None
+        except httpx.HTTPError as exc:
+            url = ref.url("manifests", digest)
+            detail = describe_http_error(exc, url)
+            raise MirrorError(502, "UNKNOWN", f"the upstream failed: {detail}") from None
+        if got != digest:  # get_manifest checks a digest it was asked for: a bug if not
+            raise MirrorError(502, "UNKNOWN", f"the upstream sent {got} for {digest}")
+        await trio.to_thread.run_sync(self.models.keep_manifest, digest, raw)
+        log.info("mirror: index %s of %s fetched and kept", digest, ref.repository)
+        return raw
 
     async def blob(self, upstream: Upstream, name: str, digest: str) -> None:
         """Returns once blob ``digest`` of ``name`` is in the store, or no download will bring

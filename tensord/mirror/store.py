@@ -20,6 +20,7 @@ from pathlib import Path
 from ..download.blobs import BlobStore
 from ..download.pull import manifest_path
 from ..download.registry import MAX_MANIFEST_BYTES, Reference
+from ..fsutil import atomic_write
 
 
 class ModelDir:
@@ -48,6 +49,27 @@ class ModelDir:
             if body is not None and "sha256:" + hashlib.sha256(body).hexdigest() == digest:
                 return body
         return None
+
+    def index_by_digest(self, digest: str) -> bytes | None:
+        """An index the mirror kept (:meth:`keep_manifest`): a manifest in the blob store,
+        read only if it is manifest-sized and manifest-shaped (a model layer never is read)."""
+        path = self.blobs.path(digest)
+        try:
+            if os.stat(path).st_size > MAX_MANIFEST_BYTES:
+                return None
+        except FileNotFoundError:
+            return None
+        body = _read_manifest(path)
+        if body is None or "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            return None
+        return body
+
+    def keep_manifest(self, digest: str, body: bytes) -> None:
+        """Keep a manifest that no pull keeps (an index) in the blob store, by its digest
+        (checked by the caller): Ollama's ``manifests/`` tree stays as Ollama reads it."""
+        path = self.blobs.path(digest)
+        if not path.exists():
+            atomic_write(path, body)
 
     def knows(self, name: str) -> bool:
         """Has any manifest of ``name`` been pulled (so its blobs may be fetched on a miss)?"""
