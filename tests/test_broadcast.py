@@ -32,6 +32,7 @@ from .support.cluster import write_cluster_file
 from .support.daemons import free_port
 from .support.helpers import fast_settings
 from .support.raw_peer import RawPeer, header, unauthenticated
+from .support.strict_peer import strict_peer
 from .support.tensor_files import save
 
 MiB = 1 << 20
@@ -201,6 +202,80 @@ async def test_a_middle_node_killed_mid_transfer_is_repaired_around(tmp_path: Pa
         assert repaired.bytes_skipped >= killed[0] > 0
         assert repaired.bytes_sent <= data.nbytes - repaired.bytes_skipped + repaired.bytes_resent
         assert (await d.receive_tensor()).sender == b.node_id  # the repaired link
+
+
+async def test_a_peer_accepting_only_smaller_chunks_is_never_sent_larger_ones() -> None:
+    """a -> b -> small -> d, small's hello allowing 64 KiB chunks where the chain's are 256 KiB
+    (the origin's first link chose them): b does not link to it (its chunks would be refused);
+    the origin sends to it directly in chunks it accepts, and chains d again."""
+    data = tensor(3 * MiB + 123, seed=4)
+    async with AsyncExitStack() as stack:
+        a, b, d = await nodes(stack, 3)
+        small = await stack.enter_async_context(strict_peer("small", 64 * 1024))
+        result = await a.broadcast_tensor([b.addr, small.ticket, d.addr], "w", data)
+        assert result.ok, result
+        statuses = {o.peer: o.status for o in result.outcomes}
+        assert statuses == {b.addr: "stored", small.ticket: "direct", d.addr: "direct"}
+        assert "at most 65536 bytes" in result.outcomes[1].detail, result.outcomes[1]
+        assert small.refused == []  # never offered chunks it does not accept
+        assert small.chunk_sizes["w"] <= 64 * 1024
+        assert small.received["w"] == data.tobytes()
+        for n in (b, d):
+            assert np.array_equal(n.get_tensor("w"), data)
+        # As the head of the chain it is the origin's first link: the chain's chunks are its.
+        result = await a.broadcast_tensor([small.ticket], "v", data)
+        assert [o.status for o in result.outcomes] == ["stored"], result
+        assert small.chunk_sizes["v"] == 64 * 1024 and small.received["v"] == data.tobytes()
+
+
+async def test_a_hung_middle_node_is_linked_past_after_the_io_timeout(tmp_path: Path) -> None:
+    """a -> b -> c -> d, c a daemon stopped with SIGSTOP once d holds chunks from it: its
+    connections stay open and its kernel still accepts new ones, but nothing answers. b's link
+    finds it after ``io_timeout``, its one redial after ``connect_timeout``; b then links to d,
+    which resumes from what it holds, and b and d complete byte-exact."""
+    data = tensor(64 * MiB, seed=5)
+    port = free_port()
+
+    def quick() -> Settings:  # a node id of its own each
+        base = settings()
+        return replace(base, transfer=replace(base.transfer, io_timeout=2.0, connect_timeout=1.0))
+
+    async with AsyncExitStack() as stack:
+        a, b, d = [await stack.enter_async_context(TensorNode(quick())) for _ in range(3)]
+        c = await stack.enter_async_context(receiver(tmp_path, port, node_id="c"))
+        c_addr = f"tensord://c@127.0.0.1:{port}"
+        stopped: list[int] = []
+
+        async def stop_when_d_holds_chunks(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            async with d.events.subscribe() as events:
+                task_status.started()
+                async for ev in events:
+                    if isinstance(ev, TransferEvent) and ev.peer == "c" and ev.bytes_done > 0:
+                        c.proc.send_signal(signal.SIGSTOP)
+                        stopped.append(ev.bytes_done)
+                        return
+
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stop_when_d_holds_chunks)
+                with trio.fail_after(60):
+                    result = await a.broadcast_tensor([b.addr, c_addr, d.addr], "w", data)
+                nursery.cancel_scope.cancel()
+        finally:
+            c.proc.send_signal(signal.SIGCONT)  # so that it can be stopped as usual
+        assert stopped and stopped[0] < data.nbytes  # hung mid-transfer
+        by_peer = {o.peer: o for o in result.outcomes}
+        assert by_peer[c_addr].status == "failed" and not result.ok
+        assert by_peer[b.addr].status == "stored" and by_peer[d.addr].status == "stored"
+        assert "connect_timeout" in by_peer[c_addr].detail, by_peer[c_addr]
+        for n in (b, d):
+            assert np.array_equal(n.get_tensor("w"), data)
+        # b's commit did not wait on its send to c (stuck in a full socket buffer) until a
+        # gave up on b: nothing was sent to b twice.
+        assert by_peer[b.addr].bytes_resent == 0
+        repaired = by_peer[d.addr]
+        assert repaired.bytes_skipped >= stopped[0] > 0  # what it had from c did not travel again
+        assert (await d.receive_tensor()).sender == b.node_id
 
 
 # -- daemons: the CLI and the control API ------------------------------------------------------

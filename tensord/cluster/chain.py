@@ -11,8 +11,10 @@ Repair: when a link's receiver dies (its connection fails and a redial fails too
 marks it failed and links to the next peer instead with ``Begin(resume=True)``. That peer's
 receiver finds what the dead node's link left (the partial of the same transfer id:
 :meth:`tensord.receiver.Receiver._take_over_chain`) and answers ``Accept(have)``: nothing it
-holds is sent again. A peer without the feature ends the chain there: a relay reports it and
-those after it as ``fallback``, and the origin sends to it directly (and chains the rest).
+holds is sent again. A peer without the feature, or one accepting only chunks smaller than the
+chain's (its Hello's ``mc``: every hop keeps the origin's chunk size, which repair needs), ends
+the chain there: a relay reports it and those after it as ``fallback``, and the origin sends to
+it directly, in chunks it accepts (and chains the rest).
 
 :class:`Chain` is the node's side: :meth:`Chain.broadcast` at the origin, :meth:`Chain.relay` for
 the receiver (which knows it only as a forwarding hook, so the dependency points down).
@@ -33,7 +35,7 @@ from ..boundary import report_unexpected
 from ..config import Settings
 from ..errors import BadAddress, ProtocolError, TensorError, TransferFailed
 from ..events import EventBus
-from ..net.connection import FINAL_ERROR_CODES, Connection, Deadline
+from ..net.connection import FINAL_ERROR_CODES, Connection, ConnectionClosed, Deadline
 from ..outbound import RETRIABLE, Outbound, RetryBudget
 from ..peers import Peers
 from ..results import TransferIds, publish_transfer, why
@@ -117,7 +119,8 @@ class BroadcastResult:
 
 
 class _NoChain(Exception):
-    """The link's receiver did not agree on the ``chain`` feature."""
+    """The link's receiver cannot be part of this chain: it did not agree on the ``chain``
+    feature, or it accepts smaller chunks than the chain's (``str()`` says which)."""
 
 
 class _Wakeup:
@@ -141,6 +144,12 @@ class DataGate:
     view of it then: :meth:`close` waits until no chunk is being sent from it and stops new
     ones; :meth:`reopen` points the links at the committed tensor (memory-mapped: still no
     copy). The origin's gate never closes.
+
+    A send to a hung peer (its socket buffer full, nothing read) would hold the view until that
+    link's ``io_timeout``, and the commit with it: meanwhile the upstream hears nothing, times
+    out too, and its resume would find the verified receive discarded (the whole tensor sent
+    again). So :meth:`close` waits only ``grace`` seconds, then cuts the sends still holding a
+    view (:meth:`hold`): their links fail and redial, resuming from the committed tensor.
     """
 
     def __init__(self, data: memoryview) -> None:
@@ -148,6 +157,7 @@ class DataGate:
         self._busy = 0
         self._closed = False
         self._changed = trio.Event()
+        self._holders: set[trio.CancelScope] = set()
 
     def _change(self) -> None:
         self._changed.set()
@@ -164,10 +174,30 @@ class DataGate:
         if not self._busy:
             self._change()
 
-    async def close(self) -> None:
+    def hold(self) -> trio.CancelScope:
+        """The scope to send an acquired view in: :meth:`close` cancels it after its grace.
+        Forgotten at :meth:`release`."""
+        scope = trio.CancelScope()
+        self._holders.add(scope)
+        return scope
+
+    def forget(self, scope: trio.CancelScope) -> None:
+        self._holders.discard(scope)
+
+    async def close(self, grace: float) -> None:
         self._closed = True
-        while self._busy:
-            await self._changed.wait()
+        with trio.move_on_after(grace):
+            while self._busy:
+                await self._changed.wait()
+        if self._busy:
+            log.warning(
+                "chain relay: a link still sending after %.3g s holds up the commit: cutting it",
+                grace,
+            )
+            for scope in self._holders:
+                scope.cancel()
+            while self._busy:
+                await self._changed.wait()
 
     def reopen(self, data: memoryview) -> None:
         self.data = data
@@ -231,22 +261,31 @@ async def drive_link(
                     if reader_failed:
                         raise reader_failed[0]
                     xfer.data = await gate.acquire()
+                    held = gate.hold()
+                    sent = False
                     try:
-                        out = xfer.next_chunk()
-                        if out is not None:
-                            after = encode(xfer.end()) if xfer.wants_end else b""
-                            await stream.send_with_payload(out.header, out.payload, b"", after)
+                        with held:
+                            out = xfer.next_chunk()
+                            if out is not None:
+                                after = encode(xfer.end()) if xfer.wants_end else b""
+                                await stream.send_with_payload(out.header, out.payload, b"", after)
+                                sent = True
+                            elif xfer.wants_end:
+                                await stream.send(xfer.end())
+                                sent = True
                             out = None  # no view of the buffer outlives the send
-                            deadline.touch()
-                            if progress is not None:
-                                progress(xfer.stats.bytes_sent)
-                            continue
-                        if xfer.wants_end:
-                            await stream.send(xfer.end())
-                            deadline.touch()
-                            continue
                     finally:
+                        gate.forget(held)
                         gate.release()
+                    if held.cancelled_caught:  # half a frame may be on the wire: redial
+                        raise ConnectionClosed(
+                            "the link was cut: its send held up this node's commit"
+                        )
+                    if sent:
+                        deadline.touch()
+                        if progress is not None:
+                            progress(xfer.stats.bytes_sent)
+                        continue
                     await wakeup.wait()
                 if reader_failed:
                     raise reader_failed[0]
@@ -303,12 +342,12 @@ class _Links:
             head, tail = rest[0], tuple(rest[1:])
             try:
                 link = await self._link(head, tail)
-            except _NoChain:
+            except _NoChain as exc:
                 if not self.origin:
-                    detail = f"{head} lacks the chain feature: the origin sends directly"
-                    out += [ChainOutcome(p, "fallback", detail) for p in rest]
+                    detail = f"{head} {exc}: the origin sends directly"
+                    out += [ChainOutcome(p, "fallback", detail[:512]) for p in rest]
                     return out
-                out.append(await self._direct(head))
+                out.append(await self._direct(head, str(exc)))
                 rest = rest[1:]
                 continue
             except (TensorError, *RETRIABLE) as exc:
@@ -373,12 +412,20 @@ class _Links:
                 budget.connected = True
                 agr = conn.agreement
                 if "chain" not in agr.features:
-                    raise _NoChain
+                    raise _NoChain("lacks the chain feature")
                 if agr.peer_id == c.node_id:
                     raise TransferFailed("the chain leads back to this node", code="bad_chain")
+                if self.chunk is None:  # the origin's first link chooses
+                    self.chunk = chunk_size(settings, self.meta, agr)
+                if self.chunk > agr.peer_max_chunk:
+                    # Every hop keeps the transfer's chunk size (a repair resumes across
+                    # links), so a peer accepting only smaller chunks cannot be linked: the
+                    # origin sends to it directly, in chunks it accepts (docs/PROTOCOL.md).
+                    raise _NoChain(
+                        f"accepts chunks of at most {agr.peer_max_chunk} bytes, the chain's "
+                        f"are {self.chunk}"
+                    )
                 if xfer is None:
-                    if self.chunk is None:  # the origin's first link chooses
-                        self.chunk = chunk_size(settings, self.meta, agr)
                     xfer = RelaySend(
                         self.xid,
                         self.meta,
@@ -411,15 +458,16 @@ class _Links:
         assert xfer is not None
         return xfer
 
-    async def _direct(self, head: str) -> ChainOutcome:
-        """The origin's fallback for a peer without the feature: an ordinary send."""
+    async def _direct(self, head: str, reason: str) -> ChainOutcome:
+        """The origin's fallback for a peer that cannot be linked (``reason``): an ordinary
+        send, whose chunk size that peer's agreement chooses."""
         c = self.chain
         try:
             peer = await c.peers.get(parse_address(head))
             result = await c.outbound.send(peer, self.meta, self.data)
         except (TensorError, *RETRIABLE) as exc:
             return ChainOutcome(head, "failed", why(exc)[:512])
-        detail = "no chain feature: sent directly by the origin"
+        detail = f"{reason}: sent directly by the origin"
         return ChainOutcome(head, "direct", detail, result.bytes_sent, result.bytes_resent)
 
 
@@ -453,8 +501,9 @@ class Relay:
 
     async def hold_data(self) -> None:
         """The receive is about to be committed: stop reading its buffer (see
-        :class:`DataGate`)."""
-        await self._links.gate.close()
+        :class:`DataGate`: a send still holding it after a quarter of ``io_timeout`` is cut,
+        well before the upstream's and the receive's own deadlines)."""
+        await self._links.gate.close(self._chain.settings().transfer.io_timeout / 4)
 
     def use_data(self, data: memoryview) -> None:
         """The committed tensor's bytes: read chunks from there from now on."""

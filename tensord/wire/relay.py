@@ -118,22 +118,21 @@ class Arriving:
     def attach(self, link: RelaySend) -> None:
         """A new link (the first, or one after a repair): tell it every chunk held now."""
         self.link = link
-        have, crcs = self.recv.progress()
-        for i, held in enumerate(have):
-            if held:
-                link.make_available(i, crcs[i] if self.recv.crc else None)
+        recv = self.recv
+        for a, b in recv.held_ranges():
+            for i in range(a, b):
+                link.make_available(i, recv.raw_crc(i))
 
     def poll(self) -> bool:
         """Tell the link of the chunks arrived since the last poll; whether there were any."""
         recv, link = self.recv, self.link
-        have = recv._have  # a friend of ReceiveTransfer: read in place, no copy per chunk
         start = self._cursor
-        while self._cursor < recv.nchunks and have[self._cursor]:
-            if link is not None:
-                crc = recv._raw_crc[self._cursor] if recv.crc else None
-                link.make_available(self._cursor, crc)
-            self._cursor += 1
-        return self._cursor > start
+        end = recv.held_from(start)  # one scan of the bitmap, in place
+        if link is not None:
+            for i in range(start, end):
+                link.make_available(i, recv.raw_crc(i))
+        self._cursor = end
+        return end > start
 
 
 __all__ = ["Arriving", "RelaySend"]

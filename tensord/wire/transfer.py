@@ -365,7 +365,29 @@ class ReceiveTransfer:
         return [self.accept()] if begin.resume else []
 
     def accept(self) -> Accept:
-        return Accept(self.id, bitmap_ranges(self._have))
+        return Accept(self.id, self.held_ranges())
+
+    def has(self, index: int) -> bool:
+        """Is chunk ``index`` held (received, verified and in place in ``dest``)?"""
+        return bool(self._have[index])
+
+    def held_from(self, start: int) -> int:
+        """The first chunk at or after ``start`` not held yet (``nchunks`` if there is none).
+
+        How a chain relay learns what arrived: one C-speed scan of the bitmap from its cursor,
+        no copy of it and no Python loop over chunks already known.
+        """
+        i = self._have.find(0, start)
+        return self.nchunks if i == -1 else i
+
+    def held_ranges(self) -> Ranges:
+        """The chunks held, as sorted disjoint half-open ranges (what ``Accept`` carries)."""
+        return bitmap_ranges(self._have)
+
+    def raw_crc(self, index: int) -> int | None:
+        """The crc32c of held chunk ``index``'s raw bytes, as verified on arrival; ``None``
+        without crc32c negotiated (nothing was checked) or for a chunk not held."""
+        return self._raw_crc[index] if self.crc and self._have[index] else None
 
     @property
     def end_crc(self) -> int | None:
