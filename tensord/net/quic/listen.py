@@ -151,45 +151,52 @@ class _Listener:
         self.stats.connection_ids = len(self.routes)
 
     async def _receive_loop(self) -> None:
-        sock = self.udp.sock
-        routes = self.routes
+        udp = self.udp
         touched: set[QuicSession] = set()
         # recvfrom(65536) would allocate (and shrink) 64 KiB per datagram: receive into one
-        # buffer and copy out the datagram.
+        # buffer and copy out the datagrams.
         buf = bytearray(65536)
-        view = memoryview(buf)
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            await trio.lowlevel.wait_readable(udp.sock)
             now = trio.current_time()
-            for _ in range(RECV_BATCH):
+            count = 0
+            while count < RECV_BATCH:  # datagrams, not syscalls: one may return many (GRO)
                 try:
-                    n, addr = sock.recvfrom_into(buf)
+                    datagrams, addr = udp.receive(buf)
                 except BlockingIOError:
                     break
                 except OSError:
+                    count += 1
                     continue  # an ICMP error for some earlier datagram: not fatal here
-                data = bytes(view[:n])
-                # Short header (all packets after the handshake): the destination connection
-                # id sits right after the first byte; only long headers need parsing.
-                session = routes.get(data[1 : 1 + CID_LENGTH]) if n and data[0] < 0x80 else None
-                try:
-                    if session is None:
-                        session = self._route(data, addr, now)
-                        if session is None:
-                            continue
-                    if session.terminated:
-                        continue  # dropped: its driver has yet to end
-                    session.quic.receive_datagram(data, addr, now)
-                except Exception:
-                    self._failed(session, addr, "a datagram")
-                    continue
-                touched.add(session)
+                count += len(datagrams)
+                for data in datagrams:
+                    self._receive_one(data, addr, now, touched)
             for session in touched:
                 try:
                     session.after_receive(now)
                 except Exception:
                     self._failed(session, session.peer_addr, "its events")
             touched.clear()
+
+    def _receive_one(
+        self, data: bytes, addr: NetworkAddress, now: float, touched: set[QuicSession]
+    ) -> None:
+        """Hand one datagram to its connection (noted in ``touched``), or drop it."""
+        # Short header (all packets after the handshake): the destination connection id
+        # sits right after the first byte; only long headers need parsing.
+        session = self.routes.get(data[1 : 1 + CID_LENGTH]) if data and data[0] < 0x80 else None
+        try:
+            if session is None:
+                session = self._route(data, addr, now)
+                if session is None:
+                    return
+            if session.terminated:
+                return  # dropped: its driver has yet to end
+            session.quic.receive_datagram(data, addr, now)
+        except Exception:
+            self._failed(session, addr, "a datagram")
+            return
+        touched.add(session)
 
     def _route(self, data: bytes, addr: NetworkAddress, now: float) -> QuicSession | None:
         """The connection of a datagram the short-header fast path did not find: a known one

@@ -448,28 +448,32 @@ class QuicSession:
 
     async def receive_loop(self) -> None:
         """Client side: read the session's own connected socket."""
-        sock = self.udp.sock
+        udp = self.udp
         quic = self.quic
         addr = self.peer_addr
         buf = bytearray(65536)
-        view = memoryview(buf)
         while not self._terminated:
-            await trio.lowlevel.wait_readable(sock)
+            await trio.lowlevel.wait_readable(udp.sock)
             now = trio.current_time()
-            for _ in range(RECV_BATCH):
+            count = 0
+            while count < RECV_BATCH:  # datagrams, not syscalls: one may return many (GRO)
                 try:
-                    n = sock.recv_into(buf)
+                    datagrams, _ = udp.receive(buf)
                 except BlockingIOError:
                     break
                 except OSError as exc:
                     self._unreachable(exc)
                     return
-                if n <= MAX_RESET_SIZE and is_stateless_reset(view[:n], quic.peer_reset_token):
-                    why = "stateless reset: the peer restarted or lost the connection's state"
-                    log.info("QUIC connection to %s: %s", self.name, why)
-                    self._lost(why)
-                    return
-                quic.receive_datagram(bytes(view[:n]), addr, now)
+                count += len(datagrams)
+                for data in datagrams:
+                    if len(data) <= MAX_RESET_SIZE and is_stateless_reset(
+                        data, quic.peer_reset_token
+                    ):
+                        why = "stateless reset: the peer restarted or lost the connection's state"
+                        log.info("QUIC connection to %s: %s", self.name, why)
+                        self._lost(why)
+                        return
+                    quic.receive_datagram(data, addr, now)
             self.after_receive(now)
 
     def after_receive(self, now: float) -> None:
