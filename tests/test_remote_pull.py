@@ -5,6 +5,10 @@ manager, a hostile reply); the wire message's bounds; the CLI's progress text of
 
 from __future__ import annotations
 
+import signal
+import time
+from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +23,11 @@ from tensord.wire.handshake import ALL_FEATURES
 from tensord.wire.messages import PullModel, PullStarted, from_header, to_header
 
 from .support.cli import run
-from .support.control_api import events, http
+from .support.cluster import write_cluster_file
+from .support.control_api import events, http, ready
 from .support.counting_proxy import counting_proxy
-from .support.helpers import running
+from .support.daemons import Daemon, daemon, free_port
+from .support.helpers import fast_settings, running
 from .support.registry import registry
 from .support.share_cluster import (
     MiB,
@@ -30,6 +36,7 @@ from .support.share_cluster import (
     registry_model,
     three_nodes,
 )
+from .support.strict_peer import silent_peer
 
 # -- the wire message ----------------------------------------------------------------------------
 
@@ -87,6 +94,46 @@ async def test_a_peer_failing_on_the_request_is_an_error_and_the_asker_carries_o
             await request_pull(asker, other.addr, "models/x:v1")
         assert err.value.code == "internal"
         assert await asker.ping(other.addr) >= 0
+
+
+async def test_a_peer_that_takes_the_request_and_never_answers_times_out_alone() -> None:
+    """A peer that handshakes, reads the request and never answers (a hung process): asked
+    beside a healthy peer, it ends in a RemotePullError naming it after ``io_timeout``, and the
+    healthy one's job id comes back regardless."""
+    base = fast_settings()
+    quick = replace(base, transfer=replace(base.transfer, io_timeout=1.0, connect_timeout=1.0))
+    async with (
+        running(quick) as asker,
+        running() as other,
+        silent_peer("hung") as hung,
+    ):
+        other.on_pull_request = lambda peer, ref: "00c0ffee00c0"
+        out: dict[str, object] = {}
+
+        async def ask(peer: str) -> None:
+            started = time.monotonic()
+            try:
+                out[peer] = await request_pull(asker, peer, "models/x:v1")
+            except RemotePullError as exc:
+                out[peer] = exc
+            out[peer + " seconds"] = time.monotonic() - started
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for peer in (hung.ticket, other.addr):
+                    nursery.start_soon(ask, peer)
+        assert out[other.addr] == "00c0ffee00c0"
+        err = out[hung.ticket]
+        assert isinstance(err, RemotePullError) and err.code == "timeout", err
+        assert err.peer == hung.ticket and hung.ticket in str(err)
+        assert "did not answer the pull request within 1 s" in str(err)
+        assert hung.heard >= 1  # it did get the request
+        assert 1.0 <= out[hung.ticket + " seconds"] < 5  # type: ignore[operator]
+        # The silent connection was not pooled: the next request dials afresh, and times out
+        # the same way rather than reading a stale reply.
+        with pytest.raises(RemotePullError, match="did not answer"):
+            await request_pull(asker, hung.ticket, "models/x:v1")
+        assert hung.heard >= 2
 
 
 # -- three daemons ---------------------------------------------------------------------------------
@@ -162,6 +209,66 @@ async def test_pull_model_on_one_peer_pulls_there_only_and_unknown_nodes_are_ref
             assert_blobs_exact(nodes["b"], data)
             assert await job_states(a) == {} and await job_states(nodes["c"]) == {}
             assert not list((a.home / "state" / "models" / "blobs").glob("sha256-*"))
+
+
+async def test_pull_model_on_all_with_a_hung_node_names_it_and_the_others_complete(
+    tmp_path: Path,
+) -> None:
+    """c is stopped with SIGSTOP (its connections stay open, its kernel still accepts, nothing
+    answers): ``pull-model --on all`` reports c failed with a reason that names it, after a
+    bounded wait, and a and b pull the model byte-exact."""
+    data = layers()[1:]
+    io_timeout, connect_timeout = 3.0, 2.0
+    with registry(tmp_path) as reg, counting_proxy(tmp_path, reg.host) as proxy:
+        model = registry_model(proxy, reg.push_model, data)
+        ports = {n: free_port() for n in ("a", "b", "c")}
+        cluster = write_cluster_file(
+            tmp_path / "cluster.json",
+            ports,
+            name="hung",
+            transfer={
+                "peer_check_interval": 0.2,
+                "io_timeout": io_timeout,
+                "connect_timeout": connect_timeout,
+            },
+            downloads={"piece_size": 256 * 1024, "connections": 4},
+        )
+        async with AsyncExitStack() as stack:
+            nodes: dict[str, Daemon] = {}
+            for n, port in ports.items():
+                env = {"TENSORD_NODE_ID": n, "TENSORD_LISTEN": f"127.0.0.1:{port}"}
+                nodes[n] = await stack.enter_async_context(
+                    daemon(env, "--cluster", str(cluster), home=tmp_path / n)
+                )
+            for n, d in nodes.items():
+                await ready(d)
+                for peer in ports:
+                    if peer != n:
+                        await d.wait_for(f"peer {peer} is up")
+            a, c = nodes["a"], nodes["c"]
+            c.proc.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                result = await run("pull-model", model, "--on", "all", socket=a.socket)
+                seconds = time.monotonic() - started
+                jobs = dict(
+                    line.split(": started download ")
+                    for line in result.out.splitlines()
+                    if ": started download " in line
+                )
+                assert sorted(jobs) == ["a", "b"], result.out
+                assert result.code == 1, result
+                (failed,) = [line for line in result.out.splitlines() if line.startswith("c: ")]
+                # Its pooled connection gets the request and no answer (io_timeout), or a
+                # dial gets no handshake (connect_timeout): either way c is named, and why.
+                assert failed.startswith("c: failed: peer c "), failed
+                assert "io_timeout" in failed or "connect_timeout" in failed, failed
+                assert seconds < 120, seconds
+                await wait_done(nodes["b"], jobs["b"])
+                for n in ("a", "b"):
+                    assert_blobs_exact(nodes[n], data)
+            finally:
+                c.proc.send_signal(signal.SIGCONT)  # so that it can be stopped as usual
 
 
 # -- the CLI's progress text -------------------------------------------------------------------

@@ -12,7 +12,8 @@ by the decoder (``MODEL_REF_RE``), then parsed by the download manager (a bad on
 ``download`` error, the connection stays usable). Every failure on the asking side is a
 :class:`RemotePullError` naming the peer; a peer without the feature raises
 :class:`RemotePullUnsupported` before anything is sent, and a peer that does not answer within
-``transfer.io_timeout`` is a timeout, never a hang.
+``transfer.io_timeout`` is a timeout, never a hang; one that cannot be reached (or hangs before
+the handshake: ``transfer.connect_timeout``) is a :class:`PeerUnreachable` naming it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import trio
 
 from ..address import PeerAddress
 from ..config import Settings
-from ..errors import ProtocolError, TensorError, TransferFailed
-from ..net.connection import Connection
+from ..errors import PeerUnreachable, ProtocolError, TensorError, TransferFailed
+from ..net.connection import Connection, ConnectionClosed
 from ..wire.messages import Error, PullModel, PullStarted
 
 T = TypeVar("T")
@@ -92,6 +93,15 @@ async def request_pull(node: PeerCaller, peer: str | PeerAddress, ref: str) -> s
         await node.with_peer_connection(peer, ask)
     except _Closed:
         pass
+    except PeerUnreachable as exc:
+        # Down, or hung before the handshake (its kernel still accepts): the address alone
+        # would not say which node of the cluster this was.
+        raise PeerUnreachable(f"peer {peer} could not be asked to pull: {exc}") from None
+    except (ConnectionClosed, OSError, trio.BrokenResourceError) as exc:
+        raise PeerUnreachable(
+            f"peer {peer}: the connection broke before it answered the pull request "
+            f"({type(exc).__name__}: {str(exc) or 'closed'})"
+        ) from None
     except trio.TooSlowError:
         raise RemotePullError(
             f"peer {peer} did not answer the pull request within "
