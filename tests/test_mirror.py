@@ -5,6 +5,7 @@ tests see every byte the mirror reads from the upstream."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import shutil
@@ -486,3 +487,163 @@ async def test_a_multi_platform_index_by_digest(tmp_path: Path) -> None:
                 assert r.status_code == 200 and r.headers["docker-content-digest"] == sha(index)
                 assert (await c.get(f"/v2/{NAME}/manifests/{sha(index)}")).content == index
                 assert upstream_reads(proxy) == before
+
+
+class GatedUpstream:
+    """A registry of one model whose layer is held: of every reply for it (ranges honoured, as
+    registries do), the bytes before :data:`HELD` go at once, those after 4 KiB at a time (a
+    slow origin: the download keeps making progress) until the test opens :attr:`gate`, then
+    at once. With ``corrupt``, the first reply holding byte ``-1000`` flips it: the download's
+    SHA-256 check fails and it starts over, and later replies send good bytes."""
+
+    HELD = 2 * MiB
+
+    def __init__(self, layer: bytes, *, corrupt: bool) -> None:
+        self.layer = layer
+        self.corrupt = corrupt
+        self.gate = trio.Event()
+        config = json.dumps({"model_format": "gguf"}).encode()
+        self.blobs = {sha(config): config, sha(layer): layer}
+        self.manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
+            "layers": [{"mediaType": OLLAMA_MODEL, "digest": sha(layer), "size": len(layer)}],
+        }).encode()  # fmt: skip
+        self.port = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self.handle, listeners)
+            task_status.started()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """One request; a client that goes away (a downloader replacing a connection, or
+        cutting a reply short) ends only its connection."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.reply(stream)
+
+    async def reply(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head and (data := await stream.receive_some(65536)):
+                head += data
+            lines = head.decode("latin-1").split("\r\n")
+            path = lines[0].split(" ")[1] if lines[0].count(" ") >= 2 else ""
+            ranges = [x.split("=", 1)[1] for x in lines if x.lower().startswith("range: bytes=")]
+            digest = path.rsplit("/", 1)[-1]
+            if path == f"/v2/{NAME}/manifests/v1":
+                await self.send(stream, "200 OK", self.manifest, OCI_MANIFEST)
+            elif path.startswith(f"/v2/{NAME}/blobs/") and digest in self.blobs:
+                body = self.blobs[digest]
+                start, end = 0, len(body)
+                if ranges:
+                    first, _, last = ranges[0].partition("-")
+                    start, end = int(first), min(int(last) + 1, len(body))
+                status = "206 Partial Content" if ranges else "200 OK"
+                extra = f"content-range: bytes {start}-{end - 1}/{len(body)}\r\n" if ranges else ""
+                if digest != sha(self.layer):
+                    await self.send(stream, status, body[start:end], "text/plain", extra)
+                else:
+                    await self.send_held(stream, status, extra, start, end)
+            else:
+                await stream.send_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+
+    @staticmethod
+    async def send(
+        stream: trio.SocketStream, status: str, body: bytes, content_type: str, extra: str = ""
+    ) -> None:
+        head = f"HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\n{extra}"
+        head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        await stream.send_all(head.encode() + body)
+
+    async def send_held(
+        self, stream: trio.SocketStream, status: str, extra: str, start: int, end: int
+    ) -> None:
+        data = bytearray(self.layer[start:end])
+        flip = len(self.layer) - 1000
+        if self.corrupt and start <= flip < end:
+            self.corrupt = False
+            data[flip - start] ^= 0xFF
+        head = f"HTTP/1.1 {status}\r\ncontent-length: {len(data)}\r\n{extra}"
+        head += "connection: close\r\n\r\n"
+        pos = max(0, min(self.HELD - start, len(data)))
+        await stream.send_all(head.encode() + data[:pos])
+        while not self.gate.is_set() and pos < len(data):
+            await stream.send_all(data[pos : pos + 4096])
+            pos += 4096
+            with trio.move_on_after(0.01):  # the origin's pace, not a synchronisation
+                await self.gate.wait()
+        await stream.send_all(data[pos:])
+
+
+@asynccontextmanager
+async def gated_mirror(
+    layer: bytes, *, corrupt: bool
+) -> AsyncIterator[tuple[GatedUpstream, Daemon, httpx.AsyncClient]]:
+    origin = GatedUpstream(layer, corrupt=corrupt)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(origin.run)
+        env = {"TENSORD_MIRROR_UPSTREAM": f"http://127.0.0.1:{origin.port}"}
+        async with mirror(env) as (d, url), httpx.AsyncClient(base_url=url, timeout=60) as c:
+            r = await c.get(f"/v2/{NAME}/manifests/v1")  # the miss that queues the pull
+            assert r.status_code == 200 and r.content == origin.manifest
+            yield origin, d, c
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_blob_is_streamed_while_it_lands(tmp_path: Path) -> None:
+    """A client asking for a blob still downloading gets its bytes as they land - before the
+    origin has sent them all - and the whole blob byte-exact once it is verified; a Range
+    asked meanwhile gets its 206 with exactly its bytes."""
+    layer = layers(24 * MiB)[0]
+    async with gated_mirror(layer, corrupt=False) as (origin, _, c):
+        url = f"/v2/{NAME}/blobs/{sha(layer)}"
+        ranged: dict[str, object] = {}
+        ranged_started = trio.Event()
+
+        async def ranged_get() -> None:
+            headers = {"range": "bytes=1000-2999"}
+            async with c.stream("GET", url, headers=headers) as resp:
+                ranged_started.set()
+                ranged["status"], ranged["range"] = resp.status_code, resp.headers["content-range"]
+                ranged["body"] = await resp.aread()
+
+        got = bytearray()
+        async with trio.open_nursery() as nursery, c.stream("GET", url) as resp:
+            assert resp.status_code == 200
+            assert int(resp.headers["content-length"]) == len(layer)
+            assert resp.headers["docker-content-digest"] == sha(layer)
+            async for part in resp.aiter_raw():
+                got += part
+                if not origin.gate.is_set():
+                    # Bytes reached the client while the origin still holds most of the blob.
+                    assert len(got) < len(layer) - 4 * MiB
+                    nursery.start_soon(ranged_get)
+                    await ranged_started.wait()
+                    origin.gate.set()
+        assert origin.gate.is_set() and bytes(got) == layer
+        assert ranged == {"status": 206, "range": f"bytes 1000-2999/{len(layer)}",
+                          "body": layer[1000:3000]}  # fmt: skip
+
+
+async def test_a_blob_whose_download_fails_is_cut_short_not_completed(tmp_path: Path) -> None:
+    """The bytes streamed came from a download whose SHA-256 then failed: the client's body is
+    cut before its last byte (an error for any client, never a complete 200); the download
+    starts over, and the next request gets the verified blob."""
+    layer = layers(24 * MiB)[0]
+    async with gated_mirror(layer, corrupt=True) as (origin, d, c):
+        url = f"/v2/{NAME}/blobs/{sha(layer)}"
+        got = bytearray()
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with c.stream("GET", url) as resp:
+                assert resp.status_code == 200
+                async for part in resp.aiter_raw():
+                    got += part
+                    origin.gate.set()
+        assert 0 < len(got) < len(layer)
+        assert "reply cut short" in d.text
+        r = await c.get(url)
+        assert r.status_code == 200 and r.content == layer
+        assert not origin.corrupt  # the corrupt byte was sent (and the blob fetched again)

@@ -1,10 +1,9 @@
 """The mirror's ASGI app: ``/v2/``, manifests and blobs, read-only, from the model directory.
 
 A request is answered from the store when it can be; a miss goes to :class:`~.misses.Misses`
-(which fetches through the daemon's download manager) and is answered once what it asked for
-has landed. A blob is sent from a read-only ``mmap`` of its file in ``CHUNK`` slices: the file
-is never read into memory, and the only copy in Python is hypercorn's ``bytes()`` of each chunk
-as it hands it to the socket (hypercorn has no file-body extension).
+(which fetches through the daemon's download manager): a manifest is answered once resolved, a
+blob is streamed as it lands (:mod:`.landing`). A blob is sent from a read-only ``mmap`` of its
+file in slices (:class:`~.reply.Reply`): the file is never read into memory.
 
 Every request is an error boundary: a malformed or hostile one gets a 4xx in the OCI error
 format (:class:`~.protocol.MirrorError`), a bug a logged 500, and the daemon carries on. A
@@ -16,15 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import mmap
-from pathlib import Path
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
-from ..asgi import Headers, lifespan, presents_key
+from ..asgi import lifespan, presents_key
 from ..boundary import report_unexpected
+from .landing import send_blob, serve_landing
 from .misses import Misses
 from .protocol import (
     MirrorError,
@@ -32,16 +31,12 @@ from .protocol import (
     Upstream,
     choose_upstream,
     media_type,
-    parse_range,
     parse_target,
 )
+from .reply import ABORT, Reply
 from .store import ModelDir
 
 log = logging.getLogger("tensord.mirror")
-
-#: The slice of a blob handed to the server at a time.
-CHUNK = 1 << 20
-_API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
 
 
 class MirrorApp:
@@ -68,7 +63,7 @@ class MirrorApp:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
-        reply = _Reply(send, head=method == "HEAD")
+        reply = Reply(send, head=method == "HEAD", abort=_abort(scope))
         try:
             if self.api_keys is not None and not presents_key(scope, self._keys, basic=True):
                 raise MirrorError(401, "UNAUTHORIZED", "a valid API key is required")
@@ -96,7 +91,7 @@ class MirrorApp:
                 await reply.error(MirrorError(500, "UNKNOWN", "internal error: see the log"))
             nursery.cancel_scope.cancel()
 
-    async def _serve(self, scope: Scope, target: Target | None, reply: _Reply) -> None:
+    async def _serve(self, scope: Scope, target: Target | None, reply: Reply) -> None:
         if target is None:
             await reply.whole(200, b"{}", [(b"content-type", b"application/json")])
             return
@@ -107,7 +102,7 @@ class MirrorApp:
         else:
             await self._blob(scope, target, upstream, reply)
 
-    async def _manifest(self, target: Target, upstream: Upstream, reply: _Reply) -> None:
+    async def _manifest(self, target: Target, upstream: Upstream, reply: Reply) -> None:
         name, ref = target.name, target.reference
         if target.is_digest:
             body = await trio.to_thread.run_sync(self.models.manifest_by_digest, name, ref)
@@ -126,84 +121,24 @@ class MirrorApp:
         ]
         await reply.whole(200, body, headers)
 
-    async def _blob(self, scope: Scope, target: Target, upstream: Upstream, reply: _Reply) -> None:
+    async def _blob(self, scope: Scope, target: Target, upstream: Upstream, reply: Reply) -> None:
         digest = target.reference
+        wanted = _header(scope, b"range")
         found = self.models.blob(digest)
-        if found is None:
-            await self.misses.blob(upstream, target.name, digest)
-            found = self.models.blob(digest)
-            if found is None:
-                raise MirrorError(404, "BLOB_UNKNOWN", "blob unknown to the mirror", digest)
-        path, size = found
-        wanted = parse_range(_header(scope, b"range"), size)
-        start, end = wanted or (0, size)
-        headers = [
-            (b"content-type", b"application/octet-stream"),
-            (b"docker-content-digest", digest.encode()),
-            (b"etag", f'"{digest}"'.encode()),
-            (b"accept-ranges", b"bytes"),
-            (b"content-length", str(end - start).encode()),
-        ]
-        if wanted is not None:
-            headers.append((b"content-range", f"bytes {start}-{end - 1}/{size}".encode()))
-        await reply.start(206 if wanted is not None else 200, headers)
-        await reply.file(path, start, end)
-
-
-class _Reply:
-    """One response, started once; a HEAD request's carries the headers and no body."""
-
-    def __init__(self, send: ASGISendCallable, *, head: bool) -> None:
-        self.send = send
-        self.head = head
-        self.started = False
-        self.ended = False  # the last byte is on its way: a disconnect now is the normal end
-
-    async def start(self, status: int, headers: Headers) -> None:
-        self.started = True
-        await self.send(
-            {"type": "http.response.start", "status": status, "headers": [_API_VERSION, *headers]}
-        )
-
-    async def end(self, body: bytes = b"") -> None:
-        self.ended = True
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
-
-    async def whole(self, status: int, body: bytes, headers: Headers) -> None:
-        await self.start(status, [*headers, (b"content-length", str(len(body)).encode())])
-        await self.end(b"" if self.head else body)
-
-    async def file(self, path: Path, start: int, end: int) -> None:
-        """Bytes ``[start, end)`` of ``path``, from a read-only map of the file."""
-        if self.head or end <= start:
-            await self.end()
+        if found is not None:
+            await send_blob(reply, digest, *found, wanted)
             return
-        mapped = await trio.to_thread.run_sync(_map, path)
-        with mapped, memoryview(mapped) as view:
-            for offset in range(start, end, CHUNK):
-                with view[offset : min(offset + CHUNK, end)] as chunk:
-                    # hypercorn takes any buffer (it makes bytes of it): no copy here.
-                    event = {"type": "http.response.body", "body": chunk, "more_body": True}
-                    await self.send(cast(ASGISendEvent, event))
-        await self.end()
-
-    async def error(self, exc: MirrorError) -> None:
-        if self.started:
-            # Headers are out: all that can be said is that the body is cut short.
-            log.info("mirror: reply cut short: %s", exc.message)
-            return
-        if exc.status >= 500:
-            log.warning("mirror: %s %s", exc.code, exc.message)
-        headers: Headers = [(b"content-type", b"application/json"), *exc.headers]
-        if exc.status == 401:
-            headers.append((b"www-authenticate", b'Basic realm="tensord mirror"'))
-        await self.whole(exc.status, exc.body(), headers)
+        job_id = await self.misses.bring(upstream, target.name, digest)
+        if job_id is None:
+            raise MirrorError(404, "BLOB_UNKNOWN", "blob unknown to the mirror", digest)
+        await serve_landing(self.models, self.misses, job_id, digest, wanted, reply)
 
 
-def _map(path: Path) -> mmap.mmap:
-    """A read-only map of the file (which may be closed once mapped)."""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+def _abort(scope: Scope) -> Callable[[], None] | None:
+    """The server's way to drop the connection (:data:`~.reply.ABORT`), if it gave one."""
+    extensions: Any = scope.get("extensions") or {}
+    abort = extensions.get(ABORT)
+    return abort if callable(abort) else None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -214,4 +149,4 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-__all__ = ["CHUNK", "MirrorApp"]
+__all__ = ["MirrorApp"]

@@ -5,11 +5,12 @@ and the model it names is queued as a pull in the daemon's
 :class:`~tensord.download.manager.DownloadManager` - the same job ``tensord pull-model`` starts,
 shared with a pull already running, resumed across restarts, and (with peer-first downloads)
 fetched through the cluster. The client then asks for the blobs; each one it asks for before it
-has landed waits for the pull that brings it. A blob of a repository the mirror knows that no
-pull brings (a digest the client found elsewhere) is queued as a blob download of its own.
+has landed is served as it lands (:mod:`.landing`) from the pull that brings it. A blob of a
+repository the mirror knows that no pull brings (a digest the client found elsewhere) is queued
+as a blob download of its own.
 
 Waiting is driven by the download events (no polling): a waiter re-checks the store at each
-event of the job it waits on and stops when the blob is in place or the job has ended.
+event of the job it follows (:meth:`Misses.changed`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..download.registry import (
     parse_reference,
 )
 from ..download.registry import _get_manifest as get_manifest  # the index, not resolved
-from ..events import DownloadEvent, EventBus
+from ..events import DownloadEvent, Event, EventBus
 from .protocol import MirrorError, Upstream
 from .store import ModelDir
 
@@ -64,7 +65,7 @@ class Misses:
         """The manifest ``name:reference`` at ``upstream``, with the pull of its blobs queued."""
         source = upstream.reference(name, reference)
         resolved = self._resolved.get(source)
-        if resolved is not None and not self._ended(resolved[0]):
+        if resolved is not None and not self.ended(resolved[0]):
             return resolved[1]  # its pull is still running: the upstream is not asked again
         try:
             ref = parse_reference(source)
@@ -83,8 +84,8 @@ class Misses:
             return await self._index(ref, auth, reference)
         job = self.downloads.start("model", source)
         # What ended pulls were bringing is in the store now, or will not be: forget it.
-        self._bringing = {d: j for d, j in self._bringing.items() if not self._ended(j)}
-        self._resolved = {s: r for s, r in self._resolved.items() if not self._ended(r[0])}
+        self._bringing = {d: j for d, j in self._bringing.items() if not self.ended(j)}
+        self._resolved = {s: r for s, r in self._resolved.items() if not self.ended(r[0])}
         self._resolved[source] = (job.id, manifest.raw)
         for blob in manifest.blobs:
             self._bringing[blob.digest] = job.id
@@ -109,17 +110,13 @@ class Misses:
         log.info("mirror: index %s of %s fetched and kept", digest, ref.repository)
         return raw
 
-    async def blob(self, upstream: Upstream, name: str, digest: str) -> None:
-        """Returns once blob ``digest`` of ``name`` is in the store, or no download will bring
-        it (then the caller answers ``BLOB_UNKNOWN``)."""
+    async def bring(self, upstream: Upstream, name: str, digest: str) -> str | None:
+        """The download job bringing blob ``digest`` of ``name`` (started here if none is),
+        or None when none will (then the caller answers ``BLOB_UNKNOWN``)."""
         job_id = self._bringing.get(digest)
-        if job_id is None or self._ended(job_id):
+        if job_id is None or self.ended(job_id):
             job_id = await self._start_blob(upstream, name, digest)
-            if job_id is None:
-                return
-        await self._wait(job_id, digest)
-        if self.models.blob(digest) is not None:
-            self._bringing.pop(digest, None)
+        return job_id
 
     async def _start_blob(self, upstream: Upstream, name: str, digest: str) -> str | None:
         listing = await trio.to_thread.run_sync(self.models.tags_listing, name, digest)
@@ -137,16 +134,24 @@ class Misses:
         log.info("mirror: blob %s of %s not in the store: download %s", digest, name, job.id)
         return job.id
 
-    def _ended(self, job_id: str) -> bool:
+    def ended(self, job_id: str) -> bool:
+        """Has the job stopped (done, failed, cancelled, or forgotten)?"""
         job = self.downloads.jobs.get(job_id)
         return job is None or job.state in FINAL
 
-    async def _wait(self, job_id: str, digest: str) -> None:
-        async with self.events.subscribe() as events:
-            while self.models.blob(digest) is None and not self._ended(job_id):
-                async for event in events:
-                    if isinstance(event, DownloadEvent) and event.id == job_id:
-                        break
+    @staticmethod
+    async def changed(events: trio.MemoryReceiveChannel[Event], job_id: str) -> None:
+        """Until the next event of job ``job_id`` on ``events`` (a subscription taken before
+        the state it follows was read, so nothing is missed); events already queued behind it
+        are taken too - they say nothing a fresh look at the store does not."""
+        async for event in events:
+            if isinstance(event, DownloadEvent) and event.id == job_id:
+                break
+        while True:
+            try:
+                events.receive_nowait()
+            except trio.WouldBlock:
+                return
 
 
 __all__ = ["Misses"]

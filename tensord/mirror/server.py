@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..events import EventBus
 from .app import MirrorApp
 from .misses import Misses
+from .reply import ABORT
 from .store import ModelDir
 
 log = logging.getLogger("tensord.mirror")
@@ -84,12 +85,13 @@ class Mirror:
             tls = self.tls
 
             async def serve(stream: trio.SocketStream) -> None:
-                if tls is None:
-                    await server.serve(stream)
-                else:
-                    # HTTPConnections and hypercorn take any stream; TCPServer sees the TLS one.
-                    wrapped = trio.SSLStream(stream, tls, server_side=True)
-                    await server.serve(cast(trio.SocketStream, wrapped))
+                # HTTPConnections and hypercorn take any stream; TCPServer sees the TLS one.
+                wrapped = stream if tls is None else trio.SSLStream(stream, tls, server_side=True)
+                with trio.CancelScope() as connection:
+                    # A reply cut short drops the connection (see .reply): the serve ends and
+                    # HTTPConnections closes the stream.
+                    extensions = {ABORT: connection.cancel}
+                    await server.serve(cast(trio.SocketStream, wrapped), extensions)
 
             async with trio.open_nursery() as nursery:
                 await nursery.start(trio.serve_listeners, serve, listeners)

@@ -15,12 +15,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..download.blobs import BlobStore
 from ..download.pull import manifest_path
+from ..download.ranges import RangeSet
 from ..download.registry import MAX_MANIFEST_BYTES, Reference
 from ..fsutil import atomic_write
+
+#: The largest resume record read (it lists the written ranges: a few KiB in practice).
+MAX_RECORD_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Landing:
+    """A blob being written: its partial file (inode ``inode``), size, and ranges landed."""
+
+    path: Path
+    size: int
+    done: RangeSet
+    inode: int
 
 
 class ModelDir:
@@ -38,6 +53,40 @@ class ModelDir:
             return path, os.stat(path).st_size
         except FileNotFoundError:
             return None
+
+    def inode(self, digest: str) -> int | None:
+        """The inode of the complete blob's file (None if it is not complete)."""
+        try:
+            return os.stat(self.blobs.path(digest)).st_ino
+        except FileNotFoundError:
+            return None
+
+    def landing(self, digest: str) -> Landing | None:
+        """The blob's download in progress as the fetch's resume record describes it: the
+        partial file, the blob's size and the ranges written (and made durable) so far. None
+        when there is no record (not started, or finished), or it is not one this mirror can
+        trust to describe this blob (damaged, another digest, a data file of the wrong size)."""
+        path = self.blobs.path(digest)
+        data = path.with_name(path.name + ".incomplete")
+        record = path.with_name(path.name + ".incomplete.json")
+        try:
+            with open(record, "rb") as f:
+                body = f.read(MAX_RECORD_BYTES + 1)
+            if len(body) > MAX_RECORD_BYTES:
+                return None
+            doc = json.loads(body)
+            size = doc["size"]
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                return None
+            if doc.get("sha256") != digest.removeprefix("sha256:"):
+                return None
+            done = RangeSet.from_json(doc["done"], size)
+            st = os.stat(data)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if st.st_size != size:
+            return None  # not yet sized: the fetch has not opened it for this blob
+        return Landing(data, size, done, st.st_ino)
 
     def manifest_by_tag(self, registry: str, name: str, tag: str) -> bytes | None:
         return _read_manifest(manifest_path(self.root, Reference(registry, name, tag)))
@@ -129,4 +178,4 @@ def _blob_digests(body: bytes) -> set[str]:
     return {str(e.get("digest")) for e in entries if isinstance(e, dict)}
 
 
-__all__ = ["ModelDir"]
+__all__ = ["MAX_RECORD_BYTES", "Landing", "ModelDir"]
