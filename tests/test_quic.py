@@ -617,6 +617,10 @@ def test_the_listeners_reset_tokens_reach_the_dialer_for_every_connection_id() -
 # -- UDP segmentation offloads (udp.py) ------------------------------------------------------
 
 
+#: Linux's SO_NO_CHECK (asm-generic/socket.h; Python's socket module does not name it).
+SO_NO_CHECK = 11
+
+
 def _udp_socket() -> UdpSocket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)
@@ -691,3 +695,19 @@ async def test_a_payload_without_the_offloads(monkeypatch: pytest.MonkeyPatch) -
             conn = await dial(dialer, port)
             assert await send_payload(conn, 5, 2 * MiB + 3)
             await conn.aclose()
+
+
+async def test_a_gso_send_the_kernel_refuses_falls_back_to_one_datagram_per_syscall() -> None:
+    """The kernel refuses GSO on a socket without UDP checksums (``SO_NO_CHECK``: EINVAL), as
+    it does on a device without checksum offload (EIO): the run goes out datagram by
+    datagram, and GSO stays off for that socket."""
+    sender, one = _udp_socket(), _udp_socket()
+    sender.sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+    assert sender.gso
+    datagrams = _runs([one, one])
+    assert sender.send_many(datagrams) == len(datagrams)
+    assert not sender.gso
+    got, _ = await _receive_all(one, len(datagrams))
+    assert got == [d for d, _ in datagrams]
+    sender.close()
+    one.close()
