@@ -743,6 +743,51 @@ def cpu_per_gb(done: dict[str, RowResult], key: str) -> float | None:
     return (d["cpu_seconds"]["sender"] + d["cpu_seconds"]["receiver"]) / (moved / 1e9)
 
 
+#: Issue 15's QUIC targets: 256 MiB at 1452-byte datagrams, CPU per GB, 4 KiB p50 against TCP.
+TARGET_MBPS = 300.0
+TARGET_CPU_PER_GB = 5.0
+TARGET_LATENCY_RATIO = 1.5
+
+
+def targets(cfg: Config, done: dict[str, RowResult]) -> tuple[list[str], dict[str, Any]]:
+    """Issue 15's QUIC targets with this run's figures, met or missed (lines, and the same
+    for the JSON)."""
+
+    def fig(key: str) -> float | None:
+        r = done.get(key)
+        return None if r is None or r.figure is None else r.figure.value
+
+    thr, cpu = fig("thr/quic"), cpu_per_gb(done, "thr/quic")
+    lat_q, lat_t = fig("lat/quic"), fig("lat/tcp")
+    ratio = lat_q / lat_t if lat_q is not None and lat_t else None
+    rows: list[tuple[str, float | None, str, float, bool]] = [
+        (f"{_mib(cfg.size)} throughput >= {TARGET_MBPS:g} MB/s", thr, "MB/s", TARGET_MBPS, True),
+        (f"CPU <= {TARGET_CPU_PER_GB:g} CPU-s per GB", cpu, "CPU-s/GB", TARGET_CPU_PER_GB, False),
+        (
+            f"{_mib(cfg.lat_size)} p50 <= {TARGET_LATENCY_RATIO:g} x TCP",
+            ratio,
+            "x TCP",
+            TARGET_LATENCY_RATIO,
+            False,
+        ),
+    ]
+    lines: list[str] = []
+    table: dict[str, Any] = {}
+    for label, got, unit, goal, higher in rows:
+        if got is None:
+            lines.append(f"{label:<40} not measured")
+            table[label] = None
+            continue
+        met = got >= goal if higher else got <= goal
+        off = goal / got if higher else got / goal
+        said = "met" if met else f"missed ({off:.3g} x off)"
+        lines.append(f"{label:<40} {_num(got)} {unit}: {said}")
+        table[label] = {"value": got, "target": goal, "met": met}
+    if cfg.quick or cfg.size != 256 * MiB:
+        lines.append("(not the targets' sizes: QUICK or SIZE changed; read as a smoke test)")
+    return lines, table
+
+
 def verdict(cfg: Config, done: dict[str, RowResult]) -> str:
     """One paragraph, computed from the figures: which transport to default to, and why."""
 
@@ -893,6 +938,10 @@ def main(argv: list[str]) -> int:
     print("\nQUIC vs TCP (MB/s: QUIC/TCP < 1 means QUIC is slower; us: > 1 means QUIC is slower)")
     for text in lines:
         print(f"  {text}")
+    goal_lines, goals = targets(cfg, done)
+    print("\nIssue 15's QUIC targets (1452-byte datagrams; CPU: sender + receiver per GB moved)")
+    for text in goal_lines:
+        print(f"  {text}")
     words = verdict(cfg, done)
     print(f"\nVerdict\n{wrap(words)}")
     m["loadavg_end"] = list(os.getloadavg())
@@ -902,6 +951,7 @@ def main(argv: list[str]) -> int:
         "config": asdict(cfg),
         "rows": [asdict(r) for r in done.values()],
         "summary": table,
+        "targets": goals,
         "verdict": words,
     }
     with contextlib.suppress(OSError):
