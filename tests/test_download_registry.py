@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
 
+from tensord.download import pull as pull_module
 from tensord.download.fetch import DownloadError, FetchConfig
 from tensord.download.pull import PullProgress, manifest_path, pull_model
-from tensord.download.registry import DEFAULT_REGISTRY, Credential, Reference, parse_reference
+from tensord.download.registry import (
+    DEFAULT_REGISTRY,
+    Credential,
+    Reference,
+    parse_reference,
+)
 
 from .support.registry import registry
 from .support.token_issuer import token_issuer
@@ -125,3 +136,70 @@ async def test_bearer_token_flow_with_a_token_issuer(tmp_path: Path) -> None:
         # One token for the pull's scope, cached for the manifest and every blob request.
         pulls = issuer.issued[issued_by_push:]
         assert pulls.count("repository:secure/m:pull") == 1, pulls
+
+
+class _ScriptedFetch:
+    """Stands in for a blob's fetch: records when it starts and ends; the test says when it
+    ends and whether it reports "nothing more from the origin" first (the real fetches are
+    tested above and in test_share.py)."""
+
+    def __init__(self, log: list[str], name: str) -> None:
+        self.log, self.name = log, name
+        self.on_origin_done: Callable[[], None] | None = None
+        self.started, self.end = trio.Event(), trio.Event()
+
+    async def run(self) -> None:
+        self.log.append(f"start {self.name}")
+        self.started.set()
+        await self.end.wait()
+        self.log.append(f"end {self.name}")
+
+
+async def test_a_blob_whose_rest_comes_from_peers_gives_its_origin_slot_to_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_concurrent`` bounds the blobs reading from the origin, not the blobs in flight:
+    once a shared blob needs nothing more from the origin the next one starts, while the first
+    still takes its last pieces from peers (the origin never idles between blobs)."""
+    with registry(tmp_path) as reg:
+        reg.push_model("models/three", "v1", layers(1000, 2000, 3000))
+        ref = parse_reference(f"http://{reg.host}/models/three:v1")
+        log: list[str] = []
+        made = iter(_ScriptedFetch(log, f"blob{i}") for i in range(4))  # config + 3 layers
+        fetches: dict[str, _ScriptedFetch] = {}
+        fetched = trio.Event()  # the manifest was read (no I/O after it)
+
+        def scripted(client: Any, url: str, dest: Path, peers: Any, **kw: Any) -> _ScriptedFetch:
+            fetch = next(made)
+            fetches[fetch.name] = fetch
+            fetched.set()
+            return fetch
+
+        monkeypatch.setattr(pull_module, "make_fetch", scripted)
+
+        async def started(name: str) -> _ScriptedFetch:
+            await wait_all_tasks_blocked()  # the pull made its next fetch, if it may
+            assert name in fetches, f"{name} did not start; so far: {log}"
+            await fetches[name].started.wait()
+            return fetches[name]
+
+        async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(pull_model, client, ref, tmp_path / "store", max_concurrent=1)
+            )
+            with trio.fail_after(30):
+                await fetched.wait()
+            first = await started("blob0")
+            await wait_all_tasks_blocked()
+            assert log == ["start blob0"]  # one origin slot: nothing else started
+            assert first.on_origin_done is not None
+            first.on_origin_done()  # its rest comes from peers: the next may start
+            second = await started("blob1")
+            assert log == ["start blob0", "start blob1"]
+            second.end.set()  # ends without ever saying so: its slot comes back at its end
+            third = await started("blob2")
+            assert log[2:] == ["end blob1", "start blob2"]
+            first.end.set()
+            third.end.set()
+            (await started("blob3")).end.set()
+        assert log[-1] == "end blob3" and len(log) == 8

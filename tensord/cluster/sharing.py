@@ -260,8 +260,23 @@ class BlobShare(BlobPeers):
                 (mine if expected == self.plan.node_id else others).append((i, None))
             elif action is not None:
                 wait.append((i, action.owner))
+        # Owners fetch their own pieces from the end (above): ask for theirs in that order too,
+        # or the first piece asked for is the last its owner fetches, and the wait for it runs
+        # out (``not_yet``) while the owner is busy with the ones nobody asked for yet.
         mine.reverse()
+        wait.reverse()
         self._queues = [deque(take), deque(mine), deque(others), deque(wait)]
+
+    def needs_origin(self, busy: Set[int]) -> bool:
+        self._refresh()
+        self._reschedule()
+        done = self.plan.done
+        for queue in (self._queues[MINE], self._queues[OTHERS]):
+            while queue and queue[0][0] in done:
+                queue.popleft()
+            if any(index not in busy and index not in done for index, _ in queue):
+                return True
+        return False
 
     def _piece(self, index: int, peer: str | None) -> Piece:
         start, end = piece_range(index, self.size, self.piece_size)

@@ -165,6 +165,9 @@ class BlobFetch:
         self.sources: dict[str, int] = {}
         #: Called with (offset, length) once bytes are in the partial file (peers may read them).
         self.on_landed: Callable[[int, int], None] | None = None
+        #: Called once nothing more of the blob is read from the origin by this node (the rest
+        #: comes from peers): a pull may start its next blob's origin work then.
+        self.on_origin_done: Callable[[], None] | None = None
         self._queue: list[tuple[int, int]] = []
         self._tasks: dict[int, _Task] = {}
         self._next_id = 0

@@ -8,7 +8,6 @@ written last, so a model is listed only once all its blobs are verified and in p
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -117,47 +116,67 @@ async def pull_model(
         manifest.total,
         len(todo),
     )
-    # Taken in the manifest's order (not in whatever order tasks reach a semaphore): nodes that
-    # pull the same model together then fetch the same blob at the same moment, and share it.
-    queue = deque(todo)
+    # Started in the manifest's order (not in whatever order tasks reach a semaphore): nodes
+    # that pull the same model together then fetch the same blob at the same moment, and share
+    # it. ``max_concurrent`` blobs read from the origin at once; a shared blob gives its slot
+    # back as soon as the rest of it comes from peers, so the next blob's origin reads overlap
+    # the exchange of the last one's pieces (the origin is the bottleneck: it never idles).
+    slots = trio.Semaphore(max(1, max_concurrent))
 
-    async def worker() -> None:
-        while queue:
-            blob = queue.popleft()
-            await one(blob.digest, blob.size)
+    async def one(digest: str, size: int, slot: _Slot) -> None:
+        with slot:
+            async with locks.hold(digest):
+                if blobs.has(digest, size):  # another pull fetched it meanwhile
+                    state.skipped += size
+                    return
 
-    async def one(digest: str, size: int) -> None:
-        async with locks.hold(digest):
-            if blobs.has(digest, size):  # another pull fetched it meanwhile
-                state.skipped += size
-                return
+                def on_progress(p: Progress) -> None:
+                    state.blobs[digest] = p
+                    if progress is not None:
+                        progress(state)
 
-            def on_progress(p: Progress) -> None:
-                state.blobs[digest] = p
-                if progress is not None:
-                    progress(state)
-
-            fetch = make_fetch(
-                client,
-                ref.url("blobs", digest),
-                blobs.path(digest),
-                peers,
-                size=size,
-                sha256=digest.removeprefix("sha256:"),
-                auth=auth,
-                config=config,
-                progress=on_progress,
-            )
-            await fetch.run()
+                fetch = make_fetch(
+                    client,
+                    ref.url("blobs", digest),
+                    blobs.path(digest),
+                    peers,
+                    size=size,
+                    sha256=digest.removeprefix("sha256:"),
+                    auth=auth,
+                    config=config,
+                    progress=on_progress,
+                )
+                fetch.on_origin_done = slot.release
+                await fetch.run()
 
     try:
         async with trio.open_nursery() as nursery:
-            for _ in range(min(len(todo), max(1, max_concurrent))):
-                nursery.start_soon(worker)
+            for blob in todo:
+                await slots.acquire()
+                nursery.start_soon(one, blob.digest, blob.size, _Slot(slots))
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     await trio.to_thread.run_sync(_write_manifest, root, ref, manifest)
     return manifest
+
+
+class _Slot:
+    """One of a pull's origin slots, given back once: when the blob needs nothing more from
+    the origin, or when its fetch ends, whichever is first."""
+
+    def __init__(self, slots: trio.Semaphore) -> None:
+        self._slots: trio.Semaphore | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
+
+    def __enter__(self) -> _Slot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def make_fetch(

@@ -136,6 +136,14 @@ class SharedBlobFetch(BlobFetch):
     async def _share_worker(self, share: BlobPeers, busy: set[int], whole: memoryview) -> None:
         while self._failed is None:
             piece = share.next_piece(busy)
+            origin_done = self.on_origin_done
+            if (
+                origin_done is not None
+                and (piece is None or piece.peer is not None)
+                and not share.needs_origin(busy)  # the rest comes from peers
+            ):
+                self.on_origin_done = None
+                origin_done()
             if piece is None:
                 if share.complete:
                     return

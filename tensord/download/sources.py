@@ -46,6 +46,11 @@ class BlobPeers(Protocol):
         """Until something lands here or a source fails."""
         ...
 
+    def needs_origin(self, busy: Set[int]) -> bool:
+        """Would this node still fetch a missing piece, not in ``busy``, from the origin as
+        things stand (a peer's failure may add some back)?"""
+        ...
+
     async def fetch(self, peer: str, offset: int, into: memoryview) -> None:
         """Read ``len(into)`` bytes at ``offset`` from ``peer`` straight into ``into``. Raises
         on any failure; the caller then calls :meth:`fail`."""

@@ -23,7 +23,8 @@ error_log {d}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     log_format served
-        '$request_method|$request_uri|$status|$http_range|$body_bytes_sent|$bytes_sent';
+        '$request_method|$request_uri|$status|$http_range|$body_bytes_sent|$bytes_sent|'
+        '$msec|$request_time|$remote_addr';
     access_log {d}/access.log served;
     client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
     uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
@@ -61,14 +62,29 @@ class Served:
     range: str
     body: int  # reply body bytes
     sent: int  # bytes sent, headers included
+    ended: float = 0.0  # when the reply ended (Unix time)
+    seconds: float = 0.0  # how long the request took
+    client: str = ""  # the client's address
 
 
 def read_served(log: Path) -> list[Served]:
     """Every request in the proxy's access log, in order."""
     out = []
     for line in log.read_text().splitlines() if log.exists() else ():
-        method, uri, status, rng, body, sent = line.split("|")
-        out.append(Served(method, uri, int(status), rng, int(body), int(sent)))
+        method, uri, status, rng, body, sent, ended, seconds, client = line.split("|")
+        out.append(
+            Served(
+                method,
+                uri,
+                int(status),
+                rng,
+                int(body),
+                int(sent),
+                float(ended),
+                float(seconds),
+                client,
+            )
+        )
     return out
 
 
