@@ -344,3 +344,83 @@ def test_in_flight_pieces_are_exactly_the_pieces_wholly_landed(
     flight.finish()
     assert holdings.in_flight(ABSENT) is None
     assert holdings.entry(ABSENT) == BlobEntry.whole(ABSENT, size, 4096)
+
+
+async def test_a_piece_in_flight_streams_chunk_by_chunk_as_it_lands(
+    transport: str, tmp_path: Path
+) -> None:
+    """A piece the origin is still sending to a node reaches its peers as it arrives: each
+    chunk goes once it has landed, not once the whole range has."""
+    size = 3 * MiB
+    data = os.urandom(size)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    part = tmp_path / "s.incomplete"
+    with part.open("wb") as f:
+        f.truncate(size)
+    async with pair(transport, chunk_size=MiB) as (a, b):
+        flight = a.holdings.begin(digest, size, part)
+        fd = os.open(part, os.O_WRONLY)
+        buf = bytearray(size)
+        try:
+
+            def land(offset: int, length: int) -> None:
+                os.pwrite(fd, data[offset : offset + length], offset)
+                flight.landed(offset, length)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch_range, b, a.addr, digest, 0, size, memoryview(buf))
+                await _until_waiting(flight)
+                land(0, MiB)  # the first chunk: sent at once, while the rest is missing
+                with trio.fail_after(10):
+                    while buf[:MiB] != data[:MiB]:
+                        await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+                assert not any(buf[MiB:])
+                land(MiB, 2 * MiB)
+            assert buf == data
+        finally:
+            os.close(fd)
+
+
+async def test_a_range_that_keeps_arriving_is_waited_for_past_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``not_yet`` means "nothing of it landed for NOT_YET_WAIT", not "slower than that": a
+    range landing slowly but steadily is served whole; one that stops half-way ends with
+    ``not_yet`` after what was there, and the connection stays usable."""
+    monkeypatch.setattr(piece_server, "NOT_YET_WAIT", 1.0)
+    size = 2 * MiB
+    data = os.urandom(size)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    part = tmp_path / "k.incomplete"
+    with part.open("wb") as f:
+        f.truncate(size)
+    async with pair(chunk_size=MiB) as (a, b):
+        flight = a.holdings.begin(digest, size, part)
+        fd = os.open(part, os.O_WRONLY)
+        try:
+
+            def land(offset: int, length: int) -> None:
+                os.pwrite(fd, data[offset : offset + length], offset)
+                flight.landed(offset, length)
+
+            step = MiB // 16
+            got: dict[str, bytes] = {}
+
+            async def take() -> None:
+                got["first"] = await fetched(b, a.addr, digest, 0, MiB)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(take)
+                for at in range(0, MiB, step):  # 16 steps 0.1 s apart: 1.6 s in all
+                    await trio.sleep(0.1)
+                    land(at, step)
+            assert got["first"] == data[:MiB]
+            # The second MiB: half of it lands, then nothing.
+            land(MiB, MiB // 2)
+            with pytest.raises(PieceUnavailable) as info:
+                await fetched(b, a.addr, digest, MiB // 2, MiB + MiB // 2)
+            assert info.value.code == "not_yet"
+            assert b.pool_stats()[a.node_id]["dials"] == 1  # the connection stayed usable
+            assert await fetched(b, a.addr, digest, MiB, MiB // 2) == data[MiB:][: MiB // 2]
+        finally:
+            os.close(fd)

@@ -80,6 +80,8 @@ class InFlight:
         self.piece_size = piece_size
         self.written = RangeSet()
         self.active = True
+        #: Ended with a verified blob: every byte is in the file.
+        self.verified = False
         self._changed = trio.Event()
 
     def landed(self, offset: int, length: int) -> None:
@@ -97,6 +99,10 @@ class InFlight:
     def has(self, offset: int, length: int) -> bool:
         """Has all of ``[offset, offset + length)`` landed?"""
         return self.written.contains(offset, offset + length)
+
+    def landed_of(self, offset: int, length: int) -> int:
+        """How many bytes of ``[offset, offset + length)`` have landed."""
+        return self.written.covered(offset, offset + length)
 
     def pieces(self) -> tuple[tuple[int, int], ...]:
         """The piece indices wholly landed, as half-open ranges."""
@@ -125,6 +131,8 @@ class InFlight:
     def finish(self, path: Path | None = None) -> None:
         """The blob is complete and verified, now at ``path`` (default: where it was written):
         from now on it is served as a complete blob."""
+        if self.active:
+            self.verified = True
         self._end(Source(path if path is not None else self.path, self.size))
 
     def abandon(self) -> None:

@@ -110,8 +110,9 @@ async def fetch_range(
     into ``into`` (exactly ``length`` bytes, e.g. a slice of a memory-mapped partial file).
 
     Each chunk's crc32c is checked as it arrives: a mismatch raises :class:`CorruptPiece` (what
-    ``into`` holds is then undefined). A peer still fetching the blob answers once the range has
-    landed there (or ``not_yet``). ``length`` is at most one piece (``MAX_PIECE``).
+    ``into`` holds is then undefined). A peer still fetching the blob sends each chunk as it
+    lands there (or ``not_yet``, also after some chunks: ``into`` is then partly written).
+    ``length`` is at most one piece (``MAX_PIECE``).
     """
     if len(into) != length or not 0 < length <= MAX_PIECE or offset < 0:
         raise ValueError(
@@ -125,12 +126,13 @@ async def fetch_range(
         stream = conn.stream
         await stream.send(PieceRequest(digest, offset, length))
         got = 0
-        # The first frame may wait for the range to land at the peer (its bounded wait).
+        # Every frame may wait for its bytes to land at the peer (its bounded wait): a peer
+        # still fetching the blob sends each chunk as it lands, and may end with ``not_yet``.
         wait = io_timeout + NOT_YET_WAIT
         while got < length:
             with trio.fail_after(wait):
                 msg = await stream.receive()
-                if isinstance(msg, Error) and not got:
+                if isinstance(msg, Error):
                     refused.append((conn.peer_id, msg))
                     return
                 if not isinstance(msg, PieceChunk):
@@ -152,7 +154,6 @@ async def fetch_range(
                     code="checksum",
                 )
             got += msg.wire_len
-            wait = io_timeout
 
     await _on_peer(node, peer, digest, fetch)
     if refused:  # raised once the connection is back in the pool: it stays usable

@@ -7,8 +7,10 @@ A piece is served without a copy in Python: the requested range of the blob's fi
 memory-mapped, each chunk's crc32c is computed over the mapping, and the bytes go to the kernel
 either with ``os.sendfile`` (a plain TCP connection: the socket is at hand) or as a memoryview
 of the mapping in the same gathered write as the chunk's header (TLS, QUIC). A range of a blob
-still in flight that has not landed yet is waited for, up to :data:`NOT_YET_WAIT` seconds; then
-the peer hears ``not_yet`` and asks someone else (or again later).
+still in flight is sent chunk by chunk as it lands (a piece the origin is still sending here
+reaches the peer at the pace it arrives); a chunk not landed yet is waited for while its bytes
+keep arriving, and up to :data:`NOT_YET_WAIT` seconds with none landing; then the peer hears
+``not_yet`` (in place of the first chunk or of the rest) and asks someone else, or again later.
 
 Everything a peer asks is bounded before it sizes anything: the decoder checked the digest's
 form, the range's length (at most one piece, ``MAX_PIECE``) and its end; here the range must lie
@@ -41,7 +43,7 @@ from ..wire.messages import (
     PieceRequest,
     Query,
 )
-from .holdings import Holdings, Source
+from .holdings import Holdings, InFlight, Source
 
 log = logging.getLogger("tensord.cluster")
 
@@ -95,8 +97,9 @@ async def serve_piece(
     wait: float | None = None,
 ) -> None:
     """Answer ``PieceRequest`` with the range's bytes in ``PieceChunk`` frames of at most
-    ``chunk_size`` bytes (capped by what the peer accepts), or with a typed ``Error``. A range
-    not landed yet is waited for ``wait`` seconds (default :data:`NOT_YET_WAIT`)."""
+    ``chunk_size`` bytes (capped by what the peer accepts), or with a typed ``Error``. Of a blob
+    in flight each chunk is sent once it has landed, waited for while it keeps arriving and up
+    to ``wait`` seconds (default :data:`NOT_YET_WAIT`) with nothing landing."""
     _require_pieces(conn, "piece request")
     if wait is None:
         wait = NOT_YET_WAIT
@@ -110,23 +113,16 @@ async def serve_piece(
             )
         )
         return
-    if src is not None and not src.has(req.offset, req.length):
-        src = await _wait_landed(holdings, req, wait)
-        if src is not None and not src.has(req.offset, req.length):
-            await conn.stream.send(
-                Error(
-                    "not_yet",
-                    f"range [{req.offset}, {end}) of blob {req.digest} has not arrived here "
-                    f"within {wait:g} s",
-                )
-            )
-            return
     if src is None:
         await conn.stream.send(Error("not_found", f"no blob {req.digest} on this node"))
         return
     chunk = max(MIN_CHUNK, min(chunk_size, conn.agreement.peer_max_chunk))
+    flight = src.in_flight
+    if flight is not None and not await _landing(flight, req.offset, min(chunk, req.length), wait):
+        await conn.stream.send(_not_landed(flight, req.digest, req.offset, end, wait))
+        return
     try:
-        await _send_range(conn, src, req.offset, req.length, chunk)
+        await _send_range(conn, src, req.offset, req.length, chunk, wait)
     except _Unreadable as exc:
         log.warning(
             "piece of %s for %s: cannot read %s: %s", req.digest, conn.peer_id, src.path, exc
@@ -134,25 +130,41 @@ async def serve_piece(
         await conn.stream.send(Error("not_found", f"blob {req.digest} cannot be read here"))
 
 
-async def _wait_landed(holdings: Holdings, req: PieceRequest, wait: float) -> Source | None:
-    """The blob's source once the range landed, or as it is after ``wait`` seconds (None: the
-    download was abandoned)."""
-    src = holdings.source(req.digest)
-    with trio.move_on_after(wait):
-        while src is not None and src.in_flight is not None:
-            if src.has(req.offset, req.length):
-                break
-            await src.in_flight.wait_changed()
-            src = holdings.source(req.digest)  # it may have finished, or been abandoned
-    return src
+async def _landing(flight: InFlight, offset: int, length: int, wait: float) -> bool:
+    """Wait until ``[offset, offset + length)`` of a blob in flight has landed: for as long as
+    its bytes keep landing, and up to ``wait`` seconds with none landing. False if it has not,
+    or the download ended without a verified blob."""
+    with trio.move_on_after(wait) as scope:
+        landed = flight.landed_of(offset, length)
+        while flight.active and not flight.has(offset, length):
+            await flight.wait_changed()
+            now = flight.landed_of(offset, length)
+            if now > landed:  # arriving: "not yet" would send the requester to the origin
+                landed, scope.deadline = now, trio.current_time() + wait
+    return flight.verified or flight.has(offset, length)
+
+
+def _not_landed(flight: InFlight, digest: str, start: int, end: int, wait: float) -> Error:
+    if not flight.active:
+        return Error("not_found", f"the download of {digest} stopped here; ask another source")
+    return Error(
+        "not_yet",
+        f"range [{start}, {end}) of blob {digest} has not arrived here (nothing of it landed "
+        f"for {wait:g} s)",
+    )
 
 
 class _Unreadable(Exception):
     """The blob's file could not be opened or mapped before the first byte was sent."""
 
 
-async def _send_range(conn: Connection, src: Source, offset: int, length: int, chunk: int) -> None:
-    """The range as ``PieceChunk`` frames, from a mapping of the file: no copy in Python."""
+async def _send_range(
+    conn: Connection, src: Source, offset: int, length: int, chunk: int, wait: float
+) -> None:
+    """The range as ``PieceChunk`` frames, from a mapping of the file: no copy in Python. Of a
+    blob in flight each chunk goes as soon as it has landed (a piece the origin is still
+    sending here reaches the peer at the pace it arrives, not a piece later); a chunk that
+    stops arriving ends the reply with an ``Error`` in place of the rest."""
     with ExitStack() as stack:
         try:
             fd = os.open(src.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -170,8 +182,12 @@ async def _send_range(conn: Connection, src: Source, offset: int, length: int, c
         transport = conn.stream.transport
         sock = transport.sock if isinstance(transport, SocketTransport) else None
         pos = offset - start
+        flight = src.in_flight
         for at in range(offset, offset + length, chunk):
             n = min(chunk, offset + length - at)
+            if flight is not None and not await _landing(flight, at, n, wait):
+                await conn.stream.send(_not_landed(flight, flight.digest, at, at + n, wait))
+                return
             with view[pos : pos + n] as part:
                 header = PieceChunk(at, n, crc32c(part))
                 if sock is not None:

@@ -45,7 +45,9 @@ log = logging.getLogger("tensord.download")
 
 #: A peer slower than this for a piece is crawling: the piece goes to the next source.
 MIN_PEER_RATE = 1 << 20
-#: A peer that answers ``not_yet`` this many times in a row for pieces it owns is too slow.
+#: A peer that answers ``not_yet`` this many times in a row for pieces it owns is too slow
+#: (``not_yet``: nothing of the piece landed there for :data:`NOT_YET_WAIT`; answers that
+#: arrive together, from several waits at once, count once).
 MAX_NOT_YET = 3
 #: How long a node leaves for the peers that may join a fetch (live, speaking ``pieces``, not
 #: yet heard from) the pieces they would own, before it fetches them itself: nodes told to pull
@@ -151,6 +153,7 @@ class BlobShare(BlobPeers):
         #: The announcement of each peer already taken into the plan.
         self._heard: dict[str, BlobEntry] = {}
         self._not_yet: Counter[str] = Counter()
+        self._not_yet_at: dict[str, float] = {}
         self._changed = trio.Event()
         # A blob of one piece is not worth the wait: read twice, it costs one piece at most.
         grace = JOIN_GRACE if self.plan.count > 1 else 0.0
@@ -220,13 +223,14 @@ class BlobShare(BlobPeers):
     def complete(self) -> bool:
         return self.plan.complete
 
-    def next_piece(self, busy: Set[int]) -> Piece | None:
+    def next_piece(self, busy: Set[int], *, origin: bool) -> Piece | None:
         self._refresh()
         self._reschedule()
         done = self.plan.done
-        for n, queue in enumerate(self._queues):
+        for n in (MINE, OTHERS) if origin else (TAKE, WAIT):
             if n == OTHERS and not self._others_may_go():
                 continue
+            queue = self._queues[n]
             while queue and queue[0][0] in done:
                 queue.popleft()
             for index, peer in queue:  # past the busy ones (at most one per connection)
@@ -307,7 +311,11 @@ class BlobShare(BlobPeers):
 
     def fail(self, peer: str, error: Exception) -> None:
         if isinstance(error, PieceUnavailable) and error.code == "not_yet":
-            self._not_yet[peer] += 1
+            # Several workers' waits on one owner run out together: one round, counted once.
+            now = trio.current_time()
+            if now - self._not_yet_at.get(peer, -NOT_YET_WAIT) >= NOT_YET_WAIT / 2:
+                self._not_yet[peer] += 1
+                self._not_yet_at[peer] = now
             if self._not_yet[peer] < MAX_NOT_YET:
                 self._wake()
                 return

@@ -62,6 +62,15 @@ class RangeSet:
         i = bisect.bisect_right(self._starts, start) - 1
         return i >= 0 and self._ends[i] >= end
 
+    def covered(self, start: int, end: int) -> int:
+        """How many bytes of ``[start, end)`` are present."""
+        n = 0
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while i < len(self._starts) and self._starts[i] < end:
+            n += max(0, min(end, self._ends[i]) - max(start, self._starts[i]))
+            i += 1
+        return n
+
     def prefix(self) -> int:
         """The length of the present run starting at 0 (0 if byte 0 is missing)."""
         if self._starts and self._starts[0] == 0:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import mmap
 import os
+from functools import partial
 from typing import Any
 
 import trio
@@ -121,7 +122,10 @@ class SharedBlobFetch(BlobFetch):
                 async with self._writing(), trio.open_nursery() as workers:
                     self._workers = workers
                     for _ in range(max(1, self.cfg.connections)):
-                        workers.start_soon(self._share_worker, share, busy, whole)
+                        for origin in (True, False):
+                            workers.start_soon(
+                                partial(self._share_worker, share, busy, whole, origin=origin)
+                            )
                 nursery.cancel_scope.cancel()
         finally:
             whole.release()
@@ -133,20 +137,21 @@ class SharedBlobFetch(BlobFetch):
         if self.done.missing(size):
             raise DownloadError(f"{self.url}: ranges still missing: {self.done.missing(size)}")
 
-    async def _share_worker(self, share: BlobPeers, busy: set[int], whole: memoryview) -> None:
+    async def _share_worker(
+        self, share: BlobPeers, busy: set[int], whole: memoryview, *, origin: bool
+    ) -> None:
+        """Fetch pieces until the blob is complete: from the origin (``origin``), or from
+        peers. Two kinds of worker, so that a piece a peer has is taken the moment it lands,
+        not after whatever slow origin range the worker was reading."""
         while self._failed is None:
-            piece = share.next_piece(busy)
-            origin_done = self.on_origin_done
-            if (
-                origin_done is not None
-                and (piece is None or piece.peer is not None)
-                and not share.needs_origin(busy)  # the rest comes from peers
-            ):
-                self.on_origin_done = None
-                origin_done()
+            piece = share.next_piece(busy, origin=origin)
             if piece is None:
                 if share.complete:
                     return
+                origin_done = self.on_origin_done
+                if origin and origin_done is not None and not share.needs_origin(busy):
+                    self.on_origin_done = None  # the rest comes from peers
+                    origin_done()
                 await share.changed()  # every missing piece is on its way: wait for news
                 continue
             busy.add(piece.index)

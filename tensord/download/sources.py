@@ -37,9 +37,9 @@ class BlobPeers(Protocol):
         """Has every piece landed here?"""
         ...
 
-    def next_piece(self, busy: Set[int]) -> Piece | None:
-        """The next piece to fetch, not one in ``busy`` (being fetched); None when every
-        missing piece is busy (wait for :meth:`changed`)."""
+    def next_piece(self, busy: Set[int], *, origin: bool) -> Piece | None:
+        """The next piece to fetch from the origin (``origin``) or from a peer, not one in
+        ``busy`` (being fetched); None when there is none now (wait for :meth:`changed`)."""
         ...
 
     async def changed(self) -> None:
