@@ -387,7 +387,7 @@ async def fetch_manifest(
 async def _fetch_manifest(
     client: httpx.AsyncClient, ref: Reference, auth: RegistryAuth, platform: str, max_bytes: int
 ) -> Manifest:
-    doc, digest, media, raw = await _get_manifest(client, ref, ref.ref, auth)
+    doc, digest, media, raw = await get_manifest(client, ref, ref.ref, auth)
     if media in INDEX_TYPES or "manifests" in doc:
         entries = [m for m in _entries(doc, "manifests", ref) if isinstance(m, dict)]
         want_os, _, want_arch = platform.partition("/")
@@ -402,7 +402,7 @@ async def _fetch_manifest(
         )
         if chosen is None or not DIGEST_RE.fullmatch(str(chosen.get("digest"))):
             raise DownloadError(f"{ref}: the index has no usable manifest")
-        doc, digest, media, raw = await _get_manifest(client, ref, chosen["digest"], auth)
+        doc, digest, media, raw = await get_manifest(client, ref, chosen["digest"], auth)
     layers = [
         layer
         for x in _entries(doc, "layers", ref)
@@ -442,9 +442,12 @@ def _layer(entry: Any, ref: Reference, max_bytes: int) -> Layer | None:
     return Layer(digest, size, str(entry.get("mediaType", ""))[:200])
 
 
-async def _get_manifest(
+async def get_manifest(
     client: httpx.AsyncClient, ref: Reference, which: str, auth: RegistryAuth
 ) -> tuple[dict[str, Any], str, str, bytes]:
+    """One manifest or index by tag or digest (``which``) as the registry sent it, unresolved:
+    (its JSON, its digest, its media type, its bytes). :func:`fetch_manifest` resolves an index
+    to a platform's manifest; the mirror serves an index as it is."""
     registry_url = url = ref.url("manifests", which)
     challenge: str | None = None
     for _ in range(MAX_REDIRECTS + 2):

@@ -28,10 +28,10 @@ from ..download.registry import (
     Reference,
     RegistryAuth,
     fetch_manifest,
+    get_manifest,  # the index, not resolved
     load_credentials,
     parse_reference,
 )
-from ..download.registry import _get_manifest as get_manifest  # the index, not resolved
 from ..events import DownloadEvent, Event, EventBus
 from .protocol import MirrorError, Upstream
 from .store import ModelDir
