@@ -58,8 +58,11 @@ async def test_a_transfer_resumes_over_quic_after_the_path_went_dark() -> None:
         assert np.array_equal(got.array, array)
         (result,) = results
         assert result.transport == "quic" and result.retries >= 1
-        # Only what was in flight when the path went dark travelled twice.
-        assert result.bytes_resent <= 4 * MiB + 2 * MiB, result
+        # Only what was in flight when an attempt broke travelled twice: at most a window (and
+        # the chunks around its edges) per retry. On a loaded machine a resumed attempt can miss
+        # the 1 s io_timeout too, so the bound is per retry, not one window in all.
+        assert result.bytes_resent <= result.retries * (4 * MiB + 2 * MiB), result
+        assert result.bytes_resent < size / 2, result  # never from the start
         nursery.cancel_scope.cancel()
 
 

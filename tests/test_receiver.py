@@ -4,6 +4,7 @@ expire after their TTL, idle inbound connections are closed."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ import trio
 from tensord.config import Settings
 from tensord.errors import TensorNotFound
 from tensord.events import EventBus, TransferEvent
-from tensord.net.connection import send_chunked
+from tensord.net.connection import receive_chunked, send_chunked
 from tensord.net.quic import ListenerStats, QuicTuning
 from tensord.net.security import PeerSecurity
 from tensord.net.stream import ConnectionClosed
@@ -23,8 +24,9 @@ from tensord.sending import meta_of, new_send
 from tensord.sink import flat_bytes
 from tensord.wire.frames import FrameDecoder
 from tensord.wire.handshake import ALL_FEATURES, make_hello
-from tensord.wire.messages import Chunk, Stored
+from tensord.wire.messages import Begin, Chunk, Stored
 from tensord.wire.meta import TensorMeta
+from tensord.wire.transfer import ReceiveTransfer
 
 from .support.fake_network import connection_pair
 from .support.helpers import fast_settings
@@ -160,3 +162,29 @@ async def test_a_stored_that_cannot_be_sent_is_confirmed_again_on_resume() -> No
         assert sent == [] and arrivals == ["w"]  # confirmed, not re-sent, not stored twice
         await again.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_commit_longer_than_the_io_timeout_still_answers_stored(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The inactivity timeout watches the sender, not the receiver's own commit (an fsync of a
+    large tensor, a relay waiting for the rest of its chain): a commit that takes three
+    io_timeouts ends with ``Stored``, not with a timeout that throws the tensor away."""
+    s = settings()
+    data = np.arange(1 << 16, dtype=np.uint32)
+    sender, served = await connection_pair("a", "b")
+    xfer = new_send(s, TransferIds().next(), meta_of("w", data), flat_bytes(data), sender.agreement)
+    dest = bytearray(data.nbytes)
+    committed: list[float] = []
+
+    async def slow_commit() -> None:
+        await trio.sleep(3.0)
+        committed.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(send_chunked, sender, xfer, resume=False, io_timeout=60))
+        begin = await served.stream.receive()
+        assert isinstance(begin, Begin)
+        recv_xfer = ReceiveTransfer(begin, memoryview(dest), lz4=False)
+        await receive_chunked(served, recv_xfer, io_timeout=1.0, on_complete=slow_commit)
+    assert committed and dest == flat_bytes(data)  # and send_chunked returned: it heard Stored

@@ -9,9 +9,10 @@ sent or received), rather than having a fixed total duration.
 from __future__ import annotations
 
 import logging
+import math
 import select
-from collections.abc import Awaitable, Callable, Coroutine
-from contextlib import suppress
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -200,6 +201,15 @@ class Deadline:
         if now + self.timeout + self.slack > self.scope.deadline:
             self.scope.deadline = now + self.timeout + 2 * self.slack
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No inactivity timeout inside (work with bounds of its own); a full one after."""
+        self.scope.deadline = math.inf
+        try:
+            yield
+        finally:
+            self.scope.deadline = trio.current_time() + self.timeout + 2 * self.slack
+
 
 async def send_chunked(
     conn: Connection,
@@ -358,10 +368,12 @@ async def receive_chunked(
                 raise ProtocolError(f"unexpected {type(msg).__name__} during a transfer")
             if xfer.complete and on_complete is not None:
                 done, on_complete = on_complete, None
-                stored = await done()
+                # The commit (fsync of a large tensor) and a relay's wait for the rest of its
+                # chain have bounds of their own; the sender's silence meanwhile is expected.
+                with deadline.paused():
+                    stored = await done()
                 if stored is not None:
                     replies = [stored if isinstance(r, Stored) else r for r in replies]
-                deadline.touch()
             if replies:
                 await stream.send(*replies)
                 for r in replies:
