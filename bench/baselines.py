@@ -12,6 +12,11 @@ library itself does. One warm-up pull, then ``reps`` timed pulls.
   a new array per tensor pays: page faults on first touch); a reference row, not a target.
 - pyzmq: a PAIR socket, ``send(copy=False)`` / ``recv(copy=False)`` and ``np.frombuffer``.
 - Arrow Flight: ``do_get`` of 1 MiB record batches, ``read_all()`` (batches not concatenated).
+
+One more baseline is a latency floor, not a throughput row: two trio processes on one TCP
+connection, the client sends a 4 KiB request with ``send_all`` and waits for a 1-byte reply
+(``receive_some``), on the client's clock - what a small-tensor send, which also ends in one
+reply, is measured against (issue 15: p50 within 1.5x of it).
 """
 
 from __future__ import annotations
@@ -67,6 +72,62 @@ def run_plain(size: int, reps: int, timeout: float, fresh: bool = False) -> list
         port = rx.recv(timeout=30)
         kids.start("plain sender", plain_sender, port, size)
         times: list[float] = rx.recv(timeout)
+        return times
+
+
+# -- trio request/response floor -------------------------------------------------------------
+
+
+def trio_echo_server(out: Reporter, nbytes: int) -> None:
+    """Answer every complete ``nbytes`` request with one byte, until the client hangs up."""
+    import trio
+
+    async def handle(stream: trio.SocketStream) -> None:
+        got = 0
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            got += len(data)
+            while got >= nbytes:
+                got -= nbytes
+                await stream.send_all(b"k")
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        out.send(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(handle, listeners)
+
+    trio.run(main)
+
+
+def trio_echo_client(out: Reporter, port: int, nbytes: int, n: int, warmup: int) -> list[float]:
+    """``warmup`` + ``n`` request/response round trips; the seconds of the last ``n``."""
+    import trio
+
+    request = make_tensor(nbytes).tobytes()
+
+    async def main() -> list[float]:
+        times: list[float] = []
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            for i in range(warmup + n):
+                t = time.perf_counter()
+                await stream.send_all(request)
+                if not await stream.receive_some(1):
+                    raise ConnectionError("the server closed the connection")
+                if i >= warmup:
+                    times.append(time.perf_counter() - t)
+        return times
+
+    return trio.run(main)
+
+
+def run_trio_floor(nbytes: int, n: int, warmup: int, timeout: float) -> list[float]:
+    with Children() as kids:
+        server = kids.start("trio echo server", trio_echo_server, nbytes)
+        port = server.recv(timeout=30)
+        client = kids.start("trio echo client", trio_echo_client, port, nbytes, n, warmup)
+        times: list[float] = client.recv(timeout)
         return times
 
 

@@ -91,7 +91,9 @@ from harness import (
 RESULTS = Path(__file__).resolve().parent / "results"
 RSS_MARGIN = 128 * MiB
 RATIO_TARGET = 0.85
-P50_TARGET_US = 200.0
+P50_TARGET_US = 150.0
+FLOOR_RATIO_TARGET = 1.5  # the small-tensor p50 against the trio request/response floor
+TRIO_FLOOR = "trio request/response floor (1-byte reply)"
 DISTURBED = 0.10  # cores used by other processes during a row worth a warning
 DISTRIBUTIONS = ("tensord", "numpy", "trio", "msgpack", "crc32c", "lz4", "pyzmq", "pyarrow")
 
@@ -268,8 +270,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
-def row_latency(cfg: Config) -> Figure:
-    times = tensord_rows.run_latency(cfg.lat_size, cfg.lat_n, cfg.warmup, cfg.row_timeout)
+def _latency_figure(times: list[float]) -> Figure:
     us = sorted(t * 1e6 for t in times)
     p50, p90, p99 = (_percentile(us, q) for q in (50, 90, 99))
     return Figure(
@@ -284,6 +285,18 @@ def row_latency(cfg: Config) -> Figure:
             "max_us": us[-1],
             "mean_us": statistics.fmean(us),
         },
+    )
+
+
+def row_trio_floor(cfg: Config) -> Figure:
+    return _latency_figure(
+        baselines.run_trio_floor(cfg.lat_size, cfg.lat_n, cfg.warmup, cfg.row_timeout)
+    )
+
+
+def row_latency(cfg: Config) -> Figure:
+    return _latency_figure(
+        tensord_rows.run_latency(cfg.lat_size, cfg.lat_n, cfg.warmup, cfg.row_timeout)
     )
 
 
@@ -343,7 +356,10 @@ def rows(cfg: Config) -> list[Row]:
         f"Throughput: {size}\n"
         "  (baselines: pull, receiver clock; tensord: push, sender clock until Stored)"
     )
-    lat = f"Latency: {cfg.lat_size // KiB} KiB tensor, pooled connection, sender clock"
+    lat = (
+        f"Latency: {cfg.lat_size // KiB} KiB, sender clock (tensord: a tensor, pooled connection;"
+        " floor: two trio processes, request and 1-byte reply)"
+    )
     rate = f"Small tensors: {cfg.small_n} sends of {cfg.small_size // KiB} KiB"
     mem = f"Receiver peak RSS: one {cfg.big_size / MiB:g} MiB tensor"
     return [
@@ -353,6 +369,7 @@ def rows(cfg: Config) -> list[Row]:
         Row("arrow flight do_get", thr, row_flight),
         Row("tensord send_tensor", thr, row_tensord),
         Row("tensord send_tensor, compression off", thr, row_tensord_raw),
+        Row(TRIO_FLOOR, lat, row_trio_floor),
         Row("tensord send_tensor latency", lat, row_latency),
         Row("tensord small sends, sequential", rate, row_rate_sequential),
         Row(f"tensord small sends, {cfg.tasks} tasks", rate, row_rate_concurrent),
@@ -420,6 +437,15 @@ def targets(cfg: Config, done: dict[str, RowResult]) -> list[Target]:
         out.append(Target(name, text, "PASS" if ok else "MISS", lat.value, P50_TARGET_US))
     else:
         out.append(Target(name, "needs the latency row", "n/a"))
+    floor = fig(TRIO_FLOOR)
+    name = f"{cfg.lat_size // KiB} KiB send p50 <= {FLOOR_RATIO_TARGET} x trio floor"
+    if lat and floor:
+        ratio = lat.value / floor.value
+        ok = ratio <= FLOOR_RATIO_TARGET
+        text = f"{ratio:.2f} x (p50 {lat.value:.0f} us / floor p50 {floor.value:.0f} us)"
+        out.append(Target(name, text, "PASS" if ok else "MISS", ratio, FLOOR_RATIO_TARGET))
+    else:
+        out.append(Target(name, "needs the latency and floor rows", "n/a"))
     rss = fig("tensord receiver peak RSS")
     name = "receiver peak RSS <= tensor + 128 MiB"
     if rss:
