@@ -15,9 +15,16 @@ to that token. Rows:
   each later token's arrival relative to the first, through the gateway minus directly (the
   constant cost of forwarding the request is in the added TTFT);
 * the same with tokens as fast as the backend makes them (a throughput view: tokens/s);
-* 200 concurrent streams through the gateway at 20 ms between tokens: tokens/s and errors.
+* 200 concurrent streams through the gateway at 20 ms between tokens: tokens/s, errors, and the
+  gateway process's CPU-seconds (user + system, from /proc) over the tokens it relayed.
 
-Targets (issue 5): added p99 per token <= 2 ms, added TTFT <= 5 ms, 200 streams with no error.
+Targets (issue 5): added p99 per token <= 2 ms, added TTFT <= 5 ms, 200 streams with no error;
+(issue 15): <= 30 us of gateway CPU per relayed token with 200 streams, one stream as fast as
+possible >= 0.9x direct. Each is printed as ``target: <what> <figure> PASS|MISS``.
+
+``GW_BASELINE=/path/to/an/older/tree`` (e.g. a ``git worktree`` of the previous commit) runs a
+second gateway from that tree beside this one and measures both in the same run, alternating,
+so a change is judged against its baseline under the same machine load.
 """
 
 from __future__ import annotations
@@ -34,11 +41,16 @@ import httpx
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # tests.support; a baseline tree goes ahead of it
 
 QUICK = bool(os.environ.get("QUICK"))
 STREAMS = int(os.environ.get("GW_STREAMS", 50 if QUICK else 200))
 REPS = int(os.environ.get("GW_REPS", 3 if QUICK else 10))
+BASELINE = os.environ.get("GW_BASELINE", "")
+CPU_REPS = int(os.environ.get("GW_CPU_REPS", 3))
+CPU_TARGET_US = 30.0
+RATIO_TARGET = 0.9
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _backend(port_q: Any, interval: float, n_tokens: int) -> None:
@@ -53,7 +65,9 @@ def _backend(port_q: Any, interval: float, n_tokens: int) -> None:
     trio.run(main)
 
 
-def _gateway(url_q: Any, backend_url: str) -> None:
+def _gateway(url_q: Any, backend_url: str, tree: str = "") -> None:
+    if tree:  # the baseline's tensord, ahead of this tree's
+        sys.path.insert(0, tree)
     from dataclasses import replace
 
     from tensord.config import GatewaySettings, HostPort, NodeEntry, Settings
@@ -125,7 +139,13 @@ async def fast(direct: str, gw: str) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-async def concurrent(gw: str) -> tuple[float, int, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU-seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+async def concurrent(gw: str) -> tuple[float, int, float, int]:
     errors = 0
     tokens = 0
     limits = httpx.Limits(max_connections=STREAMS + 10)
@@ -145,7 +165,20 @@ async def concurrent(gw: str) -> tuple[float, int, float]:
             for _ in range(STREAMS):
                 nursery.start_soon(one)
         took = time.perf_counter() - start
-    return tokens / took, errors, took
+    return tokens / took, errors, took, tokens
+
+
+def cpu_per_token(gw: str, pid: int) -> tuple[float, float, int]:
+    """``STREAMS`` concurrent streams through one gateway: its CPU-microseconds per relayed
+    token, the tokens/s, and the errors."""
+    before = cpu_seconds(pid)
+    rate, errors, _took, tokens = trio.run(concurrent, gw)
+    used = cpu_seconds(pid) - before
+    return used / max(tokens, 1) * 1e6, rate, errors
+
+
+def target(what: str, figure: str, ok: bool) -> None:
+    print(f"target: {what} {figure} {'PASS' if ok else 'MISS'}")
 
 
 def start(target: Any, *args: Any) -> tuple[Any, str]:
@@ -158,34 +191,67 @@ def start(target: Any, *args: Any) -> tuple[Any, str]:
 
 def main() -> int:
     procs = []
+    trees = {"this tree": ""} | ({"baseline": BASELINE} if BASELINE else {})
     try:
         p, paced = start(_backend, 0.02, 50)
         procs.append(p)
-        p, paced_gw = start(_gateway, paced)
-        procs.append(p)
         p, quick = start(_backend, 0.0, 2000)
         procs.append(p)
-        p, quick_gw = start(_gateway, quick)
-        procs.append(p)
-        lat = trio.run(compare, paced, paced_gw)
-        d_rate, g_rate = trio.run(fast, quick, quick_gw)
-        d_many, d_errors, d_took = trio.run(concurrent, paced)
-        rate, errors, took = trio.run(concurrent, paced_gw)
+        paced_gw: dict[str, tuple[Any, str]] = {}
+        quick_gw: dict[str, str] = {}
+        for name, tree in trees.items():
+            paced_gw[name] = start(_gateway, paced, tree)
+            p, quick_gw[name] = start(_gateway, quick, tree)
+            procs += [paced_gw[name][0], p]
+        lat = {n: trio.run(compare, paced, gw) for n, (_, gw) in paced_gw.items()}
+        rates = {n: trio.run(fast, quick, gw) for n, gw in quick_gw.items()}
+        d_many, d_errors, d_took, _ = trio.run(concurrent, paced)
+        cpu: dict[str, list[float]] = {n: [] for n in trees}
+        many: dict[str, list[float]] = {n: [] for n in trees}
+        errors = dict.fromkeys(trees, 0)
+        for _ in range(CPU_REPS):  # alternating, so load changes hit both alike
+            for n, (proc, gw) in paced_gw.items():
+                us, rate, errs = cpu_per_token(gw, proc.pid)
+                cpu[n].append(us)
+                many[n].append(rate)
+                errors[n] += errs
     finally:
         for p in procs:
             p.terminate()
-    print(f"gateway: {REPS} streams of 50 tokens at 20 ms, then 2000 tokens as fast as possible")
-    print(f"  added latency per token   p50 {lat['p50']:6.2f} ms   p99 {lat['p99']:6.2f} ms"
-          f"   target p99 <= 2 ms: {'PASS' if lat['p99'] <= 2 else 'MISS'}")  # fmt: skip
-    print(f"  added time to first token     {lat['ttft']:6.2f} ms"
-          f"   target <= 5 ms: {'PASS' if lat['ttft'] <= 5 else 'MISS'}")  # fmt: skip
-    print(f"  tokens/s, one stream as fast as possible: direct {d_rate:8.0f}, "
-          f"through the gateway {g_rate:8.0f} ({g_rate / d_rate:.2f} x)")  # fmt: skip
-    print(f"  {STREAMS} concurrent streams, direct:            {d_many:8.0f} tokens/s, "
-          f"{d_errors} errors, {d_took:.2f} s")  # fmt: skip
-    print(f"  {STREAMS} concurrent streams, through the gateway: {rate:8.0f} tokens/s, "
-          f"{errors} errors, {took:.2f} s ({rate / d_many:.2f} x)"
-          f"   target 0 errors: {'PASS' if errors == 0 else 'MISS'}")  # fmt: skip
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"gateway: {REPS} streams of 50 tokens at 20 ms, then 2000 tokens as fast as possible;"
+          f" {STREAMS} concurrent streams x {CPU_REPS}; load average now {load}")  # fmt: skip
+    print(f"  {STREAMS} concurrent streams, direct: {d_many:8.0f} tokens/s, {d_errors} errors,"
+          f" {d_took:.2f} s")  # fmt: skip
+    for n in trees:
+        d_rate, g_rate = rates[n]
+        us = statistics.median(cpu[n])
+        print(f"  [{n}] added latency per token p50 {lat[n]['p50']:6.2f} ms, p99"
+              f" {lat[n]['p99']:6.2f} ms; added TTFT {lat[n]['ttft']:6.2f} ms")  # fmt: skip
+        print(f"  [{n}] one stream: direct {d_rate:8.0f} tokens/s, through the gateway"
+              f" {g_rate:8.0f} ({g_rate / d_rate:.2f} x)")  # fmt: skip
+        print(f"  [{n}] {STREAMS} streams: {statistics.median(many[n]):8.0f} tokens/s,"
+              f" {errors[n]} errors; gateway CPU per token"
+              f" {', '.join(f'{x:.1f}' for x in cpu[n])} us (median {us:.1f})")  # fmt: skip
+    if BASELINE:
+        base, now = statistics.median(cpu["baseline"]), statistics.median(cpu["this tree"])
+        ratio_b = rates["baseline"][1] / rates["baseline"][0]
+        ratio_n = rates["this tree"][1] / rates["this tree"][0]
+        print(f"  this tree vs baseline: CPU per token {now / base:.2f} x,"
+              f" one-stream ratio {ratio_n:.2f} vs {ratio_b:.2f}")  # fmt: skip
+    lat_n, (d_rate, g_rate) = lat["this tree"], rates["this tree"]
+    us = statistics.median(cpu["this tree"])
+    target("added latency per token p99 <= 2 ms", f"{lat_n['p99']:.2f} ms", lat_n["p99"] <= 2)
+    target("added time to first token <= 5 ms", f"{lat_n['ttft']:.2f} ms", lat_n["ttft"] <= 5)
+    target(f"{STREAMS} concurrent streams with 0 errors", f"{errors['this tree']} errors",
+           errors["this tree"] == 0)  # fmt: skip
+    target(f"gateway CPU per relayed token ({STREAMS} streams) <= {CPU_TARGET_US:.0f} us",
+           f"{us:.1f} us", us <= CPU_TARGET_US)  # fmt: skip
+    ratio = g_rate / d_rate
+    figure = f"{ratio:.2f} x ({g_rate:.0f} / {d_rate:.0f} tokens/s)"
+    target(
+        f"one stream through the gateway >= {RATIO_TARGET} x direct", figure, ratio >= RATIO_TARGET
+    )
     return 0
 
 

@@ -42,6 +42,7 @@ from ..boundary import report_unexpected
 from ..control.serving import RequestTimeout
 from .backends import Backend, Backends
 from .encoders import ERROR, TOKEN, LineSplitter, line_kind, openai_error, reply_tokens
+from .http_client import UpstreamError, UpstreamResponse
 from .record import _Record, _report
 from .reply import _json, _ollama_fail, _openai_fail, _Reply
 from .upstream import MAX_LINE, _attempt_failed, _error_text, _try_backends
@@ -248,39 +249,36 @@ class GatewayApp:
     ) -> tuple[int, str] | None:
         """Relay one backend's reply. Returns ``(status, error)`` if it failed before the reply
         started (the caller tries the next backend), ``None`` once the reply was relayed."""
-        request = self.client.build_request(
-            "POST", f"{backend.url}{path}", content=body,
-            headers={"content-type": "application/json"},
-        )  # fmt: skip
         try:
-            upstream = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            async with self.backends.upstream.post(f"{backend.url}{path}", body) as upstream:
+                if upstream.status != 200:
+                    status = upstream.status
+                    text = (await upstream.read(500)).decode("utf-8", "replace")
+                    if status != 400:
+                        _attempt_failed(path, backend, f"HTTP {status}")
+                    return status, _error_text(text) or f"HTTP {status}"
+                ctype = upstream.head.header(b"content-type", b"application/json")
+                await reply.start(ctype)
+                await self._pump(upstream, reply, record, sse=reply.openai)
+        except UpstreamError as exc:  # before its reply (_pump ends a reply it started itself)
             _attempt_failed(path, backend, str(exc))
             return 502, f"backend {backend.node_id} failed: {exc}"
-        try:
-            if upstream.status_code != 200:
-                text = (await upstream.aread())[:500].decode("utf-8", "replace")
-                if upstream.status_code != 400:
-                    _attempt_failed(path, backend, f"HTTP {upstream.status_code}")
-                return upstream.status_code, _error_text(text) or f"HTTP {upstream.status_code}"
-            await reply.start(upstream.headers.get("content-type", "application/json").encode())
-            await self._pump(upstream, reply, record, sse=reply.openai)
-        finally:
-            await upstream.aclose()
         return None
 
     async def _pump(
-        self, upstream: httpx.Response, reply: _Reply, record: _Record, *, sse: bool
+        self, upstream: UpstreamResponse, reply: _Reply, record: _Record, *, sse: bool
     ) -> None:
         """Copy ``upstream`` to the client until it ends or the backend fails (then an error
-        event ends the stream), and set the request's outcome. A stream goes line by line, each
-        line counted as it passes (:func:`line_kind`); a whole reply goes as it comes."""
+        event ends the stream), and set the request's outcome. A stream goes on as each socket
+        read brings it: its complete lines as they came (one token or a burst, one write), each
+        line counted as it passes (:func:`line_kind`), a partial line kept for the rest; a whole
+        reply goes as it comes."""
         outcome = "ok"
         open_event = False  # an SSE event's lines were relayed, not yet its blank line
         try:
             if not reply.stream:
                 whole = bytearray()
-                async for chunk in upstream.aiter_raw():
+                async for chunk in upstream.chunks():
                     if len(whole) <= MAX_LINE:
                         whole += chunk
                     await reply.body(chunk)
@@ -289,8 +287,8 @@ class GatewayApp:
                 await reply.body(b"", more=False)
                 return
             splitter = LineSplitter(MAX_LINE)
-            async for chunk in upstream.aiter_raw():
-                lines = splitter.feed(chunk)
+            async for chunk in upstream.chunks():
+                lines, complete = splitter.feed_through(chunk)
                 if not lines:
                     continue
                 for line in lines:
@@ -300,14 +298,14 @@ class GatewayApp:
                     elif kind == ERROR:
                         outcome = "backend_error"
                 open_event = sse and bool(lines[-1].strip())
-                await reply.body(b"\n".join(lines) + b"\n")
+                await reply.body(complete)
             tail = splitter.close()
             for line in tail:
                 if line_kind(line, sse) == TOKEN:
                     record.token()
             record.outcome = outcome
             await reply.body(b"".join(t + b"\n" for t in tail), more=False)
-        except (httpx.HTTPError, ValueError) as exc:
+        except (UpstreamError, ValueError) as exc:
             log.warning("gateway: backend %s failed mid-stream: %s", record.backend, exc)
             record.outcome = "backend_error"
             if open_event:

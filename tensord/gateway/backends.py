@@ -17,6 +17,7 @@ import httpx
 import trio
 
 from .. import metrics
+from .http_client import UpstreamPool
 
 log = logging.getLogger("tensord.gateway")
 
@@ -61,6 +62,8 @@ class Backends:
         queue_seconds: float = 2.0,
     ) -> None:
         self.client = client
+        #: Generation requests' connections (the token path); ``client`` serves the rest.
+        self.upstream = UpstreamPool()
         self.limit = limit
         self.check_seconds = check_seconds
         self.queue_seconds = queue_seconds

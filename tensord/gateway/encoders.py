@@ -33,6 +33,14 @@ class LineSplitter:
         self._buf = bytearray(rest)
         return [bytes(line).rstrip(b"\r") for line in lines]
 
+    def feed_through(self, data: bytes) -> tuple[list[bytes], bytes]:
+        """As :meth:`feed`, and the complete lines' bytes as they came (newlines included), to
+        pass on without re-framing: ``data`` itself when it holds only complete lines."""
+        if not self._buf and data.endswith(b"\n"):
+            return [line.rstrip(b"\r") for line in data[:-1].split(b"\n")], data
+        lines = self.feed(data)
+        return lines, b"".join(line + b"\n" for line in lines)
+
     def close(self) -> list[bytes]:
         """The last line, if the stream did not end with a newline."""
         rest, self._buf = bytes(self._buf), bytearray()

@@ -23,12 +23,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
 from .backends import Backend, Backends
 from .encoders import LineSplitter, carries_output
+from .http_client import UpstreamError
 from .record import _Record, _report
 from .upstream import MAX_LINE, _attempt_failed, _error_text, _try_backends
 
@@ -167,12 +167,14 @@ async def _ws_relay(
     """Stream one backend's ``/api/chat`` as token messages: the ``done`` message, or
     ``(status, problem)`` if the backend failed."""
     try:
-        async with backends.client.stream("POST", f"{backend.url}/api/chat", json=body) as r:
-            if r.status_code != 200:
-                text = (await r.aread())[:500].decode("utf-8", "replace")
-                return r.status_code, _error_text(text) or f"HTTP {r.status_code}"
+        async with backends.upstream.post(
+            f"{backend.url}/api/chat", json.dumps(body).encode()
+        ) as r:
+            if r.status != 200:
+                text = (await r.read(500)).decode("utf-8", "replace")
+                return r.status, _error_text(text) or f"HTTP {r.status}"
             splitter = LineSplitter(MAX_LINE)
-            async for chunk in r.aiter_raw():
+            async for chunk in r.chunks():
                 for line in splitter.feed(chunk):
                     if not line.strip():
                         continue
@@ -187,7 +189,7 @@ async def _ws_relay(
                         record.token(now)  # once sent: a cancel's count is what was sent
                     if obj.get("done") is True:
                         return _ws_done(rid, obj, record)
-    except (httpx.HTTPError, ValueError) as exc:
+    except (UpstreamError, ValueError) as exc:
         return 502, f"the backend failed: {exc}"
     return 502, "the backend ended the stream early"
 
