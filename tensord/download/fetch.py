@@ -20,10 +20,12 @@ What the known downloaders get wrong, and what this does instead:
   streams: past the ceiling it is a :class:`TooLarge`.
 * **Redirects are followed here, not by the HTTP client,** so the ``Range`` header is sent on
   every hop and ``Authorization`` is dropped as soon as the host changes.
-* **Resume across restarts.** Data goes to ``<name>.incomplete`` at its offsets; the completed
-  ranges are recorded in ``<name>.incomplete.json``, written (after ``fdatasync`` of the data it
-  vouches for) every ``checkpoint_seconds`` and when the fetch stops, so a ``kill -9`` loses at most
-  the pieces in flight. A restarted fetch asks only for the missing ranges.
+* **Resume across restarts.** Data goes to ``<name>.incomplete`` at its offsets; the written
+  ranges - each connection's contiguous prefix of its piece, not only whole pieces - are
+  recorded in ``<name>.incomplete.json`` (after ``fdatasync`` of the data it vouches for) every
+  ``checkpoint_bytes`` written, at least every ``checkpoint_seconds``, after every piece and when
+  the fetch stops, so a ``kill -9`` loses a few MiB, not the pieces in flight (was: ~50 MiB at
+  100 MB/s with a once-a-second record). A restarted fetch asks only for the missing ranges.
 * **Digests.** The SHA-256 is computed as the bytes arrive while they arrive in order, and the
   rest is read back from the page cache once it is contiguous; a mismatch (or a ``416`` for a
   partial) discards the partial and refetches the blob once, with a log line saying why.
@@ -85,6 +87,9 @@ class FetchConfig:
     slow_ratio: float = 0.1
     slow_seconds: float = 1.5
     checkpoint_seconds: float = 1.0
+    #: Record progress once this many bytes were written since the last record: what a kill -9
+    #: re-fetches is about this plus what arrives during one record's fdatasync.
+    checkpoint_bytes: int = 2 << 20
     chunk: int = 1 << 20  # bytes read from a reply between writes
     max_bytes: int = DEFAULT_MAX_BYTES  # the largest blob (downloads.max_bytes)
 
@@ -176,6 +181,8 @@ class BlobFetch:
         self._failed: DownloadError | None = None
         self._single_reply: httpx.Response | None = None
         self._save_lock = trio.Lock()
+        self._unsaved = 0  # bytes written since the last record's snapshot
+        self._dirty = trio.Event()  # set once _unsaved reaches checkpoint_bytes
         self._writes: trio.MemorySendChannel[tuple[int, memoryview]] | None = None
         self._pending_first = (0, 0)
         self._workers: trio.Nursery | None = None
@@ -625,7 +632,15 @@ class BlobFetch:
                         self.on_landed(pos, len(data))
                 self.bytes_fetched += written
                 self._count("origin", written)
+                self._wrote(written)
                 self._report()
+
+    def _wrote(self, n: int) -> None:
+        """Count bytes written since the last record; past ``checkpoint_bytes``, wake the
+        checkpoint task (the writer never waits for a record)."""
+        self._unsaved += n
+        if self._unsaved >= self.cfg.checkpoint_bytes:
+            self._dirty.set()
 
     def _count(self, source: str, n: int) -> None:
         """Account ``n`` bytes to ``source`` (``"origin"`` or a peer id): per fetch, and in
@@ -652,17 +667,22 @@ class BlobFetch:
 
     # -- resume state ------------------------------------------------------------------------
 
-    def _save(self) -> None:
-        """Record completed ranges; the data they name is made durable first."""
+    def _save(self, done: list[list[int]] | None = None) -> None:
+        """Record completed ranges (``done``: a snapshot taken before the call, see
+        :meth:`PartialBlob.save`); the data they name is made durable first."""
         if self.size is not None:
-            self._blob.save(self.size, self.sha256)
+            self._blob.save(self.size, self.sha256, done)
 
     async def _save_async(self) -> None:
         async with self._save_lock:
             if not self._blob.is_open:
                 return
+            # The snapshot is taken here, on the event loop where the writer marks ranges done,
+            # before the fdatasync that makes exactly those ranges durable.
+            done = self.done.to_json()
+            self._unsaved = 0
             try:
-                await trio.to_thread.run_sync(self._save)
+                await trio.to_thread.run_sync(self._save, done)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise DiskFull(
@@ -673,9 +693,13 @@ class BlobFetch:
                 log.warning("download %s: cannot save its progress: %s", self.url, exc)
 
     async def _checkpoints(self) -> None:
-        """Save the completed ranges every ``checkpoint_seconds`` (and see ``_worker``)."""
+        """Save the completed ranges once ``checkpoint_bytes`` were written, and at least every
+        ``checkpoint_seconds`` (and see ``_worker``). One record at a time: on a slow disk they
+        run back to back, each covering what was written during the one before."""
         while True:
-            await trio.sleep(self.cfg.checkpoint_seconds)
+            with trio.move_on_after(self.cfg.checkpoint_seconds):
+                await self._dirty.wait()
+            self._dirty = trio.Event()  # replaced only here: this task is its one waiter
             await self._save_async()
 
     def _discard(self) -> None:

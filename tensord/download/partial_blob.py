@@ -2,9 +2,10 @@
 ``<name>.incomplete.json`` (the completed ranges) and the SHA-256 computed as bytes arrive.
 
 Resume across restarts: the record is written only after ``fdatasync`` of the data it vouches
-for, so a ``kill -9`` loses at most the pieces in flight and a restarted fetch asks only for the
-missing ranges. The digest is fed by arriving bytes while they arrive in order; the rest is read
-back from the page cache once it is contiguous. Everything here is synchronous file I/O: the
+for (ranges written during that sync wait for the next record), every few MiB written, so a
+``kill -9`` loses at most those few MiB and a restarted fetch asks only for the missing ranges.
+The digest is fed by arriving bytes while they arrive in order; the rest is read back from the
+page cache once it is contiguous. Everything here is synchronous file I/O: the
 fetch (:mod:`tensord.download.fetch`) runs the slow parts in a worker thread.
 """
 
@@ -131,15 +132,19 @@ class PartialBlob:
         )
         return size
 
-    def save(self, size: int, sha256: str | None) -> None:
-        """Record completed ranges; the data they name is made durable first."""
+    def save(self, size: int, sha256: str | None, done: list[list[int]] | None = None) -> None:
+        """Record completed ranges; the data they name is made durable first.
+
+        ``done`` is a snapshot of :attr:`done` taken (on the event loop) before this call: the
+        ranges written while ``fdatasync`` runs are not covered by it, so recording them would
+        vouch for bytes a crash can still lose. ``None``: snapshot here (no writer running)."""
         if self._fd < 0:
             return
+        if done is None:
+            done = self.done.to_json()
         os.fdatasync(self._fd)
-        body = json.dumps(
-            {"size": size, "sha256": sha256, "url": self.url, "done": self.done.to_json()}
-        ).encode()
-        atomic_write(self.control, body)
+        body = json.dumps({"size": size, "sha256": sha256, "url": self.url, "done": done})
+        atomic_write(self.control, body.encode())
 
     def discard(self) -> None:
         self.done = RangeSet()
