@@ -92,6 +92,15 @@ class BadTensor(TensorError, ValueError):
     """A tensor given to tensord cannot be sent: bad name, unsupported dtype, wrong size."""
 
 
+class DestinationMismatch(TensorError, ValueError):
+    """The array given to receive into (``receive_tensor(into=...)``, ``pull_tensor(out=...)``)
+    cannot hold the tensor: another shape or dtype, not C-contiguous, or read-only. Raised
+    before any byte of the tensor lands in it, so the caller's array is untouched."""
+
+    code = "destination_mismatch"
+    http_code = "destination_mismatch"
+
+
 class NodeClosed(TensorError):
     """The node was shut down (or never started) when the call was made or while it ran."""
 

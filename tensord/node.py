@@ -29,10 +29,12 @@ import numpy as np
 import trio
 
 from .address import PeerAddress
+from .buffers import ReceiveBuffers
 from .cluster.chain import BroadcastResult, Chain
 from .cluster.holdings import Holdings
 from .cluster.remote_pull import PullHook
 from .config import MAX_CHUNK_SIZE, Settings
+from .destinations import Destinations
 from .errors import BadTensor, NodeClosed, PeerUnreachable, ProtocolError, TensorNotFound
 from .events import ArrivalEvent, EventBus
 from .lifecycle import Event, Lifecycle, State
@@ -46,7 +48,7 @@ from .peers import Dialer, Peers
 from .receiver import CHECKPOINT_INTERVAL, SWEEP_INTERVAL, Receiver
 from .results import Arrival, InFlight, TransferIds, TransferResult
 from .sending import contiguous, meta_of
-from .sink import flat_bytes
+from .sink import check_destination, flat_bytes
 from .store import TensorInfo, TensorStore, checked_name
 from .wire.frames import FrameDecoder
 from .wire.handshake import VERSIONS, local_features, make_hello
@@ -120,6 +122,9 @@ class TensorNode:
         self._tensors: dict[str, np.ndarray[Any, Any]] = {}
         self._arrivals: deque[Arrival] = deque()
         self._arrived = trio.Event()
+        #: Freed receive memory reused by later arrivals (a node without a store).
+        self.receive_buffers = ReceiveBuffers()
+        self._destinations = Destinations(self._wake_receivers)
         self._jobs: set[trio.CancelScope] = set()
         self._in_flight = InFlight()
         self._ids = TransferIds()
@@ -135,7 +140,11 @@ class TensorNode:
             dialer=dialer,
         )
         self._outbound = Outbound(
-            self.settings, events=self.events, ids=self._ids, store=self.store
+            self.settings,
+            events=self.events,
+            ids=self._ids,
+            store=self.store,
+            buffers=self.receive_buffers,
         )
         #: Chain broadcasts: this node's as their origin, and the forwarding of those it relays.
         self._chain = Chain(
@@ -161,6 +170,8 @@ class TensorNode:
             arrive=self._arrive,
             holdings=self.holdings,
             forward=self._chain.relay,
+            buffers=self.receive_buffers,
+            claim=self._destinations.claim if self.store is None else None,
             sweep_interval=SWEEP_INTERVAL,  # read now: bench/chaos.py sets it for one run
         )
         self._life = Lifecycle(self.node_id)
@@ -354,12 +365,53 @@ class TensorNode:
     def tensor_names(self) -> list[str]:
         return [i.name for i in self.tensors()]
 
-    async def receive_tensor(self) -> Arrival:
-        """The next tensor that arrived from a peer (waits for one)."""
-        while not self._arrivals:
-            self._check_running()
-            await self._arrived.wait()
-        return self._arrivals.popleft()
+    async def receive_tensor(self, *, into: np.ndarray[Any, Any] | None = None) -> Arrival:
+        """The next tensor that arrived from a peer (waits for one).
+
+        ``into``: a C-contiguous writable array of the tensor's shape and dtype to receive it
+        into, so no new memory is touched (the arrival's ``array`` is ``into``). On a node
+        without a store, a tensor whose ``Begin`` arrives while this call waits lands straight
+        in it; one that arrived earlier, or a node with a store, is copied into it. A tensor
+        that does not fit raises :class:`~tensord.errors.DestinationMismatch` before any byte
+        is written into ``into`` and stays queued for the next call.
+        """
+        if into is None:
+            while not self._arrivals:
+                self._check_running()
+                await self._arrived.wait()
+            return self._arrivals.popleft()
+        if self._arrivals or self.store is not None:
+            return self._copy_arrival(await self.receive_tensor(), into)
+        self._check_running()
+        dest = self._destinations.add(into)
+        try:
+            while not dest.done:
+                self._check_running()
+                await self._arrived.wait()
+        finally:
+            self._destinations.remove(dest)
+            if not dest.done:
+                with trio.CancelScope(shield=True):
+                    await dest.idle.wait()  # the receive writing into it has stopped
+        if dest.error is not None:
+            raise dest.error
+        assert dest.result is not None
+        return dest.result
+
+    def _copy_arrival(self, arrival: Arrival, into: np.ndarray[Any, Any]) -> Arrival:
+        try:
+            check_destination(meta_of(arrival.name, arrival.array), into)
+        except BaseException:
+            self._arrivals.appendleft(arrival)  # still there for the next call
+            raise
+        np.copyto(into, arrival.array, casting="no")
+        if self.store is None and self._tensors.get(arrival.name) is arrival.array:
+            self._tensors[arrival.name] = into
+        return arrival._replace(array=into)
+
+    def _wake_receivers(self) -> None:
+        self._arrived.set()
+        self._arrived = trio.Event()
 
     # -- pool --------------------------------------------------------------------------------
 
@@ -403,9 +455,11 @@ class TensorNode:
 
     def _arrive(self, name: str, array: np.ndarray[Any, Any], sender: str) -> None:
         """A verified tensor, stored before the peer hears ``Stored``: announce it."""
+        queued = self._destinations.arrived(Arrival(name, array, sender))
         if self.store is None:
-            self._tensors[name] = array
-        self._arrivals.append(Arrival(name, array, sender))
+            self._tensors[name] = array if queued is None else queued.array
+        if queued is not None:
+            self._arrivals.append(queued)
         if len(self._arrivals) > self.max_arrivals:
             dropped = self._arrivals.popleft()
             log.warning(
@@ -501,12 +555,18 @@ class TensorNode:
         *,
         as_name: str | None = None,
         store_as: str | None = None,
+        out: np.ndarray[Any, Any] | None = None,
     ) -> np.ndarray[Any, Any]:
         """Fetch tensor ``name`` from ``peer``. Raises :class:`TensorNotFound` if it has none.
 
         A node with a store keeps the tensor (as ``as_name``, default ``name``) and returns it
         memory-mapped; a node without one returns it in memory and keeps it only if
         ``as_name`` is given. (``store_as`` is its deprecated spelling, for one release.)
+
+        ``out``: a C-contiguous writable array of the tensor's shape and dtype to receive it
+        into (returned); without a store the bytes land in it straight from the socket, with
+        one they are stored and then copied. A tensor that does not fit raises
+        :class:`~tensord.errors.DestinationMismatch` before any byte is written into ``out``.
         """
         if store_as is not None:
             warnings.warn(
@@ -522,7 +582,7 @@ class TensorNode:
                 checked_name(n)
         addr = self._peers.resolve(peer)
         p = await self._peers.get(addr)
-        array = await self._run_job(lambda: self._outbound.pull(p, name, as_name))
+        array = await self._run_job(lambda: self._outbound.pull(p, name, as_name, out=out))
         if self.store is None and as_name is not None:
             self._tensors[as_name] = array
         return array

@@ -23,6 +23,7 @@ import numpy as np
 import trio
 
 from .backoff import Backoff
+from .buffers import ReceiveBuffers
 from .config import Settings, TensorProtocolSettings
 from .errors import (
     BadTensor,
@@ -45,7 +46,7 @@ from .net.stream import ConnectionClosed
 from .peers import Peer
 from .results import TransferIds, TransferResult, publish_transfer, why
 from .sending import chunk_size, new_send
-from .sink import Sink, new_receive, open_sink
+from .sink import Sink, check_destination, new_receive, open_sink
 from .store import TensorStore
 from .wire.messages import Begin, Error, Legacy, Request
 from .wire.meta import TensorMeta
@@ -178,11 +179,13 @@ class Outbound:
         events: EventBus,
         ids: TransferIds,
         store: TensorStore | None,
+        buffers: ReceiveBuffers | None = None,
     ) -> None:
         self.settings = settings
         self._events = events
         self._ids = ids
         self._store = store
+        self._buffers = buffers
 
     def _publish(self, *args: Any, **kwargs: Any) -> None:
         publish_transfer(self._events, *args, **kwargs)
@@ -287,9 +290,16 @@ class Outbound:
 
     # -- pulling -------------------------------------------------------------------------------
 
-    async def pull(self, peer: Peer, name: str, as_name: str | None) -> np.ndarray[Any, Any]:
-        """Fetch ``name`` from ``peer`` (kept as ``as_name`` with a store); a retry resumes
-        what earlier attempts received."""
+    async def pull(
+        self,
+        peer: Peer,
+        name: str,
+        as_name: str | None,
+        *,
+        out: np.ndarray[Any, Any] | None = None,
+    ) -> np.ndarray[Any, Any]:
+        """Fetch ``name`` from ``peer`` (kept as ``as_name`` with a store; landing in ``out``
+        when given); a retry resumes what earlier attempts received."""
         t = self.settings.transfer
         kept = _PulledPartial()  # what an interrupted attempt received, for the next one
         what = f"pulling {name!r} from {peer.name}"
@@ -309,7 +319,7 @@ class Outbound:
                     if isinstance(first, Begin | Legacy):
                         if first.meta.name != name:
                             raise ProtocolError(f"asked for {name!r}, got {first.meta.name!r}")
-                        return await self._receive_pulled(conn, first, peer, as_name, kept)
+                        return await self._receive_pulled(conn, first, peer, as_name, kept, out)
                     if not isinstance(first, Error):
                         raise ProtocolError(f"unexpected {type(first).__name__} in reply to a pull")
                     if first.code == "bad_name":  # the same name would fail again
@@ -340,12 +350,16 @@ class Outbound:
         peer: Peer,
         as_name: str | None,
         kept: _PulledPartial,
+        out: np.ndarray[Any, Any] | None = None,
     ) -> np.ndarray[Any, Any]:
         """Receive a pulled tensor into a sink; with a store it is committed before returning.
         What an interrupted attempt received stays in ``kept`` for the next attempt to resume."""
         t = self.settings.transfer
         xid = first.id if isinstance(first, Begin) else self._ids.next()
         arrays: list[np.ndarray[Any, Any]] = []
+        if out is not None:
+            check_destination(first.meta, out)  # before any byte lands in it
+        into = out if self._store is None else None
         if isinstance(first, Begin) and kept.xfer is not None and kept.xfer.matches(first):
             xfer, sink = kept.xfer, kept.sink
             assert sink is not None
@@ -354,11 +368,15 @@ class Outbound:
             await kept.discard()  # the peer started over (or never was asked to resume)
             key = f"pull/{peer.name}/{secrets.token_hex(8)}"
             if isinstance(first, Begin):
-                xfer, sink = new_receive(self._store, conn, first, key, as_name)
+                xfer, sink = new_receive(
+                    self._store, conn, first, key, as_name, into=into, buffers=self._buffers
+                )
                 replies = [xfer.accept()] if first.resume else []
                 kept.xfer, kept.sink = xfer, sink
             else:
-                sink = open_sink(self._store, first.meta, key, None, as_name)
+                sink = open_sink(
+                    self._store, first.meta, key, None, as_name, into=into, buffers=self._buffers
+                )
                 replies = []
         if replies:
             await conn.stream.send(*replies)
@@ -390,6 +408,9 @@ class Outbound:
                     with trio.CancelScope(shield=True):
                         await sink.discard()
         self._publish("receive", xid, meta, peer.name, "done", meta.nbytes)
+        if out is not None and arrays[0] is not out:
+            np.copyto(out, arrays[0], casting="no")  # stored first (a node with a store)
+            return out
         return arrays[0]
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import trio
 
 from .boundary import report_unexpected
+from .buffers import ReceiveBuffers
 from .cluster.holdings import Holdings
 from .cluster.piece_server import serve_announce, serve_piece, serve_query
 from .cluster.remote_pull import PullHook, serve_pull_model
@@ -45,7 +46,7 @@ from .net.stream import ConnectionClosed
 from .net.tcp import serve
 from .results import InFlight, TransferIds, publish_transfer, why
 from .sending import new_send
-from .sink import Sink, StoreSink, flat_bytes, new_receive, open_sink
+from .sink import Claim, MemorySink, Sink, StoreSink, flat_bytes, new_receive, open_sink
 from .store import TensorStore
 from .wire.frames import FrameDecoder
 from .wire.messages import (
@@ -80,6 +81,8 @@ SWEEP_INTERVAL = 60.0
 HeldTensor = Callable[[str], tuple[TensorMeta, np.ndarray[Any, Any]]]
 #: Called with each verified tensor (name, array, sender) once it is stored.
 ArriveHook = Callable[[str, np.ndarray[Any, Any], str], None]
+#: The caller's array a new receive of ``meta`` lands in (``receive_tensor(into=...)``), if any.
+ClaimHook = Callable[[TensorMeta], "tuple[np.ndarray[Any, Any], Claim] | None"]
 
 
 class Forwarder(Protocol):
@@ -172,8 +175,14 @@ class Receiver:
         holdings: Holdings | None = None,
         forward: ForwardHook | None = None,
         sweep_interval: float = SWEEP_INTERVAL,
+        buffers: ReceiveBuffers | None = None,
+        claim: ClaimHook | None = None,
     ) -> None:
         self.settings = settings
+        #: Freed receive memory to reuse, and the waiting ``receive_tensor(into=...)`` calls
+        #: (a node without a store).
+        self._buffers = buffers
+        self._claim = claim
         self._store = store
         self._hello = hello
         self._decoder = decoder
@@ -453,6 +462,12 @@ class Receiver:
         of this process were freed by :meth:`_drop_superseded`), then try once more. The
         directory is read only then, not on every receive."""
         key = f"{conn.peer_id}/{begin.id}"
+        if self._store is None:
+            claimed = self._claim(begin.meta) if self._claim is not None else None
+            into, claim = claimed if claimed is not None else (None, None)
+            return new_receive(
+                None, conn, begin, key, into=into, buffers=self._buffers, claim=claim
+            )
         try:
             return new_receive(self._store, conn, begin, key)
         except TransferFailed as exc:
@@ -593,7 +608,12 @@ class Receiver:
                 raise
             replies = [xfer.accept()] if begin.resume else []
         if replies:
-            await conn.stream.send(*replies)
+            try:
+                await conn.stream.send(*replies)
+            except BaseException:
+                if isinstance(sink, MemorySink) and sink.claim is not None:
+                    sink.claim.release()  # the caller's array waits for the retry
+                raise
         started = time.perf_counter()
         self._publish("receive", begin.id, meta, conn.peer_id, "started", xfer.bytes_have)
 
@@ -631,6 +651,13 @@ class Receiver:
 
         active = _Active(trio.CancelScope(), trio.Event(), meta.nbytes, begin.chain is not None)
         checkpoints = trio.CancelScope()
+        into = isinstance(sink, MemorySink) and sink.claim is not None
+        if isinstance(sink, MemorySink):
+            if sink.claim is not None:
+                sink.claim.bind(active.scope)  # a cancelled receive_tensor(into=) stops it
+            if sink.needs_populate and self._handlers is not None:
+                # Fault the new memory in ahead of the socket, on the other core.
+                self._handlers.start_soon(trio.to_thread.run_sync, sink.populate)
         self._active[key] = active
         self._in_flight.enter()
         try:
@@ -659,7 +686,7 @@ class Receiver:
             if relay is not None and not committed:
                 relay.cancel()  # the sender resumes this receive, with a new relay
             with trio.CancelScope(shield=True):
-                if xfer.state is ReceiveState.RECEIVING and xfer.have_count:
+                if xfer.state is ReceiveState.RECEIVING and xfer.have_count and not into:
                     # Persist what arrived (a drain, a cut): the sender's retry, from this
                     # process or after a restart, resumes from the first missing chunk.
                     try:

@@ -13,18 +13,20 @@ worker thread, so the event loop keeps receiving meanwhile.
 from __future__ import annotations
 
 import logging
+import mmap
 from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
 import trio
 
-from .errors import TransferFailed
+from .buffers import ReceiveBuffers, populate
+from .errors import DestinationMismatch, TransferFailed
 from .limits import MAX_CHUNK
 from .net.connection import Connection
 from .store import PartialReceive, StoreFull, TensorStore
 from .wire.messages import Begin
-from .wire.meta import TensorMeta
+from .wire.meta import TensorMeta, numpy_dtype
 from .wire.transfer import ReceiveTransfer
 
 log = logging.getLogger("tensord.transfer")
@@ -67,17 +69,54 @@ def _too_big(meta: TensorMeta, exc: BaseException) -> TransferFailed:
 
 
 class MemorySink:
-    """An ``np.empty`` array; committing hands it over as the tensor."""
+    """An array in memory; committing hands it over as the tensor.
+
+    The array is the caller's own (``into``: ``receive_tensor(into=...)``, ``pull_tensor(out=...)``,
+    checked by :func:`check_destination` before any byte lands), else one from the node's pool of
+    freed receive buffers (``buffers``), else a new ``np.empty``. ``claim`` is the waiting
+    ``receive_tensor(into=...)`` call the caller's array came from: it is told when the receive
+    ends without the tensor, so the array is free again.
+    """
 
     persistent = False
 
-    def __init__(self, meta: TensorMeta) -> None:
+    def __init__(
+        self,
+        meta: TensorMeta,
+        *,
+        into: np.ndarray[Any, Any] | None = None,
+        buffers: ReceiveBuffers | None = None,
+        claim: Claim | None = None,
+    ) -> None:
         self.meta = meta
-        try:
-            self.array = meta.empty_array()
-        except (MemoryError, ValueError) as exc:
-            raise _too_big(meta, exc) from None
+        self.claim = claim
+        self._mapping: mmap.mmap | None = None
+        if into is not None:
+            check_destination(meta, into)
+            self.array = into
+        else:
+            try:
+                if buffers is not None:
+                    self.array, block = buffers.array(meta)
+                    if block is not None and block.fresh:
+                        self._mapping = block.mm
+                else:
+                    self.array = meta.empty_array()
+            except (MemoryError, ValueError, OSError) as exc:
+                raise _too_big(meta, exc) from None
         self.buffer = flat_bytes(self.array)
+
+    @property
+    def needs_populate(self) -> bool:
+        """Is the array new memory worth faulting in ahead of the socket (:meth:`populate`)?"""
+        return self._mapping is not None
+
+    def populate(self) -> None:
+        """Fault the whole array in, in one system call (run it in a worker thread while the
+        receive runs: the socket then writes into resident pages)."""
+        mm, self._mapping = self._mapping, None
+        if mm is not None:
+            populate(mm)
 
     def restore(self, xfer: ReceiveTransfer) -> None:
         pass
@@ -92,7 +131,37 @@ class MemorySink:
         pass
 
     async def discard(self) -> None:
-        pass
+        if self.claim is not None:
+            self.claim.release()
+
+
+class Claim(Protocol):
+    """A ``receive_tensor(into=...)`` call whose array a receive writes into."""
+
+    def release(self) -> None:
+        """The receive ended without the tensor: the caller's array is no longer written."""
+
+    def bind(self, scope: trio.CancelScope) -> None:
+        """The receive writing into the array runs in ``scope`` (cancelled with the call)."""
+
+
+def check_destination(meta: TensorMeta, into: object) -> None:
+    """Refuse an array the tensor ``meta`` cannot land in, before any byte does."""
+    if not isinstance(into, np.ndarray):
+        raise DestinationMismatch(
+            f"cannot receive {meta.name!r} into a {type(into).__name__}: pass a numpy array"
+        )
+    if not into.flags.c_contiguous or not into.flags.writeable:
+        raise DestinationMismatch(
+            f"cannot receive {meta.name!r} into an array that is not C-contiguous and writable: "
+            "pass np.empty(...) or np.ascontiguousarray(...) of your own"
+        )
+    dtype = numpy_dtype(meta.dtype)
+    if into.dtype != dtype or into.shape != meta.shape:
+        raise DestinationMismatch(
+            f"tensor {meta.name!r} is {dtype}{list(meta.shape)}, the array given to receive "
+            f"it into is {into.dtype}{list(into.shape)}: pass an array of that shape and dtype"
+        )
 
 
 class StoreSink:
@@ -189,11 +258,18 @@ def open_sink(
     key: str,
     chunk_size: int | None,
     as_name: str | None = None,
+    *,
+    into: np.ndarray[Any, Any] | None = None,
+    buffers: ReceiveBuffers | None = None,
+    claim: Claim | None = None,
 ) -> Sink:
-    """Where a receive writes: a partial file in the store, or a new array in memory."""
+    """Where a receive writes: a partial file in the store, else the caller's array (``into``),
+    else pooled or new memory."""
     if store is not None:
+        if into is not None:
+            check_destination(meta, into)  # the tensor is stored, then copied into it
         return StoreSink(store, meta, key, chunk_size, as_name=as_name)
-    return MemorySink(meta)
+    return MemorySink(meta, into=into, buffers=buffers, claim=claim)
 
 
 def new_receive(
@@ -202,10 +278,16 @@ def new_receive(
     begin: Begin,
     key: str,
     as_name: str | None = None,
+    *,
+    into: np.ndarray[Any, Any] | None = None,
+    buffers: ReceiveBuffers | None = None,
+    claim: Claim | None = None,
 ) -> tuple[ReceiveTransfer, Sink]:
     """A receive of what ``begin`` announces on ``conn`` and its sink, with the progress an
     earlier process saved of it (a served send and a pull receive alike)."""
-    sink = open_sink(store, begin.meta, key, begin.chunk_size, as_name)
+    sink = open_sink(
+        store, begin.meta, key, begin.chunk_size, as_name, into=into, buffers=buffers, claim=claim
+    )
     try:
         xfer = ReceiveTransfer(
             begin,
@@ -219,9 +301,20 @@ def new_receive(
         # Nothing arrived: free the space at once (discard of a fresh partial never waits).
         if isinstance(sink, StoreSink):
             sink.partial.discard()
+        elif isinstance(sink, MemorySink) and sink.claim is not None:
+            sink.claim.release()
         raise
     sink.restore(xfer)
     return xfer, sink
 
 
-__all__ = ["MemorySink", "Sink", "StoreSink", "flat_bytes", "new_receive", "open_sink"]
+__all__ = [
+    "Claim",
+    "MemorySink",
+    "Sink",
+    "StoreSink",
+    "check_destination",
+    "flat_bytes",
+    "new_receive",
+    "open_sink",
+]
