@@ -264,6 +264,25 @@ def row_tensord_raw(cfg: Config) -> Figure:
     return _row_tensord(cfg, compression=False)
 
 
+def _row_tensord_mode(mode: str) -> Callable[[Config], Figure]:
+    """A tensord row whose receiver gets its memory one way (``tensord_rows.MODES``)."""
+
+    def row(cfg: Config) -> Figure:
+        r = tensord_rows.run_throughput(cfg.size, cfg.reps, cfg.row_timeout, True, mode)
+        return _gbps(cfg.size, r.pop("seconds"), r)
+
+    return row
+
+
+#: Issue 15, bulk receive: each tensord row against the plain-socket row with the same memory.
+BULK_PAIRS = (
+    ("tensord into fresh memory, faulted ahead", "plain socket recv_into, fresh buffer (ref.)"),
+    ("tensord into reused memory (into=)", "plain socket recv_into"),
+    ("tensord send_tensor", "plain socket recv_into"),
+)
+BULK_MEDIAN, BULK_SLOWEST = 0.9, 0.7
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
@@ -369,6 +388,9 @@ def rows(cfg: Config) -> list[Row]:
         Row("arrow flight do_get", thr, row_flight),
         Row("tensord send_tensor", thr, row_tensord),
         Row("tensord send_tensor, compression off", thr, row_tensord_raw),
+        Row("tensord into fresh memory (np.empty)", thr, _row_tensord_mode("fresh")),
+        Row("tensord into fresh memory, faulted ahead", thr, _row_tensord_mode("populate")),
+        Row("tensord into reused memory (into=)", thr, _row_tensord_mode("into")),
         Row(TRIO_FLOOR, lat, row_trio_floor),
         Row("tensord send_tensor latency", lat, row_latency),
         Row("tensord small sends, sequential", rate, row_rate_sequential),
@@ -446,6 +468,16 @@ def targets(cfg: Config, done: dict[str, RowResult]) -> list[Target]:
         out.append(Target(name, text, "PASS" if ok else "MISS", ratio, FLOOR_RATIO_TARGET))
     else:
         out.append(Target(name, "needs the latency and floor rows", "n/a"))
+    for row_name, base_name in BULK_PAIRS:
+        mine, base = fig(row_name), fig(base_name)
+        name = f"{row_name}: median >= {BULK_MEDIAN} x, slowest >= {BULK_SLOWEST} x"
+        if mine and base:
+            ratio, slowest = mine.value / base.value, min(mine.data["gbps"]) / base.value
+            ok = ratio >= BULK_MEDIAN and slowest >= BULK_SLOWEST
+            text = f"{ratio:.2f} x, slowest {slowest:.2f} x ({mine.value:.2f} / {base.value:.2f})"
+            out.append(Target(name, text, "PASS" if ok else "MISS", ratio, BULK_MEDIAN))
+        else:
+            out.append(Target(name, f"needs the rows {row_name!r} and {base_name!r}", "n/a"))
     rss = fig("tensord receiver peak RSS")
     name = "receiver peak RSS <= tensor + 128 MiB"
     if rss:
