@@ -9,11 +9,12 @@ Each returns the exit status; errors are raised and turned into one line and a s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -290,6 +291,11 @@ async def _follow_download(
                 # connections open) and the final one has none: the job knows its peak.
                 final = await client.download_job(job["id"])
                 connections = max(connections, int(final.get("peak_connections") or 0))
+    return _download_summary(job, last, final, connections, started)
+
+
+def _download_summary(job: Json, last: Json, final: Json, connections: int, started: float) -> int:
+    """How a followed download ended: one line, or the error it ended with."""
     if last["state"] == "failed":
         raise ControlError(last.get("detail") or last.get("error") or "the download failed")
     if last["state"] == "cancelled":
@@ -323,8 +329,55 @@ async def cmd_pull_model(args: argparse.Namespace) -> int:
     return 1 if failed else status
 
 
-async def cmd_download(args: argparse.Namespace) -> int:
-    return await _follow_download(args, lambda c: c.download_url(args.url, args.sha256))
+@contextlib.contextmanager
+def _without_trio() -> Iterator[None]:
+    """Import the blocking client without trio: httpcore imports trio whenever it is installed
+    (to pick its async locks), which is most of this command's start-up. Only in a process that
+    runs no trio code (the blocking commands): httpcore then knows trio as absent."""
+    if "trio" in sys.modules:
+        yield
+        return
+    sys.modules["trio"] = None  # type: ignore[assignment]  # `import trio` raises ImportError
+    try:
+        yield
+    finally:
+        if sys.modules.get("trio", 0) is None:
+            del sys.modules["trio"]
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """``tensord download`` as :func:`_follow_download` does it, with the blocking client: a
+    user waiting for one download gains nothing from trio, whose import alone cost ~0.25 s of
+    CPU at every start (most of the command's start-up, measured by bench/downloads.py)."""
+    with _without_trio():
+        from ..control.client import Client
+
+        client = Client(args.socket)
+    with client:
+        if args.detach:
+            job = client.download_url(args.url, args.sha256)
+            print(f"download {job['id']}: {job['source']} ({job['state']}); "
+                  f"see `tensord downloads`")  # fmt: skip
+            return 0
+        started = time.perf_counter()
+        connections = 0
+        final: Json = {}
+        with client.events() as events:
+            job = last = client.download_url(args.url, args.sha256)
+            if job["state"] not in ("done", "failed", "cancelled"):
+                with DownloadBars() as bars:
+                    for ev in events:
+                        if ev.get("kind") != "download" or ev.get("id") != job["id"]:
+                            continue
+                        bars.update(ev)
+                        last = ev
+                        if ev["state"] in ("done", "failed", "cancelled"):
+                            break
+                connections = bars.max_connections
+            if last["state"] == "done":
+                final = client.download_job(job["id"])
+                connections = max(connections, int(final.get("peak_connections") or 0))
+    return _download_summary(job, last, final, connections, started)
 
 
 async def cmd_downloads(args: argparse.Namespace) -> int:
@@ -348,6 +401,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "reload": cmd_reload,
     "transfers": cmd_transfers,
     "pull-model": cmd_pull_model,
-    "download": cmd_download,
     "downloads": cmd_downloads,
 }
+#: Client commands that run without trio (see :func:`cmd_download`).
+SYNC_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"download": cmd_download}

@@ -12,11 +12,11 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-import trio
-
 from ..errors import ControlError
-from ..transfers import FINAL_STATES
 from .render import short_digest, sources_text
+
+# Neither trio nor tensord.transfers (which imports it) at the top: `tensord download` follows
+# its job without trio (a quarter of a second of CPU to import), see commands.cmd_download.
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -82,6 +82,8 @@ class Bars(_LiveBars):
         self.last: dict[tuple[str, str], Json] = {}
 
     def update(self, ev: Json) -> None:
+        from ..transfers import FINAL_STATES  # here: it imports trio (see the imports)
+
         key = (ev["direction"], ev["id"])
         self.last[key] = ev
         total = ev["bytes_total"] or None
@@ -130,6 +132,8 @@ async def following(
     is posted, so even its first event is seen."""
     results: list[T] = []
     failure: list[BaseException] = []
+    import trio
+
     async with client.subscribe() as events, trio.open_nursery() as nursery:
 
         async def follow() -> None:
