@@ -82,19 +82,24 @@ class ResponseReader:
                 self._left -= take
                 if not self._left:
                     self._state = _DATA_END if state == _DATA else _DONE
-            elif state in (_SIZE, _DATA_END, _TRAILER):
+            elif state == _DATA_END:
+                if end - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    raise ProtocolError("a chunk does not end with CRLF")
+                pos += 2
+                self._state = _SIZE
+            elif state in (_SIZE, _TRAILER):
                 nl = buf.find(b"\r\n", pos)
                 if nl < 0:
                     if end - pos > MAX_CHUNK_LINE:
                         raise ProtocolError("a chunk-size line is too long")
                     break
+                if nl - pos > MAX_CHUNK_LINE:
+                    raise ProtocolError("a chunk-size line is too long")
                 line = buf[pos:nl]
                 pos = nl + 2
-                if state == _DATA_END:
-                    if line:
-                        raise ProtocolError("a chunk does not end with CRLF")
-                    self._state = _SIZE
-                elif state == _SIZE:
+                if state == _SIZE:
                     self._left = _chunk_size(line)
                     self._state = _DATA if self._left else _TRAILER
                 elif not line:  # the blank line that ends the trailer
@@ -166,19 +171,18 @@ class ResponseReader:
         return after
 
 
-_DECIMAL = frozenset(b"0123456789")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-
-
 def _chunk_size(line: bytes) -> int:
     return _number(line.split(b";", 1)[0].strip(), 16, "chunk size")
 
 
 def _number(text: bytes, base: int, what: str) -> int:
-    digits = _HEX if base == 16 else _DECIMAL
-    if not text or len(text) > 16 or not all(c in digits for c in text):
+    # isalnum: int() would also take a sign, underscores and spaces.
+    if not text or len(text) > 16 or not text.isalnum():
         raise ProtocolError(f"not a valid {what}: {text[:40]!r}")
-    value = int(text, base)
+    try:
+        value = int(text, base)
+    except ValueError:
+        raise ProtocolError(f"not a valid {what}: {text[:40]!r}") from None
     if value > MAX_LENGTH:
         raise ProtocolError(f"a {what} larger than {MAX_LENGTH} bytes")
     return value

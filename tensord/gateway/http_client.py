@@ -68,9 +68,10 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    """Kept-alive connections to the backends, the most recently used first."""
+    """Kept-alive connections to the backends, the most recently used first. At most
+    ``max_idle`` are kept: no more are open than requests ran at once (the backends' slots)."""
 
-    def __init__(self, *, connect_timeout: float = 5.0, max_idle: int = 64) -> None:
+    def __init__(self, *, connect_timeout: float = 5.0, max_idle: int = 1024) -> None:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self._idle: dict[tuple[str, str, int], list[trio.abc.Stream]] = {}
