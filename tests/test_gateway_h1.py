@@ -176,7 +176,7 @@ async def test_the_pool_reuses_a_connection_and_replaces_one_the_backend_closed(
         for i in range(3):  # each kept connection is closed by the server after one reply
             assert await _post(pool, url, b"%d" % i) == b"ok\n%d" % i
         assert len(closes) == 3
-        await pool.aclose()
+        pool.close()
         nursery.cancel_scope.cancel()
 
 

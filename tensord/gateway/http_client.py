@@ -189,10 +189,11 @@ class UpstreamPool:
             raise UpstreamError(_describe(exc)) from exc
         return stream, reader, first
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Close the idle connections (the gateway stops; requests in flight close their own)."""
         for streams in self._idle.values():
             for stream in streams:
-                await trio.aclose_forcefully(stream)
+                stream_close(stream)
         self._idle.clear()
         self._idle_count = 0
 

@@ -80,11 +80,14 @@ class Gateway:
                 what="gateway",
             )
             listeners, self.url = await open_http_listeners(g.listen)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.backends.run)
-                await nursery.start(trio.serve_listeners, server.serve, listeners)
-                log.info("gateway on %s, %d backends", self.url, len(self.backends.backends))
-                task_status.started(self.url)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.backends.run)
+                    await nursery.start(trio.serve_listeners, server.serve, listeners)
+                    log.info("gateway on %s, %d backends", self.url, len(self.backends.backends))
+                    task_status.started(self.url)
+            finally:
+                self.backends.upstream.close()
 
 
 __all__ = ["Gateway", "backend_entries", "load_api_keys"]
