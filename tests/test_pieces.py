@@ -69,6 +69,31 @@ async def fetched(node: TensorNode, peer: str, digest: str, offset: int, length:
     return bytes(buf)
 
 
+class Landing:
+    """A blob in flight on node ``a``: its partial file, and ``land`` to write a range there
+    and tell the holdings, as a download does."""
+
+    def __init__(self, a: TensorNode, tmp: Path, data: bytes, name: str) -> None:
+        self.data = data
+        self.digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        part = tmp / name
+        with part.open("wb") as f:
+            f.truncate(len(data))
+        self.flight = a.holdings.begin(self.digest, len(data), part)
+        self._fd = os.open(part, os.O_WRONLY)
+
+    def write(self, offset: int, length: int) -> None:
+        """Write without telling (a download that then finishes)."""
+        os.pwrite(self._fd, self.data[offset : offset + length], offset)
+
+    def land(self, offset: int, length: int) -> None:
+        self.write(offset, length)
+        self.flight.landed(offset, length)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 @asynccontextmanager
 async def pair(transport: str = "tcp", **kw: Any) -> AsyncIterator[tuple[TensorNode, TensorNode]]:
     async with (
@@ -106,20 +131,10 @@ async def test_query_and_ranges_of_a_complete_blob(
 
 async def test_a_range_in_flight_is_served_once_it_lands(transport: str, tmp_path: Path) -> None:
     size = 6 * MiB
-    data = os.urandom(size)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    part = tmp_path / "blob.incomplete"
-    with part.open("wb") as f:
-        f.truncate(size)
     async with pair(transport) as (a, b):
-        flight = a.holdings.begin(digest, size, part)
-        fd = os.open(part, os.O_WRONLY)
+        blob = Landing(a, tmp_path, os.urandom(size), "blob.incomplete")
+        digest, data, flight, land = blob.digest, blob.data, blob.flight, blob.land
         try:
-
-            def land(offset: int, length: int) -> None:
-                os.pwrite(fd, data[offset : offset + length], offset)
-                flight.landed(offset, length)
-
             land(0, 4 * MiB)
             entry = (await query(b, a.addr, [digest]))[digest]
             assert entry == BlobEntry(digest, size, 4 * MiB, False, ((0, 1),), fetching=True)
@@ -141,12 +156,12 @@ async def test_a_range_in_flight_is_served_once_it_lands(transport: str, tmp_pat
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(take, 5 * MiB, MiB)
                 await _until_waiting(flight)
-                os.pwrite(fd, data[5 * MiB :], 5 * MiB)
+                blob.write(5 * MiB, size - 5 * MiB)
                 flight.finish()
             assert results["got"] == data[5 * MiB :]
             assert (await query(b, a.addr, [digest]))[digest].complete
         finally:
-            os.close(fd)
+            blob.close()
 
 
 async def test_an_abandoned_download_answers_not_found(tmp_path: Path) -> None:
@@ -352,33 +367,23 @@ async def test_a_piece_in_flight_streams_chunk_by_chunk_as_it_lands(
     """A piece the origin is still sending to a node reaches its peers as it arrives: each
     chunk goes once it has landed, not once the whole range has."""
     size = 3 * MiB
-    data = os.urandom(size)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    part = tmp_path / "s.incomplete"
-    with part.open("wb") as f:
-        f.truncate(size)
     async with pair(transport, chunk_size=MiB) as (a, b):
-        flight = a.holdings.begin(digest, size, part)
-        fd = os.open(part, os.O_WRONLY)
+        blob = Landing(a, tmp_path, os.urandom(size), "s.incomplete")
         buf = bytearray(size)
         try:
-
-            def land(offset: int, length: int) -> None:
-                os.pwrite(fd, data[offset : offset + length], offset)
-                flight.landed(offset, length)
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(fetch_range, b, a.addr, digest, 0, size, memoryview(buf))
-                await _until_waiting(flight)
-                land(0, MiB)  # the first chunk: sent at once, while the rest is missing
+                into = memoryview(buf)
+                nursery.start_soon(fetch_range, b, a.addr, blob.digest, 0, size, into)
+                await _until_waiting(blob.flight)
+                blob.land(0, MiB)  # the first chunk: sent at once, while the rest is missing
                 with trio.fail_after(10):
-                    while buf[:MiB] != data[:MiB]:
+                    while buf[:MiB] != blob.data[:MiB]:
                         await trio.testing.wait_all_tasks_blocked(cushion=0.001)
                 assert not any(buf[MiB:])
-                land(MiB, 2 * MiB)
-            assert buf == data
+                blob.land(MiB, 2 * MiB)
+            assert buf == blob.data
         finally:
-            os.close(fd)
+            blob.close()
 
 
 async def test_a_range_that_keeps_arriving_is_waited_for_past_the_wait(
@@ -388,21 +393,10 @@ async def test_a_range_that_keeps_arriving_is_waited_for_past_the_wait(
     range landing slowly but steadily is served whole; one that stops half-way ends with
     ``not_yet`` after what was there, and the connection stays usable."""
     monkeypatch.setattr(piece_server, "NOT_YET_WAIT", 1.0)
-    size = 2 * MiB
-    data = os.urandom(size)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    part = tmp_path / "k.incomplete"
-    with part.open("wb") as f:
-        f.truncate(size)
     async with pair(chunk_size=MiB) as (a, b):
-        flight = a.holdings.begin(digest, size, part)
-        fd = os.open(part, os.O_WRONLY)
+        blob = Landing(a, tmp_path, os.urandom(2 * MiB), "k.incomplete")
+        digest, data, land = blob.digest, blob.data, blob.land
         try:
-
-            def land(offset: int, length: int) -> None:
-                os.pwrite(fd, data[offset : offset + length], offset)
-                flight.landed(offset, length)
-
             step = MiB // 16
             got: dict[str, bytes] = {}
 
@@ -423,4 +417,4 @@ async def test_a_range_that_keeps_arriving_is_waited_for_past_the_wait(
             assert b.pool_stats()[a.node_id]["dials"] == 1  # the connection stayed usable
             assert await fetched(b, a.addr, digest, MiB, MiB // 2) == data[MiB:][: MiB // 2]
         finally:
-            os.close(fd)
+            blob.close()
