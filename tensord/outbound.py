@@ -98,7 +98,8 @@ class RetryBudget:
         on_retry: Callable[[int, BaseException], None] | None = None,
     ) -> None:
         self.max_retries = proto.max_retries
-        self.backoff = retry_backoff(proto.retry_base_delay)
+        self._base_ms = proto.retry_base_delay
+        self._backoff: Backoff | None = None  # built at the first retry: most transfers have none
         self.what = what
         self.progress = progress
         self.xid = xid
@@ -108,6 +109,12 @@ class RetryBudget:
         self.retries = 0
         self.stalled = 0  # consecutive attempts that moved nothing
         self.connected = False
+
+    @property
+    def backoff(self) -> Backoff:
+        if self._backoff is None:
+            self._backoff = retry_backoff(self._base_ms)
+        return self._backoff
 
     async def run(self, attempt: Callable[[], Awaitable[T]]) -> T:
         while True:
@@ -195,6 +202,7 @@ class Outbound:
     async def send(self, peer: Peer, meta: TensorMeta, data: memoryview) -> TransferResult:
         """Send ``data`` as ``meta`` until the peer confirms it stored it (or the budget ends)."""
         t = self.settings.transfer
+        name = peer.name  # a property formatting an address: read once per send
         xid = self._ids.next()
         xfer: SendTransfer | None = None
         legacy = False
@@ -205,21 +213,21 @@ class Outbound:
             return xfer.bytes_acked if xfer is not None else 0
 
         def retried(retries: int, exc: BaseException) -> None:
-            self._publish("send", xid, meta, peer.name, "retry", acked(), retries, why(exc))
+            self._publish("send", xid, meta, name, "retry", acked(), retries, why(exc))
 
         budget = RetryBudget(
             self.settings.tensor_protocol,
-            f"sending {meta.name!r} to {peer.name}",
+            f"sending {meta.name!r} to {name}",
             acked,
             xid=xid,
-            peer=peer.name,
+            peer=name,
             unreachable=True,
             on_retry=retried,
         )
 
         def progress(done: int) -> None:
             if self._events.active:
-                self._publish("send", xid, meta, peer.name, "progress", done, budget.retries)
+                self._publish("send", xid, meta, name, "progress", done, budget.retries)
 
         async def attempt() -> None:
             nonlocal xfer, legacy, transport
@@ -240,12 +248,12 @@ class Outbound:
                     conn, xfer, resume=resume, io_timeout=t.io_timeout, progress=progress
                 )
 
-        self._publish("send", xid, meta, peer.name, "started", 0)
+        self._publish("send", xid, meta, name, "started", 0)
         try:
             await budget.run(attempt)
         except (TransferFailed, PeerUnreachable) as exc:  # refused, or the budget is spent
-            log.warning("tensor transfer %s: %r with %s failed: %s", xid, meta.name, peer.name, exc)
-            self._publish("send", xid, meta, peer.name, "failed", 0, budget.retries, str(exc))
+            log.warning("tensor transfer %s: %r with %s failed: %s", xid, meta.name, name, exc)
+            self._publish("send", xid, meta, name, "failed", 0, budget.retries, str(exc))
             raise
         except TensorError:
             raise
@@ -254,14 +262,14 @@ class Outbound:
             # so, so that nobody watching the events stream waits for this transfer forever.
             # (A cancellation may arrive wrapped in an exception group from a nursery inside.)
             detail = "cancelled" if _only_cancelled(exc) else why(exc)
-            self._publish("send", xid, meta, peer.name, "failed", acked(), budget.retries, detail)
+            self._publish("send", xid, meta, name, "failed", acked(), budget.retries, detail)
             raise
         seconds = time.perf_counter() - started
         stats = xfer.stats if xfer is not None and not legacy else None
         result = TransferResult(
             xid,
             meta.name,
-            peer.name,
+            name,
             meta.nbytes,
             seconds,
             budget.retries,
@@ -278,14 +286,14 @@ class Outbound:
             "tensor transfer %s: sent %r to %s: %d bytes in %.3f s (%.1f MB/s), %d retries%s",
             xid,
             meta.name,
-            peer.name,
+            name,
             meta.nbytes,
             seconds,
             result.rate / 1e6,
             budget.retries,
             " (legacy mode)" if legacy else "",
         )
-        self._publish("send", xid, meta, peer.name, "done", meta.nbytes, budget.retries)
+        self._publish("send", xid, meta, name, "done", meta.nbytes, budget.retries)
         return result
 
     # -- pulling -------------------------------------------------------------------------------

@@ -38,8 +38,10 @@ class PeerPool:
         self._slots = trio.Semaphore(max_connections)
         self._idle: list[Connection] = []  # most recently used last
         self._in_use = 0
-        self._changed = trio.Event()
-        self._reaper_unarmed = True
+        #: The reaper's sleep. A connection returned while nothing else was idle sets its
+        #: deadline rather than waking the reaper: a task switch per send otherwise (the
+        #: reaper ran while the connection was out, found nothing idle and disarmed).
+        self._reaper_scope: trio.CancelScope | None = None
         self.stats = PoolStats()
         self.closed = False
 
@@ -57,8 +59,18 @@ class PeerPool:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
-        """Check out a connection; it returns to the pool if the body succeeds, else is closed."""
-        async with self._slots:
+        """Check out a connection; it returns to the pool if the body succeeds, else is closed.
+
+        A free slot is taken without a scheduler pass (trio's ``Semaphore.acquire`` yields even
+        when a slot is free, and a small tensor's whole send costs about three such passes);
+        the body checkpoints anyway when it sends. A cancelled caller still takes nothing.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             conn = await self._checkout()
             self._in_use += 1
             try:
@@ -74,8 +86,12 @@ class PeerPool:
                 await conn.aclose()
             else:
                 self._idle.append(conn)
-                if self._reaper_unarmed:  # its next expiry is the earliest: arm the reaper
-                    self._wake()
+                scope = self._reaper_scope
+                if scope is not None and scope.deadline == math.inf:
+                    # Nothing else was idle: this connection's expiry is the earliest.
+                    scope.deadline = conn.last_used + self.max_idle
+        finally:
+            self._slots.release()
 
     async def _checkout(self) -> Connection:
         while self._idle:
@@ -90,12 +106,14 @@ class PeerPool:
         self.stats.dials += 1
         return await self._dial()
 
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
     async def reap_idle(self) -> None:
-        """Run forever: close connections idle for longer than ``max_idle``."""
+        """Run forever: close connections idle for longer than ``max_idle``.
+
+        It sleeps until the earliest expiry it knows of. A connection returned later expires
+        later, so the reaper need not hear of it, unless nothing was idle: then the return sets
+        the sleep's deadline (no task switch). A connection reused meanwhile is found unexpired
+        when the reaper wakes, and it sleeps again until the next expiry.
+        """
         while True:
             now = trio.current_time()
             expired = [c for c in self._idle if now - c.last_used >= self.max_idle]
@@ -104,12 +122,13 @@ class PeerPool:
             for conn in expired:
                 self.stats.idle_closed += 1
                 await conn.aclose()
-            next_expiry = min((c.last_used + self.max_idle for c in keep), default=math.inf)
-            changed = self._changed
-            # Connections returned later expire later: the reaper need not wake for them.
-            self._reaper_unarmed = next_expiry == math.inf
-            with trio.move_on_at(next_expiry):
-                await changed.wait()
+            next_expiry = min((c.last_used + self.max_idle for c in self._idle), default=math.inf)
+            with trio.CancelScope(deadline=next_expiry) as scope:
+                self._reaper_scope = scope
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._reaper_scope = None
 
     async def aclose(self) -> None:
         self.closed = True

@@ -216,6 +216,8 @@ class SendTransfer:
         self.state = SendState.ENDED
         if not self.crc:
             return End(self.id, None)
+        if self.nchunks == 1 and self._raw_crc[0] is not None:  # a small tensor: nothing to combine
+            return End(self.id, self._raw_crc[0])
         for i, c in enumerate(self._raw_crc):
             if c is None:  # skipped thanks to a resume: never read so far
                 off = i * self.chunk_size
