@@ -228,8 +228,9 @@ async def send_chunked(
 ) -> None:
     """Drive one attempt of a chunked send until the peer says ``Stored``.
 
-    A fresh attempt streams ``Begin`` and the first chunks without waiting for a reply (one round
-    trip for a small tensor); a resumed attempt waits for ``Accept`` to learn what to skip.
+    A fresh attempt streams ``Begin`` and the first chunks without waiting for a reply; a tensor
+    that fits one chunk goes out as one write (``Begin`` + chunk + ``End``) and costs one round
+    trip. A resumed attempt waits for ``Accept`` to learn what to skip.
     Raises ``TransferFailed`` on the peer's refusal, ``TimeoutError`` on inactivity, and
     ``ConnectionClosed``/``OSError``/``ProtocolError`` when the connection breaks.
     """
@@ -247,6 +248,17 @@ async def send_chunked(
             xfer.on_message(reply)
             deadline.touch()
             pending_begin = b""
+        elif xfer.nchunks == 1:
+            # A tensor that fits one chunk: Begin, the chunk and End in one write, then only the
+            # reply is awaited (the loop below reads it; a Nack resends the chunk alone). No
+            # progress report: the transfer's "done" follows the one reply.
+            out = xfer.next_chunk()
+            assert out is not None
+            await stream.send_with_payload(
+                out.header, out.payload, encode(begin), encode(xfer.end())
+            )
+            pending_begin = b""
+            progress = None
         else:
             pending_begin = encode(begin)
 
