@@ -603,7 +603,8 @@ class BlobFetch:
         """Write (and hash) in a worker thread, a batch at a time, while the event loop goes on
         reading replies: ``pwrite`` into fresh page cache and SHA-256 cost as much CPU as the
         HTTP parsing, and two cores can do them at once. Ranges are marked done only once
-        written, so a checkpoint never records bytes that are not in the file."""
+        written, so a checkpoint never records bytes that are not in the file, and before they
+        are hashed, so a long hash catch-up never holds back the record."""
         async with queue:
             async for first in queue:
                 batch = [first]
@@ -613,27 +614,34 @@ class BlobFetch:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 prefix = self.done.prefix()
-                try:
-                    await trio.to_thread.run_sync(self._blob.write, batch, prefix)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise DiskFull(
-                            f"download {self.url}: the disk holding {self.partial.parent} filled "
-                            "up; free space and pull again (the partial is kept)"
-                        ) from None
-                    raise DownloadError(
-                        f"download {self.url}: writing {self.partial}: {exc}"
-                    ) from None
-                written = 0
-                for pos, data in batch:
-                    self.done.add(pos, pos + len(data))
-                    written += len(data)
-                    if self.on_landed is not None:
-                        self.on_landed(pos, len(data))
-                self.bytes_fetched += written
-                self._count("origin", written)
-                self._wrote(written)
-                self._report()
+                await self._in_thread(self._blob.write, batch)
+                self._written(batch)
+                await self._in_thread(self._blob.hash, batch, prefix)
+
+    async def _in_thread(self, fn: Callable[..., None], *args: object) -> None:
+        """``fn(*args)`` on the partial file in a worker thread, its errors said plainly."""
+        try:
+            await trio.to_thread.run_sync(fn, *args)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(
+                    f"download {self.url}: the disk holding {self.partial.parent} filled "
+                    "up; free space and pull again (the partial is kept)"
+                ) from None
+            raise DownloadError(f"download {self.url}: writing {self.partial}: {exc}") from None
+
+    def _written(self, batch: list[tuple[int, memoryview]]) -> None:
+        """Mark a written batch done: peers may read it, the next record includes it."""
+        written = 0
+        for pos, data in batch:
+            self.done.add(pos, pos + len(data))
+            written += len(data)
+            if self.on_landed is not None:
+                self.on_landed(pos, len(data))
+        self.bytes_fetched += written
+        self._count("origin", written)
+        self._wrote(written)
+        self._report()
 
     def _wrote(self, n: int) -> None:
         """Count bytes written since the last record; past ``checkpoint_bytes``, wake the

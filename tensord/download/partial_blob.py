@@ -93,9 +93,10 @@ class PartialBlob:
         fd, self._fd = self._fd, -1
         os.close(fd)
 
-    def write(self, batch: list[tuple[int, memoryview]], prefix: int) -> None:
-        """(worker thread) Write a batch; hash what continues the hashed prefix, and catch up
-        from the file on what became contiguous before it. Only this thread touches the hash."""
+    def write(self, batch: list[tuple[int, memoryview]]) -> None:
+        """(worker thread) Write a batch at its offsets. Not hashed here: the fetch marks the
+        batch written (and so recordable) first, then calls :meth:`hash` - a catch-up of tens
+        of MiB must not hold back the resume record (a kill -9 meanwhile re-fetched them)."""
         fd = self._fd
         for pos, data in batch:
             view, at = data, pos
@@ -104,8 +105,14 @@ class PartialBlob:
                 if n <= 0:
                     raise OSError(errno.ENOSPC, f"no byte written at {at}")
                 view, at = view[n:], at + n
+
+    def hash(self, batch: list[tuple[int, memoryview]], prefix: int) -> None:
+        """(worker thread, after :meth:`write` of ``batch``) Catch up from the file on what
+        became contiguous before the batch (``prefix``: the written run from byte 0 before it),
+        then hash what of the batch continues the hashed prefix. Only this thread touches the
+        hash, and batches come in the order they were written."""
         if prefix > self._hasher.offset:
-            self._hasher.catch_up(fd, prefix)
+            self._hasher.catch_up(self._fd, prefix)
         for pos, data in batch:
             self._hasher.feed(pos, data)
 
