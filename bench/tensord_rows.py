@@ -37,14 +37,28 @@ def node_settings(compression: bool) -> Settings:
 # -- the two processes -----------------------------------------------------------------------
 
 
-def receiver(out: Reporter, compression: bool, report_arrivals: bool) -> None:
+#: How the receiver's arrivals get their memory (issue 15's like-for-like rows):
+#: "pool" - the default: freed receive buffers reused, new ones faulted in ahead of the socket;
+#: "fresh" - a new ``np.empty`` per arrival (the behaviour before the pool);
+#: "populate" - new memory per arrival, faulted in ahead of the socket by a worker thread;
+#: "into" - ``receive_tensor(into=buf)``, one array of the application's, reused.
+MODES = ("pool", "fresh", "populate", "into")
+
+
+def receiver(
+    out: Reporter, compression: bool, report_arrivals: bool, mode: str = "pool", size: int = 0
+) -> None:
     """Serve until terminated: report the port, then consume and drop every arrival."""
 
     async def main() -> None:
         async with TensorNode(node_settings(compression)) as node:
+            if mode in ("fresh", "populate"):
+                node.receive_buffers.max_bytes = 0
+                node.receive_buffers.populate = mode == "populate"
+            into = make_tensor(size) if mode == "into" else None
             out.send({"port": node.port, **memory_status()})
             while True:
-                arrival = await node.receive_tensor()
+                arrival = await node.receive_tensor(into=into)
                 with contextlib.suppress(TensorNotFound):
                     node.delete_tensor(arrival.name)
                 nbytes = arrival.array.nbytes
@@ -148,9 +162,11 @@ def big_sender(out: Reporter, port: int, size: int) -> float:
 # -- rows, as run by the runner ----------------------------------------------------------------
 
 
-def run_throughput(size: int, reps: int, timeout: float, compression: bool) -> dict[str, Any]:
+def run_throughput(
+    size: int, reps: int, timeout: float, compression: bool, mode: str = "pool"
+) -> dict[str, Any]:
     with Children() as kids:
-        rx = kids.start("tensord receiver", receiver, compression, False)
+        rx = kids.start("tensord receiver", receiver, compression, False, mode, size)
         port = rx.recv(timeout=30)["port"]
         tx = kids.start("tensord sender", throughput_sender, port, size, reps, compression)
         result: dict[str, Any] = tx.recv(timeout)

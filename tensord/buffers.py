@@ -81,8 +81,11 @@ def populate(mm: mmap.mmap, start: int = 0, stop: int | None = None) -> bool:
 class ReceiveBuffers:
     """Freed receive buffers of a node, keyed by size, at most ``max_bytes`` of them kept."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, populate: bool = True) -> None:
+        #: Bytes of freed buffers kept (0: none; with ``populate`` off too, plain ``np.empty``).
         self.max_bytes = max_bytes
+        #: Fault new buffers in ahead of the socket (:meth:`MemorySink.populate`).
+        self.populate = populate
         self._free: OrderedDict[int, list[mmap.mmap]] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()  # finalizers run wherever the last reference dies
@@ -97,10 +100,10 @@ class ReceiveBuffers:
 
     def array(self, meta: TensorMeta) -> tuple[np.ndarray[Any, Any], _Block | None]:
         """A C-contiguous writable array for ``meta`` and its block (``None`` when too small to
-        pool). ``block.fresh`` says whether its pages still need faulting in."""
+        pool). ``block.fresh`` says whether its pages are to be faulted in ahead."""
         nbytes = meta.nbytes
         dtype = numpy_dtype(meta.dtype)
-        if nbytes < MIN_POOLED or self.max_bytes <= 0:
+        if nbytes < MIN_POOLED or (self.max_bytes <= 0 and not self.populate):
             return meta.empty_array(), None
         mm = self._take(nbytes)
         fresh = mm is None
@@ -110,7 +113,7 @@ class ReceiveBuffers:
         else:
             self.reused += 1
         block = _Block(mm, nbytes)
-        block.fresh = fresh
+        block.fresh = fresh and self.populate
         weakref.finalize(block, self._give_back, mm, nbytes)
         flat: np.ndarray[Any, Any] = np.asarray(block)
         return flat.view(dtype).reshape(meta.shape), block
