@@ -64,7 +64,8 @@ async def fetch(url: str, dest: Path, digest: str, conf: FetchConfig) -> BlobFet
 
 async def test_replies_cut_mid_piece_are_retried(web: Nginx, tmp_path: Path) -> None:
     data, digest = blob(web, "cut", 16 * MiB)
-    faults = {0: Fault(down_cut_after=1 * MiB + 17), 2: Fault(down_cut_after=3 * MiB)}
+    # Inside the first piece each connection reads (pieces are at least min_piece, 2 MiB).
+    faults = {0: Fault(down_cut_after=1 * MiB + 17), 2: Fault(down_cut_after=3 * MiB // 2)}
     async with proxied(web.port, faults) as proxy:
         f = await fetch(f"http://{proxy.addr}/files/cut", tmp_path / "b", digest, cfg())
     assert (tmp_path / "b").read_bytes() == data

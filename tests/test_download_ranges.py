@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensord.download.ranges import RangeSet, split_pieces, steal_point
+from tensord.download.ranges import RangeSet, guided_pieces, split_pieces, steal_point
 
 SIZE = 200
 ranges = st.lists(
@@ -58,3 +58,33 @@ def test_split_and_steal() -> None:
     assert split_pieces([(0, 10), (20, 25)], 4) == [(0, 4), (4, 8), (8, 10), (20, 24), (24, 25)]
     assert steal_point(0, 100, 10) == 50
     assert steal_point(0, 19, 10) is None
+
+
+@given(ranges, st.integers(1, 8), st.integers(1, 20), st.integers(0, 40))
+def test_guided_pieces_cover_the_gaps_exactly_and_shrink(
+    items: list[tuple[int, int]], workers: int, smallest: int, extra: int
+) -> None:
+    """Every byte of the gaps in exactly one piece, in order; within its bounds (but the end
+    of a gap); sizes never grow while the work left shrinks."""
+    gaps = RangeSet(items).missing(SIZE)
+    largest = smallest + extra
+    pieces = guided_pieces(gaps, workers, smallest, largest)
+    assert RangeSet(pieces) == RangeSet(gaps)
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(pieces))
+    assert sum(e - s for s, e in pieces) == sum(e - s for s, e in gaps)
+    ends = {e for _, e in gaps}
+    for s, e in pieces:
+        assert 0 < e - s <= largest + smallest
+        assert e - s >= smallest or e in ends
+    whole = [e - s for s, e in pieces if e not in ends]
+    assert whole == sorted(whole, reverse=True)
+
+
+def test_guided_pieces_for_a_blob_end_small() -> None:
+    mib = 1 << 20
+    pieces = guided_pieces([(8 * mib, 128 * mib)], 4, 8 * mib, 32 * mib)
+    sizes = [(e - s) // mib for s, e in pieces]
+    assert sizes[0] == 15 and max(sizes) == 15
+    assert all(n <= 8 + 8 for n in sizes[-3:])  # the last in flight: about min_piece each
+    with pytest.raises(ValueError):
+        guided_pieces([(0, 10)], 0, 1, 2)

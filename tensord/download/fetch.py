@@ -66,7 +66,7 @@ from .ranged_get import (
     no_auth,
     read_capped,
 )
-from .ranges import RangeSet, split_pieces, steal_point
+from .ranges import RangeSet, guided_pieces, steal_point
 
 log = logging.getLogger("tensord.download")
 
@@ -394,7 +394,7 @@ class BlobFetch:
             for ps, pe in ((s, min(e, s0)), (max(s, e0), e)):
                 if ps < pe:
                     gaps.append((ps, pe))
-        # One long range per connection (fewer requests, no per-request ramp-up), never under
+        # Long ranges while much is left (fewer requests, no per-request ramp-up), never under
         # min_piece; stealing then evens out the ends.
         # The first reply counts as the first connection's share (it takes the last piece,
         # once the first reply is done).
@@ -403,7 +403,9 @@ class BlobFetch:
         # ...but not huge: pieces handed out in order keep the contiguous prefix growing, so
         # the SHA-256 keeps pace with the download instead of reading most of it back at the end.
         piece = min(piece, max(self.cfg.min_piece, PIECE_CAP))
-        queue = split_pieces(gaps, piece)
+        # Shrinking towards min_piece as the work left does: the last pieces in flight are
+        # small, so the SHA-256 has little to read back once the last byte lands.
+        queue = guided_pieces(gaps, self.cfg.connections, self.cfg.min_piece, piece)
         self._queue = queue
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._checkpoints)

@@ -125,6 +125,32 @@ def split_pieces(gaps: Iterable[Range], piece: int) -> list[Range]:
     return out
 
 
+def guided_pieces(gaps: Iterable[Range], workers: int, smallest: int, largest: int) -> list[Range]:
+    """Cut ``gaps`` into pieces that shrink as the work left does (guided self-scheduling):
+    each piece is the bytes not yet handed out divided by ``2 * workers``, kept within
+    ``[smallest, largest]`` (a gap's end may cut one shorter; a piece takes the rest of its gap
+    when less than ``smallest`` would be left). Handed out in order, the pieces
+    in flight at the end are small, so little of the blob lies beyond the contiguous prefix
+    when the last byte lands (what the SHA-256 must still read back then), and few requests
+    are made while much is left."""
+    if smallest <= 0 or largest < smallest or workers <= 0:
+        raise ValueError("piece sizes and workers must be positive, smallest <= largest")
+    spans = list(gaps)
+    left = sum(e - s for s, e in spans)
+    out = []
+    for start, end in spans:
+        pos = start
+        while pos < end:
+            size = min(largest, max(smallest, -(-left // (2 * workers))))
+            cut = min(end, pos + size)
+            if end - cut < smallest:
+                cut = end  # no sliver of a last piece: one request fewer
+            out.append((pos, cut))
+            left -= cut - pos
+            pos = cut
+    return out
+
+
 def steal_point(start: int, end: int, min_piece: int) -> int | None:
     """Where a thief may split a victim's remaining ``[start, end)``: its middle, if both halves
     are at least ``min_piece`` long; ``None`` if the rest is too small to be worth splitting."""
@@ -133,4 +159,4 @@ def steal_point(start: int, end: int, min_piece: int) -> int | None:
     return start + (end - start) // 2
 
 
-__all__ = ["Range", "RangeSet", "split_pieces", "steal_point"]
+__all__ = ["Range", "RangeSet", "guided_pieces", "split_pieces", "steal_point"]
