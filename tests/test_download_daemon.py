@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import trio
 
-from .support.control_api import events, http, ready
+from .support.control_api import events, http, ready, wait_download
 from .support.daemons import daemon
 from .support.nginx import nginx
 from .support.registry import registry
 
 MiB = 1 << 20
-
-
-async def wait_download(
-    seen: trio.MemoryReceiveChannel[Any], job: str, state: str
-) -> dict[str, Any]:
-    with trio.fail_after(60):
-        async for _, ev in seen:
-            if ev["kind"] == "download" and ev["id"] == job and ev["state"] == state:
-                return ev  # type: ignore[no-any-return]
-    raise AssertionError("the events stream ended")
 
 
 async def test_model_pull_in_the_background_with_dedup_and_events(tmp_path: Path) -> None:

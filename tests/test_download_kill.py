@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from .support.control_api import events, http, ready
+from .support.control_api import events, http, ready, wait_download
 from .support.counting_proxy import counting_proxy
 from .support.daemons import daemon
 from .support.nginx import nginx
-from .test_download_daemon import wait_download
 
 MiB = 1 << 20
 LOSS = 8 * MiB  # issue 15: a kill -9 at half-way costs at most this, re-fetched

@@ -52,3 +52,14 @@ async def events(d: Daemon) -> AsyncIterator[trio.MemoryReceiveChannel[Seen]]:
         await subscribed.wait()
         yield recv
         nursery.cancel_scope.cancel()
+
+
+async def wait_download(
+    seen: trio.MemoryReceiveChannel[Seen], job: str, state: str
+) -> dict[str, Any]:
+    """The download event of job ``job`` reaching ``state`` (within 60 s)."""
+    with trio.fail_after(60):
+        async for _, ev in seen:
+            if ev["kind"] == "download" and ev["id"] == job and ev["state"] == state:
+                return ev  # type: ignore[no-any-return]
+    raise AssertionError("the events stream ended")
