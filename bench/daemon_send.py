@@ -5,6 +5,7 @@ Usage (from the repository root)::
     .venv/bin/python bench/daemon_send.py          # 256 MiB, 5 reps of each
     SIZE=64M REPS=3 .venv/bin/python bench/daemon_send.py
     PROFILE=/tmp/rx.raw .venv/bin/python bench/daemon_send.py   # py-spy on the receiving daemon
+    PROFILE=/tmp/tx.raw PROFILE_NODE=a .venv/bin/python bench/daemon_send.py  # on the sender
 
 Two real ``tensord serve`` subprocesses, a and b, one cluster file, each with its own state
 directory (b receives into its store: a memory-mapped partial file, checkpointed, fsynced and
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -59,7 +61,7 @@ def free_port() -> int:
 
 
 def start_daemon(
-    home: Path, node_id: str, port: int, cluster: Path, secret: Path, wrap: list[str]
+    home: Path, node_id: str, port: int, cluster: Path, secret: Path
 ) -> tuple[subprocess.Popen[bytes], Path]:
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORD_", "OLLAMA_"))}
@@ -75,7 +77,7 @@ def start_daemon(
     }
     with open(home / "log", "wb") as log:
         proc = subprocess.Popen(
-            [*wrap, sys.executable, "-m", "tensord", "serve", "--cluster", str(cluster)],
+            [sys.executable, "-m", "tensord", "serve", "--cluster", str(cluster)],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -97,6 +99,12 @@ def wait_ready(proc: subprocess.Popen[bytes], sock: Path, home: Path) -> None:
                 if time.monotonic() > give_up:
                     raise RuntimeError("daemon not ready after 60 s") from None
                 time.sleep(0.05)  # polling a subprocess's readiness, not synchronisation
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (and its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -127,24 +135,30 @@ def run(size: int, reps: int, profile: str | None) -> dict[str, Any]:
         )
         src = root / "w.npy"
         np.save(src, make_tensor(size))
-        a, sock_a = start_daemon(root / "a", "a", ports["a"], cluster, secret, [])
+        a, sock_a = start_daemon(root / "a", "a", ports["a"], cluster, secret)
         procs.append(a)
-        wrap = []
-        if profile:
-            py_spy = str(Path(sys.executable).parent / "py-spy")
-            wrap = [py_spy, "record", "-f", "raw", "-r", "200", "--threads", "-o", profile, "--"]
-        b, sock_b = start_daemon(root / "b", "b", ports["b"], cluster, secret, wrap)
+        b, sock_b = start_daemon(root / "b", "b", ports["b"], cluster, secret)
         procs.append(b)
         wait_ready(a, sock_a, root / "a")
         wait_ready(b, sock_b, root / "b")
+        if profile:  # py-spy on the receiving daemon, stopped (SIGINT: it writes) at the end
+            py_spy = str(Path(sys.executable).parent / "py-spy")
+            spy = [py_spy, "record", "-f", "raw", "-r", "200", "--threads", "-o", profile]
+            pid = (a if os.environ.get("PROFILE_NODE") == "a" else b).pid
+            procs.insert(0, subprocess.Popen([*spy, "-p", str(pid)], stderr=subprocess.DEVNULL))
         reported: list[float] = []
+        cpu_a: list[float] = []
+        cpu_b: list[float] = []
         wall: list[float] = []
         with Client(sock_a) as ca, Client(sock_b) as cb:
             ca.send("b", path=src, name="warm")  # dial, handshake, page cache of the file
             cb.delete("warm")
             for i in range(reps):
+                before = cpu_seconds(a.pid), cpu_seconds(b.pid)
                 (result,) = ca.send("b", path=src, name=f"d{i}")
                 reported.append(float(result["seconds"]))
+                cpu_a.append(cpu_seconds(a.pid) - before[0])
+                cpu_b.append(cpu_seconds(b.pid) - before[1])
                 cb.delete(f"d{i}")
                 cmd = [sys.executable, "-m", "tensord", "--socket", str(sock_a), "send"]
                 t = time.perf_counter()
@@ -155,8 +169,11 @@ def run(size: int, reps: int, profile: str | None) -> dict[str, Any]:
                 )
                 wall.append(time.perf_counter() - t)
                 cb.delete(f"c{i}")
-        return {"reported": reported, "wall": wall}
+        return {"reported": reported, "wall": wall, "cpu_a": cpu_a, "cpu_b": cpu_b}
     finally:
+        if profile and procs:
+            procs[0].send_signal(signal.SIGINT)
+            procs[0].wait(60)
         for p in procs:
             stop(p)
         shutil.rmtree(root, ignore_errors=True)
@@ -183,6 +200,12 @@ def main() -> int:
             f"  tensord send, {what:<20} {rate:5.2f} GB/s  {rate / base:4.2f} x plain  "
             f"reps {fmt(each)}"
         )
+    gb = size / 1e9
+    print(
+        f"  CPU-seconds per GB (daemon-reported reps): sender daemon "
+        f"{statistics.median(r['cpu_a']) / gb:.2f}, receiving daemon "
+        f"{statistics.median(r['cpu_b']) / gb:.2f}"
+    )
     for what, seconds in rows:
         rate, _ = gbps(size, seconds)
         ok = rate / base >= TARGET

@@ -21,11 +21,13 @@ caller may run in a worker thread ahead of the socket.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 
@@ -63,18 +65,45 @@ def _new_mapping(nbytes: int) -> mmap.mmap:
     return mm
 
 
-def populate(mm: mmap.mmap, start: int = 0, stop: int | None = None) -> bool:
-    """Fault in ``mm[start:stop]`` for writing in one system call; whether the kernel could.
-
-    Safe from a worker thread: it writes nothing (the pages are zero-filled by the kernel)."""
-    stop = len(mm) if stop is None else stop
-    start -= start % PAGE
-    if stop <= start:
-        return True
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
     try:
-        mm.madvise(MADV_POPULATE_WRITE, start, stop - start)
-    except (OSError, ValueError):
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return cast("Callable[[int, int, int], int]", fn)
+
+
+#: ``madvise(2)`` through ctypes, which lets go of the GIL during the call (``mmap.madvise``
+#: keeps it: faulting 256 MiB in would stop the event loop for the whole time).
+_madvise = _libc_madvise()
+POPULATE_STEP = 8 << 20
+
+
+def address_of(mm: mmap.mmap) -> int:
+    """Where ``mm``'s memory starts (the view taken to find out is released at once)."""
+    view = (ctypes.c_char * 1).from_buffer(mm)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view
+
+
+def populate(addr: int, length: int, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Fault ``length`` bytes at ``addr`` in for writing, ``POPULATE_STEP`` bytes per call, while
+    ``alive()`` (checked between steps: the mapping may be closed meanwhile); whether the kernel
+    could (``MADV_POPULATE_WRITE`` is Linux >= 5.14). Meant for a worker thread running ahead
+    of the socket: it changes no byte (new pages are zero-filled, existing ones untouched)."""
+    if _madvise is None:
         return False
+    start = addr - addr % PAGE
+    stop = addr + length
+    while start < stop and alive():
+        n = min(POPULATE_STEP, stop - start)
+        if _madvise(start, n, MADV_POPULATE_WRITE) != 0:
+            return False
+        start += n
     return True
 
 
@@ -158,4 +187,4 @@ class ReceiveBuffers:
                     mm.close()
 
 
-__all__ = ["MIN_POOLED", "ReceiveBuffers", "populate"]
+__all__ = ["MIN_POOLED", "ReceiveBuffers", "address_of", "populate"]

@@ -652,12 +652,11 @@ class Receiver:
         active = _Active(trio.CancelScope(), trio.Event(), meta.nbytes, begin.chain is not None)
         checkpoints = trio.CancelScope()
         into = isinstance(sink, MemorySink) and sink.claim is not None
-        if isinstance(sink, MemorySink):
-            if sink.claim is not None:
-                sink.claim.bind(active.scope)  # a cancelled receive_tensor(into=) stops it
-            if sink.needs_populate and self._handlers is not None:
-                # Fault the new memory in ahead of the socket, on the other core.
-                self._handlers.start_soon(trio.to_thread.run_sync, sink.populate)
+        if isinstance(sink, MemorySink) and sink.claim is not None:
+            sink.claim.bind(active.scope)  # a cancelled receive_tensor(into=) stops it
+        if sink.needs_populate and self._handlers is not None:
+            # Fault new memory (or the new mapped file) in ahead of the socket, in a thread.
+            self._handlers.start_soon(trio.to_thread.run_sync, sink.populate)
         self._active[key] = active
         self._in_flight.enter()
         try:
@@ -683,6 +682,7 @@ class Receiver:
                     raise
         finally:
             checkpoints.cancel()
+            sink.stopped()  # its worker thread, if any, ends
             if relay is not None and not committed:
                 relay.cancel()  # the sender resumes this receive, with a new relay
             with trio.CancelScope(shield=True):
