@@ -5,8 +5,11 @@ starts when ``send_tensor`` is called and stops when it returns, which is when t
 confirmed (``Stored``) that it holds and verified the whole tensor. So each timing includes, on
 top of moving the bytes: the ``Begin`` frame, per-chunk crc32c on both sides, the adaptive
 compression trials, acks, the ``End`` frame with the whole-tensor crc32c (combined from the chunk
-crcs) and the ``Stored`` round trip; and the receiver allocates a fresh ``np.empty`` for every
-tensor (first-touch page faults), where the plain-socket baseline reuses one warm buffer.
+crcs) and the ``Stored`` round trip. Where the receiver's memory comes from is the row's
+``mode`` (``MODES``): by default the node's pool of freed receive buffers (the application drops
+each arrival, so from the second tensor on the memory is resident, like the plain-socket
+baseline's one warm buffer); the "fresh" rows pay first touch per tensor, like the plain
+socket's fresh-buffer row; the "into" row receives into one array of the application's.
 
 The receiver consumes arrivals as an application would: ``await node.receive_tensor()`` in a
 loop, then ``node.delete_tensor(name)`` so that neither the arrival queue nor the node's store
