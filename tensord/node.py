@@ -115,6 +115,7 @@ class TensorNode:
             idle_timeout=q.idle_timeout,
             stream_window=q.stream_window,
             connection_window=q.connection_window,
+            udp_offload=q.udp_offload,
         )
         self._quic: QuicDialer | None = QuicDialer(self._quic_tuning) if uses_quic else None
         #: What the QUIC listener admitted, refused and shed (when this node listens on QUIC).

@@ -261,6 +261,7 @@ OTHER_VARS: list[tuple[str, str, Any]] = [
     ("TENSORD_DOWNLOAD_CONNECTIONS", "16", lambda s: s.downloads.connections == 16),
     ("TENSORD_DOWNLOAD_MAX_BYTES", "1000", lambda s: s.downloads.max_bytes == 1000),
     ("TENSORD_DOWNLOAD_SHARE", "false", lambda s: s.downloads.share is False),
+    ("TENSORD_QUIC_UDP_OFFLOAD", "false", lambda s: s.quic.udp_offload is False),
     ("TENSORD_MIRROR_LISTEN", "127.0.0.1:5005",
      lambda s: s.mirror.listen == HostPort("127.0.0.1", 5005)),
     ("TENSORD_MIRROR_UPSTREAM", "http://127.0.0.1:5000",

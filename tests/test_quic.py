@@ -621,12 +621,12 @@ def test_the_listeners_reset_tokens_reach_the_dialer_for_every_connection_id() -
 SO_NO_CHECK = 11
 
 
-def _udp_socket() -> UdpSocket:
+def _udp_socket(offload: bool = True) -> UdpSocket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
     sock.bind(("127.0.0.1", 0))
-    return UdpSocket(sock, connected=False)
+    return UdpSocket(sock, connected=False, offload=offload)
 
 
 async def _receive_all(udp: UdpSocket, count: int) -> tuple[list[bytes], int]:
@@ -671,12 +671,8 @@ async def test_gso_sends_runs_in_few_syscalls_and_gro_hands_back_every_datagram(
         udp.close()
 
 
-async def test_with_the_offloads_switched_off_each_datagram_is_one_syscall(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("TENSORD_QUIC_GSO", "0")
-    monkeypatch.setenv("TENSORD_QUIC_GRO", "0")
-    sender, one = _udp_socket(), _udp_socket()
+async def test_with_the_offloads_switched_off_each_datagram_is_one_syscall() -> None:
+    sender, one = _udp_socket(offload=False), _udp_socket(offload=False)
     assert not sender.gso and not one.gro
     datagrams = _runs([one])
     assert sender.send_many(datagrams) == len(datagrams)
@@ -686,12 +682,12 @@ async def test_with_the_offloads_switched_off_each_datagram_is_one_syscall(
     one.close()
 
 
-async def test_a_payload_without_the_offloads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fallback path end to end: both ends one datagram per syscall."""
-    monkeypatch.setenv("TENSORD_QUIC_GSO", "0")
-    monkeypatch.setenv("TENSORD_QUIC_GRO", "0")
+async def test_a_payload_without_the_offloads() -> None:
+    """The fallback path end to end: both ends one datagram per syscall
+    (``quic.udp_offload = false``)."""
+    off = QuicTuning(udp_offload=False)
     with trio.fail_after(10):
-        async with quic_server(echo) as port, quic_dialer() as dialer:
+        async with quic_server(echo, tuning=off) as port, quic_dialer(off) as dialer:
             conn = await dial(dialer, port)
             assert await send_payload(conn, 5, 2 * MiB + 3)
             await conn.aclose()

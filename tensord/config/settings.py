@@ -418,6 +418,13 @@ class QuicSettings:
         _WINDOW,
         "receive credit per QUIC connection (at least `stream_window`)",
     )
+    udp_offload: bool = setting(
+        True,
+        Boolean(),
+        "UDP GSO on send and GRO on receive where the kernel has them (false: one syscall per "
+        "datagram)",
+        env="TENSORD_QUIC_UDP_OFFLOAD",
+    )
 
     def violation(self) -> str | None:
         """The rule across keys the cluster-file check applies (tensord/config/schema.py)."""

@@ -168,7 +168,11 @@ class QuicDialer:
             request_client_certificate=False,
         )
         session = QuicSession(
-            quic, UdpSocket(sock, connected=True), sockaddr, name=str(addr), tuning=self.tuning
+            quic,
+            UdpSocket(sock, connected=True, offload=self.tuning.udp_offload),
+            sockaddr,
+            name=str(addr),
+            tuning=self.tuning,
         )
 
         def closed(s: QuicSession) -> None:

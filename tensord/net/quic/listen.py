@@ -92,7 +92,7 @@ class _Listener:
         tuning: QuicTuning,
         stats: ListenerStats,
     ) -> None:
-        self.udp = UdpSocket(sock, connected=False)
+        self.udp = UdpSocket(sock, connected=False, offload=tuning.udp_offload)
         self.hello = hello
         self.decoder = decoder
         self.handler = handler

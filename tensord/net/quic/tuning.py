@@ -53,7 +53,8 @@ class QuicTuning:
     a connection that has heard nothing from its peer for this long is closed; open streams
     keep a live peer's connection up with PINGs, so this is both the dead-peer detection and
     how long an unused connection lingers. ``socket_buffer``: SO_RCVBUF/SO_SNDBUF (capped by
-    the kernel's ``net.core.rmem_max``/``wmem_max``).
+    the kernel's ``net.core.rmem_max``/``wmem_max``). ``udp_offload``: UDP GSO/GRO where the kernel
+    has them (:class:`~tensord.net.quic.udp.UdpSocket`).
     """
 
     stream_window: int = 8 * MiB
@@ -63,6 +64,7 @@ class QuicTuning:
     congestion_control: str = "reno"
     idle_timeout: float = 30.0
     socket_buffer: int = 4 * MiB
+    udp_offload: bool = True
 
     def __post_init__(self) -> None:
         for name in ("stream_window", "connection_window", "send_buffer"):

@@ -6,15 +6,14 @@ GSO (``UDP_SEGMENT``, Linux 4.18): a run of same-sized datagrams to one address 
 ``recvmsg`` returns several datagrams of one flow glued together, with their size in a control
 message. Either is switched off for a socket whose kernel refuses it (``ENOPROTOOPT`` and
 kin), and GSO also when a send with it fails with ``EIO`` (a device without checksum offload):
-then one syscall per datagram, as before. ``TENSORD_QUIC_GSO=0`` / ``TENSORD_QUIC_GRO=0`` in the
-environment switch them off (measurements: docs/QUIC.md, "Performance").
+then one syscall per datagram, as before. ``quic.udp_offload = false`` (``QuicTuning.udp_offload``)
+switches both off (measurements: docs/QUIC.md, "Performance").
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import socket
 import struct
 
@@ -38,10 +37,6 @@ _GRO_ANCILLARY = socket.CMSG_SPACE(4)
 _NO_OFFLOAD = (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EINVAL, errno.EIO)
 
 
-def _wanted(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() not in ("0", "no", "off", "false")
-
-
 def _try_setsockopt(sock: socket.socket, option: int, value: int) -> bool:
     try:
         sock.setsockopt(SOL_UDP, option, value)
@@ -56,17 +51,17 @@ class UdpSocket:
     Several drivers send on a listener's socket; only one task at a time may wait for it to
     become writable, hence the lock (taken only when the kernel says EAGAIN). ``gso`` / ``gro``:
     the offloads are on (probed when the socket is wrapped; GSO turns itself off on a send the
-    device refuses).
+    device refuses; ``offload=False``: both off).
     """
 
-    def __init__(self, sock: socket.socket, *, connected: bool) -> None:
+    def __init__(self, sock: socket.socket, *, connected: bool, offload: bool = True) -> None:
         self.sock = sock
         self.connected = connected
         self._write_lock = trio.Lock()
         # Setting a socket's default segment size to 0 (none) is how a kernel is asked
         # whether it knows UDP_SEGMENT at all; the size itself goes with each sendmsg.
-        self.gso = _wanted("TENSORD_QUIC_GSO") and _try_setsockopt(sock, UDP_SEGMENT, 0)
-        self.gro = _wanted("TENSORD_QUIC_GRO") and _try_setsockopt(sock, UDP_GRO, 1)
+        self.gso = offload and _try_setsockopt(sock, UDP_SEGMENT, 0)
+        self.gro = offload and _try_setsockopt(sock, UDP_GRO, 1)
 
     def send_many(self, datagrams: list[tuple[bytes, NetworkAddress]]) -> int:
         """Send in order until the kernel says EAGAIN; how many were sent. Other errors
