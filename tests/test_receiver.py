@@ -4,6 +4,7 @@ expire after their TTL, idle inbound connections are closed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -46,7 +47,9 @@ def nothing_held(name: str) -> tuple[TensorMeta, np.ndarray[Any, Any]]:
     raise TensorNotFound(name)
 
 
-def receiver(events: EventBus, s: Settings) -> Receiver:
+def receiver(
+    events: EventBus, s: Settings, arrive: Callable[[str, Any, str], None] = lambda *_: None
+) -> Receiver:
     return Receiver(
         s,
         store=None,
@@ -59,7 +62,7 @@ def receiver(events: EventBus, s: Settings) -> Receiver:
         ids=TransferIds(),
         in_flight=InFlight(),
         stored=nothing_held,
-        arrive=lambda name, array, sender: None,
+        arrive=arrive,
     )
 
 
@@ -115,20 +118,7 @@ async def test_a_stored_that_cannot_be_sent_is_confirmed_again_on_resume() -> No
     too."""
     s = settings()
     arrivals: list[str] = []
-    recv = Receiver(
-        s,
-        store=None,
-        hello=make_hello("b", ALL_FEATURES, 64 << 20),
-        decoder=FrameDecoder,
-        security=PeerSecurity(),
-        quic_tuning=QuicTuning(),
-        quic_stats=ListenerStats(),
-        events=EventBus(),
-        ids=TransferIds(),
-        in_flight=InFlight(),
-        stored=nothing_held,
-        arrive=lambda name, array, sender: arrivals.append(name),
-    )
+    recv = receiver(EventBus(), s, lambda name, array, sender: arrivals.append(name))
     data = np.arange(1 << 18, dtype=np.uint32)  # 1 MiB: 16 chunks
     sender, served = await connection_pair("a", "b")
     real_send = served.stream.send
