@@ -46,7 +46,9 @@ lint: $(STAMP_DEV)
 ## bench: tensord side by side with a plain socket, pyzmq and Arrow Flight; downloads vs aria2c and curl
 bench: $(STAMP_BENCH)
 	$(PY) bench/run.py
+	$(PY) bench/daemon_send.py
 	$(PY) bench/quic.py
+	$(PY) bench/quic_engines.py
 	$(PY) bench/downloads.py
 	$(PY) bench/gateway.py
 	$(PY) bench/cluster.py
