@@ -11,7 +11,7 @@ records through :mod:`tensord.control.status`. Nothing here can take the daemon 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -83,11 +83,5 @@ async def supervise_peer(
 async def _backoff_or_connected(node: TensorNode, health: PeerHealth) -> None:
     """Wait out the backoff after ``health.failures`` failures, or until a connection to the
     peer succeeds, whichever comes first."""
-    async with trio.open_nursery() as nursery:
-
-        async def first(wait: Callable[[], Awaitable[None]]) -> None:
-            await wait()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(first, lambda: PEER_BACKOFF.sleep(health.failures))
-        nursery.start_soon(first, lambda: node.wait_connected(health.entry.id))
+    with trio.move_on_after(PEER_BACKOFF.delay(health.failures)):
+        await node.wait_connected(health.entry.id)
