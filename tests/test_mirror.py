@@ -35,15 +35,13 @@ from .support.cluster import write_cluster_file
 from .support.control_api import ready
 from .support.daemons import Daemon, daemon
 from .support.helpers import require
-from .support.registry import OLLAMA_MODEL, Registry, registry
+from .support.registry import OCI_CONFIG, OCI_MANIFEST, OLLAMA_MODEL, Registry, registry
 from .support.tcp_proxy import ChaosProxy, proxied
 
 pki = shared_pki.pki  # the fixture: the suite's one test PKI (tests/support/pki.py)
 
 MiB = 1 << 20
 NAME = "library/tiny"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
@@ -57,26 +55,8 @@ def sha(data: bytes) -> str:
 
 
 def push_oci_model(reg: Registry, repo: str, tag: str, data: list[bytes]) -> bytes:
-    """An Ollama model as an OCI manifest: skopeo copies OCI manifests whatever their layers'
-    media types (it refuses Docker v2s2 manifests with Ollama's layer types); returns the
-    manifest's bytes."""
-    config = json.dumps({"model_format": "gguf", "model_family": "test"}).encode()
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": reg.push_blob(repo, config),
-                   "size": len(config)},
-        "layers": [
-            {"mediaType": OLLAMA_MODEL, "digest": reg.push_blob(repo, d), "size": len(d)}
-            for d in data
-        ],
-    }  # fmt: skip
-    body = json.dumps(manifest).encode()
-    with reg.client() as c:
-        headers = {"content-type": OCI_MANIFEST}
-        r = c.put(f"/v2/{repo}/manifests/{tag}", content=body, headers=headers)
-        assert r.status_code == 201, r.text
-    return body
+    """An Ollama model as an OCI manifest (what skopeo copies); returns the manifest's bytes."""
+    return json.dumps(reg.push_model(repo, tag, data, oci=True)).encode()
 
 
 @asynccontextmanager

@@ -25,7 +25,6 @@ from .support.cli import CliResult, run
 from .support.helpers import require
 from .support.netcluster import (
     MB,
-    OCI_MANIFEST,
     Host,
     Model,
     NetCluster,
@@ -33,6 +32,7 @@ from .support.netcluster import (
     in_ns,
     netcluster,
 )
+from .support.registry import OCI_MANIFEST
 from .support.tensor_files import save
 
 MiB = 1 << 20

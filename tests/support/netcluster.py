@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -46,7 +45,7 @@ from .counting_proxy import Served, proxy_conf, read_served
 from .daemons import Daemon, daemon
 from .helpers import require, wait_serving
 from .registry import CONFIG as REGISTRY_CONFIG
-from .registry import OLLAMA_MODEL, Registry
+from .registry import Registry
 
 T = TypeVar("T")
 
@@ -59,8 +58,6 @@ REGISTRY_PORT = 5000
 PEER_PORT = 7070
 DEV = "eth0"
 MB = 1_000_000
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 NETNS_DIR = Path("/run/netns")
 _CLONE_NEWNET = 0x40000000
 _STALE = re.compile(rf"^{PREFIX}(\d+)x[0-9a-f]+-")
@@ -266,37 +263,13 @@ class RegistryHost:
         rng = np.random.default_rng(seed)
         layers = [rng.bytes(size) for size in sizes]
         reg = Registry(self.upstream)
-        push = _push_oci_model if oci else Registry.push_model
-        manifest = in_namespace(self.ns, lambda: push(reg, repo, tag, layers))
+        manifest = in_namespace(self.ns, lambda: reg.push_model(repo, tag, layers, oci=oci))
         config = manifest["config"]
         assert isinstance(config, dict)
         blobs = {"sha256:" + hashlib.sha256(d).hexdigest(): d for d in layers}
         got = in_namespace(self.ns, lambda: _fetch(reg, repo, config["digest"]))
         blobs[config["digest"]] = got
         return Model(f"http://{self.host}/{repo}:{tag}", manifest, blobs)
-
-
-def _push_oci_model(reg: Registry, repo: str, tag: str, layers: list[bytes]) -> dict[str, Any]:
-    """Push ``layers`` as an Ollama model under an OCI manifest; returns the manifest."""
-    config = json.dumps({"model_format": "gguf", "model_family": "test"}).encode()
-    manifest: dict[str, Any] = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": reg.push_blob(repo, config),
-                   "size": len(config)},
-        "layers": [
-            {"mediaType": OLLAMA_MODEL, "digest": reg.push_blob(repo, d), "size": len(d)}
-            for d in layers
-        ],
-    }  # fmt: skip
-    with reg.client() as c:
-        r = c.put(
-            f"/v2/{repo}/manifests/{tag}",
-            content=json.dumps(manifest).encode(),
-            headers={"content-type": OCI_MANIFEST},
-        )
-        assert r.status_code == 201, r.text
-    return manifest
 
 
 def _fetch(reg: Registry, repo: str, digest: str) -> bytes:

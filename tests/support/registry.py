@@ -54,6 +54,8 @@ HTPASSWD = """auth:
 OLLAMA_MODEL = "application/vnd.ollama.image.model"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 
 
 @dataclass
@@ -88,14 +90,19 @@ class Registry:
             assert r.status_code == 201, r.text
         return digest
 
-    def push_model(self, repo: str, tag: str, layers: list[bytes]) -> dict[str, object]:
-        """Push ``layers`` as an Ollama-style model; returns the manifest."""
+    def push_model(
+        self, repo: str, tag: str, layers: list[bytes], *, oci: bool = False
+    ) -> dict[str, object]:
+        """Push ``layers`` as an Ollama-style model; returns the manifest. ``oci``: under an
+        OCI manifest instead of Docker's v2 schema 2 (skopeo copies OCI manifests whatever
+        their layers' media types, and refuses Docker ones with Ollama's layer types)."""
         config = json.dumps({"model_format": "gguf", "model_family": "test"}).encode()
+        media = OCI_MANIFEST if oci else MANIFEST
         manifest = {
             "schemaVersion": 2,
-            "mediaType": MANIFEST,
+            "mediaType": media,
             "config": {
-                "mediaType": DOCKER_CONFIG,
+                "mediaType": OCI_CONFIG if oci else DOCKER_CONFIG,
                 "digest": self.push_blob(repo, config),
                 "size": len(config),
             },
@@ -108,7 +115,7 @@ class Registry:
             r = c.put(
                 f"/v2/{repo}/manifests/{tag}",
                 content=json.dumps(manifest).encode(),
-                headers={"content-type": MANIFEST},
+                headers={"content-type": media},
             )
             assert r.status_code == 201, r.text
         return manifest
