@@ -654,9 +654,11 @@ class Receiver:
         into = isinstance(sink, MemorySink) and sink.claim is not None
         if isinstance(sink, MemorySink) and sink.claim is not None:
             sink.claim.bind(active.scope)  # a cancelled receive_tensor(into=) stops it
+        populated: trio.Event | None = None
         if sink.needs_populate and self._handlers is not None:
             # Fault new memory (or the new mapped file) in ahead of the socket, in a thread.
-            self._handlers.start_soon(trio.to_thread.run_sync, sink.populate)
+            populated = trio.Event()
+            self._handlers.start_soon(_populate, sink, populated)
         self._active[key] = active
         self._in_flight.enter()
         try:
@@ -706,6 +708,10 @@ class Receiver:
                 # Remembered however this ends: a connection that breaks while ``Stored`` is on
                 # its way leaves a sender that resumes, and must hear "stored", not start over.
                 self._remember_completed(key, begin, xfer, tuple(outcomes))
+            if populated is not None:
+                # The thread ends within one step once told to stop; after that nothing but
+                # the arrival itself holds its buffer (a freed one is reused at once).
+                await populated.wait()
             del self._active[key]
             active.released.set()
             self._in_flight.leave()
@@ -802,6 +808,14 @@ class Receiver:
             await conn.stream.send(Error(exc.code, str(exc)[:512]))
             return
         await send_chunked(conn, xfer, resume=resume, io_timeout=t.io_timeout)
+
+
+async def _populate(sink: Sink, done: trio.Event) -> None:
+    """Run ``sink.populate`` in a worker thread; ``done`` is set as the task lets go of ``sink``."""
+    try:
+        await trio.to_thread.run_sync(sink.populate)
+    finally:
+        done.set()
 
 
 __all__ = ["CHECKPOINT_INTERVAL", "SWEEP_INTERVAL", "Receiver"]

@@ -101,6 +101,7 @@ class MemorySink:
         self.meta = meta
         self.claim = claim
         self._mapping: mmap.mmap | None = None
+        self._stopped = False
         if into is not None:
             check_destination(meta, into)
             self.array = into
@@ -122,14 +123,14 @@ class MemorySink:
         return self._mapping is not None
 
     def populate(self) -> None:
-        """Fault the whole array in, in one system call (run it in a worker thread while the
-        receive runs: the socket then writes into resident pages)."""
+        """Fault the whole array in, a few MiB per system call, until the receive stops (run it
+        in a worker thread while the receive runs: the socket then writes into resident pages)."""
         if self._mapping is not None:
             self._mapping = None
-            populate(self.array.ctypes.data, self.array.nbytes)
+            populate(self.array.ctypes.data, self.array.nbytes, lambda: not self._stopped)
 
     def stopped(self) -> None:
-        pass
+        self._stopped = True
 
     def restore(self, xfer: ReceiveTransfer) -> None:
         pass
