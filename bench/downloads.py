@@ -24,14 +24,22 @@ Then the user's path, issue 15's targets (``DL_CLI=0`` skips it):
 * ``tensord download URL --sha256 ...`` from the shell against an already running daemon (CLI
   start-up included) vs ``aria2c -x4 -s4`` on the same nginx at 25 MB/s per connection, 128 MiB
   and 1 GiB (``DL_CLI_SIZES``, MiB), ``DL_CLI_REPS`` (3) alternating runs, medians; target
-  <= 1.0 x aria2c. ``DL_OLD_TREE=/path/to/checkout`` adds that tree's daemon and CLI to the same
-  alternation (before/after in one run). Each tensord run is split into CLI start-up (before the
+  <= 1.0 x aria2c. The CLI runs from cached bytecode, as installed (``DL_PYC=0``: as the
+  environment says, e.g. ``PYTHONDONTWRITEBYTECODE=1``, which compiles tensord at each run).
+  ``DL_OLD_TREE=/path/to/checkout`` adds that tree's daemon and CLI to the same alternation
+  (before/after in one run). Each tensord run is split into CLI start-up (before the
   job exists), the daemon's job (created to finished, its own clock) and the CLI's tail.
 * ``kill -9`` at half-way (by the clock: half the blob's time at 4 x 25 MiB/s), ``DL_KILL_REPS``
   (3) times, alternating: the daemon is SIGKILLed, restarted, and the job resumes; what nginx
   sent beyond the blob's size is what was fetched twice (target: median <= 8 MiB; the worst is
   printed too). aria2c gets the same kill -9 beside it and is resumed with ``-c``. Each tensord
   run also reports the daemon's CPU-seconds (/proc), which load disturbs less than wall time.
+  ``DL_KILL=0`` skips it.
+
+``DL_ONLY_CLI=1`` runs only this part, e.g. issue 15's start-up figures, before and after::
+
+    DL_ONLY_CLI=1 DL_KILL=0 DL_CLI_SIZES=128 DL_CLI_REPS=5 DL_OLD_TREE=/tmp/old \
+        .venv/bin/python bench/downloads.py
 """
 
 from __future__ import annotations
@@ -204,10 +212,27 @@ class Daemon:
         )
 
 
+#: Bytecode for the CLI's runs, as an installed tensord has it (pip compiles it at install):
+#: with ``PYTHONDONTWRITEBYTECODE`` in the caller's environment (a dev shell, CI), each run would
+#: compile tensord's modules again, a cost no user pays. ``DL_PYC=0``: the environment as it is.
+PYCACHE = Path(tempfile.gettempdir()) / f"tensord-bench-pyc-{os.getuid()}"
+
+
 def tree_env(tree: Path) -> dict[str, str]:
     """Our environment without TENSORD_*/OLLAMA_*, importing tensord from ``tree``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORD_", "OLLAMA_"))}
+    if os.environ.get("DL_PYC", "1") != "0":
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
     return env | {"PYTHONPATH": str(tree)}
+
+
+def warm_cli(tree: Path) -> None:
+    """Run the CLI once untimed (against no daemon), so its bytecode is cached before the runs
+    that are timed."""
+    cmd = [sys.executable, "-m", "tensord", "--socket", "/nonexistent", "download", "http://x/y",
+           "--sha256", "0" * 64]  # fmt: skip
+    subprocess.run(cmd, cwd=tree, env=tree_env(tree), capture_output=True, check=False)
 
 
 def start_daemon(tree: Path, home: Path) -> Daemon:
@@ -424,6 +449,8 @@ def cli_section(tmp: Path) -> None:
     print("\nthrough the CLI: `tensord download URL --sha256` (daemon running, CLI start included) "
           f"vs aria2c -x4 -s4, nginx 25 MB/s per connection, {CLI_REPS} alternating runs, medians; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    for tree in trees.values():
+        warm_cli(tree)
     with daemons(trees, tmp) as ds:
         for size in CLI_SIZES:
             blob = tmp / f"cli-{size}"
@@ -453,6 +480,8 @@ def cli_section(tmp: Path) -> None:
             mine = statistics.median(r["wall"] for r in runs["tensord"])
             target(f"tensord download (CLI) {size // MiB} MiB <= 1.0 x aria2c -x4 -s4:",
                    f"{mine / aria:.2f} x ({mine:.2f} s vs {aria:.2f} s)", mine <= aria)  # fmt: skip
+    if os.environ.get("DL_KILL", "1") == "0":
+        return
     blob = tmp / "kill-blob"
     sha = write_blob(blob, KILL_SIZE)
     print(f"\nkill -9 at half-way of {KILL_SIZE // MiB} MiB (nginx 25 MB/s per connection), "

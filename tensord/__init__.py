@@ -9,15 +9,15 @@ The public API is this namespace::
 
 Everything else (``tensord.node``, ``tensord.net``, ``tensord.wire`` ...) is the implementation:
 importable, but free to change between releases. ``import tensord`` stays light: the node
-(numpy) and the clients (httpx) are imported on first use of their names, as trio re-exports its
-private modules without paying for what a program does not use.
+(numpy), the async client (httpx) and even the settings (their specs) are imported on first use
+of their names, as trio re-exports its private modules without paying for what a program does
+not use: the ``tensord`` command imports this package before anything, at every start.
 """
 
 from typing import TYPE_CHECKING, Any
 
 from . import errors
 from ._version import __version__
-from .config import Settings, load_settings
 from .errors import (
     AuthenticationFailed,
     BadAddress,
@@ -38,7 +38,9 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .control.client import AsyncClient, Client
+    from .config import Settings, load_settings
+    from .control.blocking import Client
+    from .control.client import AsyncClient
     from .node import Arrival, TensorNode, TransferResult
 
 #: Public names imported on first use, and the module each comes from.
@@ -46,13 +48,16 @@ _LAZY = {
     "TensorNode": "tensord.node",
     "TransferResult": "tensord.node",
     "Arrival": "tensord.node",
-    "Client": "tensord.control.client",
+    "Client": "tensord.control.blocking",
     "AsyncClient": "tensord.control.client",
+    "Settings": "tensord.config",
+    "load_settings": "tensord.config",
 }
 
 
 def __getattr__(name: str) -> Any:
-    """Import the heavy public names (numpy for the node, httpx for the clients) on first use."""
+    """Import the heavy public names (numpy for the node, httpx for the async client, the
+    settings' specs) on first use."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

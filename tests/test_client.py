@@ -3,12 +3,16 @@ typed errors, percent-encoded names, the events stream; and the SSE parser on by
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import http.server
 import json
 import os
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -446,16 +450,54 @@ def test_reload_of_a_broken_cluster_file_raises_config_error(cluster: Cluster) -
 
 
 # --------------------------------------------------------------------------------------------
-# One request per endpoint, whichever client sends it (no daemon: httpx's MockTransport)
+# One request per endpoint, whichever client sends it (no daemon: a recording HTTP server)
 
 
-def _recorded(requests: list[tuple[str, str, bytes]]) -> httpx.MockTransport:
-    def handler(request: httpx.Request) -> httpx.Response:
-        requests.append((request.method, request.url.raw_path.decode(), request.read()))
-        reply: dict[str, Any] = {"peers": [], "transfers": [{"name": "w"}], "name": "w"}
-        return httpx.Response(200, json=reply)
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Records each request (method, raw path, body) and answers one JSON reply to all."""
 
-    return httpx.MockTransport(handler)
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, str, bytes]]
+
+    def _answer(self) -> None:
+        if self.headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while size := int(self.rfile.readline(), 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.seen.append((self.command, self.path, body))
+        reply = json.dumps({"peers": [], "transfers": [{"name": "w"}], "name": "w"}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _recording_server(path: Path) -> Iterator[list[tuple[str, str, bytes]]]:
+    seen: list[tuple[str, str, bytes]] = []
+    handler = type("Handler", (_Recorder,), {"seen": seen, "address_string": lambda _: "local"})
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+    with Server(str(path), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield seen
+        finally:
+            server.shutdown()
+            thread.join()
 
 
 async def test_both_clients_send_the_same_request_for_each_endpoint(tmp_path: Path) -> None:
@@ -474,15 +516,18 @@ async def test_both_clients_send_the_same_request_for_each_endpoint(tmp_path: Pa
         ("download_job", ("j/1",), {}),
         ("cancel_download", ("j1",), {}),
     ]
-    sync_seen: list[tuple[str, str, bytes]] = []
-    async_seen: list[tuple[str, str, bytes]] = []
-    with Client(tmp_path / "none.sock") as c:
-        c._http = httpx.Client(transport=_recorded(sync_seen), base_url="http://tensord")
+    (tmp_path / "u.npy").write_bytes(b"\x93NUMPY" + bytes(range(256)) * 5000)  # > UPLOAD_CHUNK
+    calls.append(("upload", ("u", tmp_path / "u.npy"), {}))
+    sock = tmp_path / "rec.sock"
+    with _recording_server(sock) as seen, Client(sock) as c:
         sync_results = [getattr(c, m)(*a, **k) for m, a, k in calls]
-    async with AsyncClient(tmp_path / "none.sock") as ac:
-        ac._http = httpx.AsyncClient(transport=_recorded(async_seen), base_url="http://tensord")
-        async_results = [await getattr(ac, m)(*a, **k) for m, a, k in calls]
+        sync_seen = seen[:]
+        seen.clear()
+        async with AsyncClient(sock) as ac:
+            async_results = [await getattr(ac, m)(*a, **k) for m, a, k in calls]
+        async_seen = seen[:]
     assert sync_seen == async_seen and sync_results == async_results
+    assert sync_seen[-1] == ("PUT", "/v1/tensors/u", (tmp_path / "u.npy").read_bytes())
     assert sync_seen[2][:2] == ("GET", "/v1/tensors/a%2Fb")
     assert json.loads(sync_seen[7][2]) == {"peer": "b", "name": "w", "as": "v"}  # "as" in JSON
     assert sync_results[1] == [] and sync_results[4] is None  # peers, delete

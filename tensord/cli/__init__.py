@@ -14,21 +14,16 @@ bars, :mod:`.certs` the ``certs`` commands (which need neither trio nor a daemon
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from .._version import __version__
-from ..config import load_settings
 from ..errors import ConfigError, DaemonNotRunning, ProtocolError, TensorError
 from ..limits import check_name
-from ..logs import setup_logging
 from . import certs
 from .commands import COMMANDS, SYNC_COMMANDS
-
-log = logging.getLogger("tensord")
 
 EX_UNAVAILABLE = 69  # sysexits.h: the daemon is not running
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -142,6 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return certs.run(args)
     if command != "serve":
         return run_client_command(command, args)
+    # Only here: a client command needs neither the settings' specs nor logging.
+    import logging
+
+    from ..config import load_settings
+    from ..logs import setup_logging
+
     try:
         settings = load_settings(
             os.environ,
@@ -161,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return trio.run(serve, settings, os.environ)
     except KeyboardInterrupt:  # a signal before the handler was installed
-        log.info("interrupted; shutting down")
+        logging.getLogger("tensord").info("interrupted; shutting down")
     except OSError as exc:
         print(f"tensord: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -1,6 +1,11 @@
 """The client commands of ``tensord``, one function each: talk to the daemon over its control
-socket (:class:`~tensord.control.client.AsyncClient`), print the result (:mod:`.render`), with
-live progress where a command waits for transfers or downloads (:mod:`.progress`).
+socket, print the result (:mod:`.render`), with live progress where a command waits for
+transfers or downloads (:mod:`.progress`).
+
+A command of one request (``status``, ``ls``, ...) and ``download`` use the blocking
+:class:`~tensord.control.blocking.Client` and run without trio; those that start transfers and
+follow them at once (``send``, ``pull``, ``watch``, ``pull-model``) run under trio with
+:class:`~tensord.control.client.AsyncClient`.
 
 Each returns the exit status; errors are raised and turned into one line and a status by
 :func:`tensord.cli.run_client_command`.
@@ -9,12 +14,11 @@ Each returns the exit status; errors are raised and turned into one line and a s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +42,7 @@ from .render import (
 )
 
 if TYPE_CHECKING:
+    from ..control.blocking import Client
     from ..control.client import AsyncClient
 
 Json = dict[str, Any]
@@ -49,6 +54,12 @@ def _client(args: argparse.Namespace) -> AsyncClient:
     return AsyncClient(args.socket)
 
 
+def _blocking_client(args: argparse.Namespace) -> Client:
+    from ..control.blocking import Client
+
+    return Client(args.socket)
+
+
 def _peer_matches(given: str, event_peer: str) -> bool:
     """Events name peers by node id; the user may have given a ticket or ``host:port``."""
     if given == event_peer or given.startswith(f"tensord://{event_peer}@"):
@@ -56,9 +67,9 @@ def _peer_matches(given: str, event_peer: str) -> bool:
     return ":" in given and not given.startswith("tensord://")  # host:port: any id
 
 
-async def cmd_status(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        st = await client.status()
+def cmd_status(args: argparse.Namespace) -> int:
+    with _blocking_client(args) as client:
+        st = client.status()
     if args.json:
         print_json(st)
     else:
@@ -78,9 +89,9 @@ def _show(args: argparse.Namespace, rows: list[Json], render: Callable[[list[Jso
     return 0
 
 
-async def cmd_peers(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        peers = await client.peers()
+def cmd_peers(args: argparse.Namespace) -> int:
+    with _blocking_client(args) as client:
+        peers = client.peers()
     return _show(
         args,
         peers,
@@ -89,14 +100,14 @@ async def cmd_peers(args: argparse.Namespace) -> int:
     )
 
 
-async def cmd_ls(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        return _show(args, await client.tensors(), tensors_table)
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _blocking_client(args) as client:
+        return _show(args, client.tensors(), tensors_table)
 
 
-async def cmd_transfers(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        return _show(args, await client.transfers(), transfers_table)
+def cmd_transfers(args: argparse.Namespace) -> int:
+    with _blocking_client(args) as client:
+        return _show(args, client.transfers(), transfers_table)
 
 
 def _chain_of(to: str) -> list[str] | str | None:
@@ -216,23 +227,23 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_get(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        info = await client.get(args.name, args.output)
+def cmd_get(args: argparse.Namespace) -> int:
+    with _blocking_client(args) as client:
+        info = client.get(args.name, args.output)
     print(f"wrote {args.name} to {info['path']} ({human_bytes(info['file_bytes'])})")
     return 0
 
 
-async def cmd_rm(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        await client.delete(args.name)
+def cmd_rm(args: argparse.Namespace) -> int:
+    with _blocking_client(args) as client:
+        client.delete(args.name)
     print(f"deleted {args.name}")
     return 0
 
 
-async def cmd_reload(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        reply = await client.reload()
+def cmd_reload(args: argparse.Namespace) -> int:
+    with _blocking_client(args) as client:
+        reply = client.reload()
     print(f"reloaded the configuration: {plural(reply['peers'], 'peer', 'peers')}")
     return 0
 
@@ -329,31 +340,12 @@ async def cmd_pull_model(args: argparse.Namespace) -> int:
     return 1 if failed else status
 
 
-@contextlib.contextmanager
-def _without_trio() -> Iterator[None]:
-    """Import the blocking client without trio: httpcore imports trio whenever it is installed
-    (to pick its async locks), which is most of this command's start-up. Only in a process that
-    runs no trio code (the blocking commands): httpcore then knows trio as absent."""
-    if "trio" in sys.modules:
-        yield
-        return
-    sys.modules["trio"] = None  # type: ignore[assignment]  # `import trio` raises ImportError
-    try:
-        yield
-    finally:
-        if sys.modules.get("trio", 0) is None:
-            del sys.modules["trio"]
-
-
 def cmd_download(args: argparse.Namespace) -> int:
     """``tensord download`` as :func:`_follow_download` does it, with the blocking client: a
     user waiting for one download gains nothing from trio, whose import alone cost ~0.25 s of
-    CPU at every start (most of the command's start-up, measured by bench/downloads.py)."""
-    with _without_trio():
-        from ..control.client import Client
-
-        client = Client(args.socket)
-    with client:
+    CPU at every start, nor from httpx (the blocking client speaks through ``http.client``):
+    issue 15 times this command from the shell against aria2c."""
+    with _blocking_client(args) as client:
         if args.detach:
             job = client.download_url(args.url, args.sha256)
             print(f"download {job['id']}: {job['source']} ({job['state']}); "
@@ -380,28 +372,32 @@ def cmd_download(args: argparse.Namespace) -> int:
     return _download_summary(job, last, final, connections, started)
 
 
-async def cmd_downloads(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
+def cmd_downloads(args: argparse.Namespace) -> int:
+    with _blocking_client(args) as client:
         if args.cancel:
-            job = await client.cancel_download(args.cancel)
+            job = client.cancel_download(args.cancel)
             print(f"download {job['id']}: {job['state']}")
             return 0
-        return _show(args, await client.downloads(), downloads_table)
+        return _show(args, client.downloads(), downloads_table)
 
 
+#: The commands that follow transfers while they start them: under trio, with the async client.
 COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "send": cmd_send,
+    "pull": cmd_pull,
+    "watch": cmd_watch,
+    "pull-model": cmd_pull_model,
+}
+#: The commands of one request (and ``download``, one request and its job's events): blocking,
+#: without trio or httpx, whose imports were most of a command's start-up (~0.3 s of CPU).
+SYNC_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "peers": cmd_peers,
     "ls": cmd_ls,
-    "send": cmd_send,
-    "pull": cmd_pull,
     "get": cmd_get,
     "rm": cmd_rm,
-    "watch": cmd_watch,
     "reload": cmd_reload,
     "transfers": cmd_transfers,
-    "pull-model": cmd_pull_model,
     "downloads": cmd_downloads,
+    "download": cmd_download,
 }
-#: Client commands that run without trio (see :func:`cmd_download`).
-SYNC_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"download": cmd_download}

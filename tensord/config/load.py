@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .paths import default_control_socket, default_state_dir
 from .schema import Section, env_override, env_raw, parse_keys, spec_of, specs, with_env
 from .settings import (
     ControlSettings,
@@ -30,7 +31,6 @@ from .values import HostPort
 
 _SECTIONS = tuple(f.name for f, spec in specs(Settings) if isinstance(spec.kind, Section))
 _NODE_ID = spec_of(Settings, "node_id")
-_CONTROL_SOCKET_VAR = spec_of(ControlSettings, "socket").env or ""
 _SECRET_FILE_VAR = spec_of(SecuritySettings, "secret_file").env
 
 
@@ -48,36 +48,6 @@ def read_cluster_file(path: Path) -> dict[str, Any]:
             f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"
         ) from None
     return parse_keys(str(path), raw, Settings)
-
-
-def default_state_dir(env: Mapping[str, str]) -> Path:
-    """Where the daemon keeps tensors when ``state_dir`` is not set: systemd's
-    ``StateDirectory=`` (``$STATE_DIRECTORY``), else ``$XDG_STATE_HOME/tensord``, else
-    ``/var/lib/tensord`` for root and ``~/.local/state/tensord`` for anyone else."""
-    if (found := env.get("STATE_DIRECTORY")) and found.strip():
-        return Path(found.split(":")[0])
-    if (found := env.get("XDG_STATE_HOME")) and found.strip():
-        return Path(found) / "tensord"
-    if os.geteuid() == 0:
-        return Path("/var/lib/tensord")
-    home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".local" / "state" / "tensord"
-
-
-def default_control_socket(env: Mapping[str, str]) -> Path:
-    """Where the control socket is when ``control.socket`` is not set: systemd's
-    ``RuntimeDirectory=`` (``$RUNTIME_DIRECTORY/control.sock``), else
-    ``$XDG_RUNTIME_DIR/tensord/control.sock``, else ``/run/tensord/control.sock`` for root and
-    ``/tmp/tensord-<uid>/control.sock`` for anyone else. The CLI resolves it the same way."""
-    if (found := env.get(_CONTROL_SOCKET_VAR)) and found.strip():
-        return Path(found)
-    if (found := env.get("RUNTIME_DIRECTORY")) and found.strip():
-        return Path(found.split(":")[0]) / "control.sock"
-    if (found := env.get("XDG_RUNTIME_DIR")) and found.strip():
-        return Path(found) / "tensord" / "control.sock"
-    if os.geteuid() == 0:
-        return Path("/run/tensord/control.sock")
-    return Path(f"/tmp/tensord-{os.geteuid()}/control.sock")
 
 
 def _security_paths(sec: SecuritySettings, node: str, env: Mapping[str, str]) -> SecuritySettings:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..limits import MAX_CHUNK, MIN_CHUNK
+from .paths import CLUSTER_FILE_VAR, CONTROL_SOCKET_VAR
 from .schema import (
     NODE_ID,
     PATH,
@@ -377,7 +378,7 @@ class ControlSettings:
         None,
         _OPTIONAL_PATH,
         "the control socket (the CLI finds it the same way); null = the default",
-        env="TENSORD_CONTROL_SOCKET",
+        env=CONTROL_SOCKET_VAR,
         default_doc="`$RUNTIME_DIRECTORY/control.sock`, else "
         "`$XDG_RUNTIME_DIR/tensord/control.sock`, else `/run/tensord/control.sock` (root) or "
         "`/tmp/tensord-<uid>/control.sock`",
@@ -474,7 +475,7 @@ class Settings:
         None,
         _OPTIONAL_PATH,
         "path of the cluster file",
-        env="TENSORD_CLUSTER_FILE",
+        env=CLUSTER_FILE_VAR,
         flag="--cluster",
         in_file=False,
         default_doc="none (a single node)",

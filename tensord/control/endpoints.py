@@ -1,7 +1,9 @@
 """Every endpoint of the control API, written once for both clients (httpx's ``BaseClient``
 idea): a method of :class:`Endpoints` describes the request (method, path, body) and how its
 reply becomes a result, as a :class:`Call`; :mod:`.client`'s ``Client`` and ``AsyncClient``
-only differ in how they send one (blocking or awaited). No I/O here.
+only differ in how they send one (blocking or awaited). No I/O here, and no HTTP library:
+a reply is anything with the body's bytes (``content``) and ``json()`` - an ``httpx.Response``
+for ``AsyncClient``, :mod:`.blocking`'s own for ``Client``, which starts without httpx.
 """
 
 from __future__ import annotations
@@ -12,9 +14,18 @@ import os
 import urllib.parse
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
-
-import httpx
+from json import dumps as json_dumps
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    ParamSpec,
+    Protocol,
+    Self,
+    TypeVar,
+    overload,
+)
 
 from ..errors import ControlError
 
@@ -35,6 +46,15 @@ def tensor_path(name: str, *rest: str) -> str:
     return "/".join(["/v1/tensors", segment, *rest])
 
 
+class Reply(Protocol):
+    """What an endpoint reads of a successful reply (whose body has been read)."""
+
+    @property
+    def content(self) -> bytes: ...
+
+    def json(self) -> Any: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Call(Generic[T]):
     """One request of the control API and what its reply means: everything about an endpoint
@@ -43,41 +63,49 @@ class Call(Generic[T]):
     method: str
     url: str
     #: The result, from a successful reply (whose body has been read).
-    parse: Callable[[httpx.Response], T]
+    parse: Callable[[Reply], T]
     json: Json | None = None
     #: The body is this file's bytes, streamed (``application/octet-stream``).
     upload: str | None = None
     #: As long as a transfer (send, pull, put, events): no read timeout.
     long: bool = False
 
+    def body(self) -> bytes | None:
+        """The ``json`` body's bytes (``application/json``), encoded as httpx encodes them, so
+        that both clients send the same bytes."""
+        if self.json is None:
+            return None
+        text = json_dumps(self.json, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return text.encode()
 
-def _json(response: httpx.Response) -> Any:
+
+def _json(response: Reply) -> Any:
     try:
         return response.json()
     except ValueError as exc:
         raise ControlError(f"the daemon's reply is not JSON: {exc}", code="protocol") from None
 
 
-def _reply(response: httpx.Response) -> Json:
+def _reply(response: Reply) -> Json:
     doc: Json = _json(response)
     return doc
 
 
-def _listed(key: str) -> Callable[[httpx.Response], list[Json]]:
+def _listed(key: str) -> Callable[[Reply], list[Json]]:
     """The list under ``key`` of a reply such as ``{"peers": [...]}``."""
 
-    def parse(response: httpx.Response) -> list[Json]:
+    def parse(response: Reply) -> list[Json]:
         items: list[Json] = _json(response)[key]
         return items
 
     return parse
 
 
-def _no_result(response: httpx.Response) -> None:
+def _no_result(response: Reply) -> None:
     _json(response)
 
 
-def _array(response: httpx.Response) -> np.ndarray[Any, Any]:
+def _array(response: Reply) -> np.ndarray[Any, Any]:
     """A ``.npy`` reply as an array (bf16/fp8 come as same-size unsigned ints)."""
     import numpy as np
 
@@ -272,6 +300,7 @@ __all__ = [
     "Call",
     "Endpoints",
     "Json",
+    "Reply",
     "SyncEndpoints",
     "absolute",
     "endpoint",
