@@ -35,6 +35,8 @@ HEAVY = (
     "h11",
     "numpy",
     "rich",
+    "dataclasses",
+    "logging",
     "tensord.config.schema",
     "tensord.config.settings",
     "tensord.node",
@@ -157,13 +159,17 @@ def _fake_daemon(path: Path) -> Iterator[None]:
 
 
 def test_a_whole_download_runs_without_trio_or_httpx(tmp_path: Path) -> None:
-    sock = tmp_path / "control.sock"
-    with _fake_daemon(sock):
+    (tmp_path / "tensord").mkdir()
+    with _fake_daemon(tmp_path / "tensord" / "control.sock"):
         code = _cli("download", "http://x/y", "--sha256", SHA)
-        loaded, err = _loaded_by(code, _clean_env(TENSORD_CONTROL_SOCKET=str(sock)))
-    assert err.splitlines()[-1] == "exit 0", err
-    # The variable names the socket: the settings are read, as the daemon reads them.
-    assert loaded == ["tensord.config.schema", "tensord.config.settings"]
+        loaded, err = _loaded_by(code, _clean_env(XDG_RUNTIME_DIR=str(tmp_path)))
+        assert err.splitlines()[-1] == "exit 0", err
+        assert loaded == []
+        # A variable that names the socket: the settings are read, as the daemon reads them.
+        env = _clean_env(TENSORD_CONTROL_SOCKET=str(tmp_path / "tensord" / "control.sock"))
+        loaded, err = _loaded_by(code, env)
+        assert err.splitlines()[-1] == "exit 0", err
+        assert "tensord.config.settings" in loaded and "trio" not in loaded
 
 
 # --------------------------------------------------------------------------------------------

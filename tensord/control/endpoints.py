@@ -13,13 +13,13 @@ import io
 import os
 import urllib.parse
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from json import dumps as json_dumps
 from typing import (
     TYPE_CHECKING,
     Any,
     Concatenate,
     Generic,
+    NamedTuple,
     ParamSpec,
     Protocol,
     Self,
@@ -55,10 +55,10 @@ class Reply(Protocol):
     def json(self) -> Any: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Call(Generic[T]):
+class Call(NamedTuple, Generic[T]):
     """One request of the control API and what its reply means: everything about an endpoint
-    except how the request is sent."""
+    except how the request is sent. (A named tuple, not a dataclass: ``dataclasses`` imports
+    ``inspect``, a tenth of a blocking CLI command's imports.)"""
 
     method: str
     url: str

@@ -12,16 +12,14 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import ControlError
 
 Json = dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class SSEMessage:
+class SSEMessage(NamedTuple):
     """One dispatched event: its ``event:`` type (``message`` if none) and its joined data."""
 
     event: str
@@ -29,8 +27,7 @@ class SSEMessage:
     id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class SSEComment:
+class SSEComment(NamedTuple):
     """A ``:`` line: the daemon's ``: subscribed`` and ``: keep-alive``."""
 
     text: str
