@@ -13,7 +13,7 @@ for Ollama compatibility: ``tensor_protocol.retry_base_delay`` is in millisecond
 
 from __future__ import annotations
 
-import secrets
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -536,7 +536,9 @@ class Settings:
     @classmethod
     def for_library(cls, **changes: Any) -> Settings:
         """Embedded defaults for a library node: a fresh id, 127.0.0.1 on an ephemeral port."""
-        base = cls(node_id=f"node-{secrets.token_hex(4)}", listen=HostPort("127.0.0.1", 0))
+        # os.urandom, as secrets.token_hex does: importing secrets (hmac, hashlib, random)
+        # costs a client command that reads the settings ~10 ms.
+        base = cls(node_id=f"node-{os.urandom(4).hex()}", listen=HostPort("127.0.0.1", 0))
         return replace(base, **changes)
 
     def node(self, node_id: str) -> NodeEntry | None:
