@@ -108,10 +108,12 @@ def test_the_async_commands_still_use_trio(tmp_path: Path) -> None:
 
 class _FakeDaemon(http.server.BaseHTTPRequestHandler):
     """The control API as ``tensord download`` sees it: an events stream that says
-    ``: subscribed``, a download that is done as soon as it is posted, and that job."""
+    ``: subscribed``, a download that is running when it is posted and whose end the stream
+    then tells, and that job."""
 
     protocol_version = "HTTP/1.1"
     job = {"id": "j1", "source": "http://x/y", "state": "done", "bytes_total": 5, "sources": []}
+    posted: threading.Event
 
     def _json(self, doc: dict[str, Any]) -> None:
         body = json.dumps(doc).encode()
@@ -122,20 +124,25 @@ class _FakeDaemon(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
-        if self.path == "/v1/events":
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.send_header("connection", "close")
-            self.end_headers()
-            self.wfile.write(b": subscribed\n\n")
-            self.wfile.flush()
-            self.rfile.read()  # until the client hangs up
-        else:
+        if self.path != "/v1/events":
             self._json(self.job | {"peak_connections": 4})
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("connection", "close")
+        self.end_headers()
+        self.wfile.write(b": subscribed\n\n")
+        self.wfile.flush()
+        self.posted.wait(30)
+        done = json.dumps(self.job | {"kind": "download", "bytes_done": 5}).encode()
+        self.wfile.write(b"event: download\ndata: " + done + b"\n\n")
+        self.wfile.flush()
+        self.rfile.read()  # until the client hangs up
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["content-length"]))
-        self._json(self.job)
+        self._json(self.job | {"state": "running", "bytes_done": 0})
+        self.posted.set()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -143,7 +150,11 @@ class _FakeDaemon(http.server.BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def _fake_daemon(path: Path) -> Iterator[None]:
-    handler = type("Handler", (_FakeDaemon,), {"address_string": lambda _: "local"})
+    handler = type(
+        "Handler",
+        (_FakeDaemon,),
+        {"address_string": lambda _: "local", "posted": threading.Event()},
+    )
 
     class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         daemon_threads = True
@@ -156,20 +167,24 @@ def _fake_daemon(path: Path) -> Iterator[None]:
         finally:
             server.shutdown()
             thread.join()
+    path.unlink()
 
 
-def test_a_whole_download_runs_without_trio_or_httpx(tmp_path: Path) -> None:
+def test_a_whole_download_runs_without_trio_httpx_or_rich(tmp_path: Path) -> None:
+    """Followed to its end on the events stream; stderr is not a terminal, so no bars: rich
+    is not imported either."""
     (tmp_path / "tensord").mkdir()
+    code = _cli("download", "http://x/y", "--sha256", SHA)
     with _fake_daemon(tmp_path / "tensord" / "control.sock"):
-        code = _cli("download", "http://x/y", "--sha256", SHA)
         loaded, err = _loaded_by(code, _clean_env(XDG_RUNTIME_DIR=str(tmp_path)))
-        assert err.splitlines()[-1] == "exit 0", err
-        assert loaded == []
+    assert err.splitlines()[-1] == "exit 0", err
+    assert loaded == []
+    with _fake_daemon(tmp_path / "tensord" / "control.sock"):
         # A variable that names the socket: the settings are read, as the daemon reads them.
         env = _clean_env(TENSORD_CONTROL_SOCKET=str(tmp_path / "tensord" / "control.sock"))
         loaded, err = _loaded_by(code, env)
-        assert err.splitlines()[-1] == "exit 0", err
-        assert "tensord.config.settings" in loaded and "trio" not in loaded
+    assert err.splitlines()[-1] == "exit 0", err
+    assert "tensord.config.settings" in loaded and "trio" not in loaded
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 from ..errors import ControlError
 from .render import short_digest, sources_text
@@ -28,11 +28,44 @@ Json = dict[str, Any]
 T = TypeVar("T")
 
 
+class _NoBars:
+    """What :class:`_LiveBars` asks of rich's ``Progress``, drawing nothing: stderr is not a
+    terminal, and rich (~50 ms of CPU to import) is not imported."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def add_task(self, description: str, **fields: Any) -> TaskID:
+        self._next += 1
+        return cast("TaskID", self._next)
+
+    def update(self, task: TaskID, **fields: Any) -> None:
+        pass
+
+    def remove_task(self, task: TaskID) -> None:
+        pass
+
+    def stop_task(self, task: TaskID) -> None:
+        pass
+
+
 class _LiveBars:
     """Rich bars on stderr, drawn only when stderr is a terminal: a bar's description, bytes,
     speed and time left, then ``last`` (a text column of the bar's fields)."""
 
+    progress: Progress | _NoBars
+
     def __init__(self, console: Console | None, last: str) -> None:
+        if console is None and not sys.stderr.isatty():
+            self.live = False
+            self.progress = _NoBars()
+            return
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -45,7 +78,7 @@ class _LiveBars:
 
         self.console = console if console is not None else Console(stderr=True)
         self.live = self.console.is_terminal and not self.console.is_dumb_terminal
-        self.progress: Progress = Progress(
+        self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             DownloadColumn(binary_units=True),
