@@ -539,6 +539,42 @@ async def test_both_clients_send_the_same_request_for_each_endpoint(tmp_path: Pa
         await coro
 
 
+class _Refuser(socketserver.StreamRequestHandler):
+    """Answers an upload with an error as soon as its head has come, and hangs up without
+    reading the body (as a daemon may for a body too large to store)."""
+
+    def handle(self) -> None:
+        while self.rfile.readline() not in (b"\r\n", b""):
+            pass
+        reply = json.dumps({"error": {"code": "too_large", "message": "no room"}}).encode()
+        head = f"HTTP/1.1 413 Payload Too Large\r\ncontent-length: {len(reply)}\r\n"
+        self.wfile.write(head.encode() + b"connection: close\r\n\r\n" + reply)
+
+
+async def test_an_answer_before_the_whole_upload_is_the_error_raised(tmp_path: Path) -> None:
+    big = tmp_path / "big.npy"
+    big.write_bytes(bytes(32 << 20))  # far more than the socket buffers hold
+    sock = tmp_path / "refuser.sock"
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+    with Server(str(sock), _Refuser) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(ControlError, match="no room") as sync_exc:
+                Client(sock).upload("w", big)
+            async with AsyncClient(sock) as ac:
+                with pytest.raises(ControlError, match="no room") as async_exc:
+                    await ac.upload("w", big)
+        finally:
+            server.shutdown()
+            thread.join()
+    assert sync_exc.value.code == async_exc.value.code == "too_large"
+    assert sync_exc.value.status == async_exc.value.status == 413
+
+
 def test_the_client_does_not_import_the_daemons_modules() -> None:
     """A CLI command starts fast: the client needs neither the store nor numpy to talk."""
     code = (

@@ -13,6 +13,7 @@ ever reused); an events stream holds its own until it is closed.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -128,8 +129,12 @@ class Client(SyncEndpoints):
         elif upload is not None:
             headers["content-type"] = "application/octet-stream"
             body = iter(lambda: upload.read(UPLOAD_CHUNK), b"")
+        chunked = upload is not None
         try:
-            conn.request(call.method, call.url, body, headers, encode_chunked=upload is not None)
+            # The daemon may answer (an error: too large, a full store) and hang up before it
+            # has read the whole body: its answer is the one to report, as httpcore does.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.request(call.method, call.url, body, headers, encode_chunked=chunked)
             return conn, conn.getresponse()
         except BaseException as exc:
             conn.close()
