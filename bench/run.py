@@ -4,6 +4,7 @@ Usage (from the repository root; ``make bench`` installs pyzmq and pyarrow first
 
     .venv/bin/python bench/run.py                 # every row (a few minutes)
     .venv/bin/python bench/run.py plain tensord   # rows whose name contains a word
+    .venv/bin/python bench/run.py floor latency "small sends"   # issue 15's small-tensor rows
     QUICK=1 .venv/bin/python bench/run.py         # small sizes and few reps: a smoke run
 
 Environment: ``SIZE`` (default 256 MiB), ``REPS`` (5), ``LAT_N`` (2000), ``SMALL_N`` (1000),

@@ -242,7 +242,7 @@ class Outbound:
                 chunk = chunk_size(self.settings, meta, agr)
                 resume = xfer is not None and agr.resume
                 if xfer is None or xfer.crc != agr.crc or xfer.chunk_size != chunk:
-                    xfer = new_send(self.settings, xid, meta, data, agr)
+                    xfer = new_send(self.settings, xid, meta, data, agr, chunk)
                     resume = False
                 await send_chunked(
                     conn, xfer, resume=resume, io_timeout=t.io_timeout, progress=progress
@@ -282,17 +282,18 @@ class Outbound:
             legacy=legacy,
             transport=transport,
         )
-        log.info(
-            "tensor transfer %s: sent %r to %s: %d bytes in %.3f s (%.1f MB/s), %d retries%s",
-            xid,
-            meta.name,
-            name,
-            meta.nbytes,
-            seconds,
-            result.rate / 1e6,
-            budget.retries,
-            " (legacy mode)" if legacy else "",
-        )
+        if log.isEnabledFor(logging.INFO):  # (its arguments are not computed per tensor else)
+            log.info(
+                "tensor transfer %s: sent %r to %s: %d bytes in %.3f s (%.1f MB/s), %d retries%s",
+                xid,
+                meta.name,
+                name,
+                meta.nbytes,
+                seconds,
+                result.rate / 1e6,
+                budget.retries,
+                " (legacy mode)" if legacy else "",
+            )
         self._publish("send", xid, meta, name, "done", meta.nbytes, budget.retries)
         return result
 

@@ -20,6 +20,7 @@ bytes forever. This module owns that state; the node only starts :meth:`Receiver
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -113,7 +114,7 @@ class _Partial:
     expires: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # (not frozen: one is made per receive, and frozen inits cost more)
 class _Completed:
     """A receive that was committed, remembered for ``partial_ttl_seconds``: if the sender never
     got our ``Stored`` (a cut at the last moment) its resumed ``Begin`` is confirmed again, with
@@ -133,10 +134,27 @@ class _Completed:
 
 @dataclass
 class _Active:
+    """A receive running now: ``scope`` stops it (a superseding transfer, a cancelled
+    ``receive_tensor(into=...)``); :meth:`released` waits until it let go of its state."""
+
     scope: trio.CancelScope
-    released: trio.Event
     nbytes: int = 0
     chain: bool = False
+    _released: trio.Event | None = None  # made only if someone waits (rarely)
+    _done: bool = False
+
+    async def released(self) -> None:
+        if self._done:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._released is None:
+            self._released = trio.Event()
+        await self._released.wait()
+
+    def release(self) -> None:
+        self._done = True
+        if self._released is not None:
+            self._released.set()
 
 
 def _kind(msg: object) -> str:
@@ -332,43 +350,46 @@ class Receiver:
         where one can still be sent). An exception nobody planned for is a bug: logged with its
         traceback, counted, and it closes this connection only - never the node."""
         msg: object = None
+        # One scope for the connection's idle timeout, armed only while a message is awaited
+        # (two deadline moves per message are cheaper than a new scope per message).
+        waiting = trio.CancelScope()
         try:
-            while True:
-                msg = None
-                with trio.move_on_after(idle):
+            with waiting:
+                while True:
+                    msg = None
+                    waiting.deadline = trio.current_time() + idle
                     msg = await conn.stream.receive()
-                if msg is None:
-                    return
-                if isinstance(msg, Begin):
-                    await self._receive(conn, msg)
-                elif isinstance(msg, Legacy):
-                    await self._receive_legacy(conn, msg)
-                elif isinstance(msg, Request):
-                    await self._serve_pull(conn, msg)
-                elif isinstance(msg, Ping):
-                    await conn.stream.send(Pong(msg.seq))
-                elif isinstance(msg, PieceRequest):
-                    chunk = self.settings.tensor_protocol.chunk_size
-                    await serve_piece(conn, msg, self.holdings, chunk_size=chunk)
-                elif isinstance(msg, Query):
-                    await serve_query(conn, msg, self.holdings)
-                elif isinstance(msg, Announce):
-                    await serve_announce(conn, msg, self.holdings)
-                elif isinstance(msg, PullModel):
-                    await serve_pull_model(conn, msg, self.on_pull_request)
-                elif isinstance(msg, Error) and msg.code == "auth":
-                    log.warning("peer %s refused this node: %s", conn.peer_id, msg.message)
-                    return
-                elif isinstance(msg, Error):
-                    log.info(
-                        "peer %s reported %s: %s",
-                        conn.peer_id,
-                        msg.code or "an error",
-                        msg.message or "(no reason given)",
-                    )
-                    return
-                else:
-                    raise ProtocolError(f"unexpected {type(msg).__name__} outside a transfer")
+                    waiting.deadline = math.inf
+                    if isinstance(msg, Begin):
+                        await self._receive(conn, msg)
+                    elif isinstance(msg, Legacy):
+                        await self._receive_legacy(conn, msg)
+                    elif isinstance(msg, Request):
+                        await self._serve_pull(conn, msg)
+                    elif isinstance(msg, Ping):
+                        await conn.stream.send(Pong(msg.seq))
+                    elif isinstance(msg, PieceRequest):
+                        chunk = self.settings.tensor_protocol.chunk_size
+                        await serve_piece(conn, msg, self.holdings, chunk_size=chunk)
+                    elif isinstance(msg, Query):
+                        await serve_query(conn, msg, self.holdings)
+                    elif isinstance(msg, Announce):
+                        await serve_announce(conn, msg, self.holdings)
+                    elif isinstance(msg, PullModel):
+                        await serve_pull_model(conn, msg, self.on_pull_request)
+                    elif isinstance(msg, Error) and msg.code == "auth":
+                        log.warning("peer %s refused this node: %s", conn.peer_id, msg.message)
+                        return
+                    elif isinstance(msg, Error):
+                        log.info(
+                            "peer %s reported %s: %s",
+                            conn.peer_id,
+                            msg.code or "an error",
+                            msg.message or "(no reason given)",
+                        )
+                        return
+                    else:
+                        raise ProtocolError(f"unexpected {type(msg).__name__} outside a transfer")
         except ProtocolError as exc:
             log.warning("peer %s: protocol error, closing the connection: %s", conn.peer_id, exc)
             await conn.send_error(exc.code, str(exc))
@@ -485,16 +506,21 @@ class Receiver:
         flight, and tensor bytes of those and of the partials kept for it (``busy``: the
         sender backs off and retries; other peers are not affected)."""
         t = self.settings.transfer
-        active = [a for (p, _), a in self._active.items() if p == peer]
-        if len(active) >= t.max_peer_transfers:
+        count = pending = 0
+        for (p, _), a in self._active.items():
+            if p == peer:
+                count += 1
+                pending += a.nbytes
+        if count >= t.max_peer_transfers:
             raise TransferFailed(
-                f"peer {peer} already has {len(active)} transfers in flight to this node "
+                f"peer {peer} already has {count} transfers in flight to this node "
                 f"(transfer.max_peer_transfers = {t.max_peer_transfers})",
                 code="busy",
             )
-        pending = sum(a.nbytes for a in active) + sum(
-            part.xfer.meta.nbytes for (p, _), part in self._partials.items() if p == peer
-        )
+        if self._partials:
+            pending += sum(
+                part.xfer.meta.nbytes for (p, _), part in self._partials.items() if p == peer
+            )
         if pending + nbytes > t.max_peer_pending_bytes:
             raise TransferFailed(
                 f"peer {peer} would hold {pending + nbytes} bytes of transfers in flight and "
@@ -541,7 +567,7 @@ class Receiver:
         for (p, xid), active in list(self._active.items()):
             if xid == begin.id and p != peer and active.chain:
                 active.scope.cancel()
-                await active.released.wait()
+                await active.released()
         key = (peer, begin.id)
         for old, part in list(self._partials.items()):
             mine = old[1] == begin.id and old[0] != peer and part.xfer.begin.chain is not None
@@ -567,12 +593,13 @@ class Receiver:
 
     async def _receive(self, conn: Connection, begin: Begin) -> None:
         # (Expiry of partials and completed records runs on the sweep's timer, not here.)
-        key = (conn.peer_id, begin.id)
+        peer = conn.peer_id
+        key = (peer, begin.id)
         if begin.chain is not None:
             self._check_chain(conn, begin)
             if begin.resume:
-                await self._take_over_chain(conn.peer_id, begin)
-        done = self._completed.get(conn.peer_id, {}).get(begin.id)
+                await self._take_over_chain(peer, begin)
+        done = self._completed.get(peer, {}).get(begin.id)
         if done is not None and begin.resume and done.matches(begin):
             await self._confirm_again(conn, begin, done)
             return
@@ -581,7 +608,7 @@ class Receiver:
             # The sender gave up on an older connection we still think is alive (a cut that
             # only it noticed): stop that receive so its progress is kept as the partial.
             stale.scope.cancel()
-            await stale.released.wait()
+            await stale.released()
         meta = begin.meta
         partial = self._partials.pop(key, None)
         if partial is not None and partial.xfer.matches(begin):
@@ -591,16 +618,16 @@ class Receiver:
                 "tensor transfer %s: resuming %r from %s at %d of %d bytes",
                 begin.id,
                 meta.name,
-                conn.peer_id,
+                peer,
                 xfer.bytes_have,
                 meta.nbytes,
             )
         else:
             if partial is not None:
                 await partial.sink.discard()
-            await self._drop_superseded(conn.peer_id, meta.name, key)
+            await self._drop_superseded(peer, meta.name, key)
             try:
-                self._check_peer_budget(conn.peer_id, meta.nbytes)
+                self._check_peer_budget(peer, meta.nbytes)
                 xfer, sink = await self._new_receive_freeing(conn, begin)
             except TransferFailed as exc:
                 log.warning("tensor transfer %s: refused %r: %s", begin.id, meta.name, exc)
@@ -615,7 +642,7 @@ class Receiver:
                     sink.claim.release()  # the caller's array waits for the retry
                 raise
         started = time.perf_counter()
-        self._publish("receive", begin.id, meta, conn.peer_id, "started", xfer.bytes_have)
+        self._publish("receive", begin.id, meta, peer, "started", xfer.bytes_have)
 
         relay: Forwarder | None = None
         if begin.chain and self._forward is not None and self._handlers is not None:
@@ -625,7 +652,7 @@ class Receiver:
             if relay is not None:
                 relay.arrived()
             if self._events.active:
-                self._publish("receive", begin.id, meta, conn.peer_id, "progress", done)
+                self._publish("receive", begin.id, meta, peer, "progress", done)
 
         committed: list[bool] = []
         #: Committed, and the ``Stored`` to answer is known: from here a resumed ``Begin`` is
@@ -636,9 +663,9 @@ class Receiver:
         async def complete() -> Stored | None:
             if relay is not None:
                 await relay.hold_data()  # the receive buffer may be unmapped by the commit
-            array = await sink.commit(conn.peer_id)
+            array = await sink.commit(peer)
             committed.append(True)
-            self._arrive(meta.name, array, conn.peer_id)
+            self._arrive(meta.name, array, peer)
             if relay is None:
                 answerable.append(True)
                 return None
@@ -649,8 +676,7 @@ class Receiver:
             answerable.append(True)
             return stored
 
-        active = _Active(trio.CancelScope(), trio.Event(), meta.nbytes, begin.chain is not None)
-        checkpoints = trio.CancelScope()
+        active = _Active(trio.CancelScope(), meta.nbytes, begin.chain is not None)
         into = isinstance(sink, MemorySink) and sink.claim is not None
         if isinstance(sink, MemorySink) and sink.claim is not None:
             sink.claim.bind(active.scope)  # a cancelled receive_tensor(into=) stops it
@@ -659,51 +685,58 @@ class Receiver:
             # Fault new memory (or the new mapped file) in ahead of the socket, in a thread.
             populated = trio.Event()
             self._handlers.start_soon(_populate, sink, populated)
+        checkpoints: trio.CancelScope | None = None
         self._active[key] = active
         self._in_flight.enter()
         try:
-            with active.scope:
-                if sink.persistent and self._handlers is not None:
-                    self._handlers.start_soon(
-                        self._checkpoints, sink, xfer, conn.peer_id, checkpoints
-                    )
-                if relay is not None and self._handlers is not None:
-                    self._handlers.start_soon(relay.run)
-                    relay.arrived()  # what a resumed receive already holds
-                try:
-                    await receive_chunked(
-                        conn,
-                        xfer,
-                        io_timeout=self.settings.transfer.io_timeout,
-                        progress=progress,
-                        on_complete=complete,
-                    )
-                except TransferFailed as exc:
-                    if exc.code == "quota":  # the disk filled up while committing
-                        await conn.send_error(exc.code, str(exc), begin.id)
-                    raise
+            if sink.persistent and self._handlers is not None:
+                checkpoints = trio.CancelScope()
+                self._handlers.start_soon(self._checkpoints, sink, xfer, peer, checkpoints)
+            if relay is not None and self._handlers is not None:
+                self._handlers.start_soon(relay.run)
+                relay.arrived()  # what a resumed receive already holds
+            try:
+                # In active.scope (one scope for the receive and its inactivity deadline). An
+                # in-memory commit without a relay returns at once: no pause of the deadline.
+                await receive_chunked(
+                    conn,
+                    xfer,
+                    io_timeout=self.settings.transfer.io_timeout,
+                    # A one-chunk tensor's progress is its "done" (as on the sending side).
+                    progress=progress if relay is not None or xfer.nchunks > 1 else None,
+                    on_complete=complete,
+                    scope=active.scope,
+                    complete_waits=relay is not None or not isinstance(sink, MemorySink),
+                )
+            except TransferFailed as exc:
+                if exc.code == "quota":  # the disk filled up while committing
+                    await conn.send_error(exc.code, str(exc), begin.id)
+                raise
         finally:
-            checkpoints.cancel()
+            if checkpoints is not None:
+                checkpoints.cancel()
             sink.stopped()  # its worker thread, if any, ends
             if relay is not None and not committed:
                 relay.cancel()  # the sender resumes this receive, with a new relay
-            with trio.CancelScope(shield=True):
-                if xfer.state is ReceiveState.RECEIVING and xfer.have_count and not into:
-                    # Persist what arrived (a drain, a cut): the sender's retry, from this
-                    # process or after a restart, resumes from the first missing chunk.
-                    try:
-                        await sink.checkpoint(xfer)
-                    except (OSError, ValueError) as exc:
-                        log.warning("tensor transfer %s: cannot save progress: %s", begin.id, exc)
-                    ttl = self.settings.transfer.partial_ttl_seconds
-                    self._partials[key] = _Partial(xfer, sink, trio.current_time() + ttl)
-                    self._evict_partials(conn.peer_id)
-                elif not committed:
-                    await sink.discard()
+            keep = xfer.state is ReceiveState.RECEIVING and xfer.have_count and not into
+            if keep or not committed:  # (a committed receive has nothing to save or free)
+                with trio.CancelScope(shield=True):
+                    if keep:
+                        # Persist what arrived (a drain, a cut): the sender's retry, from this
+                        # process or after a restart, resumes from the first missing chunk.
+                        try:
+                            await sink.checkpoint(xfer)
+                        except (OSError, ValueError) as exc:
+                            log.warning(
+                                "tensor transfer %s: cannot save progress: %s", begin.id, exc
+                            )
+                        ttl = self.settings.transfer.partial_ttl_seconds
+                        self._partials[key] = _Partial(xfer, sink, trio.current_time() + ttl)
+                        self._evict_partials(peer)
+                    else:
+                        await sink.discard()
             if not committed:
-                self._publish(
-                    "receive", begin.id, meta, conn.peer_id, "interrupted", xfer.bytes_have
-                )
+                self._publish("receive", begin.id, meta, peer, "interrupted", xfer.bytes_have)
             if answerable:
                 # Remembered however this ends: a connection that breaks while ``Stored`` is on
                 # its way leaves a sender that resumes, and must hear "stored", not start over.
@@ -713,21 +746,22 @@ class Receiver:
                 # the arrival itself holds its buffer (a freed one is reused at once).
                 await populated.wait()
             del self._active[key]
-            active.released.set()
+            active.release()
             self._in_flight.leave()
         if active.scope.cancelled_caught:
             raise ConnectionClosed("superseded by the sender's resumed transfer")
-        seconds = time.perf_counter() - started
-        self._publish("receive", begin.id, meta, conn.peer_id, "done", meta.nbytes)
-        log.info(
-            "tensor transfer %s: received %r from %s: %d bytes in %.3f s (%.1f MB/s)",
-            begin.id,
-            meta.name,
-            conn.peer_id,
-            meta.nbytes,
-            seconds,
-            meta.nbytes / max(seconds, 1e-9) / 1e6,
-        )
+        self._publish("receive", begin.id, meta, peer, "done", meta.nbytes)
+        if log.isEnabledFor(logging.INFO):  # (its arguments are not computed per tensor else)
+            seconds = time.perf_counter() - started
+            log.info(
+                "tensor transfer %s: received %r from %s: %d bytes in %.3f s (%.1f MB/s)",
+                begin.id,
+                meta.name,
+                peer,
+                meta.nbytes,
+                seconds,
+                meta.nbytes / max(seconds, 1e-9) / 1e6,
+            )
 
     async def _checkpoints(
         self, sink: Sink, xfer: ReceiveTransfer, sender: str, scope: trio.CancelScope

@@ -32,11 +32,18 @@ def chunk_size(settings: Settings, meta: TensorMeta, agr: Agreement) -> int:
 
 
 def new_send(
-    settings: Settings, xid: str, meta: TensorMeta, data: memoryview, agr: Agreement
+    settings: Settings,
+    xid: str,
+    meta: TensorMeta,
+    data: memoryview,
+    agr: Agreement,
+    chunk: int | None = None,
 ) -> SendTransfer:
-    """A sender state machine for what this connection agreed (chunk size, crc, lz4)."""
+    """A sender state machine for what this connection agreed (chunk size, crc, lz4).
+    ``chunk``: :func:`chunk_size` for these, when the caller already has it."""
     proto = settings.tensor_protocol
-    chunk = chunk_size(settings, meta, agr)
+    if chunk is None:
+        chunk = chunk_size(settings, meta, agr)
     comp = AdaptiveCompressor(
         enabled=agr.lz4 and proto.enable_compression, threshold=proto.compression_threshold
     )

@@ -123,11 +123,11 @@ async def test_a_stored_that_cannot_be_sent_is_confirmed_again_on_resume() -> No
     sender, served = await connection_pair("a", "b")
     real_send = served.stream.send
 
-    async def send_breaking_on_stored(*msgs: Any) -> None:
+    async def send_breaking_on_stored(*msgs: Any, **kwargs: Any) -> None:
         if any(isinstance(m, Stored) for m in msgs):
             await served.aclose()  # the sender sees the connection end without a reply
             raise trio.BrokenResourceError("the connection broke under Stored")
-        await real_send(*msgs)
+        await real_send(*msgs, **kwargs)
 
     served.stream.send = send_breaking_on_stored  # type: ignore[method-assign]
     xfer = new_send(s, TransferIds().next(), meta_of("w", data), flat_bytes(data), sender.agreement)
@@ -143,9 +143,9 @@ async def test_a_stored_that_cannot_be_sent_is_confirmed_again_on_resume() -> No
         sent: list[int] = []
         real_again = again.stream.send
 
-        async def count_chunks(*msgs: Any) -> None:
+        async def count_chunks(*msgs: Any, **kwargs: Any) -> None:
             sent.extend(m.index for m in msgs if isinstance(m, Chunk))
-            await real_again(*msgs)
+            await real_again(*msgs, **kwargs)
 
         again.stream.send = count_chunks  # type: ignore[method-assign]
         await send_chunked(again, xfer, resume=True, io_timeout=5)

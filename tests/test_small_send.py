@@ -6,7 +6,9 @@ a receiver written against docs/PROTOCOL.md, reading one frame at a time, must a
 must be able to ask for the chunk again (``Nack``: the chunk is resent alone, ``End`` stands).
 The pool's checkout takes a free slot without a scheduler pass and its reaper does not wake per
 send; what must not change is tested here: a cancelled caller takes nothing, waiters are
-served, idle connections still expire.
+served, idle connections still expire. A request and its reply make one scheduler pass (the
+write leaves it to the read), and a receive runs in its caller's scope: a cancel ends it
+quietly, only the inactivity deadline is a timeout.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import trio
 import trio.testing
 
 from tensord.errors import ProtocolError
-from tensord.net.connection import Connection
+from tensord.net.connection import Connection, receive_chunked
 from tensord.net.pool import PeerPool
-from tensord.net.stream import FramedStream, StreamTransport
+from tensord.net.stream import FramedStream, SocketTransport, StreamTransport
 from tensord.wire import (
     Begin,
     Chunk,
@@ -36,7 +38,7 @@ from tensord.wire import (
 from tensord.wire.compress import AdaptiveCompressor
 from tensord.wire.crc import crc32c
 from tensord.wire.handshake import ALL_FEATURES, Agreement
-from tensord.wire.transfer import SendState
+from tensord.wire.transfer import ReceiveTransfer, SendState
 
 from .support.helpers import fast_settings, running
 
@@ -255,3 +257,97 @@ async def test_a_connection_reused_then_left_idle_is_closed_once(
         await trio.sleep(11)
         assert (pool.idle, pool.stats.idle_closed, dial.dials) == (0, 2, 2)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_body_that_fails_closes_its_connection_and_frees_the_slot() -> None:
+    dial = _Dialer()
+    pool = PeerPool(dial, max_connections=1, max_idle=60)
+    with pytest.raises(OSError):
+        async with pool.connection() as conn:
+            raise OSError("broken")
+    assert conn.closed
+    assert (pool.idle, pool.in_use, pool.stats.evictions) == (0, 0, 1)
+    async with pool.connection() as again:  # the slot is free: a new connection is dialled
+        assert again is not conn
+    assert (dial.dials, pool.idle) == (2, 1)
+
+
+# -- one scheduler pass per round trip -------------------------------------------------------
+
+
+async def _socket_streams() -> tuple[FramedStream, FramedStream]:
+    import socket
+
+    a, b = socket.socketpair()
+    return tuple(  # type: ignore[return-value]
+        FramedStream(
+            SocketTransport(trio.SocketStream(trio.socket.from_stdlib_socket(s))), FrameDecoder()
+        )
+        for s in (a, b)
+    )
+
+
+async def test_a_request_whose_reply_is_already_there_still_yields_once() -> None:
+    """``reply_next`` moves the write's scheduler pass to the read: a reply that was already
+    buffered (the read does not wait) still lets the other tasks run once."""
+    client, server = await _socket_streams()
+    await server.send(Stored(XID))  # the "reply" is in the client's socket before it asks
+    ran: list[bool] = []
+
+    async def other_task() -> None:
+        ran.append(True)  # runs only once the client yields
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await client.send(End(XID, 1), reply_next=True)
+        assert not ran  # the write made no pass of its own
+        assert await client.receive() == Stored(XID)
+        assert ran
+        assert await server.receive() == End(XID, 1)
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_a_request_is_still_a_cancel_point() -> None:
+    client, server = await _socket_streams()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await client.send(End(XID, 1), reply_next=True)
+    assert scope.cancelled_caught
+    with trio.move_on_after(0.05):
+        await server.receive()
+        raise AssertionError("a cancelled request was written")
+    await client.aclose()
+    await server.aclose()
+
+
+# -- the receive's scope: a cancel ends it quietly, the inactivity deadline is a timeout -------
+
+
+async def _idle_receive(scope: trio.CancelScope, io_timeout: float) -> None:
+    left, _right = trio.testing.memory_stream_pair()
+    conn = Connection(FramedStream(StreamTransport(left), FrameDecoder()), _agreement(), False)
+    data = np.zeros(4 * KiB, dtype=np.uint8)
+    begin = Begin(XID, TensorMeta.of("small", data), 1 << 20, 64)
+    xfer = ReceiveTransfer(begin, memoryview(data))
+    await receive_chunked(conn, xfer, io_timeout=io_timeout, scope=scope)
+
+
+async def test_a_cancelled_receive_scope_ends_the_receive_without_a_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_idle_receive, scope, 10.0)
+        await trio.sleep(1)
+        scope.cancel()  # a superseding transfer
+    assert scope.cancelled_caught and trio.current_time() < 2
+
+
+async def test_the_receive_scope_times_out_without_progress(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scope = trio.CancelScope()
+    with pytest.raises(TimeoutError):
+        await _idle_receive(scope, 10.0)
+    assert 10 <= trio.current_time() <= 11.5

@@ -255,7 +255,7 @@ async def send_chunked(
             out = xfer.next_chunk()
             assert out is not None
             await stream.send_with_payload(
-                out.header, out.payload, encode(begin), encode(xfer.end())
+                out.header, out.payload, encode(begin), encode(xfer.end()), reply_next=True
             )
             pending_begin = b""
             progress = None
@@ -345,6 +345,8 @@ async def receive_chunked(
     io_timeout: float,
     progress: Progress | None = None,
     on_complete: Callable[[], Awaitable[Stored | None]] | None = None,
+    scope: trio.CancelScope | None = None,
+    complete_waits: bool = True,
 ) -> None:
     """Drive a chunked receive until the tensor is complete (``Stored`` sent) or fails.
 
@@ -352,9 +354,16 @@ async def receive_chunked(
     runs once the tensor is verified and *before* ``Stored`` is sent, so that when the sender
     hears ``Stored`` the tensor is already visible (and, with a store, durable) on this node;
     a ``Stored`` it returns is sent instead (a chain relay's, with its successors' outcomes).
+    With ``complete_waits`` false the caller promises that ``on_complete`` returns at once
+    (an in-memory commit), so the inactivity timeout is not paused around it.
+
+    ``scope``: the caller's cancel scope to run in (the receiver's per-receive scope, which a
+    superseding transfer cancels): the inactivity deadline is set on it, saving a scope per
+    message. A cancel of it before the deadline ends the receive quietly (the caller asks
+    ``scope.cancelled_caught``); only the deadline's expiry is a ``TimeoutError``.
     """
     stream = conn.stream
-    with trio.CancelScope() as scope:
+    with trio.CancelScope() if scope is None else scope as scope:
         deadline = Deadline(scope, io_timeout)
         while not xfer.complete:
             msg = await stream.receive()
@@ -389,16 +398,20 @@ async def receive_chunked(
                 done, on_complete = on_complete, None
                 # The commit (fsync of a large tensor) and a relay's wait for the rest of its
                 # chain have bounds of their own; the sender's silence meanwhile is expected.
-                with deadline.paused():
+                if complete_waits:
+                    with deadline.paused():
+                        stored = await done()
+                else:
                     stored = await done()
                 if stored is not None:
                     replies = [stored if isinstance(r, Stored) else r for r in replies]
             if replies:
-                await stream.send(*replies)
+                # Once complete, the connection's next step is reading the peer's next request.
+                await stream.send(*replies, reply_next=xfer.complete)
                 for r in replies:
                     if isinstance(r, Error):
                         raise TransferFailed(r.message, code=r.code)
-    if scope.cancelled_caught:
+    if scope.cancelled_caught and scope.deadline <= trio.current_time():
         raise TimeoutError(f"no progress for {io_timeout:g} s")
 
 

@@ -11,9 +11,9 @@ frame), is evicted and the next checkout dials anew.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import TracebackType
 
 import trio
 
@@ -57,41 +57,28 @@ class PeerPool:
     def in_use(self) -> int:
         return self._in_use
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
-        """Check out a connection; it returns to the pool if the body succeeds, else is closed.
+    def connection(self) -> _Checkout:
+        """Check out a connection (``async with pool.connection() as conn``); it returns to the
+        pool if the body succeeds, else is closed.
 
         A free slot is taken without a scheduler pass (trio's ``Semaphore.acquire`` yields even
         when a slot is free, and a small tensor's whole send costs about three such passes);
         the body checkpoints anyway when it sends. A cancelled caller still takes nothing.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            await self._slots.acquire()
-        try:
-            conn = await self._checkout()
-            self._in_use += 1
-            try:
-                yield conn
-            except BaseException:
-                self._in_use -= 1
-                self.stats.evictions += 1
-                await conn.aclose()
-                raise
-            self._in_use -= 1
-            conn.last_used = trio.current_time()
-            if self.closed or conn.closed:
-                await conn.aclose()
-            else:
-                self._idle.append(conn)
-                scope = self._reaper_scope
-                if scope is not None and scope.deadline == math.inf:
-                    # Nothing else was idle: this connection's expiry is the earliest.
-                    scope.deadline = conn.last_used + self.max_idle
-        finally:
-            self._slots.release()
+        return _Checkout(self)
+
+    def _returned(self, conn: Connection) -> bool:
+        """``conn`` came back from a body that succeeded: keep it idle (or close it if the pool
+        or the connection closed meanwhile: returns False then)."""
+        conn.last_used = trio.current_time()
+        if self.closed or conn.closed:
+            return False
+        self._idle.append(conn)
+        scope = self._reaper_scope
+        if scope is not None and scope.deadline == math.inf:
+            # Nothing else was idle: this connection's expiry is the earliest.
+            scope.deadline = conn.last_used + self.max_idle
+        return True
 
     async def _checkout(self) -> Connection:
         while self._idle:
@@ -135,3 +122,49 @@ class PeerPool:
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.aclose()
+
+
+class _Checkout:
+    """``PeerPool.connection()``: a class rather than an ``asynccontextmanager`` (no generator
+    to drive on the way in and out of every send)."""
+
+    __slots__ = ("_conn", "_pool")
+
+    def __init__(self, pool: PeerPool) -> None:
+        self._pool = pool
+        self._conn: Connection | None = None
+
+    async def __aenter__(self) -> Connection:
+        pool = self._pool
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            pool._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await pool._slots.acquire()
+        try:
+            conn = await pool._checkout()
+        except BaseException:
+            pool._slots.release()
+            raise
+        pool._in_use += 1
+        self._conn = conn
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pool, conn = self._pool, self._conn
+        assert conn is not None
+        self._conn = None
+        try:
+            pool._in_use -= 1
+            if exc_type is not None:
+                pool.stats.evictions += 1
+                await conn.aclose()
+            elif not pool._returned(conn):
+                await conn.aclose()
+        finally:
+            pool._slots.release()

@@ -58,6 +58,9 @@ class SocketTransport:
         self.sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
         self.sock.setblocking(False)
         self._sending = False
+        #: Set when a read waited for the socket (:class:`FramedStream` clears it: it tells
+        #: whether the reply to a write without a schedule point came with a scheduler pass).
+        self.waited = False
 
     async def recv_into(self, buf: memoryview, nbytes: int) -> int:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -65,29 +68,48 @@ class SocketTransport:
             try:
                 return self.sock.recv_into(buf, nbytes)
             except BlockingIOError:
+                self.waited = True
                 await trio.lowlevel.wait_readable(self.sock)
 
-    async def send_buffers(self, buffers: Sequence[BufferLike]) -> None:
+    async def send_buffers(self, buffers: Sequence[BufferLike], *, schedule: bool = True) -> None:
+        """Write ``buffers`` whole. A cancel point; also a schedule point unless ``schedule`` is
+        false (:meth:`FramedStream.send` with ``reply_next``: the read that follows is one)."""
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this connection")
         await trio.lowlevel.checkpoint_if_cancelled()
         self._sending = True
         try:
-            views = [memoryview(b).cast("B") for b in buffers if len(b)]
-            while views:
-                try:
-                    sent = self.sock.sendmsg(views)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self.sock)
-                    continue
-                while views and sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                if sent:
-                    views[0] = views[0][sent:]
+            # The common case, a frame or a small chunk: the kernel takes it all at once.
+            try:
+                sent = self.sock.sendmsg(buffers)
+            except BlockingIOError:
+                sent = 0
+            total = 0
+            for b in buffers:
+                total += b.nbytes if type(b) is memoryview else len(b)
+            if sent < total:
+                await self._send_rest(buffers, sent)
         finally:
             self._sending = False
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if schedule:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _send_rest(self, buffers: Sequence[BufferLike], sent: int) -> None:
+        """What a first ``sendmsg`` left of ``buffers`` (it took ``sent`` bytes)."""
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        while True:
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if not views:
+                return
+            if sent:
+                views[0] = views[0][sent:]
+            try:
+                sent = self.sock.sendmsg(views)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                sent = 0
 
     async def aclose(self) -> None:
         if self.sock.fileno() >= 0:
@@ -135,25 +157,54 @@ class FramedStream:
         self._discard: bytearray | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self._socket = transport if isinstance(transport, SocketTransport) else None
+        #: A write with ``reply_next`` skipped its schedule point: the next :meth:`receive`
+        #: makes one unless it waited for the socket anyway.
+        self._owed = False
 
-    async def send(self, *msgs: Message) -> None:
+    async def send(self, *msgs: Message, reply_next: bool = False) -> None:
+        """``msgs`` in one write. ``reply_next``: the caller's next step on this stream is
+        :meth:`receive` (a request and its reply, a reply and the next request): the write
+        then makes no scheduler pass of its own, the read makes the one the pair needs (it
+        waits for the reply, or yields once if the reply was already there): one pass per
+        round trip instead of two."""
         data = b"".join(encode(m) for m in msgs)
         self.bytes_out += len(data)
-        await self.transport.send_buffers((data,))
+        await self._write((data,), reply_next)
 
     async def send_with_payload(
-        self, msg: Message, payload: BufferLike, before: bytes = b"", after: bytes = b""
+        self,
+        msg: Message,
+        payload: BufferLike,
+        before: bytes = b"",
+        after: bytes = b"",
+        *,
+        reply_next: bool = False,
     ) -> None:
-        """``msg``'s header and payload in one write, between already-encoded frames."""
+        """``msg``'s header and payload in one write, between already-encoded frames
+        (``reply_next`` as for :meth:`send`)."""
         head = before + encode(msg)
         self.bytes_out += len(head) + len(payload) + len(after)
-        await self.transport.send_buffers((head, payload, after))
+        await self._write((head, payload, after), reply_next)
+
+    async def _write(self, buffers: Sequence[BufferLike], reply_next: bool) -> None:
+        sock = self._socket
+        if reply_next and sock is not None:
+            sock.waited = False
+            await sock.send_buffers(buffers, schedule=False)
+            self._owed = True
+        else:
+            await self.transport.send_buffers(buffers)
 
     async def receive(self) -> Message:
         """The next message. If it carries a payload, the caller must consume it next."""
         while True:
             msg = self.decoder.next_message()
             if msg is not None:
+                if self._owed:
+                    self._owed = False
+                    if self._socket is not None and not self._socket.waited:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                 return msg
             mv = memoryview(self._scratch)
             n = await self.transport.recv_into(mv, READ_AHEAD)

@@ -15,11 +15,14 @@ peer's header - an error message's ``repr`` included - can hit Python's recursio
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import msgpack
 
 from ..errors import ProtocolError
-from .messages import Message, from_header, payload_len, to_header
+from .messages import Chunk, Legacy, Message, PieceChunk, from_header, to_header
 
 PREFIX = struct.Struct(">I")
 DEFAULT_MAX_HEADER = 64 * 1024
@@ -30,23 +33,40 @@ MAX_HEADER_DEPTH = 8
 
 def _check_depth(header: object) -> None:
     """Raise ProtocolError if ``header``'s lists and maps nest deeper than MAX_HEADER_DEPTH."""
-    level: list[object] = [header]
-    for _ in range(MAX_HEADER_DEPTH):
-        inner: list[object] = []
-        for obj in level:
-            if isinstance(obj, dict):
-                inner.extend(v for v in obj.values() if isinstance(v, dict | list))
-            elif isinstance(obj, list):
-                inner.extend(v for v in obj if isinstance(v, dict | list))
-        if not inner:
-            return
-        level = inner
-    raise ProtocolError(f"frame header nests deeper than {MAX_HEADER_DEPTH} levels")
+    if not _nests_within(header, MAX_HEADER_DEPTH - 1):
+        raise ProtocolError(f"frame header nests deeper than {MAX_HEADER_DEPTH} levels")
+
+
+def _nests_within(obj: object, levels: int) -> bool:
+    """Whether the lists and maps inside ``obj`` nest at most ``levels`` deep (the recursion is
+    bounded by MAX_HEADER_DEPTH, whatever the header; a flat map costs one loop)."""
+    if type(obj) is dict:
+        values: Any = obj.values()
+    elif type(obj) is list:
+        values = obj
+    else:
+        return True
+    for v in values:
+        if (type(v) is dict or type(v) is list) and (
+            not levels or not _nests_within(v, levels - 1)
+        ):
+            return False
+    return True
+
+
+#: One packer for every frame: ``msgpack.packb`` builds (and frees) a packer and its buffer
+#: per call. The C packer runs without releasing the GIL and calls no Python code for the
+#: plain types of a header, so a call cannot interleave with another thread's; the pure-Python
+#: fallback could, so it keeps ``packb``.
+if msgpack.Packer.__module__ == "msgpack._cmsgpack":
+    _pack: Callable[[object], bytes] = msgpack.Packer(use_bin_type=True).pack
+else:  # pragma: no cover - msgpack without its C extension
+    _pack = partial(msgpack.packb, use_bin_type=True)
 
 
 def encode(msg: Message) -> bytes:
     """The prefix and header of ``msg``. The caller sends its payload (if any) right after."""
-    header: bytes = msgpack.packb(to_header(msg), use_bin_type=True)
+    header = _pack(to_header(msg))
     return PREFIX.pack(len(header)) + header
 
 
@@ -76,15 +96,16 @@ class FrameDecoder:
         self._buf = bytearray()
         self._pos = 0
         self.payload_pending = 0
-        self._unpacker_opts = {
-            "raw": False,
-            "strict_map_key": True,
-            "max_bin_len": 64,  # handshake nonces and proofs; payloads never go through msgpack
-            "max_ext_len": 0,
-            "max_str_len": max_header,
-            "max_array_len": max_header,
-            "max_map_len": 64,
-        }
+        self._unpackb: Callable[[memoryview], Any] = partial(
+            msgpack.unpackb,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=64,  # handshake nonces and proofs; payloads never go through msgpack
+            max_ext_len=0,
+            max_str_len=max_header,
+            max_array_len=max_header,
+            max_map_len=64,
+        )
 
     @property
     def buffered(self) -> int:
@@ -112,16 +133,21 @@ class FrameDecoder:
             return None
         start = self._pos + PREFIX.size
         try:
-            raw = msgpack.unpackb(
-                memoryview(self._buf)[start : start + hlen], **self._unpacker_opts
-            )
+            raw = self._unpackb(memoryview(self._buf)[start : start + hlen])
         except ProtocolError:
             raise
         except Exception as exc:  # msgpack raises several unrelated types on bad input
             raise ProtocolError(f"frame header is not valid msgpack: {exc}") from None
-        _check_depth(raw)
+        # (A flat map - chunk, end, ack, stored - is checked here without a call.)
+        if type(raw) is dict:
+            for v in raw.values():
+                if type(v) is dict or type(v) is list:
+                    _check_depth(raw)
+                    break
+        else:
+            _check_depth(raw)
         msg = from_header(raw, self.max_tensor_bytes)
-        n = payload_len(msg)
+        n = msg.wire_len if isinstance(msg, Chunk | Legacy | PieceChunk) else 0  # payload_len
         if n > self.max_payload:
             raise ProtocolError(
                 f"frame payload of {n} bytes exceeds the limit of {self.max_payload}",
