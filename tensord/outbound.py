@@ -248,7 +248,8 @@ class Outbound:
                     conn, xfer, resume=resume, io_timeout=t.io_timeout, progress=progress
                 )
 
-        self._publish("send", xid, meta, name, "started", 0)
+        if self._events.active:  # (the call and its arguments only if someone listens)
+            self._publish("send", xid, meta, name, "started", 0)
         try:
             await budget.run(attempt)
         except (TransferFailed, PeerUnreachable) as exc:  # refused, or the budget is spent
@@ -294,7 +295,8 @@ class Outbound:
                 budget.retries,
                 " (legacy mode)" if legacy else "",
             )
-        self._publish("send", xid, meta, name, "done", meta.nbytes, budget.retries)
+        if self._events.active:  # (the call and its arguments only if someone listens)
+            self._publish("send", xid, meta, name, "done", meta.nbytes, budget.retries)
         return result
 
     # -- pulling -------------------------------------------------------------------------------

@@ -625,7 +625,8 @@ class Receiver:
         else:
             if partial is not None:
                 await partial.sink.discard()
-            await self._drop_superseded(peer, meta.name, key)
+            if self._partials:
+                await self._drop_superseded(peer, meta.name, key)
             try:
                 self._check_peer_budget(peer, meta.nbytes)
                 xfer, sink = await self._new_receive_freeing(conn, begin)
@@ -642,7 +643,8 @@ class Receiver:
                     sink.claim.release()  # the caller's array waits for the retry
                 raise
         started = time.perf_counter()
-        self._publish("receive", begin.id, meta, peer, "started", xfer.bytes_have)
+        if self._events.active:  # (the call and its arguments only if someone listens)
+            self._publish("receive", begin.id, meta, peer, "started", xfer.bytes_have)
 
         relay: Forwarder | None = None
         if begin.chain and self._forward is not None and self._handlers is not None:
@@ -750,7 +752,8 @@ class Receiver:
             self._in_flight.leave()
         if active.scope.cancelled_caught:
             raise ConnectionClosed("superseded by the sender's resumed transfer")
-        self._publish("receive", begin.id, meta, peer, "done", meta.nbytes)
+        if self._events.active:  # (the call and its arguments only if someone listens)
+            self._publish("receive", begin.id, meta, peer, "done", meta.nbytes)
         if log.isEnabledFor(logging.INFO):  # (its arguments are not computed per tensor else)
             seconds = time.perf_counter() - started
             log.info(

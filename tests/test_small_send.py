@@ -287,23 +287,53 @@ async def _socket_streams() -> tuple[FramedStream, FramedStream]:
     )
 
 
-async def test_a_request_whose_reply_is_already_there_still_yields_once() -> None:
-    """``reply_next`` moves the write's scheduler pass to the read: a reply that was already
-    buffered (the read does not wait) still lets the other tasks run once."""
+class _Steps(trio.abc.Instrument):
+    """Counts the scheduler passes of one task (each step it ends by yielding)."""
+
+    def __init__(self) -> None:
+        self.task = trio.lowlevel.current_task()
+        self.passes = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.passes += 1
+
+
+async def _request(client: FramedStream, steps: _Steps) -> int:
+    """``End`` out and the reply in, as the one-chunk flight does: the passes it took."""
+    before = steps.passes
+    await client.send(End(XID, 1), reply_next=True)
+    assert steps.passes == before  # the write made no pass of its own
+    assert await client.receive() == Stored(XID)
+    return steps.passes - before
+
+
+async def test_a_request_and_its_reply_make_one_scheduler_pass() -> None:
+    """``reply_next`` moves the write's scheduler pass to the read: one per round trip, also
+    when the reply was already there (in the socket, or read along with an earlier frame)."""
     client, server = await _socket_streams()
-    await server.send(Stored(XID))  # the "reply" is in the client's socket before it asks
-    ran: list[bool] = []
+    steps = _Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with trio.open_nursery() as nursery:
 
-    async def other_task() -> None:
-        ran.append(True)  # runs only once the client yields
+            async def answer() -> None:
+                assert await server.receive() == End(XID, 1)
+                await server.send(Stored(XID))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(other_task)
-        await client.send(End(XID, 1), reply_next=True)
-        assert not ran  # the write made no pass of its own
-        assert await client.receive() == Stored(XID)
-        assert ran
-        assert await server.receive() == End(XID, 1)
+            nursery.start_soon(answer)
+            assert await _request(client, steps) == 1  # the reply is awaited
+
+        await server.send(Stored(XID))  # in the client's socket before it asks
+        assert await _request(client, steps) == 1
+
+        await server.send(Stored(XID), Stored(XID))  # two replies, read in one go
+        assert await _request(client, steps) == 1
+        assert await _request(client, steps) == 1  # the second was already decoded
+        for _ in range(3):
+            assert await server.receive() == End(XID, 1)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
     await client.aclose()
     await server.aclose()
 

@@ -58,9 +58,6 @@ class SocketTransport:
         self.sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
         self.sock.setblocking(False)
         self._sending = False
-        #: Set when a read waited for the socket (:class:`FramedStream` clears it: it tells
-        #: whether the reply to a write without a schedule point came with a scheduler pass).
-        self.waited = False
 
     async def recv_into(self, buf: memoryview, nbytes: int) -> int:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -68,8 +65,18 @@ class SocketTransport:
             try:
                 return self.sock.recv_into(buf, nbytes)
             except BlockingIOError:
-                self.waited = True
                 await trio.lowlevel.wait_readable(self.sock)
+
+    async def recv_reply_into(self, buf: memoryview, nbytes: int) -> int:
+        """:meth:`recv_into` for the reply to what was just sent: it waits for the socket
+        first (a cancel and schedule point, and an immediate return when the reply is already
+        there) rather than trying a read the peer has almost never answered yet."""
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                return self.sock.recv_into(buf, nbytes)
+            except BlockingIOError:
+                continue
 
     async def send_buffers(self, buffers: Sequence[BufferLike], *, schedule: bool = True) -> None:
         """Write ``buffers`` whole. A cancel point; also a schedule point unless ``schedule`` is
@@ -159,7 +166,7 @@ class FramedStream:
         self.bytes_out = 0
         self._socket = transport if isinstance(transport, SocketTransport) else None
         #: A write with ``reply_next`` skipped its schedule point: the next :meth:`receive`
-        #: makes one unless it waited for the socket anyway.
+        #: makes it (by waiting for the socket before its first read).
         self._owed = False
 
     async def send(self, *msgs: Message, reply_next: bool = False) -> None:
@@ -190,7 +197,6 @@ class FramedStream:
     async def _write(self, buffers: Sequence[BufferLike], reply_next: bool) -> None:
         sock = self._socket
         if reply_next and sock is not None:
-            sock.waited = False
             await sock.send_buffers(buffers, schedule=False)
             self._owed = True
         else:
@@ -201,13 +207,17 @@ class FramedStream:
         while True:
             msg = self.decoder.next_message()
             if msg is not None:
-                if self._owed:
+                if self._owed:  # the reply was read with an earlier one: yield once anyway
                     self._owed = False
-                    if self._socket is not None and not self._socket.waited:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return msg
             mv = memoryview(self._scratch)
-            n = await self.transport.recv_into(mv, READ_AHEAD)
+            sock = self._socket
+            if self._owed and sock is not None:
+                self._owed = False
+                n = await sock.recv_reply_into(mv, READ_AHEAD)
+            else:
+                n = await self.transport.recv_into(mv, READ_AHEAD)
             if not n:
                 raise ConnectionClosed(
                     "peer closed the connection" + (" mid-frame" if self.decoder.buffered else "")

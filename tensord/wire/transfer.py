@@ -527,7 +527,10 @@ class ReceiveTransfer:
         assert self._end is not None
         self._unacked.clear()  # Stored (or the checksum Error) answers for every chunk
         if self.crc and self._end.crc is not None:
-            whole = combine_all((c, self.chunk_len(i)) for i, c in enumerate(self._raw_crc))
+            if self.nchunks == 1:  # a small tensor: its one chunk's crc is the whole one
+                whole = self._raw_crc[0]
+            else:
+                whole = combine_all((c, self.chunk_len(i)) for i, c in enumerate(self._raw_crc))
             if whole != self._end.crc and self.state is ReceiveState.DONE:
                 # A resumed attempt's End for a tensor we already verified and stored: answer
                 # Stored again if it agrees, but never let it discard the verified tensor.
