@@ -8,9 +8,14 @@ version after a crash, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
+
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, no wait
 
 
 def unlink_quietly(path: Path) -> None:
@@ -30,6 +35,31 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None  # not Linux (glibc or musl)
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return cast("Callable[[int, int, int, int], int]", fn)
+
+
+#: ``sync_file_range(2)`` through ctypes (the GIL is let go during the call), if the C library
+#: has it.
+_sync_file_range = _libc_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> bool:
+    """Ask the kernel to start writing ``fd``'s dirty pages in ``[offset, offset + nbytes)`` to
+    disk, without waiting for them (``sync_file_range(SYNC_FILE_RANGE_WRITE)``): a later
+    ``fsync`` then has only what landed since to wait for. Durability still comes from that
+    ``fsync`` alone. Whether the kernel took the request (``False`` where there is no such call)."""
+    if _sync_file_range is None or nbytes <= 0:
+        return False
+    return _sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE) == 0
 
 
 def temp_path(final: Path) -> Path:

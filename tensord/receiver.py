@@ -651,6 +651,7 @@ class Receiver:
             relay = self._forward(begin, xfer)  # forwards each chunk as it lands
 
         def progress(done: int) -> None:
+            sink.landed(done)
             if relay is not None:
                 relay.arrived()
             if self._events.active:
@@ -682,11 +683,11 @@ class Receiver:
         into = isinstance(sink, MemorySink) and sink.claim is not None
         if isinstance(sink, MemorySink) and sink.claim is not None:
             sink.claim.bind(active.scope)  # a cancelled receive_tensor(into=) stops it
-        populated: trio.Event | None = None
-        if sink.needs_populate and self._handlers is not None:
-            # Fault new memory (or the new mapped file) in ahead of the socket, in a thread.
-            populated = trio.Event()
-            self._handlers.start_soon(_populate, sink, populated)
+        worked: trio.Event | None = None
+        if sink.needs_worker and self._handlers is not None:
+            # New memory faulted in ahead of the socket, a store file written back behind it.
+            worked = trio.Event()
+            self._handlers.start_soon(_sink_worker, sink, worked)
         checkpoints: trio.CancelScope | None = None
         self._active[key] = active
         self._in_flight.enter()
@@ -743,10 +744,10 @@ class Receiver:
                 # Remembered however this ends: a connection that breaks while ``Stored`` is on
                 # its way leaves a sender that resumes, and must hear "stored", not start over.
                 self._remember_completed(key, begin, xfer, tuple(outcomes))
-            if populated is not None:
+            if worked is not None:
                 # The thread ends within one step once told to stop; after that nothing but
                 # the arrival itself holds its buffer (a freed one is reused at once).
-                await populated.wait()
+                await worked.wait()
             del self._active[key]
             active.release()
             self._in_flight.leave()
@@ -847,10 +848,10 @@ class Receiver:
         await send_chunked(conn, xfer, resume=resume, io_timeout=t.io_timeout)
 
 
-async def _populate(sink: Sink, done: trio.Event) -> None:
-    """Run ``sink.populate`` in a worker thread; ``done`` is set as the task lets go of ``sink``."""
+async def _sink_worker(sink: Sink, done: trio.Event) -> None:
+    """Run ``sink.work`` in a worker thread; ``done`` is set as the task lets go of ``sink``."""
     try:
-        await trio.to_thread.run_sync(sink.populate)
+        await trio.to_thread.run_sync(sink.work)
     finally:
         done.set()
 

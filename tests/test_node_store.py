@@ -131,3 +131,33 @@ async def test_full_store_refuses_with_a_clear_error_and_keeps_what_it_has(
         assert b.tensor_names() == ["first"]
         assert np.array_equal(b.get_tensor("first"), first)
     assert not list((tmp_path / "partial").iterdir())
+
+
+async def test_landed_bytes_are_written_back_behind_the_socket_and_never_after_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tensord.store.partial as partial_module
+
+    calls: list[tuple[str, int]] = []
+    real_writeback = partial_module.start_writeback
+    real_commit = partial_module.PartialReceive.commit
+
+    def writeback(fd: int, offset: int, nbytes: int) -> bool:
+        calls.append(("writeback", nbytes))
+        return real_writeback(fd, offset, nbytes)
+
+    def commit(self: partial_module.PartialReceive, sender: str) -> object:
+        calls.append(("commit", self.meta.nbytes))
+        return real_commit(self, sender)
+
+    monkeypatch.setattr(partial_module, "start_writeback", writeback)
+    monkeypatch.setattr(partial_module.PartialReceive, "commit", commit)
+    array = np.random.default_rng(5).standard_normal(10 * MiB).astype(np.float32)  # 40 MiB
+    async with running() as a, running(stored(tmp_path)) as b:
+        await a.send_tensor(b.addr, "big", array)
+        assert np.array_equal(b.get_tensor("big"), array)
+    assert calls[-1] == ("commit", array.nbytes)
+    written = [n for what, n in calls[:-1]]
+    assert all(what == "writeback" for what, _ in calls[:-1])
+    # Each request covers what had landed, more every time, never beyond the tensor.
+    assert written == sorted(written) and all(0 < n <= array.nbytes for n in written)

@@ -22,6 +22,7 @@ from typing import Protocol
 from ..errors import StoreFull
 from ..fsutil import atomic_write as _atomic_write
 from ..fsutil import fsync_dir as _fsync_dir
+from ..fsutil import start_writeback
 from ..fsutil import unlink_quietly as _unlink
 from ..fsutil import write_temp as _write_temp
 from ..wire.meta import TensorMeta
@@ -77,6 +78,7 @@ class PartialReceive:
         self._stem = stem
         self._fd = fd
         self._mmap: mmap.mmap | None = mmap.mmap(fd, header_len + meta.nbytes)
+        self._header_len = header_len
         # Registered only once the mapping exists: a failed __init__ leaves the fd to the caller.
         self._finalizer = weakref.finalize(self, _close_quietly, fd)
         #: The tensor's bytes: flat, writable, ``B`` format, exactly ``meta.nbytes`` long.
@@ -153,6 +155,16 @@ class PartialReceive:
         if progress is None:
             return 0
         return _bytes_have(progress[0], self.meta.nbytes, self.chunk_size)
+
+    def start_writeback(self, stop: int) -> bool:
+        """Start writing the tensor's bytes before ``stop`` to disk, in the background of the
+        kernel (:func:`~tensord.fsutil.start_writeback`): the received bytes go to the disk while
+        the rest arrives, and the commit's ``fsync`` waits only for the tail. Call it only while
+        the partial is open, never concurrently with :meth:`commit`, :meth:`close` or
+        :meth:`discard` (the descriptor is closed by them)."""
+        if self._mmap is None:
+            return False
+        return start_writeback(self._fd, self._header_len, min(stop, self.meta.nbytes))
 
     # -- ending
 

@@ -1,0 +1,82 @@
+"""The store's write-behind thread (tensord.sink._WriteBehind): each step that lands is handed to
+the kernel's writeback from a worker thread, and stop() returns only once no system call on the
+file is still running (the file is committed or closed right after)."""
+
+from __future__ import annotations
+
+import threading
+
+from tensord.sink import WRITEBACK_STEP, _WriteBehind
+
+
+class FakePartial:
+    """Records the writeback requests; one of them can be held inside the "system call"."""
+
+    def __init__(self) -> None:
+        self.requests: list[int] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        self.inside = False
+
+    def start_writeback(self, stop: int) -> bool:
+        self.inside = True
+        self.requests.append(stop)
+        self.entered.set()
+        self.release.wait()
+        self.inside = False
+        return True
+
+
+def started(wb: _WriteBehind) -> threading.Thread:
+    thread = threading.Thread(target=wb.run)
+    thread.start()
+    return thread
+
+
+def test_a_step_that_landed_is_written_back_and_stop_ends_the_thread() -> None:
+    partial = FakePartial()
+    wb = _WriteBehind(partial, 4 * WRITEBACK_STEP)  # type: ignore[arg-type]
+    assert wb.useful
+    thread = started(wb)
+    wb.landed(WRITEBACK_STEP // 2)  # less than a step: nothing to do yet
+    wb.landed(WRITEBACK_STEP + 5)
+    assert partial.entered.wait(10)
+    wb.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert partial.requests == [WRITEBACK_STEP + 5]
+
+
+def test_stop_waits_for_a_writeback_in_progress() -> None:
+    partial = FakePartial()
+    partial.release.clear()
+    wb = _WriteBehind(partial, 4 * WRITEBACK_STEP)  # type: ignore[arg-type]
+    thread = started(wb)
+    wb.landed(2 * WRITEBACK_STEP)
+    assert partial.entered.wait(10)
+    stopper = threading.Thread(target=wb.stop)
+    stopper.start()
+    stopper.join(0.2)
+    assert stopper.is_alive() and partial.inside  # held by the call on the file
+    partial.release.set()
+    stopper.join(10)
+    thread.join(10)
+    assert not partial.inside and not stopper.is_alive() and not thread.is_alive()
+    # Nothing more is asked of the file once stopped, whatever lands after.
+    wb.landed(4 * WRITEBACK_STEP)
+    assert partial.requests == [2 * WRITEBACK_STEP]
+
+
+def test_a_stop_before_the_thread_started_ends_it_at_once() -> None:
+    partial = FakePartial()
+    wb = _WriteBehind(partial, 4 * WRITEBACK_STEP)  # type: ignore[arg-type]
+    wb.landed(3 * WRITEBACK_STEP)
+    wb.stop()
+    thread = started(wb)
+    thread.join(10)
+    assert not thread.is_alive() and partial.requests == []
+
+
+def test_small_tensors_get_no_thread() -> None:
+    assert not _WriteBehind(FakePartial(), WRITEBACK_STEP).useful  # type: ignore[arg-type]
