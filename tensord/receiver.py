@@ -705,8 +705,13 @@ class Receiver:
                     conn,
                     xfer,
                     io_timeout=self.settings.transfer.io_timeout,
-                    # A one-chunk tensor's progress is its "done" (as on the sending side).
-                    progress=progress if relay is not None or xfer.nchunks > 1 else None,
+                    # A one-chunk tensor's progress is its "done" (as on the sending side);
+                    # a store's sink hears of every chunk (its write-behind).
+                    progress=(
+                        progress
+                        if relay is not None or xfer.nchunks > 1 or sink.persistent
+                        else None
+                    ),
                     on_complete=complete,
                     scope=active.scope,
                     complete_waits=relay is not None or not isinstance(sink, MemorySink),
