@@ -684,10 +684,11 @@ class Receiver:
         if isinstance(sink, MemorySink) and sink.claim is not None:
             sink.claim.bind(active.scope)  # a cancelled receive_tensor(into=) stops it
         worked: trio.Event | None = None
-        if sink.needs_worker and self._handlers is not None:
+        work = sink.worker() if self._handlers is not None else None
+        if work is not None and self._handlers is not None:
             # New memory faulted in ahead of the socket, a store file written back behind it.
             worked = trio.Event()
-            self._handlers.start_soon(_sink_worker, sink, worked)
+            self._handlers.start_soon(_sink_worker, work, worked)
         checkpoints: trio.CancelScope | None = None
         self._active[key] = active
         self._in_flight.enter()
@@ -853,10 +854,11 @@ class Receiver:
         await send_chunked(conn, xfer, resume=resume, io_timeout=t.io_timeout)
 
 
-async def _sink_worker(sink: Sink, done: trio.Event) -> None:
-    """Run ``sink.work`` in a worker thread; ``done`` is set as the task lets go of ``sink``."""
+async def _sink_worker(work: Callable[[], None], done: trio.Event) -> None:
+    """Run a sink's ``work`` in a worker thread; ``done`` is set as the task lets go of it (and
+    so of the sink and its buffer)."""
     try:
-        await trio.to_thread.run_sync(sink.work)
+        await trio.to_thread.run_sync(work)
     finally:
         done.set()
 

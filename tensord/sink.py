@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import mmap
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -47,13 +48,10 @@ class Sink(Protocol):
     #: Does it outlive the process (is checkpointing worth it)?
     persistent: bool
 
-    @property
-    def needs_worker(self) -> bool:
-        """Has it work for a thread beside the receive (:meth:`work`)?"""
-
-    def work(self) -> None:
-        """Run in a worker thread while the receive runs, until :meth:`stopped`: new memory is
-        faulted in ahead of the socket, a store file's landed bytes are written back behind it."""
+    def worker(self) -> Callable[[], None] | None:
+        """Work for a thread beside the receive about to start, if it has any (asked on the event
+        loop once per receive, a resumed one too): new memory is faulted in ahead of the socket,
+        a store file's landed bytes are written back behind it. It runs until :meth:`stopped`."""
 
     def landed(self, nbytes: int) -> None:
         """``nbytes`` of the tensor have arrived (called for every chunk: cheap)."""
@@ -122,12 +120,11 @@ class MemorySink:
                 raise _too_big(meta, exc) from None
         self.buffer = flat_bytes(self.array)
 
-    @property
-    def needs_worker(self) -> bool:
-        """Is the array new memory worth faulting in ahead of the socket (:meth:`work`)?"""
-        return self._mapping is not None
+    def worker(self) -> Callable[[], None] | None:
+        """New memory from the pool is faulted in ahead of the socket (:meth:`_populate`)."""
+        return self._populate if self._mapping is not None else None
 
-    def work(self) -> None:
+    def _populate(self) -> None:
         """Fault the whole array in, a few MiB per system call, until the receive stops: the
         socket then writes into resident pages."""
         if self._mapping is not None:
@@ -222,25 +219,30 @@ class StoreSink:
         self._lock = trio.Lock()
         self._saved_count = -1
         self._ended = False
-        self._writeback = _WriteBehind(self.partial, meta.nbytes)
+        self._writeback: _WriteBehind | None = None  # one per receive (a resumed one too)
 
     # The mapped file is not faulted in ahead: measured on this class of machine (a 256 MiB
     # receive), faulting it in moved ~0.06 s of page-cache work off the event loop and showed no
     # gain between daemons, whose time goes to the commit's fsync. The worker thread writes the
     # landed bytes back instead, so that fsync has only the tail left to wait for.
 
-    @property
-    def needs_worker(self) -> bool:
-        return self._writeback.useful
-
-    def work(self) -> None:
-        self._writeback.run()
+    def worker(self) -> Callable[[], None] | None:
+        if self._ended or self.meta.nbytes <= WRITEBACK_STEP:
+            return None
+        self._writeback = _WriteBehind(self.partial)
+        return self._writeback.run
 
     def landed(self, nbytes: int) -> None:
-        self._writeback.landed(nbytes)
+        if self._writeback is not None:
+            self._writeback.landed(nbytes)
 
     def stopped(self) -> None:
-        self._writeback.stop()
+        self._stop_writeback()
+
+    def _stop_writeback(self) -> None:
+        """Ends the receive's write-behind thread; returns once no system call on the file runs."""
+        if self._writeback is not None:
+            self._writeback.stop()
 
     def restore(self, xfer: ReceiveTransfer) -> None:
         saved = self.partial.load_progress()
@@ -275,7 +277,7 @@ class StoreSink:
 
     async def commit(self, sender: str) -> np.ndarray[Any, Any]:
         def commit() -> TensorInfo:
-            self._writeback.stop()  # waits for a sync_file_range still running on the file
+            self._stop_writeback()  # waits for a sync_file_range still running on the file
             return self.partial.commit(sender)
 
         async with self._lock:
@@ -289,13 +291,13 @@ class StoreSink:
     async def close(self) -> None:
         async with self._lock:  # not while a checkpoint thread flushes the mapping
             self._ended = True
-            await trio.to_thread.run_sync(self._writeback.stop)
+            await trio.to_thread.run_sync(self._stop_writeback)
             self.partial.close()
 
     async def discard(self) -> None:
         async with self._lock:
             self._ended = True
-            await trio.to_thread.run_sync(self._writeback.stop)
+            await trio.to_thread.run_sync(self._stop_writeback)
             self.partial.discard()
 
 
@@ -318,9 +320,8 @@ class _WriteBehind:
     running, so the file can be committed or closed.
     """
 
-    def __init__(self, partial: PartialReceive, nbytes: int) -> None:
+    def __init__(self, partial: PartialReceive) -> None:
         self._partial = partial
-        self.useful = nbytes > WRITEBACK_STEP
         self._next = WRITEBACK_STEP
         self._landed = 0
         self._stopped = False

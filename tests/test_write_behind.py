@@ -5,8 +5,13 @@ file is still running (the file is committed or closed right after)."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
-from tensord.sink import WRITEBACK_STEP, _WriteBehind
+import numpy as np
+
+from tensord.sink import WRITEBACK_STEP, StoreSink, _WriteBehind
+from tensord.store import TensorStore
+from tensord.wire.meta import TensorMeta
 
 
 class FakePartial:
@@ -36,8 +41,7 @@ def started(wb: _WriteBehind) -> threading.Thread:
 
 def test_a_step_that_landed_is_written_back_and_stop_ends_the_thread() -> None:
     partial = FakePartial()
-    wb = _WriteBehind(partial, 4 * WRITEBACK_STEP)  # type: ignore[arg-type]
-    assert wb.useful
+    wb = _WriteBehind(partial)  # type: ignore[arg-type]
     thread = started(wb)
     wb.landed(WRITEBACK_STEP // 2)  # less than a step: nothing to do yet
     wb.landed(WRITEBACK_STEP + 5)
@@ -51,7 +55,7 @@ def test_a_step_that_landed_is_written_back_and_stop_ends_the_thread() -> None:
 def test_stop_waits_for_a_writeback_in_progress() -> None:
     partial = FakePartial()
     partial.release.clear()
-    wb = _WriteBehind(partial, 4 * WRITEBACK_STEP)  # type: ignore[arg-type]
+    wb = _WriteBehind(partial)  # type: ignore[arg-type]
     thread = started(wb)
     wb.landed(2 * WRITEBACK_STEP)
     assert partial.entered.wait(10)
@@ -70,7 +74,7 @@ def test_stop_waits_for_a_writeback_in_progress() -> None:
 
 def test_a_stop_before_the_thread_started_ends_it_at_once() -> None:
     partial = FakePartial()
-    wb = _WriteBehind(partial, 4 * WRITEBACK_STEP)  # type: ignore[arg-type]
+    wb = _WriteBehind(partial)  # type: ignore[arg-type]
     wb.landed(3 * WRITEBACK_STEP)
     wb.stop()
     thread = started(wb)
@@ -78,5 +82,23 @@ def test_a_stop_before_the_thread_started_ends_it_at_once() -> None:
     assert not thread.is_alive() and partial.requests == []
 
 
-def test_small_tensors_get_no_thread() -> None:
-    assert not _WriteBehind(FakePartial(), WRITEBACK_STEP).useful  # type: ignore[arg-type]
+async def test_each_receive_into_the_store_gets_its_own_write_behind_a_resumed_one_too(
+    tmp_path: Path,
+) -> None:
+    store = TensorStore(tmp_path)
+    big = TensorMeta.of("big", np.empty(2 * WRITEBACK_STEP, np.uint8))
+    sink = StoreSink(store, big, "peer/1", None)
+    first = sink.worker()
+    assert first is not None
+    sink.stopped()  # the first attempt was cut; the partial is kept for the resume
+    second = sink.worker()
+    assert second is not None and second != first
+    thread = threading.Thread(target=second)
+    thread.start()
+    sink.landed(big.nbytes)
+    await sink.commit("peer")  # stops the running thread before the file is renamed
+    thread.join(10)
+    assert not thread.is_alive()
+    assert sink.worker() is None  # nothing to write behind once committed
+    small = TensorMeta.of("small", np.empty(1024, np.uint8))
+    assert StoreSink(store, small, "peer/2", None).worker() is None
