@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -178,8 +179,10 @@ def main() -> int:
 # -- the user's path: the CLI against a running daemon, and kill -9 at half-way ----------------
 
 CLI_REPS = int(os.environ.get("DL_CLI_REPS", 1 if QUICK else 3))
-CLI_SIZES = [
-    int(x) * MiB for x in os.environ.get("DL_CLI_SIZES", "32" if QUICK else "128,1024").split(",")
+CLI_SIZES = [  # DL_CLI_SIZES= (empty): no CLI rows, e.g. the kill -9 row alone
+    int(x) * MiB
+    for x in os.environ.get("DL_CLI_SIZES", "32" if QUICK else "128,1024").split(",")
+    if x.strip()
 ]
 KILL_SIZE = int(os.environ.get("DL_KILL_SIZE", 64 if QUICK else 1024)) * MiB
 KILL_REPS = int(os.environ.get("DL_KILL_REPS", 1 if QUICK else 3))
@@ -396,6 +399,11 @@ def kill_tensord(tree: Path, tmp: Path, blob: Path, sha: str, size: int) -> dict
             half = wait_half(partial, size, d.proc, since)
             d.proc.kill()
             d.proc.wait()
+            landed = on_disk(partial)  # written into the file (page cache) before the kill
+            record = partial.with_name(partial.name + ".json")
+            recorded = sum(e - s for s, e in json.loads(record.read_bytes())["done"])
+            time.sleep(0.5)  # nginx logs the killed replies once a send to them fails
+            sent_before = sum(x.sent for x in web.log())
             d = start_daemon(tree, home)
             deadline = time.monotonic() + 300
             with d.api() as c:
@@ -407,7 +415,17 @@ def kill_tensord(tree: Path, tmp: Path, blob: Path, sha: str, size: int) -> dict
             stop_daemon(d)
         sent = sum(x.sent for x in web.log())
     shutil.rmtree(home)
-    return {"refetched": sent - size, "exact": exact, "half": half}
+    return {
+        "refetched": sent - size,
+        "exact": exact,
+        "half": half,
+        # Where the re-fetched bytes were at the kill: sent by nginx but never in the file
+        # (its sends after the kill - see split_line - and reads waiting for the writer),
+        # in the file but not yet in the resume record, and the resumed run's own overshoot.
+        "unwritten": sent_before - landed,
+        "unrecorded": landed - recorded,
+        "after": sent - sent_before - (size - recorded),
+    }
 
 
 def kill_aria2(tmp: Path, blob: Path, sha: str, size: int) -> dict[str, Any]:
@@ -428,6 +446,21 @@ def kill_aria2(tmp: Path, blob: Path, sha: str, size: int) -> dict[str, Any]:
         sent = sum(x.sent for x in web.log())
     shutil.rmtree(out)
     return {"refetched": sent - size, "exact": exact, "half": half, "control_file": control}
+
+
+def split_line(rs: list[dict[str, Any]]) -> str:
+    """Where tensord's re-fetched bytes were at the kill (medians of each part). The first part
+    is mostly not the daemon's: nginx under ``limit_rate`` sends 2 MiB at a time
+    (``sendfile_max_chunk``) every ~80 ms per connection, and after the kill each connection's
+    next send still lands in the dead socket (a FIN, not yet a reset, came back) and is logged
+    as sent - up to 2 MiB per connection (seen with strace: the sends after the SIGKILL return
+    2 MiB each; ``ss`` at a SIGSTOP just before the kill shows 0-2 MiB in all socket queues)."""
+    parts = ("unwritten", "unrecorded", "after")
+    med = {k: statistics.median(r[k] for r in rs) / MiB for k in parts}
+    return (f"  {'':<20} of which (medians): {med['unwritten']:.1f} MiB sent but never in the file "
+            f"(nginx's 2 MiB sends after the kill, reads waiting for the writer), "
+            f"{med['unrecorded']:.1f} MiB in the file but not yet recorded, {med['after']:.1f} MiB "
+            "by the resumed run beyond the missing ranges (stolen ranges' overshoot)")  # fmt: skip
 
 
 def file_sha(path: Path) -> str:
@@ -505,6 +538,8 @@ def cli_section(tmp: Path) -> None:
               f"MiB re-fetched [{', '.join(f'{x:.1f}' for x in lost)}] (killed with "
               f"{statistics.median(r['half'] for r in rs):.0%} on disk), blob "
               f"{'byte-exact' if exact else 'WRONG'}{extra}")  # fmt: skip
+        if "unwritten" in rs[0]:
+            print(split_line(rs))
     mine = statistics.median(r["refetched"] for r in kills["tensord"]) / MiB
     aria = statistics.median(r["refetched"] for r in kills["aria2c -x4 -s4"]) / MiB
     exact = all(r["exact"] for r in kills["tensord"])

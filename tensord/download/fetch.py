@@ -71,9 +71,17 @@ from .ranges import RangeSet, guided_pieces, steal_point
 log = logging.getLogger("tensord.download")
 
 PIECE_CAP = 32 << 20
-WRITE_QUEUE = 256  # reads (~64 KiB each) waiting for the writer thread
+WRITE_QUEUE = 256  # reads (up to 1 MiB each, see ranged_get) waiting for the writer thread
 WRITE_BATCH = 64  # reads written per trip to the thread
+#: Bytes of written batches kept for the hasher while it lags (a catch-up read back); beyond
+#: that they are let go and it reads them back from the page cache too.
+HASH_BACKLOG = 64 << 20
 DEFAULT_MAX_BYTES = 256 << 30
+
+
+#: A written batch for the hasher: its reads, the contiguous prefix before it was written, its
+#: bytes (0 for a batch let go: then the prefix, taken after, covers it).
+_Hashable = tuple[list[tuple[int, memoryview]], int, int]
 
 
 @dataclass
@@ -184,6 +192,7 @@ class BlobFetch:
         self._unsaved = 0  # bytes written since the last record's snapshot
         self._dirty = trio.Event()  # set once _unsaved reaches checkpoint_bytes
         self._writes: trio.MemorySendChannel[tuple[int, memoryview]] | None = None
+        self._hash_backlog = 0  # bytes of written batches waiting for the hasher
         self._pending_first = (0, 0)
         self._workers: trio.Nursery | None = None
         self._expected: int | None = None  # the single stream's length, when declared
@@ -586,8 +595,11 @@ class BlobFetch:
         """Run the writer for the duration of the block; on exit, wait until everything
         queued is written (or, on an error, stop it)."""
         send, recv = trio.open_memory_channel[tuple[int, memoryview]](WRITE_QUEUE)
+        # Unbounded, but what it holds is bounded by HASH_BACKLOG (see _writer).
+        to_hash, hashing = trio.open_memory_channel[_Hashable](float("inf"))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer, recv)
+            nursery.start_soon(self._hasher, hashing)
+            nursery.start_soon(self._writer, recv, to_hash)
             async with send:
                 self._writes = send
                 yield
@@ -601,13 +613,19 @@ class BlobFetch:
         with trio.CancelScope(shield=True):
             await self._writes.send((pos, data))
 
-    async def _writer(self, queue: trio.MemoryReceiveChannel[tuple[int, memoryview]]) -> None:
-        """Write (and hash) in a worker thread, a batch at a time, while the event loop goes on
-        reading replies: ``pwrite`` into fresh page cache and SHA-256 cost as much CPU as the
-        HTTP parsing, and two cores can do them at once. Ranges are marked done only once
-        written, so a checkpoint never records bytes that are not in the file, and before they
-        are hashed, so a long hash catch-up never holds back the record."""
-        async with queue:
+    async def _writer(
+        self,
+        queue: trio.MemoryReceiveChannel[tuple[int, memoryview]],
+        to_hash: trio.MemorySendChannel[_Hashable],
+    ) -> None:
+        """Write in a worker thread, a batch at a time, while the event loop goes on reading
+        replies (``pwrite`` into fresh page cache costs as much CPU as the HTTP parsing, and two
+        cores can do them at once). Ranges are marked done only once written, so a checkpoint
+        never records bytes that are not in the file. Hashing is the :meth:`_hasher`'s, in its
+        own thread: a catch-up of tens of MiB (the piece before the others completed) held up
+        the writes behind it by 50-150 ms, and the reads queued meanwhile were lost to a
+        kill -9 (4-6 MiB of the ~10 the bench measured)."""
+        async with queue, to_hash:
             async for first in queue:
                 batch = [first]
                 while len(batch) < WRITE_BATCH:
@@ -618,7 +636,34 @@ class BlobFetch:
                 prefix = self.done.prefix()
                 await self._in_thread(self._blob.write, batch)
                 self._written(batch)
-                await self._in_thread(self._blob.hash, batch, prefix)
+                size = sum(len(data) for _, data in batch)
+                if self._hash_backlog + size > HASH_BACKLOG:
+                    # The hasher is far behind: it reads this batch back from the file
+                    # instead (the prefix now covers it, if contiguous), so memory stays bounded.
+                    to_hash.send_nowait(([], self.done.prefix(), 0))
+                else:
+                    self._hash_backlog += size
+                    to_hash.send_nowait((batch, prefix, size))
+
+    async def _hasher(self, items: trio.MemoryReceiveChannel[_Hashable]) -> None:
+        """Feed the SHA-256 with the written batches, in the order they were written, taking
+        whatever is waiting in one trip to the thread; a long catch-up here delays nothing but
+        the digest."""
+        async with items:
+            async for first in items:
+                work = [first]
+                while True:
+                    try:
+                        work.append(items.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._in_thread(self._hash_all, work)
+                self._hash_backlog -= sum(size for _, _, size in work)
+
+    def _hash_all(self, work: list[_Hashable]) -> None:
+        """(worker thread) Hash written batches in order (see :meth:`PartialBlob.hash`)."""
+        for batch, prefix, _ in work:
+            self._blob.hash(batch, prefix)
 
     async def _in_thread(self, fn: Callable[..., None], *args: object) -> None:
         """``fn(*args)`` on the partial file in a worker thread, its errors said plainly."""
