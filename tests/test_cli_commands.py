@@ -16,8 +16,9 @@ import pytest
 import trio
 from rich.console import Console
 
+from tensord import transfers
 from tensord.cli.commands import _unseen_file
-from tensord.cli.progress import Bars
+from tensord.cli.progress import FINAL_STATES, Bars
 from tensord.cli.render import human_bytes, human_rate, table
 from tensord.errors import ControlError
 
@@ -268,6 +269,11 @@ async def test_ctrl_c_during_send_exits_130_quietly(cluster: Cluster) -> None:
                             break
                     proc.send_signal(signal.SIGINT)  # while the daemon is dialling c
                     assert await proc.wait() == 130
+                    # The CLI's connection went with it: the daemon cancelled the send.
+                    async for ev in events:
+                        if ev["kind"] == "transfer" and ev["name"] == name:
+                            break
+                    assert (ev["state"], ev["detail"]) == ("failed", "cancelled"), ev
             finally:
                 if proc.returncode is None:
                     proc.kill()
@@ -277,6 +283,11 @@ async def test_ctrl_c_during_send_exits_130_quietly(cluster: Cluster) -> None:
     assert await proc.stderr.receive_some() == b""  # quietly: no traceback, no message
     with cluster.a.client() as a:
         a.delete(name)
+
+
+def test_the_bars_know_the_daemons_final_states() -> None:
+    """progress.py, which runs without trio, has its own copy of them."""
+    assert FINAL_STATES == transfers.FINAL_STATES
 
 
 def test_watch_bars_go_when_their_transfer_ends() -> None:

@@ -24,7 +24,7 @@ from tensord.config.schema import spec_of
 from tensord.config.settings import ControlSettings, Settings
 from tensord.control.base import resolve_socket
 
-#: What no blocking client command, nor ``import tensord``, may import.
+#: What no client command, nor ``import tensord``, may import.
 HEAVY = (
     "trio",
     "anyio",
@@ -81,7 +81,7 @@ def test_import_tensord_loads_none_of_the_heavy_modules() -> None:
     assert {"trio", "httpx", "httpcore", "anyio"}.isdisjoint(loaded)
 
 
-def test_blocking_commands_run_without_trio_httpx_or_the_settings(tmp_path: Path) -> None:
+def test_client_commands_run_without_trio_httpx_or_the_settings(tmp_path: Path) -> None:
     """Told no socket and configured by nothing, a command finds the default one without
     reading the settings; with ``--socket`` too. No daemon: the command fails as it should."""
     env = _clean_env(XDG_RUNTIME_DIR=str(tmp_path))
@@ -91,29 +91,34 @@ def test_blocking_commands_run_without_trio_httpx_or_the_settings(tmp_path: Path
         ("ls",),
         ("status", "--json"),
         ("downloads",),
+        ("send", "x.npy", "--to", "b"),
+        ("send", "x.npy", "--to", "b,c"),
+        ("pull", "b", "w", "-o", "w.npy"),
+        ("watch",),
+        ("pull-model", "llama3:8b"),
+        ("pull-model", "llama3:8b", "--on", "all", "--detach"),
     ):
         loaded, err = _loaded_by(_cli(*argv), env)
         assert loaded == [], argv
         assert err.splitlines()[-1] == "exit 69" and "tensord is not running" in err, err
 
 
-def test_the_async_commands_still_use_trio(tmp_path: Path) -> None:
-    loaded, err = _loaded_by(_cli("--socket", str(tmp_path / "a.sock"), "watch"), _clean_env())
-    assert {"trio", "httpx"} <= set(loaded) and err.splitlines()[-1] == "exit 69"
-
-
 # --------------------------------------------------------------------------------------------
-# The whole `tensord download` path, against a daemon that plays its part of the protocol
+# Whole commands (download, send, pull -o), against a daemon that plays its part of the protocol
 
 
 class _FakeDaemon(http.server.BaseHTTPRequestHandler):
-    """The control API as ``tensord download`` sees it: an events stream that says
-    ``: subscribed``, a download that is running when it is posted and whose end the stream
-    then tells, and that job."""
+    """The control API as ``tensord download``, ``send`` and ``pull`` see it: an events stream
+    that says ``: subscribed``, then, once something is posted, its event (the download's end, a
+    transfer's); a download that is running when it is posted, and that job; a send and a pull
+    that have ended when they answer, and the pulled tensor's bytes."""
 
     protocol_version = "HTTP/1.1"
     job = {"id": "j1", "source": "http://x/y", "state": "done", "bytes_total": 5, "sources": []}
+    transfer = {"name": "w", "peer": "b", "nbytes": 5, "seconds": 0.01, "rate": 500, "retries": 0}
     posted: threading.Event
+    #: What was posted (its path), which the events stream tells the end of.
+    what: list[str]
 
     def _json(self, doc: dict[str, Any]) -> None:
         body = json.dumps(doc).encode()
@@ -124,6 +129,13 @@ class _FakeDaemon(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
+        if self.path == "/v1/tensors/w/data":
+            self.send_response(200)
+            self.send_header("content-length", "5")
+            self.send_header("x-tensord-dtype", "uint8")
+            self.end_headers()
+            self.wfile.write(b"bytes")
+            return
         if self.path != "/v1/events":
             self._json(self.job | {"peak_connections": 4})
             return
@@ -134,14 +146,26 @@ class _FakeDaemon(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b": subscribed\n\n")
         self.wfile.flush()
         self.posted.wait(30)
-        done = json.dumps(self.job | {"kind": "download", "bytes_done": 5}).encode()
-        self.wfile.write(b"event: download\ndata: " + done + b"\n\n")
+        if self.what == ["/v1/downloads"]:
+            done = json.dumps(self.job | {"kind": "download", "bytes_done": 5}).encode()
+            self.wfile.write(b"event: download\ndata: " + done + b"\n\n")
+        else:
+            direction = "send" if self.what == ["/v1/send"] else "receive"
+            ev = {"id": "x1", "direction": direction, "state": "done", "bytes_done": 5}
+            done = json.dumps(self.transfer | ev | {"bytes_total": 5}).encode()
+            self.wfile.write(b"event: transfer\ndata: " + done + b"\n\n")
         self.wfile.flush()
         self.rfile.read()  # until the client hangs up
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["content-length"]))
-        self._json(self.job | {"state": "running", "bytes_done": 0})
+        self.what.append(self.path)
+        if self.path == "/v1/send":
+            self._json({"transfers": [self.transfer]})
+        elif self.path == "/v1/pull":
+            self._json({"tensor": {"name": "w"}, "transfer": self.transfer})
+        else:
+            self._json(self.job | {"state": "running", "bytes_done": 0})
         self.posted.set()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -153,7 +177,7 @@ def _fake_daemon(path: Path) -> Iterator[None]:
     handler = type(
         "Handler",
         (_FakeDaemon,),
-        {"address_string": lambda _: "local", "posted": threading.Event()},
+        {"address_string": lambda _: "local", "posted": threading.Event(), "what": []},
     )
 
     class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -185,6 +209,22 @@ def test_a_whole_download_runs_without_trio_httpx_or_rich(tmp_path: Path) -> Non
         loaded, err = _loaded_by(code, env)
     assert err.splitlines()[-1] == "exit 0", err
     assert "tensord.config.settings" in loaded and "trio" not in loaded
+
+
+def test_a_whole_send_and_pull_run_without_trio_httpx_numpy_or_rich(tmp_path: Path) -> None:
+    """The request made while a worker thread reads the events stream, which is cut when the
+    reply has come; ``pull -o`` writes the ``.npy`` the daemon sends, without numpy."""
+    (tmp_path / "tensord").mkdir()
+    env = _clean_env(XDG_RUNTIME_DIR=str(tmp_path))
+    with _fake_daemon(tmp_path / "tensord" / "control.sock"):
+        loaded, err = _loaded_by(_cli("send", str(tmp_path / "w.npy"), "--to", "b"), env)
+    assert err.splitlines()[-1] == "exit 0", err
+    assert loaded == []
+    out = tmp_path / "out.npy"
+    with _fake_daemon(tmp_path / "tensord" / "control.sock"):
+        loaded, err = _loaded_by(_cli("pull", "b", "w", "-o", str(out)), env)
+    assert err.splitlines()[-1] == "exit 0", err
+    assert loaded == [] and out.read_bytes() == b"bytes"
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -401,6 +402,59 @@ def test_blocking_events_iterator_sees_the_arrival(cluster: Cluster) -> None:
         assert arrival["name"] == name and arrival["sender"] == "a"
         assert arrival["nbytes"] == 4000
         b.delete(name)
+
+
+def _until_blocked_reading_a_unix_socket(thread: threading.Thread, deadline: float = 10) -> None:
+    """Until ``thread`` waits in the kernel for a Unix socket's data (Linux: its wchan)."""
+    wchan = Path(f"/proc/self/task/{thread.native_id}/wchan")
+    give_up = time.monotonic() + deadline
+    while wchan.read_text() != "unix_stream_read_generic":
+        assert time.monotonic() < give_up, wchan.read_text()
+        time.sleep(0.001)  # polling interval, not synchronisation
+
+
+def test_stop_ends_a_blocked_events_iterator_from_another_thread(tmp_path: Path) -> None:
+    """What the CLI does when its request has been answered: the thread reading the events,
+    blocked on a quiet stream, sees it end (not an error), and the daemon sees the client go."""
+    path = tmp_path / "quiet.sock"
+    outcome: list[object] = []
+    hung_up = threading.Event()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def serve() -> None:  # subscribed, then nothing, until the client hangs up
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)  # the request's head
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n10\r\n: subscribed\n\n\n\r\n"
+                )
+                conn.settimeout(5)  # then hang up: a test that fails must not hang
+                with contextlib.suppress(TimeoutError):
+                    while conn.recv(65536):
+                        pass
+                    hung_up.set()
+
+        server = threading.Thread(target=serve)
+        server.start()
+        with Client(path) as c, c.events() as events:
+
+            def read() -> None:
+                try:
+                    outcome.append(list(events))
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            _until_blocked_reading_a_unix_socket(reader)
+            events.stop()
+            reader.join(10)
+            assert hung_up.wait(10)  # before the stream is closed: stop() alone did it
+        server.join(10)
+    assert outcome == [[]]
 
 
 def test_errors_from_the_daemon_are_typed(cluster: Cluster) -> None:

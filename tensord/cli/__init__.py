@@ -23,7 +23,7 @@ from .._version import __version__
 from ..errors import ConfigError, DaemonNotRunning, ProtocolError, TensorError
 from ..limits import check_name
 from . import certs
-from .commands import COMMANDS, SYNC_COMMANDS
+from .commands import COMMANDS
 
 EX_UNAVAILABLE = 69  # sysexits.h: the daemon is not running
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -177,46 +177,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_client_command(command: str, args: argparse.Namespace) -> int:
-    """Run one client command (under trio, except the blocking ones: trio is imported only
-    here, as it costs a quarter of a second of CPU); turn its errors into one line and an exit
-    status."""
+    """Run one client command (blocking: no trio, whose import alone costs a quarter of a
+    second of CPU); turn its errors into one line and an exit status."""
     try:
-        if command in SYNC_COMMANDS:
-            return SYNC_COMMANDS[command](args)
-        import trio
-
-        return trio.run(COMMANDS[command], args)
+        return COMMANDS[command](args)
     except BaseException as exc:
         return _exit_status(exc)
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
-    return [exc]
-
-
-def _exit_status(exc: BaseException) -> int:
+def _exit_status(e: BaseException) -> int:
     """One line on stderr for an error we expect (none for Ctrl-C); a bug keeps its traceback."""
-    leaves = _leaves(exc)
-    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+    if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if any(isinstance(e, BrokenPipeError) for e in leaves):
+    if isinstance(e, BrokenPipeError):
         # `tensord ls | head`: the reader went away. Quietly, and without Python's complaint
         # about flushing stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    for e in leaves:
-        if isinstance(e, ConfigError):
-            print(f"tensord: configuration error: {e}", file=sys.stderr)
-            return ConfigError.exit_code
-        if isinstance(e, DaemonNotRunning):
-            print(f"{e}" if str(e).startswith("tensord ") else f"tensord: {e}", file=sys.stderr)
-            return EX_UNAVAILABLE
-        if isinstance(e, TensorError | OSError):
-            print(f"tensord: {_error_text(e)}", file=sys.stderr)
-            return 1
-    raise exc
+    if isinstance(e, ConfigError):
+        print(f"tensord: configuration error: {e}", file=sys.stderr)
+        return ConfigError.exit_code
+    if isinstance(e, DaemonNotRunning):
+        print(f"{e}" if str(e).startswith("tensord ") else f"tensord: {e}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if isinstance(e, TensorError | OSError):
+        print(f"tensord: {_error_text(e)}", file=sys.stderr)
+        return 1
+    raise e
 
 
 def _error_text(e: BaseException) -> str:

@@ -2,10 +2,11 @@
 socket, print the result (:mod:`.render`), with live progress where a command waits for
 transfers or downloads (:mod:`.progress`).
 
-A command of one request (``status``, ``ls``, ...) and ``download`` use the blocking
-:class:`~tensord.control.blocking.Client` and run without trio; those that start transfers and
-follow them at once (``send``, ``pull``, ``watch``, ``pull-model``) run under trio with
-:class:`~tensord.control.client.AsyncClient`.
+Every command uses the blocking :class:`~tensord.control.blocking.Client` and runs without
+trio, httpx or numpy, whose imports were most of a command's start-up (~0.3 s of CPU). Those
+that start transfers and follow them (``send``, ``pull``) make the request on the main thread
+while a worker thread reads the events stream (:func:`.progress.following`); those that follow
+a download read its events after posting it, from one thread.
 
 Each returns the exit status; errors are raised and turned into one line and a status by
 :func:`tensord.cli.run_client_command`.
@@ -18,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,18 +44,11 @@ from .render import (
 
 if TYPE_CHECKING:
     from ..control.blocking import Client
-    from ..control.client import AsyncClient
 
 Json = dict[str, Any]
 
 
-def _client(args: argparse.Namespace) -> AsyncClient:
-    from ..control.client import AsyncClient
-
-    return AsyncClient(args.socket)
-
-
-def _blocking_client(args: argparse.Namespace) -> Client:
+def _client(args: argparse.Namespace) -> Client:
     from ..control.blocking import Client
 
     return Client(args.socket)
@@ -68,7 +62,7 @@ def _peer_matches(given: str, event_peer: str) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _blocking_client(args) as client:
+    with _client(args) as client:
         st = client.status()
     if args.json:
         print_json(st)
@@ -90,7 +84,7 @@ def _show(args: argparse.Namespace, rows: list[Json], render: Callable[[list[Jso
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    with _blocking_client(args) as client:
+    with _client(args) as client:
         peers = client.peers()
     return _show(
         args,
@@ -101,12 +95,12 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with _blocking_client(args) as client:
+    with _client(args) as client:
         return _show(args, client.tensors(), tensors_table)
 
 
 def cmd_transfers(args: argparse.Namespace) -> int:
-    with _blocking_client(args) as client:
+    with _client(args) as client:
         return _show(args, client.transfers(), transfers_table)
 
 
@@ -118,10 +112,10 @@ def _chain_of(to: str) -> list[str] | str | None:
     return peers if len(peers) > 1 else None
 
 
-async def cmd_send(args: argparse.Namespace) -> int:
+def cmd_send(args: argparse.Namespace) -> int:
     chain = _chain_of(args.to)
     if chain is not None:
-        return await _broadcast(args, chain)
+        return _broadcast(args, chain)
     path = Path(args.file)
     prefix: str | None = None
     if path.suffix == ".safetensors":
@@ -137,28 +131,25 @@ async def cmd_send(args: argparse.Namespace) -> int:
             return ev["name"] in names
         return prefix is None or str(ev["name"]).startswith(prefix)
 
-    async with _client(args) as client:
-        with Bars() as bars:
-            try:
-                results = await following(
-                    client, bars, match, lambda: client.send(args.to, path=path, name=args.name)
-                )
-            except ControlError as exc:
-                if not (_hidden_from_daemon(exc, path) and path.suffix == ".npy"):
-                    raise _unseen_file(exc, path) from None
-                # The daemon cannot open it (PrivateTmp=, ProtectHome=, another user's home):
-                # stream it into the daemon's store, then send it from there.
-                stored = args.name or path.stem
-                await client.upload(stored, path)
-                results = await following(
-                    client, bars, match, lambda: client.send(args.to, name=stored)
-                )
+    with _client(args) as client, Bars() as bars:
+        try:
+            results = following(
+                client, bars, match, lambda: client.send(args.to, path=path, name=args.name)
+            )
+        except ControlError as exc:
+            if not (_hidden_from_daemon(exc, path) and path.suffix == ".npy"):
+                raise _unseen_file(exc, path) from None
+            # The daemon cannot open it (PrivateTmp=, ProtectHome=, another user's home):
+            # stream it into the daemon's store, then send it from there.
+            stored = args.name or path.stem
+            client.upload(stored, path)
+            results = following(client, bars, match, lambda: client.send(args.to, name=stored))
     for r in results:
         print(summary("sent", "to", r["name"], r.get("peer") or args.to, r, r["retries"]))
     return 0
 
 
-async def _broadcast(args: argparse.Namespace, chain: list[str] | str) -> int:
+def _broadcast(args: argparse.Namespace, chain: list[str] | str) -> int:
     """``tensord send FILE --to b,c,d``: down a chain, each peer forwarding as chunks land;
     a line per peer, exit status 1 if any failed."""
     path = Path(args.file)
@@ -168,14 +159,13 @@ async def _broadcast(args: argparse.Namespace, chain: list[str] | str) -> int:
             chain == "all" or any(_peer_matches(p, ev["peer"]) for p in chain)
         )
 
-    async with _client(args) as client:
-        with Bars() as bars:
-            try:
-                results = await following(
-                    client, bars, match, lambda: client.send(to=chain, path=path, name=args.name)
-                )
-            except ControlError as exc:
-                raise _unseen_file(exc, path) from None
+    with _client(args) as client, Bars() as bars:
+        try:
+            results = following(
+                client, bars, match, lambda: client.send(to=chain, path=path, name=args.name)
+            )
+        except ControlError as exc:
+            raise _unseen_file(exc, path) from None
     if getattr(args, "json", False):
         print_json(results)
     else:
@@ -205,7 +195,7 @@ def _unseen_file(exc: ControlError, path: Path) -> ControlError:
     return exc
 
 
-async def cmd_pull(args: argparse.Namespace) -> int:
+def cmd_pull(args: argparse.Namespace) -> int:
     def match(ev: Json) -> bool:
         return (
             ev["direction"] == "receive"
@@ -213,47 +203,47 @@ async def cmd_pull(args: argparse.Namespace) -> int:
             and _peer_matches(args.peer, ev["peer"])
         )
 
-    async with _client(args) as client:
+    with _client(args) as client:
         with Bars() as bars:
-            reply = await following(
+            reply = following(
                 client, bars, match, lambda: client.pull(args.peer, args.name, as_name=args.as_name)
             )
         stored = reply["tensor"]["name"]
         name = args.name if stored == args.name else f"{args.name} as {stored}"
         print(summary("pulled", "from", name, args.peer, reply["transfer"], bars.retries(match)))
-        if args.output:
-            info = await client.get(stored, args.output)
+        if args.output:  # written as the daemon sends it (a .npy): numpy is not needed
+            info = client.get(stored, args.output)
             print(f"wrote {stored} to {info['path']} ({human_bytes(info['file_bytes'])})")
     return 0
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    with _blocking_client(args) as client:
+    with _client(args) as client:
         info = client.get(args.name, args.output)
     print(f"wrote {args.name} to {info['path']} ({human_bytes(info['file_bytes'])})")
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    with _blocking_client(args) as client:
+    with _client(args) as client:
         client.delete(args.name)
     print(f"deleted {args.name}")
     return 0
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    with _blocking_client(args) as client:
+    with _client(args) as client:
         reply = client.reload()
     print(f"reloaded the configuration: {plural(reply['peers'], 'peer', 'peers')}")
     return 0
 
 
-async def cmd_watch(args: argparse.Namespace) -> int:
-    async with _client(args) as client, client.subscribe() as events:
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client, client.events() as events:
         # On stderr, so that stdout is only events; also tells a script the watch is live.
         print(f"watching {client.socket} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         with Bars(drop_finished=True) as bars:
-            async for ev in events:
+            for ev in events:
                 if args.json:
                     print(json.dumps(ev), flush=True)
                     continue
@@ -265,14 +255,12 @@ async def cmd_watch(args: argparse.Namespace) -> int:
     raise ControlError("the daemon closed the events stream (did it stop?)")
 
 
-async def _follow_download(
-    args: argparse.Namespace, start: Callable[[AsyncClient], Awaitable[Json | None]]
-) -> int:
+def _follow_download(args: argparse.Namespace, start: Callable[[Client], Json | None]) -> int:
     """Start a download and follow it to its end (or only start it, ``--detach``). ``start``
     returning ``None``: no job on this node to follow (``pull-model --on`` other nodes)."""
-    async with _client(args) as client:
+    with _client(args) as client:
         if args.detach:
-            job = await start(client)
+            job = start(client)
             if job is not None:
                 print(f"download {job['id']}: {job['source']} ({job['state']}); "
                       f"see `tensord downloads`")  # fmt: skip
@@ -280,16 +268,14 @@ async def _follow_download(
         started = time.perf_counter()
         connections = 0
         final: Json = {}
-        async with client.subscribe() as events:
-            job = await start(client)
+        with client.events() as events:
+            job = start(client)
             if job is None:
                 return 0
-            if job["state"] in ("done", "failed", "cancelled"):
-                last: Json = job
-            else:
-                last = job
+            last = job
+            if job["state"] not in ("done", "failed", "cancelled"):
                 with DownloadBars() as bars:
-                    async for ev in events:
+                    for ev in events:
                         if ev.get("kind") != "download" or ev.get("id") != job["id"]:
                             continue
                         bars.update(ev)
@@ -300,7 +286,7 @@ async def _follow_download(
             if last["state"] == "done":
                 # Progress events are rate-limited (a fast pull may publish none with
                 # connections open) and the final one has none: the job knows its peak.
-                final = await client.download_job(job["id"])
+                final = client.download_job(job["id"])
                 connections = max(connections, int(final.get("peak_connections") or 0))
     return _download_summary(job, last, final, connections, started)
 
@@ -323,57 +309,31 @@ def _download_summary(job: Json, last: Json, final: Json, connections: int, star
     return 0
 
 
-async def cmd_pull_model(args: argparse.Namespace) -> int:
+def cmd_pull_model(args: argparse.Namespace) -> int:
     if not args.on:
-        return await _follow_download(args, lambda c: c.pull_model(args.reference))
+        return _follow_download(args, lambda c: c.pull_model(args.reference))
     on = "all" if args.on == "all" else [n.strip() for n in args.on.split(",") if n.strip()]
     reply: Json = {}
 
-    async def start(client: AsyncClient) -> Json | None:
-        reply.update(await client.pull_model(args.reference, on=on))
+    def start(client: Client) -> Json | None:
+        reply.update(client.pull_model(args.reference, on=on))
         print(pull_on_lines(reply), flush=True)
         job: Json | None = reply.get("job")
         return job
 
-    status = await _follow_download(args, start)
+    status = _follow_download(args, start)
     failed = any("error" in n for n in reply.get("nodes", []))
     return 1 if failed else status
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    """``tensord download`` as :func:`_follow_download` does it, with the blocking client: a
-    user waiting for one download gains nothing from trio, whose import alone cost ~0.25 s of
-    CPU at every start, nor from httpx (the blocking client speaks through ``http.client``):
-    issue 15 times this command from the shell against aria2c."""
-    with _blocking_client(args) as client:
-        if args.detach:
-            job = client.download_url(args.url, args.sha256)
-            print(f"download {job['id']}: {job['source']} ({job['state']}); "
-                  f"see `tensord downloads`")  # fmt: skip
-            return 0
-        started = time.perf_counter()
-        connections = 0
-        final: Json = {}
-        with client.events() as events:
-            job = last = client.download_url(args.url, args.sha256)
-            if job["state"] not in ("done", "failed", "cancelled"):
-                with DownloadBars() as bars:
-                    for ev in events:
-                        if ev.get("kind") != "download" or ev.get("id") != job["id"]:
-                            continue
-                        bars.update(ev)
-                        last = ev
-                        if ev["state"] in ("done", "failed", "cancelled"):
-                            break
-                connections = bars.max_connections
-            if last["state"] == "done":
-                final = client.download_job(job["id"])
-                connections = max(connections, int(final.get("peak_connections") or 0))
-    return _download_summary(job, last, final, connections, started)
+    """Issue 15 times this one from the shell against aria2c: see the module's docstring for
+    why every command starts without trio and httpx."""
+    return _follow_download(args, lambda c: c.download_url(args.url, args.sha256))
 
 
 def cmd_downloads(args: argparse.Namespace) -> int:
-    with _blocking_client(args) as client:
+    with _client(args) as client:
         if args.cancel:
             job = client.cancel_download(args.cancel)
             print(f"download {job['id']}: {job['state']}")
@@ -381,23 +341,19 @@ def cmd_downloads(args: argparse.Namespace) -> int:
         return _show(args, client.downloads(), downloads_table)
 
 
-#: The commands that follow transfers while they start them: under trio, with the async client.
-COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
-    "send": cmd_send,
-    "pull": cmd_pull,
-    "watch": cmd_watch,
-    "pull-model": cmd_pull_model,
-}
-#: The commands of one request (and ``download``, one request and its job's events): blocking,
-#: without trio or httpx, whose imports were most of a command's start-up (~0.3 s of CPU).
-SYNC_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+#: Every client command: blocking, without trio or httpx.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "peers": cmd_peers,
     "ls": cmd_ls,
+    "send": cmd_send,
+    "pull": cmd_pull,
     "get": cmd_get,
     "rm": cmd_rm,
+    "watch": cmd_watch,
     "reload": cmd_reload,
     "transfers": cmd_transfers,
-    "downloads": cmd_downloads,
+    "pull-model": cmd_pull_model,
     "download": cmd_download,
+    "downloads": cmd_downloads,
 }

@@ -8,21 +8,26 @@ else. They are a nicety: a command's result is the daemon's reply, never what th
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 from ..errors import ControlError
 from .render import short_digest, sources_text
 
-# Neither trio nor tensord.transfers (which imports it) at the top: `tensord download` follows
-# its job without trio (a quarter of a second of CPU to import), see commands.cmd_download.
+# Neither trio nor tensord.transfers (which imports it): the CLI runs without trio (a quarter of
+# a second of CPU to import), see tensord.cli.commands.
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-    from ..control.client import AsyncClient
+    from ..control.blocking import Client
+
+#: The states after which a transfer is over: ``tensord.transfers.FINAL_STATES``, which cannot be
+#: imported without trio (tests/test_cli_commands.py checks they agree).
+FINAL_STATES = frozenset({"done", "failed", "interrupted"})
 
 Json = dict[str, Any]
 T = TypeVar("T")
@@ -115,8 +120,6 @@ class Bars(_LiveBars):
         self.last: dict[tuple[str, str], Json] = {}
 
     def update(self, ev: Json) -> None:
-        from ..transfers import FINAL_STATES  # here: it imports trio (see the imports)
-
         key = (ev["direction"], ev["id"])
         self.last[key] = ev
         total = ev["bytes_total"] or None
@@ -158,36 +161,40 @@ class Bars(_LiveBars):
         return max(seen) if seen else None
 
 
-async def following(
-    client: AsyncClient, bars: Bars, match: Callable[[Json], bool], call: Callable[[], Awaitable[T]]
+def following(
+    client: Client, bars: Bars, match: Callable[[Json], bool], call: Callable[[], T]
 ) -> T:
-    """``await call()`` while the transfers it causes feed ``bars``. Subscribed before the call
-    is posted, so even its first event is seen."""
-    results: list[T] = []
+    """``call()`` while the transfers it causes feed ``bars``. Subscribed before the call is
+    posted, so even its first event is seen.
+
+    The events are read on a worker thread and the call is made on this one, the main thread:
+    Ctrl-C (delivered to the main thread only) interrupts the call itself, whose connection is
+    then shut down so the daemon cancels the transfer, and the call's errors are raised as they
+    are. When the call ends, the stream is cut (``EventStream.stop``), which ends the reader."""
     failure: list[BaseException] = []
-    import trio
+    with client.events() as events:
 
-    async with client.subscribe() as events, trio.open_nursery() as nursery:
-
-        async def follow() -> None:
+        def follow() -> None:
             try:
-                async for ev in events:
+                for ev in events:
                     if ev.get("kind") == "transfer" and match(ev):
                         bars.update(ev)
             except ControlError:
                 pass  # bars are a nicety: the call's own reply is the result
+            except BaseException as exc:  # a bug: raised on the main thread below
+                failure.append(exc)
 
-        nursery.start_soon(follow)
+        reader = threading.Thread(target=follow, name="tensord-events")
+        reader.start()
         try:
-            results.append(await call())
-        except Exception as exc:  # raised below as itself, not in an ExceptionGroup
-            failure.append(exc)
+            result = call()
         finally:
-            nursery.cancel_scope.cancel()
+            events.stop()
+            reader.join()
     if failure:
         raise failure[0]
     bars.finish()
-    return results[0]
+    return result
 
 
 def download_info(ev: Json) -> str:

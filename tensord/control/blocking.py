@@ -4,11 +4,14 @@ socket with the standard library's ``http.client``.
 Why not httpx, as :class:`~tensord.control.client.AsyncClient` uses: a CLI command's start-up
 is mostly imports, and httpx with httpcore costs a few tenths of a second of CPU to import
 (httpcore imports trio and anyio whenever they are installed, to pick its locks, and h2),
-``http.client`` a few hundredths. ``tensord download`` waits on this client, and aria2c starts
-in 0.06 s. The endpoints are the async client's (:mod:`.endpoints`); only sending differs.
+``http.client`` a few hundredths. Every CLI command runs on this client (``tensord download``
+is timed against aria2c, which starts in 0.06 s; ``tensord send`` against the transfer it asks
+for). The endpoints are the async client's (:mod:`.endpoints`); only sending differs.
 
 One connection per call (connecting to a Unix socket costs microseconds, and nothing stale is
-ever reused); an events stream holds its own until it is closed.
+ever reused); an events stream holds its own until it is closed. A call interrupted (Ctrl-C, an
+error) shuts its connection down at once: the daemon cancels what a client that went away asked
+for (a send, a pull), and it must see that before the process exits.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float | None) -> None:
         super().__init__("tensord", timeout=timeout)
         self._path = path
+        #: The socket, kept after ``http.client`` hands it to a reply that ends the connection
+        #: (``self.sock`` is then ``None``): what :meth:`abort` shuts down.
+        self.unix_socket: _socket.socket | None = None
 
     def connect(self) -> None:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -66,7 +72,15 @@ class _UnixConnection(http.client.HTTPConnection):
         except BaseException:
             sock.close()
             raise
-        self.sock = sock
+        self.sock = self.unix_socket = sock
+
+    def abort(self) -> None:
+        """Shut the connection down, from any thread: the daemon sees the client go at once
+        (``close`` alone leaves the socket open while a reply's file still refers to it), and a
+        read blocked on it in another thread returns (the end of the stream)."""
+        if self.unix_socket is not None:
+            with contextlib.suppress(OSError):
+                self.unix_socket.shutdown(_socket.SHUT_RDWR)
 
 
 class _Reply:
@@ -137,6 +151,7 @@ class Client(SyncEndpoints):
                 conn.request(call.method, call.url, body, headers, encode_chunked=chunked)
             return conn, conn.getresponse()
         except BaseException as exc:
+            conn.abort()
             conn.close()
             if isinstance(exc, OSError | http.client.HTTPException):
                 raise _lost(exc) from None
@@ -268,6 +283,12 @@ class EventStream(Iterator[Json]):
                 raise StopIteration
             try:
                 more = self._pull()
+            except ControlError:
+                stopped = self._closed  # the connection cut by stop(): the end, not an error
+                self.close()
+                if stopped:
+                    raise StopIteration from None
+                raise
             except BaseException:
                 self.close()
                 raise
@@ -275,6 +296,13 @@ class EventStream(Iterator[Json]):
                 self.close()
                 raise StopIteration
         return self._queue.events.popleft()
+
+    def stop(self) -> None:
+        """End the stream from another thread: a ``next`` blocked in this one's place returns
+        what had already come, then iteration stops. ``close`` (``with``) still releases it."""
+        self._closed = True
+        if self._conn is not None:
+            self._conn.abort()
 
     def close(self) -> None:
         self._closed = True
