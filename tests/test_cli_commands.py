@@ -101,10 +101,14 @@ def test_send_prints_one_summary_line_per_tensor(cluster: Cluster) -> None:
     )
     lines = ok("--socket", sock, "send", str(st), "--to", "b", "--name", prefix).splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"sent {prefix}/k to b: 16 B in ")
+    # --json: the transfer results, for programs.
+    (result,) = json.loads(ok("--socket", sock, "send", str(src), "--to", "b", "--json"))
+    assert (result["name"], result["nbytes"], result["retries"]) == (src.stem, 1 << 20, 0)
     with cluster.b.client() as b:
         assert b.tensor(name)["sender"] == "a"
         b.delete(name)
         b.delete(f"{prefix}/k")
+        b.delete(src.stem)
 
 
 def test_pull_get_rm(cluster: Cluster) -> None:

@@ -69,7 +69,7 @@ def _client_commands(p: argparse.ArgumentParser, sub: Any) -> None:
     add("status", "the node: peers, store, transfers in flight", as_json)
     add("peers", "the configured peers: state, round-trip time, connections", as_json)
     add("ls", "the tensors in the store", as_json)
-    send = add("send", "send a .npy or .safetensors file's tensors to a peer")
+    send = add("send", "send a .npy or .safetensors file's tensors to a peer", as_json)
     send.add_argument("file", metavar="FILE", help=".npy or .safetensors file (read by the daemon)")
     send.add_argument(
         "--to",

@@ -144,6 +144,9 @@ def cmd_send(args: argparse.Namespace) -> int:
             stored = args.name or path.stem
             client.upload(stored, path)
             results = following(client, bars, match, lambda: client.send(args.to, name=stored))
+    if args.json:
+        print_json(results)
+        return 0
     for r in results:
         print(summary("sent", "to", r["name"], r.get("peer") or args.to, r, r["retries"]))
     return 0
@@ -166,7 +169,7 @@ def _broadcast(args: argparse.Namespace, chain: list[str] | str) -> int:
             )
         except ControlError as exc:
             raise _unseen_file(exc, path) from None
-    if getattr(args, "json", False):
+    if args.json:
         print_json(results)
     else:
         for r in results:
