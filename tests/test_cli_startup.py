@@ -11,7 +11,6 @@ import contextlib
 import http.server
 import json
 import os
-import socketserver
 import subprocess
 import sys
 import threading
@@ -23,6 +22,8 @@ from tensord.config.paths import CLUSTER_FILE_VAR, CONTROL_SOCKET_VAR
 from tensord.config.schema import spec_of
 from tensord.config.settings import ControlSettings, Settings
 from tensord.control.base import resolve_socket
+
+from .support.unix_http import serving
 
 #: What no client command, nor ``import tensord``, may import.
 HEAVY = (
@@ -179,18 +180,8 @@ def _fake_daemon(path: Path) -> Iterator[None]:
         (_FakeDaemon,),
         {"address_string": lambda _: "local", "posted": threading.Event(), "what": []},
     )
-
-    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-        daemon_threads = True
-
-    with Server(str(path), handler) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            server.shutdown()
-            thread.join()
+    with serving(path, handler):
+        yield
     path.unlink()
 
 

@@ -39,6 +39,7 @@ from tensord.errors import BadAddress, StoreFull, TransferFailed
 from .support.client_cluster import B_STORE_CAP, Cluster, running_cluster
 from .support.cluster import write_cluster_file
 from .support.tensor_files import save, unique, write_safetensors
+from .support.unix_http import serving
 
 
 @pytest.fixture(scope="module")
@@ -540,18 +541,8 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 def _recording_server(path: Path) -> Iterator[list[tuple[str, str, bytes]]]:
     seen: list[tuple[str, str, bytes]] = []
     handler = type("Handler", (_Recorder,), {"seen": seen, "address_string": lambda _: "local"})
-
-    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-        daemon_threads = True
-
-    with Server(str(path), handler) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield seen
-        finally:
-            server.shutdown()
-            thread.join()
+    with serving(path, handler):
+        yield seen
 
 
 async def test_both_clients_send_the_same_request_for_each_endpoint(tmp_path: Path) -> None:
@@ -609,22 +600,12 @@ async def test_an_answer_before_the_whole_upload_is_the_error_raised(tmp_path: P
     big = tmp_path / "big.npy"
     big.write_bytes(bytes(32 << 20))  # far more than the socket buffers hold
     sock = tmp_path / "refuser.sock"
-
-    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-        daemon_threads = True
-
-    with Server(str(sock), _Refuser) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            with pytest.raises(ControlError, match="no room") as sync_exc:
-                Client(sock).upload("w", big)
-            async with AsyncClient(sock) as ac:
-                with pytest.raises(ControlError, match="no room") as async_exc:
-                    await ac.upload("w", big)
-        finally:
-            server.shutdown()
-            thread.join()
+    with serving(sock, _Refuser):
+        with pytest.raises(ControlError, match="no room") as sync_exc:
+            Client(sock).upload("w", big)
+        async with AsyncClient(sock) as ac:
+            with pytest.raises(ControlError, match="no room") as async_exc:
+                await ac.upload("w", big)
     assert sync_exc.value.code == async_exc.value.code == "too_large"
     assert sync_exc.value.status == async_exc.value.status == 413
 
