@@ -15,6 +15,9 @@ hears it again. Both are bounded per peer (``max_peer_transfers``, ``max_peer_pe
 and expire on the sweep's timer, so a hostile or vanished peer cannot make the node hold its
 bytes forever. This module owns that state; the node only starts :meth:`Receiver.serve` and
 :meth:`Receiver.sweep` in its nursery and hears each verified tensor through ``arrive``.
+(Over ~800 lines on purpose: the partial, active and completed receives are one state with one
+set of invariants - superseding, resuming, confirming again, expiring - and the code that
+changes it stays together; what serves other messages lives in ``cluster/``.)
 """
 
 from __future__ import annotations
