@@ -57,7 +57,7 @@ class Sink(Protocol):
         """``nbytes`` of the tensor have arrived (called for every chunk: cheap)."""
 
     def stopped(self) -> None:
-        """The receive stopped: whatever :meth:`work` still does in its thread ends."""
+        """The receive stopped: what its :meth:`worker` still does in a thread ends."""
 
     def restore(self, xfer: ReceiveTransfer) -> None:
         """Load progress saved by an earlier process into ``xfer`` (if any)."""
