@@ -27,10 +27,11 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
+from .fsutil import libc_function
 from .wire.meta import TensorMeta, numpy_dtype
 
 #: Buffers smaller than this are ordinary ``np.empty`` arrays (malloc recycles them itself).
@@ -65,19 +66,9 @@ def _new_mapping(nbytes: int) -> mmap.mmap:
     return mm
 
 
-def _libc_madvise() -> Callable[[int, int, int], int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return cast("Callable[[int, int, int], int]", fn)
-
-
 #: ``madvise(2)`` through ctypes, which lets go of the GIL during the call (``mmap.madvise``
 #: keeps it: faulting 256 MiB in would stop the event loop for the whole time).
-_madvise = _libc_madvise()
+_madvise = libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 POPULATE_STEP = 8 << 20
 
 

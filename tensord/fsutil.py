@@ -13,7 +13,7 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, no wait
 
@@ -37,19 +37,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+def libc_function(name: str, *argtypes: Any) -> Callable[..., int] | None:
+    """The C library's ``name`` (returning ``int``) through ctypes, which lets go of the GIL
+    during the call; ``None`` where the C library has no such function (not Linux)."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
-        return None  # not Linux (glibc or musl)
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        return None
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
-    return cast("Callable[[int, int, int, int], int]", fn)
+    return cast("Callable[..., int]", fn)
 
 
-#: ``sync_file_range(2)`` through ctypes (the GIL is let go during the call), if the C library
-#: has it.
-_sync_file_range = _libc_sync_file_range()
+#: ``sync_file_range(2)``, if the C library has it.
+_sync_file_range = libc_function(
+    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+)
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> bool:
