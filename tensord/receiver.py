@@ -859,9 +859,12 @@ class Receiver:
 
 async def _sink_worker(work: Callable[[], None], done: trio.Event) -> None:
     """Run a sink's ``work`` in a worker thread; ``done`` is set as the task lets go of it (and
-    so of the sink and its buffer)."""
+    so of the sink and its buffer). A task of the handlers' nursery: a bug in the work is logged
+    and counted, never raised into that nursery (the receive goes on without it)."""
     try:
         await trio.to_thread.run_sync(work)
+    except Exception as exc:
+        report_unexpected(log, "peer", "a receive's worker thread", exc)
     finally:
         done.set()
 

@@ -5,13 +5,18 @@ file is still running (the file is committed or closed right after)."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from tensord.config import HostPort, StoreSettings
 from tensord.sink import WRITEBACK_STEP, StoreSink, _WriteBehind
 from tensord.store import TensorStore
 from tensord.wire.meta import TensorMeta
+
+from .support.helpers import fast_settings, running
 
 
 class FakePartial:
@@ -102,3 +107,21 @@ async def test_each_receive_into_the_store_gets_its_own_write_behind_a_resumed_o
     assert sink.worker() is None  # nothing to write behind once committed
     small = TensorMeta.of("small", np.empty(1024, np.uint8))
     assert StoreSink(store, small, "peer/2", None).worker() is None
+
+
+async def test_a_bug_in_a_sink_worker_is_logged_and_the_receive_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: _WriteBehind) -> None:
+        raise RuntimeError("worker bug")
+
+    monkeypatch.setattr(_WriteBehind, "run", broken)
+    settings = replace(
+        fast_settings(), listen=HostPort("127.0.0.1", 0), state_dir=tmp_path, store=StoreSettings()
+    )
+    array = np.arange(8 << 20, dtype=np.int32)  # 32 MiB: a write-behind worker runs
+    async with running() as a, running(settings) as b:
+        await a.send_tensor(b.addr, "w", array)
+        assert np.array_equal(b.get_tensor("w"), array)
+        await a.send_tensor(b.addr, "v", array)  # the node still serves
+    assert "worker bug" in caplog.text
