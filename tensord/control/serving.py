@@ -287,23 +287,38 @@ class HTTPConnections:
         """Serve one connection until it ends, is evicted or the server stops."""
         conn = self.connections.admit()
         if conn is None:
-            message = self.connections.refusal()
-            if _worth_logging(self.connections.refused):
-                log.warning("%s (%d refused so far)", message, self.connections.refused)
-            doc = {"error": {"code": "busy", "message": message}}
-            await refuse(stream, 503, b"Service Unavailable", doc)
+            await self.refuse_busy(stream)
             return
-        guarded = _Guarded(self.app, conn, self.read_timeout, extensions or {})
-        wrapped = wrap_app(guarded, self.config.wsgi_max_body_size, "asgi")
         try:
             with conn.scope:
-                # TCPServer tells plain streams from TLS ones itself (its hint names only TLS).
-                server = TCPServer(wrapped, self.config, self.context, self.state, stream)  # type: ignore[arg-type]
-                await server
+                await self.hand_over(conn, stream, extensions)
         finally:
             self.connections.release(conn)
             # Closed here too: an evicted connection's own close was cut by the cancellation.
             await trio.aclose_forcefully(stream)
+
+    async def refuse_busy(self, stream: trio.abc.Stream) -> None:
+        """Answer a connection no slot was found for with a 503 naming the limit, and close it."""
+        message = self.connections.refusal()
+        if _worth_logging(self.connections.refused):
+            log.warning("%s (%d refused so far)", message, self.connections.refused)
+        doc = {"error": {"code": "busy", "message": message}}
+        await refuse(stream, 503, b"Service Unavailable", doc)
+
+    async def hand_over(
+        self,
+        conn: _Conn,
+        stream: trio.abc.Stream,
+        extensions: Mapping[str, object] | None = None,
+    ) -> None:
+        """Serve ``stream``, admitted as ``conn``, with hypercorn until it ends (the caller
+        releases and closes it). The gateway's own HTTP/1.1 server hands its WebSocket upgrades
+        here, the bytes it has already read replayed by ``stream``."""
+        guarded = _Guarded(self.app, conn, self.read_timeout, extensions or {})
+        wrapped = wrap_app(guarded, self.config.wsgi_max_body_size, "asgi")
+        # TCPServer tells plain streams from TLS ones itself (its hint names only TLS).
+        server = TCPServer(wrapped, self.config, self.context, self.state, stream)  # type: ignore[arg-type]
+        await server
 
 
 async def open_http_listeners(listen: HostPort) -> tuple[list[trio.SocketListener], str]:
@@ -316,6 +331,7 @@ async def open_http_listeners(listen: HostPort) -> tuple[list[trio.SocketListene
 
 
 __all__ = [
+    "MIN_BODY_RATE",
     "Connections",
     "HTTPConnections",
     "RequestTimeout",

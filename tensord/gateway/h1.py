@@ -1,5 +1,6 @@
-"""Sans-I/O HTTP/1.1 for the gateway's upstream requests: a request's bytes out, a response's
-head and body bytes in.
+"""Sans-I/O HTTP/1.1 for the gateway: upstream, a request's bytes out and a response's head and
+body bytes in (:class:`ResponseReader`); downstream, a client's request head in
+(:func:`parse_request_head`) and a reply's framing out (:func:`response_head`, :func:`chunk`).
 
 Why not httpx/httpcore + h11 here: a token is one chunk of a chunked reply, and those layers
 spend an event object, a state-machine pass and several awaits on each; this reader turns a
@@ -10,7 +11,9 @@ close-delimited body - and every number from the backend is bounded.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 #: The largest response head (status line and headers) accepted.
 MAX_HEAD = 64 << 10
@@ -188,4 +191,162 @@ def _number(text: bytes, base: int, what: str) -> int:
     return value
 
 
-__all__ = ["ProtocolError", "ResponseHead", "ResponseReader", "request_bytes"]
+# -- the server side: a client's request head, a reply's framing --------------------------------
+
+#: The largest request head (request line and headers) a client may send.
+MAX_REQUEST_HEAD = 64 << 10
+#: The most header lines a request may have.
+MAX_HEADERS = 100
+#: The longest request target (path and query).
+MAX_TARGET = 8 << 10
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_METHODS = re.compile(rb"[A-Z]{1,20}")
+
+
+class BadRequest(ProtocolError):
+    """A client's request is not HTTP/1.1 as the gateway accepts it: answered ``status``, then
+    the connection is closed."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """A parsed request head. ``headers`` keeps every line, names lower-cased (as ASGI has them)."""
+
+    method: str
+    target: bytes  # as sent: path and query
+    path: str  # percent-decoded, without the query
+    query: bytes
+    http11: bool  # HTTP/1.1 (else 1.0)
+    headers: list[tuple[bytes, bytes]]
+    content_length: int
+    keep_alive: bool  # the client may send another request on the connection after this one
+    expect_continue: bool
+    upgrade: bool  # a WebSocket upgrade (``Upgrade: websocket``)
+
+
+def parse_request_head(buf: bytes | bytearray, max_body: int) -> tuple[RequestHead, int] | None:
+    """The request head at the start of ``buf`` and its length, or None while it is incomplete.
+
+    Raises :class:`BadRequest` (400; 413 for a ``Content-Length`` over ``max_body``, 411 for a
+    ``Transfer-Encoding`` body, 431 for a head over :data:`MAX_REQUEST_HEAD`) on anything else:
+    a bad request line, a header line that is not ``token: value``, obsolete line folding, a
+    ``Content-Length`` that is not one plain number, more than :data:`MAX_HEADERS` lines."""
+    end = buf.find(b"\r\n\r\n", 0, MAX_REQUEST_HEAD + 4)
+    if end < 0:
+        if len(buf) > MAX_REQUEST_HEAD:
+            raise BadRequest(f"the request head is longer than {MAX_REQUEST_HEAD} bytes", 431)
+        return None
+    lines = bytes(buf[:end]).split(b"\r\n")
+    while lines and not lines[0]:  # RFC 9112 2.2: blank lines before the request line
+        lines.pop(0)
+    if not lines:
+        raise BadRequest("an empty request head")
+    if len(lines) > MAX_HEADERS + 1:
+        raise BadRequest(f"more than {MAX_HEADERS} header lines")
+    method, target, version = _request_line(lines[0])
+    headers: list[tuple[bytes, bytes]] = []
+    length: bytes | None = None
+    connection = b""
+    expect = upgrade = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise BadRequest(f"not an HTTP header line: {line[:80]!r}")
+        value = value.strip(b" \t")
+        if not _VALUE.fullmatch(value):
+            raise BadRequest(f"a control character in the {name[:40]!r} header")
+        name = name.lower()
+        headers.append((name, value))
+        if name == b"content-length":
+            if length is not None and value != length:
+                raise BadRequest("two different Content-Length headers")
+            length = value
+        elif name == b"transfer-encoding":
+            raise BadRequest("a request body must be sent with a Content-Length", 411)
+        elif name == b"connection":
+            connection += b"," + value.lower()
+        elif name == b"expect":
+            expect = value.lower() == b"100-continue"
+        elif name == b"upgrade":
+            upgrade = value.lower() == b"websocket"
+    content_length = 0
+    if length is not None:
+        if not length.isdigit() or len(length) > 16:
+            raise BadRequest(f"not a valid Content-Length: {length[:40]!r}")
+        content_length = int(length)
+        if content_length > max_body:
+            raise BadRequest(f"the request body is over {max_body} bytes", 413)
+    tokens = {t.strip() for t in connection.split(b",")}
+    http11 = version == b"HTTP/1.1"
+    keep_alive = b"close" not in tokens if http11 else b"keep-alive" in tokens
+    path_bytes, _, query = target.partition(b"?")
+    path = unquote(path_bytes.decode("latin-1"), errors="replace")
+    head = RequestHead(method, target, path, query, http11, headers, content_length,
+                       keep_alive, expect and content_length > 0, upgrade)  # fmt: skip
+    return head, end + 4
+
+
+def _request_line(line: bytes) -> tuple[str, bytes, bytes]:
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise BadRequest(f"not an HTTP request line: {line[:80]!r}")
+    method, target, version = parts
+    if not _METHODS.fullmatch(method):
+        raise BadRequest(f"not an HTTP method: {method[:40]!r}")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise BadRequest(f"not HTTP/1.1: {version[:40]!r}", 505 if version[:5] == b"HTTP/" else 400)
+    if len(target) > MAX_TARGET:
+        raise BadRequest(f"a request target longer than {MAX_TARGET} bytes", 414)
+    if target.startswith((b"http://", b"https://")):  # absolute form: the path is what counts
+        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
+    if not target.startswith(b"/") or not _VALUE.fullmatch(target) or b"\t" in target:
+        raise BadRequest(f"not a request target: {target[:80]!r}")
+    return method.decode("ascii"), target, version
+
+
+_REASONS = {
+    100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created",
+    204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
+    404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+    411: b"Length Required", 413: b"Content Too Large", 414: b"URI Too Long",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    502: b"Bad Gateway", 503: b"Service Unavailable", 505: b"HTTP Version Not Supported",
+}  # fmt: skip
+
+
+def response_head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A reply's status line and headers (the caller adds the framing headers it needs)."""
+    out = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b""))]
+    for name, value in headers:
+        if b"\r" in name or b"\n" in name or b"\r" in value or b"\n" in value:
+            raise ValueError(f"a newline in the reply header {name[:40]!r}")
+        out.append(name + b": " + value)
+    out.append(b"\r\n")
+    return b"\r\n".join(out)
+
+
+def chunk(data: bytes, *, last: bool = False) -> bytes:
+    """``data`` as one chunk of a chunked body (nothing for no data), and the body's end if
+    ``last``: what one write sends."""
+    framed = b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+    return framed + b"0\r\n\r\n" if last else framed
+
+
+__all__ = [
+    "MAX_REQUEST_HEAD",
+    "BadRequest",
+    "ProtocolError",
+    "RequestHead",
+    "ResponseHead",
+    "ResponseReader",
+    "chunk",
+    "parse_request_head",
+    "request_bytes",
+    "response_head",
+]

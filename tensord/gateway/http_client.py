@@ -10,6 +10,7 @@ checks still use httpx: they are rare and not on the token path.
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -45,10 +46,36 @@ class UpstreamResponse:
             first, self._first = self._first, b""
             yield first
         reader, receive = self._reader, self._stream.receive_some
+        if isinstance(self._stream, trio.SocketStream):
+            async for body in self._socket_chunks(self._stream.socket.fileno()):
+                yield body
+            return
         while not reader.done:
             try:
                 data = await receive(READ_SIZE)
             except (OSError, trio.BrokenResourceError) as exc:
+                raise UpstreamError(_describe(exc)) from exc
+            if not data:
+                _eof(reader)
+                return
+            body = _feed(reader, data)
+            if body:
+                yield body
+
+    async def _socket_chunks(self, fd: int) -> AsyncIterator[bytes]:
+        """:meth:`chunks` on a plain socket, at the cost of one readiness wait and one
+        ``read(2)`` per token: the socket is waited on first (between two tokens it has nothing
+        to read, so trio's try-then-wait would spend a failed ``recv`` on each), read once it is
+        readable. The wait is the loop's checkpoint."""
+        reader = self._reader
+        wait_readable, read = trio.lowlevel.wait_readable, os.read
+        while not reader.done:
+            try:
+                await wait_readable(fd)
+                data = read(fd, READ_SIZE)
+            except BlockingIOError:
+                continue
+            except (OSError, trio.ClosedResourceError) as exc:
                 raise UpstreamError(_describe(exc)) from exc
             if not data:
                 _eof(reader)

@@ -68,7 +68,8 @@ class _Reply:
             await self._start(content_type)
 
     async def body(self, data: bytes, *, more: bool = True) -> None:
-        await self._stop_keepalive()
+        if self.keeping_alive:
+            await self._stop_keepalive()
         if not more:
             self.ended = True
             _report(self.record)

@@ -23,8 +23,9 @@ from hypercorn.config import Config
 from ..asgi import load_api_keys as read_api_keys
 from ..config import Settings
 from ..control.serving import HTTPConnections, open_http_listeners
-from .app import GatewayApp
+from .app import MAX_BODY, GatewayApp
 from .backends import Backends
+from .http_server import GatewayHTTP
 
 log = logging.getLogger("tensord.gateway")
 
@@ -72,13 +73,14 @@ class Gateway:
             config.graceful_timeout = 1.0
             # WebSocket pings as often as SSE keep-alive comments: proxies see a live socket.
             config.websocket_ping_interval = g.keepalive_seconds
-            server = HTTPConnections(
+            upgrades = HTTPConnections(
                 app,
                 config,
                 max_connections=g.max_connections,
                 read_timeout=g.read_timeout,
                 what="gateway",
             )
+            server = GatewayHTTP(app, upgrades, read_timeout=g.read_timeout, max_body=MAX_BODY)
             listeners, self.url = await open_http_listeners(g.listen)
             try:
                 async with trio.open_nursery() as nursery:
