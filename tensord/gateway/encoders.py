@@ -8,6 +8,7 @@ framing is tested without a network and property-tested for arbitrary splits.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 Json = dict[str, Any]
@@ -63,6 +64,25 @@ TOKEN, ERROR, OTHER = "token", "error", "other"
 _OUTPUT_FIELDS = ("content", "thinking", "reasoning", "tool_calls")
 
 
+# A JSON string without escapes, and a JSON integer: enough to recognise a token line in the two
+# shapes backends write on every token (Ollama's /api/chat object, OpenAI's chunk as Ollama
+# writes it) without parsing it - a line these match is a JSON object carrying non-empty content
+# and nothing else, so it is a TOKEN. Any other line (escapes in a string, more fields, another
+# order) is parsed as JSON: the answer is the same, only slower.
+_STR = rb'"[^"\\\x00-\x1f]*"'
+_INT = rb"(?:0|[1-9][0-9]{0,18})"
+_CONTENT = rb'"content":"[^"\\\x00-\x1f]+"'
+_OLLAMA_CHAT_TOKEN = re.compile(
+    rb'\{"model":' + _STR + rb',"created_at":' + _STR + rb',"message":\{"role":"assistant",'
+    + _CONTENT + rb'\},"done":false\}'
+)  # fmt: skip
+_OPENAI_CHUNK_TOKEN = re.compile(
+    rb'\{"id":' + _STR + rb',"object":"chat\.completion\.chunk","created":' + _INT
+    + rb',"model":' + _STR + rb',"system_fingerprint":' + _STR + rb',"choices":\[\{"index":'
+    + _INT + rb',"delta":\{"role":"assistant",' + _CONTENT + rb'\},"finish_reason":null\}\]\}'
+)  # fmt: skip
+
+
 def line_kind(line: bytes, sse: bool) -> str:
     """Classify one line of a backend's stream (NDJSON, or SSE when ``sse``).
 
@@ -79,10 +99,14 @@ def line_kind(line: bytes, sse: bool) -> str:
         line = line[5:].strip()
         if line == b"[DONE]":
             return OTHER
+        if _OPENAI_CHUNK_TOKEN.fullmatch(line):
+            return TOKEN
+    elif _OLLAMA_CHAT_TOKEN.fullmatch(line):
+        return TOKEN
     elif not line.strip():
         return OTHER
     try:
-        obj = json.loads(line)
+        obj = json.loads(line.decode())  # a str: json's encoding detection costs as much
     except ValueError:
         return OTHER
     if not isinstance(obj, dict):

@@ -71,6 +71,18 @@ class ResponseReader:
         if self._state == _DATA and not self._buf and len(data) < self._left:
             self._left -= len(data)  # the middle of a large chunk: as it is
             return data
+        if self._state == _SIZE and not self._buf:
+            # The common case on the token path: a read that is exactly one whole chunk.
+            nl = data.find(b"\r\n", 0, 18)
+            size_line = data[:nl]
+            if 0 < nl and size_line.isalnum():
+                try:
+                    size = int(size_line, 16)
+                except ValueError:
+                    size = -1
+                start = nl + 2
+                if size > 0 and len(data) == start + size + 2 and data.endswith(b"\r\n"):
+                    return data[start : start + size]
         buf = self._buf + data if self._buf else data
         self._buf = b""
         out: list[bytes] = []

@@ -22,6 +22,9 @@ from .h1 import ProtocolError, ResponseHead, ResponseReader, request_bytes
 
 #: One socket read: a burst of tokens goes on in one piece.
 READ_SIZE = 64 << 10
+#: A read at least this large says the backend writes faster than we read (a burst): the next
+#: read is tried at once rather than after a readiness wait.
+EAGER_READ = 1024
 
 
 class UpstreamError(Exception):
@@ -69,14 +72,24 @@ class UpstreamResponse:
         readable. The wait is the loop's checkpoint."""
         reader = self._reader
         wait_readable, read = trio.lowlevel.wait_readable, os.read
+        eager = True
         while not reader.done:
             try:
-                await wait_readable(fd)
-                data = read(fd, READ_SIZE)
+                if eager:
+                    try:
+                        data = read(fd, READ_SIZE)
+                    except BlockingIOError:
+                        eager = False
+                        continue
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await wait_readable(fd)
+                    data = read(fd, READ_SIZE)
             except BlockingIOError:
                 continue
             except (OSError, trio.ClosedResourceError) as exc:
                 raise UpstreamError(_describe(exc)) from exc
+            eager = len(data) >= EAGER_READ
             if not data:
                 _eof(reader)
                 return
