@@ -6,7 +6,7 @@ What the known downloaders get wrong, and what this does instead:
   takes half of the largest range another connection still has to read (split at its middle), so
   all connections finish together. A connection far slower than the others (under
   ``slow_ratio`` of the median for ``slow_seconds``) or stalled is cancelled and its remaining
-  range goes back to the queue for a fresh connection.
+  range goes back to the front of the queue for a fresh connection.
 * **Range replies are checked, never trusted.** Every ranged reply must be ``206`` with a
   ``Content-Range`` naming exactly the bytes asked for, inside the size the manifest promised,
   and a matching ``Content-Length``; a ``200`` to a piece (a server or CDN that dropped the
@@ -92,7 +92,12 @@ class FetchConfig:
     backoff_base: float = 0.2
     backoff_max: float = 5.0
     stall_seconds: float = 15.0
-    slow_ratio: float = 0.1
+    #: A connection reading under this share of the median rate for ``slow_seconds`` is
+    #: replaced (a straggler at a fifth of its siblings' speed holds the whole blob back); the
+    #: connection that takes over its range is replaced only under half of this share, so a
+    #: link whose new connections ramp up slowly (long round trips) costs at most one extra
+    #: connection per range, never a churn.
+    slow_ratio: float = 0.2
     slow_seconds: float = 1.5
     checkpoint_seconds: float = 1.0
     #: Record progress once this many bytes were written since the last record: what a kill -9
@@ -119,6 +124,11 @@ class Progress:
     sources: dict[str, int] = field(default_factory=dict)
 
 
+#: A connection's progress is sampled at most this often (seconds): a rate's window starts
+#: within this of where it should.
+SAMPLE_STEP = 0.05
+
+
 @dataclass
 class _Task:
     """A connection's current range: ``[pos, end)`` still to read; a thief may lower ``end``."""
@@ -127,16 +137,42 @@ class _Task:
     pos: int
     end: int
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
+    #: ``(when, bytes read by then)``, SAMPLE_STEP apart but for the newest, which moves with
+    #: every read. Counts, not per-read sizes: a connection making thousands of small reads
+    #: (16 KiB TLS records) in a window is measured as well as one making a few big ones.
+    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
     started: float = field(default_factory=time.monotonic)
-    slow: bool = False
+    read: int = 0  # bytes read since ``started``
+    #: It reads what a connection replaced as too slow left: a new connection, still ramping
+    #: up where round trips are long, so it is judged at half the ratio (see FetchConfig).
+    replacing: bool = False
+
+    def note(self, now: float, n: int) -> None:
+        """``n`` bytes were read at ``now``."""
+        self.read += n
+        s = self.samples
+        if len(s) >= 2 and now - s[-2][0] < SAMPLE_STEP:
+            s[-1] = (now, self.read)
+        else:
+            s.append((now, self.read))
+
+    def restart(self) -> None:
+        """A new request for the rest (a retry): its rate is measured afresh."""
+        self.started = time.monotonic()
+        self.read = 0
+        self.samples.clear()
 
     def rate(self, now: float, window: float) -> float | None:
         """Bytes/s over the last ``window`` s, or None if the task is younger than that."""
         if now - self.started < window:
             return None
-        got = sum(n for t, n in self.samples if t >= now - window)
-        return got / window
+        since = now - window
+        before = 0  # read by ``since``: the newest sample at or before it
+        for t, total in reversed(self.samples):
+            if t <= since:
+                before = total
+                break
+        return (self.read - before) / window
 
 
 class BlobFetch:
@@ -185,6 +221,8 @@ class BlobFetch:
         self._tasks: dict[int, _Task] = {}
         self._next_id = 0
         self._finished_rates: deque[float] = deque(maxlen=16)
+        #: Where the ranges of connections replaced as too slow resume (see _Task.replacing).
+        self._replaced: set[int] = set()
         self._work = trio.Event()
         self._failed: DownloadError | None = None
         self._single_reply: httpx.Response | None = None
@@ -464,7 +502,8 @@ class BlobFetch:
     async def _fetch_piece(self, piece: tuple[int, int], reply: httpx.Response | None) -> None:
         start, end = piece
         attempt = 0
-        task = _Task(start, start, end)
+        task = _Task(start, start, end, replacing=start in self._replaced)
+        self._replaced.discard(start)
         tid = self._next_id
         self._next_id += 1
         self._tasks[tid] = task
@@ -494,9 +533,12 @@ class BlobFetch:
                             self._check_length(reply, asked - task.pos)
                         await self._read_into(reply, task)
                     if task.scope.cancelled_caught:
-                        # Too slow or stalled: give the rest back for a fresh connection.
+                        # Too slow or stalled: give the rest back for a fresh connection, first
+                        # in line - it holds back the contiguous prefix the SHA-256 follows.
                         if task.pos < task.end:
-                            self._queue.append((task.pos, task.end))
+                            self._queue.insert(0, (task.pos, task.end))
+                            if not task.replacing:
+                                self._replaced.add(task.pos)
                         return
                     if task.pos < task.end:
                         raise DownloadError(
@@ -535,8 +577,7 @@ class BlobFetch:
                     )
                     await Backoff(self.cfg.backoff_base, self.cfg.backoff_max).sleep(attempt)
                     task.scope = trio.CancelScope()
-                    task.started = time.monotonic()
-                    task.samples.clear()
+                    task.restart()
                 finally:
                     if reply is not None:
                         await reply.aclose()
@@ -558,7 +599,7 @@ class BlobFetch:
                 # Advanced before the (possibly waiting) hand-off, so a thief never splits
                 # below bytes already queued for writing.
                 task.pos += len(view)
-                task.samples.append((time.monotonic(), len(view)))
+                task.note(time.monotonic(), len(view))
                 await self._queue_write(pos, view)
             if task.pos >= task.end:
                 return  # done, or a thief took the rest: stop reading this reply
@@ -566,27 +607,37 @@ class BlobFetch:
     async def _watch_slow(self) -> None:
         cfg = self.cfg
         while True:
-            await trio.sleep(0.5)
-            now = time.monotonic()
-            rates = {i: t.rate(now, cfg.slow_seconds) for i, t in self._tasks.items()}
-            # Compared with the other connections and with those that finished lately, so the
-            # last connection left is still judged (the last percent must not crawl).
-            known = [r for r in rates.values() if r is not None] + list(self._finished_rates)
-            median = statistics.median(known) if len(known) >= 2 else None
-            for i, t in list(self._tasks.items()):
-                last = t.samples[-1][0] if t.samples else t.started
-                stalled = now - last > cfg.stall_seconds
-                r = rates[i]
-                slow = median is not None and r is not None and r < cfg.slow_ratio * median
-                if (stalled or slow) and not t.scope.cancel_called:
-                    log.info(
-                        "download %s: replacing a %s connection (bytes %d-%d)",
-                        self.url,
-                        "stalled" if stalled else f"slow ({(r or 0) / 1e6:.2f} MB/s)",
-                        t.pos,
-                        t.end - 1,
-                    )
-                    t.scope.cancel()
+            await trio.sleep(min(0.5, cfg.slow_seconds / 4))
+            for t, why in self._stragglers(time.monotonic()):
+                log.info(
+                    "download %s: replacing a %s connection (bytes %d-%d)",
+                    self.url,
+                    why,
+                    t.pos,
+                    t.end - 1,
+                )
+                t.scope.cancel()
+
+    def _stragglers(self, now: float) -> list[tuple[_Task, str]]:
+        """The connections to replace now, each with why: stalled, or far slower than the
+        median of the running ones and of those that finished lately (so the last connection
+        left is still judged: the last percent must not crawl)."""
+        cfg = self.cfg
+        rates = {i: t.rate(now, cfg.slow_seconds) for i, t in self._tasks.items()}
+        known = [r for r in rates.values() if r is not None] + list(self._finished_rates)
+        median = statistics.median(known) if len(known) >= 2 else None
+        out: list[tuple[_Task, str]] = []
+        for i, t in self._tasks.items():
+            if t.scope.cancel_called:
+                continue
+            last = t.samples[-1][0] if t.samples else t.started
+            r = rates[i]
+            ratio = cfg.slow_ratio / 2 if t.replacing else cfg.slow_ratio
+            if now - last > cfg.stall_seconds:
+                out.append((t, "stalled"))
+            elif median is not None and r is not None and r < ratio * median:
+                out.append((t, f"slow ({r / 1e6:.2f} MB/s)"))
+        return out
 
     # -- writing -----------------------------------------------------------------------------
 
