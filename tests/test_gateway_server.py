@@ -1,0 +1,329 @@
+"""The gateway's own HTTP/1.1 server: the sans-I/O request-head parser (every split of the bytes
+gives the same head; every bound; hostile input is a 4xx, never another exception), the reply's
+framing read back by the gateway's own client reader, and the server on a real socket -
+keep-alive, one write per relayed read, HTTP/1.0, ``Expect: 100-continue``, ``HEAD``, and the
+requests it refuses itself (pipelined, garbage, a chunked body, oversized heads and bodies, a
+head that stalls), each answered and closed while the gateway serves on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tensord.gateway.encoders import OTHER, TOKEN, carries_output, line_kind
+from tensord.gateway.h1 import (
+    MAX_HEADERS,
+    MAX_REQUEST_HEAD,
+    MAX_TARGET,
+    BadRequest,
+    ResponseReader,
+    chunk,
+    parse_request_head,
+    response_head,
+)
+
+from .support.gateway import MSG, TOKENS, gateway
+from .support.ollama_backend import BackendConfig, go_json
+
+REQUEST = (
+    b"POST /api/chat?x=1 HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+    b"Authorization: Bearer k\r\nContent-Length: 2\r\n\r\n{}"
+)
+LIMIT = 1 << 20
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+
+def test_a_request_head_is_parsed_with_its_length() -> None:
+    parsed = parse_request_head(REQUEST, LIMIT)
+    assert parsed is not None
+    head, size = parsed
+    assert REQUEST[size:] == b"{}"
+    assert (head.method, head.path, head.query, head.target) == (
+        "POST", "/api/chat", b"x=1", b"/api/chat?x=1"
+    )  # fmt: skip
+    assert head.http11 and head.keep_alive and head.content_length == 2
+    assert (b"authorization", b"Bearer k") in head.headers  # names lower-cased, values kept
+    assert not head.upgrade and not head.expect_continue
+
+
+@given(st.integers(0, len(REQUEST) - 3))
+def test_a_head_cut_anywhere_is_incomplete_and_whole_it_is_the_same(cut: int) -> None:
+    assert parse_request_head(REQUEST[:cut], LIMIT) is None
+    whole = parse_request_head(REQUEST, LIMIT)
+    assert parse_request_head(REQUEST[:-2], LIMIT) == whole  # the body is not needed
+    assert parse_request_head(REQUEST + b"GET / HTTP/1.1\r\n", LIMIT) == whole
+
+
+def test_percent_escapes_absolute_targets_and_leading_blank_lines() -> None:
+    parsed = parse_request_head(b"\r\nGET http://gw:1/v1/m%6Fdels HTTP/1.1\r\n\r\n", LIMIT)
+    assert parsed is not None and parsed[0].path == "/v1/models"
+
+
+@pytest.mark.parametrize(
+    ("version", "connection", "keep_alive"),
+    [
+        (b"HTTP/1.1", b"", True),
+        (b"HTTP/1.1", b"connection: Close\r\n", False),
+        (b"HTTP/1.1", b"connection: keep-alive, close\r\n", False),
+        (b"HTTP/1.0", b"", False),
+        (b"HTTP/1.0", b"connection: Keep-Alive\r\n", True),
+    ],
+)
+def test_keep_alive_as_http_has_it(version: bytes, connection: bytes, keep_alive: bool) -> None:
+    parsed = parse_request_head(b"GET / " + version + b"\r\n" + connection + b"\r\n", LIMIT)
+    assert parsed is not None and parsed[0].keep_alive is keep_alive
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"x" * (MAX_REQUEST_HEAD + 1), 431),
+        (b"GET / HTTP/1.1\r\n" + b"a: b\r\n" * (MAX_HEADERS + 1) + b"\r\n", 400),
+        (b"GET /" + b"a" * MAX_TARGET + b" HTTP/1.1\r\n\r\n", 414),
+        (b"POST / HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % (LIMIT + 1), 413),
+        (b"POST / HTTP/1.1\r\ncontent-length: 99999999999999999999\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\ncontent-length: +5\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\ncontent-length: -1\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\ncontent-length: 0x5\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\ncontent-length: 1_0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", 411),
+        (b"GET / HTTP/1.1\r\nx: a\r\n  folded\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nbad name: v\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nx: a\x00b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nx: a\nb: c\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n: v\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\n\r\n", 505),
+        (b"GET / FTP/1.1\r\n\r\n", 400),
+        (b"get / HTTP/1.1\r\n\r\n", 400),
+        (b"GET  / HTTP/1.1\r\n\r\n", 400),
+        (b"GET relative HTTP/1.1\r\n\r\n", 400),
+        (b"GET /a\tb HTTP/1.1\r\n\r\n", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),  # TLS to a plain port
+        (b"\r\n\r\n", 400),
+    ],
+)
+def test_a_request_outside_the_bounds_is_refused_with_its_status(raw: bytes, status: int) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_request_head(raw, LIMIT)
+    assert caught.value.status == status
+    assert str(caught.value) and not str(caught.value).endswith(":")
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_are_a_head_more_to_come_or_a_bad_request(raw: bytes) -> None:
+    try:
+        parsed = parse_request_head(raw, LIMIT)
+    except BadRequest as exc:
+        assert 400 <= exc.status < 600
+    else:
+        assert parsed is None or parsed[1] <= len(raw)
+
+
+NOISE = [b"GET", b"POST", b" ", b"/", b"\r\n", b"HTTP/1.1", b"a", b":", b"content-length", b"9",
+         b"\x00", b"%", b"?"]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(NOISE), max_size=30))
+def test_request_like_noise_is_a_head_more_to_come_or_a_bad_request(parts: list[bytes]) -> None:
+    raw = b"".join(parts) + b"\r\n\r\n"
+    try:
+        parsed = parse_request_head(raw, LIMIT)
+    except BadRequest:
+        return
+    assert parsed is not None and parsed[0].path.startswith("/")
+
+
+# -- the reply's framing ------------------------------------------------------------------------
+
+
+@given(st.lists(st.binary(max_size=300), max_size=8))
+def test_chunks_written_here_read_back_the_same(pieces: list[bytes]) -> None:
+    raw = response_head(200, [(b"transfer-encoding", b"chunked")])
+    raw += b"".join(chunk(p) for p in pieces) + chunk(b"", last=True)
+    reader = ResponseReader()
+    assert reader.feed(raw) == b"".join(pieces) and reader.done
+
+
+def test_a_newline_in_a_reply_header_is_refused() -> None:
+    with pytest.raises(ValueError):
+        response_head(200, [(b"x", b"a\r\nset-cookie: evil")])
+
+
+# -- the token-line fast path ---------------------------------------------------------------------
+
+
+def _slow_kind(line: bytes, sse: bool) -> str:
+    """What line_kind answers by parsing (the reference its fast path must agree with)."""
+    text = line[5:].strip() if sse else line
+    obj = json.loads(text)
+    return TOKEN if carries_output(obj) and "error" not in obj else OTHER
+
+
+@given(st.text(max_size=20), st.text(max_size=10), st.booleans())
+def test_token_lines_are_classified_as_parsing_them_would(
+    content: str, model: str, openai: bool
+) -> None:
+    if openai:
+        obj: dict[str, object] = {
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 17, "model": model,
+            "system_fingerprint": "fp_ollama",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": content},
+                         "finish_reason": None}],
+        }  # fmt: skip
+        line = b"data: " + go_json(obj)
+    else:
+        obj = {"model": model, "created_at": "2026-12-07T11:59:29.1Z",
+               "message": {"role": "assistant", "content": content}, "done": False}  # fmt: skip
+        line = go_json(obj)
+    assert line_kind(line, openai) == _slow_kind(line, openai)
+
+
+# -- the server on a real socket ------------------------------------------------------------------
+
+
+async def _connect(url: str) -> trio.SocketStream:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return await trio.open_tcp_stream(host, int(port))
+
+
+async def _read_until_closed(stream: trio.SocketStream) -> bytes:
+    out = b""
+    with trio.fail_after(20):
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return out
+            if not data:
+                return out
+            out += data
+
+
+async def _read_reply(stream: trio.SocketStream) -> tuple[ResponseReader, bytes]:
+    """One reply from a kept-alive connection: its reader and its body."""
+    reader = ResponseReader()
+    body = b""
+    with trio.fail_after(20):
+        while not reader.done:
+            data = await stream.receive_some(65536)
+            assert data, "the gateway closed the connection before the reply ended"
+            body += reader.feed(data)
+    return reader, body
+
+
+def _chat(body: object, *, version: bytes = b"HTTP/1.1", extra: bytes = b"") -> bytes:
+    raw = json.dumps(body).encode()
+    return (
+        b"POST /api/chat " + version + b"\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        + extra + b"content-length: %d\r\n\r\n" % len(raw) + raw
+    )  # fmt: skip
+
+
+async def test_requests_on_one_kept_alive_connection_and_a_streamed_reply_is_chunked() -> None:
+    fast = BackendConfig(tokens=TOKENS[:5], interval=0.0)
+    async with gateway(fast) as (g, (backend,)):
+        stream = await _connect(g.url)
+        async with stream:
+            for _ in range(2):
+                await stream.send_all(_chat({"model": "tiny", "messages": MSG}))
+                reader, body = await _read_reply(stream)
+                assert reader.head is not None and reader.head.status == 200
+                assert reader.head.header(b"transfer-encoding") == b"chunked"
+                assert reader.head.keep_alive and reader.head.header(b"date")
+                lines = [json.loads(line) for line in body.splitlines()]
+                assert "".join(x["message"]["content"] for x in lines) == "".join(TOKENS[:5])
+            await stream.send_all(b"GET /api/version HTTP/1.1\r\nhost: gw\r\n\r\n")
+            reader, body = await _read_reply(stream)
+            assert json.loads(body) == {"version": "0.5.7"}
+        assert len(backend.requests) == 2
+
+
+async def test_http_1_0_gets_a_close_delimited_stream() -> None:
+    fast = BackendConfig(tokens=TOKENS[:3], interval=0.0)
+    async with gateway(fast) as (g, _):
+        stream = await _connect(g.url)
+        async with stream:
+            await stream.send_all(_chat({"model": "tiny", "messages": MSG}, version=b"HTTP/1.0"))
+            raw = await _read_until_closed(stream)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head.lower()
+        assert b"connection: close" in head.lower()
+        assert [json.loads(x)["done"] for x in body.splitlines()] == [False] * 3 + [True]
+
+
+async def test_expect_100_continue_and_head() -> None:
+    async with gateway(BackendConfig(tokens=TOKENS[:2], interval=0.0)) as (g, _):
+        stream = await _connect(g.url)
+        async with stream:
+            raw = _chat({"model": "tiny", "messages": MSG}, extra=b"expect: 100-continue\r\n")
+            head, _, body = raw.partition(b"\r\n\r\n")
+            await stream.send_all(head + b"\r\n\r\n")
+            with trio.fail_after(20):
+                interim = await stream.receive_some(65536)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"  # asked for before the body
+            await stream.send_all(body)
+            reader, got = await _read_reply(stream)
+            assert reader.head is not None and reader.head.status == 200
+            assert json.loads(got.splitlines()[-1])["done"] is True
+
+            await stream.send_all(
+                b"HEAD /api/version HTTP/1.1\r\nhost: gw\r\n\r\n"
+                b"GET /api/version HTTP/1.1\r\nhost: gw\r\n\r\n"
+            )
+            raw_reply = await _read_until_closed(stream)
+        # HEAD: the head only; the GET sent with it is refused as pipelined.
+        assert raw_reply.startswith(b"HTTP/1.1 404 ")
+        first_head, _, rest = raw_reply.partition(b"\r\n\r\n")
+        assert b"content-length" in first_head and rest.startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /api/version HTTP/1.1\r\n\r\nGET /api/version HTTP/1.1\r\n\r\n", 200),
+        (b"hello there\r\n\r\n", 400),
+        (b"POST /api/chat HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+        (b"GET / HTTP/1.1\r\nx: " + b"y" * MAX_REQUEST_HEAD, 431),
+        (b"POST /api/chat HTTP/1.1\r\ncontent-length: 99999999999\r\n\r\n{", 413),
+    ],
+)
+async def test_what_the_server_refuses_is_answered_and_closed(raw: bytes, status: int) -> None:
+    async with gateway(BackendConfig()) as (g, (backend,)):
+        stream = await _connect(g.url)
+        async with stream:
+            await stream.send_all(raw)
+            reply = await _read_until_closed(stream)
+        assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:200]
+        if status == 200:  # pipelined: the first is answered, what came with it is refused
+            assert reply.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 400 " in reply
+            assert b"pipelining is not supported" in reply
+        else:
+            doc = json.loads(reply.partition(b"\r\n\r\n")[2])
+            assert doc["error"]["message"]
+            assert b"connection: close" in reply.lower()
+        assert backend.requests == []
+        # ... and the gateway serves on.
+        stream = await _connect(g.url)
+        async with stream:
+            await stream.send_all(b"GET /api/version HTTP/1.1\r\nhost: gw\r\n\r\n")
+            reader, body = await _read_reply(stream)
+        assert reader.head is not None and reader.head.status == 200 and b"version" in body
+
+
+async def test_a_head_that_stalls_is_a_408_and_a_silent_connection_is_closed() -> None:
+    async with gateway(BackendConfig(), read_timeout=0.3) as (g, _):
+        stream = await _connect(g.url)
+        async with stream:
+            await stream.send_all(b"GET /api/version HTTP/1.1\r\nhost: ")
+            reply = await _read_until_closed(stream)
+        assert reply.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 0.3 s" in reply
+        stream = await _connect(g.url)
+        async with stream:
+            assert await _read_until_closed(stream) == b""
