@@ -29,6 +29,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import httpx
@@ -43,7 +44,9 @@ from ..control.serving import RequestTimeout
 from .backends import Backend, Backends
 from .encoders import ERROR, TOKEN, LineSplitter, line_kind, openai_error, reply_tokens
 from .http_client import UpstreamError, UpstreamResponse
+from .http_server import BODY_WRITER
 from .record import _Record, _report
+from .relay import Relay
 from .reply import _json, _ollama_fail, _openai_fail, _Reply
 from .upstream import MAX_LINE, _attempt_failed, _error_text, _try_backends
 from .websocket import WS_ENDPOINT, serve_chat_socket
@@ -61,8 +64,11 @@ class GatewayApp:
         *,
         keepalive_seconds: float = 15.0,
         api_keys: set[str] | None = None,
+        relay: Relay | None = None,
     ) -> None:
         self.backends = backends
+        #: Streams the rest of a streamed reply once it started (None: each request's own task).
+        self.relay = relay
         self.client = backends.client
         self.keepalive = keepalive_seconds
         self.api_keys = api_keys
@@ -90,7 +96,7 @@ class GatewayApp:
             await _json(send, 404, {"error": f"no endpoint {method} {path}"})
             return
         try:
-            await route(self, receive, send, path)
+            await route(self, receive, send, path, scope)
         except Exception as exc:
             report_unexpected(log, "gateway", f"gateway request {method} {path}", exc)
             await _json(send, 500, {"error": "internal error: see the gateway's log"})
@@ -137,7 +143,7 @@ class GatewayApp:
         return out
 
     async def metrics(
-        self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str
+        self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str, scope: Scope
     ) -> None:
         body, ctype = metrics.exposition()
         await send(
@@ -149,25 +155,31 @@ class GatewayApp:
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def tags(self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str) -> None:
+    async def tags(
+        self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str, scope: Scope
+    ) -> None:
         seen: dict[str, Json] = {}
         for doc in await self._gather("/api/tags"):
             for m in doc.get("models", []):
                 seen.setdefault(str(m.get("name")), m)
         await _json(send, 200, {"models": [seen[k] for k in sorted(seen)]})
 
-    async def ps(self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str) -> None:
+    async def ps(
+        self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str, scope: Scope
+    ) -> None:
         models = [m for doc in await self._gather("/api/ps") for m in doc.get("models", [])]
         await _json(send, 200, {"models": models})
 
     async def version(
-        self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str
+        self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str, scope: Scope
     ) -> None:
         # The oldest: a client that checks the version for a feature gets one every backend has.
         versions = sorted({b.version for b in self.backends.healthy() if b.version}, key=_version)
         await _json(send, 200, {"version": versions[0] if versions else "0.0.0"})
 
-    async def models(self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str) -> None:
+    async def models(
+        self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str, scope: Scope
+    ) -> None:
         seen: dict[str, Json] = {}
         for doc in await self._gather("/v1/models"):
             for m in doc.get("data", []):
@@ -177,7 +189,7 @@ class GatewayApp:
     # -- generation --------------------------------------------------------------------------
 
     async def generate(
-        self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str
+        self, receive: ASGIReceiveCallable, send: ASGISendCallable, path: str, scope: Scope
     ) -> None:
         received = time.perf_counter()
         openai = path.startswith("/v1/")
@@ -205,7 +217,9 @@ class GatewayApp:
         # (absent or null: true).
         stream = request.get("stream") is True if openai else request.get("stream") is not False
         record.streamed = stream
-        reply = _Reply(send, record, openai=openai, keepalive=stream and openai)
+        extensions: Any = scope.get("extensions") or {}
+        writer = extensions.get(BODY_WRITER)
+        reply = _Reply(send, record, openai=openai, keepalive=stream and openai, writer=writer)
         try:
             async with trio.open_nursery() as nursery:
 
@@ -273,8 +287,7 @@ class GatewayApp:
         read brings it: its complete lines as they came (one token or a burst, one write), each
         line counted as it passes (:func:`line_kind`), a partial line kept for the rest; a whole
         reply goes as it comes."""
-        outcome = "ok"
-        open_event = False  # an SSE event's lines were relayed, not yet its blank line
+        lines = _Lines(record, sse)
         try:
             if not reply.stream:
                 whole = bytearray()
@@ -283,34 +296,58 @@ class GatewayApp:
                         whole += chunk
                     await reply.body(chunk)
                 record.tokens = reply_tokens(bytes(whole))
-                record.outcome = outcome
+                record.outcome = "ok"
                 await reply.body(b"", more=False)
                 return
-            splitter = LineSplitter(MAX_LINE)
-            async for chunk in upstream.chunks():
-                lines, complete = splitter.feed_through(chunk)
-                if not lines:
-                    continue
-                for line in lines:
-                    kind = line_kind(line, sse)
-                    if kind == TOKEN:
-                        record.token()
-                    elif kind == ERROR:
-                        outcome = "backend_error"
-                open_event = sse and bool(lines[-1].strip())
-                await reply.body(complete)
-            tail = splitter.close()
+            relay = self.relay if upstream.fd is not None and reply.writer is not None else None
+            async with aclosing(upstream.chunks()) as chunks:
+                async for chunk in chunks:
+                    complete = lines.take(chunk)
+                    if complete:
+                        await reply.body(complete)
+                        if relay is not None:
+                            break  # the first line went out (and any keep-alive stopped)
+            if relay is not None and reply.writer is not None and not upstream.done:
+                await relay.pump(upstream, lines.take, reply.writer)
+            tail = lines.splitter.close()
             for line in tail:
                 if line_kind(line, sse) == TOKEN:
                     record.token()
-            record.outcome = outcome
+            record.outcome = lines.outcome
             await reply.body(b"".join(t + b"\n" for t in tail), more=False)
         except (UpstreamError, ValueError) as exc:
             log.warning("gateway: backend %s failed mid-stream: %s", record.backend, exc)
             record.outcome = "backend_error"
-            if open_event:
+            if lines.open_event:
                 await reply.body(b"\n")  # end the event, so the error is an event of its own
             await reply.fail(502, f"the backend failed mid-stream: {exc}")
+
+
+class _Lines:
+    """A streamed reply's lines as they pass: complete lines out as they came, each counted as
+    it passes (:func:`line_kind`), a partial line kept for the rest."""
+
+    def __init__(self, record: _Record, sse: bool) -> None:
+        self.splitter = LineSplitter(MAX_LINE)
+        self.record = record
+        self.sse = sse
+        self.outcome = "ok"  # "backend_error" once the backend wrote an error line
+        self.open_event = False  # an SSE event's lines were relayed, not yet its blank line
+
+    def take(self, chunk: bytes) -> bytes:
+        """The complete lines ``chunk`` brings (with what came before it), as they came."""
+        lines, complete = self.splitter.feed_through(chunk)
+        if not lines:
+            return b""
+        sse, record = self.sse, self.record
+        for line in lines:
+            kind = line_kind(line, sse)
+            if kind == TOKEN:
+                record.token()
+            elif kind == ERROR:
+                self.outcome = "backend_error"
+        self.open_event = sse and bool(lines[-1].strip())
+        return complete
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -337,7 +374,7 @@ async def _read_body(receive: ASGIReceiveCallable) -> bytes | None:
             return bytes(body)
 
 
-Route = Callable[[GatewayApp, ASGIReceiveCallable, ASGISendCallable, str], Awaitable[None]]
+Route = Callable[[GatewayApp, ASGIReceiveCallable, ASGISendCallable, str, Scope], Awaitable[None]]
 _ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/metrics"): GatewayApp.metrics,
     ("GET", "/api/tags"): GatewayApp.tags,

@@ -75,7 +75,7 @@ class ResponseReader:
             # The common case on the token path: a read that is exactly one whole chunk.
             nl = data.find(b"\r\n", 0, 18)
             size_line = data[:nl]
-            if 0 < nl and size_line.isalnum():
+            if nl > 0 and size_line.isalnum():
                 try:
                     size = int(size_line, 16)
                 except ValueError:

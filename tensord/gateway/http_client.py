@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -42,8 +42,40 @@ class UpstreamResponse:
         assert head is not None
         self.head: ResponseHead = head
         self.status = head.status
+        #: The plain socket's file descriptor (None for TLS): what a :class:`~.relay.Relay`
+        #: reads the rest of a streamed body from, with :meth:`read_nowait`.
+        self.fd: int | None = None
+        if isinstance(stream, trio.SocketStream):
+            self.fd = stream.socket.fileno()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    @property
+    def done(self) -> bool:
+        """The whole body was read."""
+        return self._reader.done
+
+    def read_nowait(self) -> bytes | None:
+        """One ``read(2)`` of the socket (:attr:`fd`), for a caller told it is readable: the
+        body bytes it completes (possibly none), or None at the end of the body. Raises
+        :class:`UpstreamError` as :meth:`chunks` does."""
+        if self._first:
+            first, self._first = self._first, b""
+            return first
+        assert self.fd is not None
+        reader = self._reader
+        if reader.done:
+            return None
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
+            raise UpstreamError(_describe(exc)) from exc
+        if not data:
+            _eof(reader)
+            return None
+        return _feed(reader, data)
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body's bytes, each piece as soon as a socket read brings it."""
         if self._first:
             first, self._first = self._first, b""
@@ -65,7 +97,7 @@ class UpstreamResponse:
             if body:
                 yield body
 
-    async def _socket_chunks(self, fd: int) -> AsyncIterator[bytes]:
+    async def _socket_chunks(self, fd: int) -> AsyncGenerator[bytes, None]:
         """:meth:`chunks` on a plain socket, at the cost of one readiness wait and one
         ``read(2)`` per token: the socket is waited on first (between two tokens it has nothing
         to read, so trio's try-then-wait would spend a failed ``recv`` on each), read once it is

@@ -62,6 +62,8 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 16 << 20
 
 _DISCONNECT: ASGIReceiveEvent = {"type": "http.disconnect"}
+#: The scope extension that carries a request's :class:`~.relay.BodyWriter`.
+BODY_WRITER = "tensord.body_writer"
 
 
 class GatewayHTTP:
@@ -211,7 +213,8 @@ class _Exchange:
             "query_string": head.query,
             "root_path": "",
             "headers": head.headers,
-            "extensions": {},
+            # A streamed reply's pieces may be written without an ASGI message (.relay).
+            "extensions": {BODY_WRITER: self},
             **self.connection.addrs,
         }
         return cast(Scope, raw)
@@ -355,6 +358,30 @@ class _Exchange:
         headers.append((b"date", _date()))
         return response_head(status, headers)
 
+    def write_nowait(self, body: bytes) -> bytes:
+        """:class:`~.relay.BodyWriter`: ``body`` as the reply's next piece (the reply started
+        and not ended), written as far as the socket takes it now; the rest, framed."""
+        if self.broken or self.complete or self.bodiless or not body:
+            return b""
+        data = chunk(body) if self.chunked else body
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            return data
+        except OSError:
+            self._lost()
+            return b""
+        return data[sent:] if sent < len(data) else b""
+
+    async def write_rest(self, rest: bytes) -> None:
+        await self._write(rest)
+
+    def _lost(self) -> None:
+        """Gone, or cut mid-write: the connection cannot carry anything more. Closing its
+        socket wakes a task waiting to read it (the app's disconnect watch) at once."""
+        self.broken = True
+        self.stream.socket.close()
+
     async def _write(self, data: bytes) -> None:
         """Write ``data`` to the client: one ``write(2)`` when the socket takes it all (a
         token's lines always fit in an idle socket's buffer), else the rest with ``send_all``.
@@ -375,10 +402,7 @@ class _Exchange:
             pass
         finally:
             if not written:
-                # Gone, or cut mid-write: the connection cannot carry anything more. Closing its
-                # socket wakes a task waiting to read it (the app's disconnect watch) at once.
-                self.broken = True
-                self.stream.socket.close()
+                self._lost()
 
 
 class _Replayed(trio.abc.HalfCloseableStream):
@@ -433,4 +457,4 @@ def _date() -> bytes:
     return _date_cache[1]
 
 
-__all__ = ["KEEP_ALIVE_SECONDS", "GatewayHTTP"]
+__all__ = ["BODY_WRITER", "KEEP_ALIVE_SECONDS", "GatewayHTTP"]

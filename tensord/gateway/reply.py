@@ -15,6 +15,7 @@ from hypercorn.typing import ASGISendCallable
 from ..asgi import Headers, send_json
 from .encoders import KEEPALIVE, openai_error, sse
 from .record import _Record, _report
+from .relay import BodyWriter
 
 
 class _Reply:
@@ -26,9 +27,17 @@ class _Reply:
     """
 
     def __init__(
-        self, send: ASGISendCallable, record: _Record, *, openai: bool, keepalive: bool
+        self,
+        send: ASGISendCallable,
+        record: _Record,
+        *,
+        openai: bool,
+        keepalive: bool,
+        writer: BodyWriter | None = None,
     ) -> None:
         self.send = send
+        #: The server's direct writer for the reply's pieces, when it has one (:mod:`.relay`).
+        self.writer = writer
         self.record = record
         self.openai = openai
         self.stream = record.streamed

@@ -26,6 +26,7 @@ from ..control.serving import HTTPConnections, open_http_listeners
 from .app import MAX_BODY, GatewayApp
 from .backends import Backends
 from .http_server import GatewayHTTP
+from .relay import Relay
 
 log = logging.getLogger("tensord.gateway")
 
@@ -64,8 +65,12 @@ class Gateway:
             self.backends = Backends(
                 client, backend_entries(self.settings), limit=self.backend_limit
             )
+            relay = Relay()
             app = GatewayApp(
-                self.backends, keepalive_seconds=g.keepalive_seconds, api_keys=self.api_keys
+                self.backends,
+                keepalive_seconds=g.keepalive_seconds,
+                api_keys=self.api_keys,
+                relay=relay,
             )
             config = Config()
             config.accesslog = None
@@ -85,6 +90,7 @@ class Gateway:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.backends.run)
+                    await nursery.start(relay.run)
                     await nursery.start(trio.serve_listeners, server.serve, listeners)
                     log.info("gateway on %s, %d backends", self.url, len(self.backends.backends))
                     task_status.started(self.url)
