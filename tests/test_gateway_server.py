@@ -8,7 +8,9 @@ head that stalls), each answered and closed while the gateway serves on."""
 from __future__ import annotations
 
 import json
+import struct
 
+import httpx
 import pytest
 import trio
 from hypothesis import given
@@ -327,3 +329,53 @@ async def test_a_head_that_stalls_is_a_408_and_a_silent_connection_is_closed() -
         stream = await _connect(g.url)
         async with stream:
             assert await _read_until_closed(stream) == b""
+
+
+# -- the relay ------------------------------------------------------------------------------------
+
+
+async def test_a_client_that_reads_slowly_gets_every_byte_in_order() -> None:
+    """A fast stream of 4 MB to a client with a 4 KiB receive buffer: the client's socket
+    fills up, the relay hands the rest to the request's task (an awaited write) and stops
+    reading that backend until it went out - nothing lost, nothing reordered."""
+    tokens = [f"{i:06d}" + "x" * 4000 for i in range(1000)]
+    async with gateway(BackendConfig(tokens=tokens, interval=0.0)) as (g, _):
+        host, port = g.url.removeprefix("http://").rsplit(":", 1)
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect((host, int(port)))
+        stream = trio.SocketStream(sock)
+        async with stream:
+            await stream.send_all(_chat({"model": "tiny", "messages": MSG}))
+            reader = ResponseReader()
+            body = b""
+            with trio.fail_after(60):
+                while not reader.done:
+                    data = await stream.receive_some(1024)
+                    assert data
+                    body += reader.feed(data)
+        lines = [json.loads(line) for line in body.splitlines()]
+        assert [x["message"]["content"] for x in lines[:-1]] == tokens
+        assert lines[-1]["done"] is True
+        assert g.relay is not None and g.relay.backpressured > 0
+
+
+async def test_a_client_that_resets_mid_stream_cancels_upstream() -> None:
+    async with gateway(BackendConfig(n_tokens=500, interval=0.01)) as (g, (backend,)):
+        stream = await _connect(g.url)
+        await stream.send_all(_chat({"model": "tiny", "messages": MSG}))
+        reader = ResponseReader()
+        body = b""
+        with trio.fail_after(20):
+            while body.count(b"\n") < 3:
+                body += reader.feed(await stream.receive_some(65536))
+        # An abortive close: the gateway's next write or read of it fails with a reset.
+        stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER,
+                                 struct.pack("ii", 1, 0))  # fmt: skip
+        await stream.aclose()
+        with trio.fail_after(20):
+            await backend.wait_cancelled(1)
+        assert backend.completed == 0
+        async with httpx.AsyncClient(timeout=30) as client:  # the gateway serves on
+            r = await client.get(f"{g.url}/api/version")
+            assert r.status_code == 200

@@ -360,7 +360,8 @@ class _Exchange:
 
     def write_nowait(self, body: bytes) -> bytes:
         """:class:`~.relay.BodyWriter`: ``body`` as the reply's next piece (the reply started
-        and not ended), written as far as the socket takes it now; the rest, framed."""
+        and not ended), written as far as the socket takes it now; the rest, framed. Only
+        writes (it may run in the relay's thread): a failed write raises OSError."""
         if self.broken or self.complete or self.bodiless or not body:
             return b""
         data = chunk(body) if self.chunked else body
@@ -368,13 +369,13 @@ class _Exchange:
             sent = os.write(self.fd, data)
         except BlockingIOError:
             return data
-        except OSError:
-            self._lost()
-            return b""
         return data[sent:] if sent < len(data) else b""
 
     async def write_rest(self, rest: bytes) -> None:
         await self._write(rest)
+
+    def lost(self) -> None:
+        self._lost()
 
     def _lost(self) -> None:
         """Gone, or cut mid-write: the connection cannot carry anything more. Closing its

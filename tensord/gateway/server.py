@@ -50,6 +50,7 @@ class Gateway:
         self.backend_limit = backend_limit
         self.api_keys = load_api_keys(settings)
         self.backends: Backends | None = None
+        self.relay: Relay | None = None
         self.url = ""
 
     def reconfigure(self, settings: Settings) -> None:
@@ -65,7 +66,7 @@ class Gateway:
             self.backends = Backends(
                 client, backend_entries(self.settings), limit=self.backend_limit
             )
-            relay = Relay()
+            self.relay = relay = Relay()
             app = GatewayApp(
                 self.backends,
                 keepalive_seconds=g.keepalive_seconds,
