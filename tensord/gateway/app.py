@@ -19,7 +19,11 @@ complete, as the backend wrote it. What the gateway adds is around the stream, n
 
 ``/v1/ws`` carries the same chat requests over a WebSocket, several at once (:mod:`.websocket`).
 This module routes requests and relays the HTTP ones; the reply to a generation request is
-:mod:`.reply`, failover across backends :mod:`.upstream`.
+:mod:`.reply`, failover across backends :mod:`.upstream`. A streamed reply's first line is
+relayed by the request's own task (it stops any keep-alive comments); the rest, when the server
+offers a direct writer (:data:`~.http_server.BODY_WRITER`) and the backend connection is a plain
+socket, by the relay thread (:mod:`.relay`) - the same lines, counted the same way
+(:class:`_Lines`), one read and one write per token.
 """
 
 from __future__ import annotations

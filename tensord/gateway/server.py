@@ -1,15 +1,18 @@
-"""Serving the gateway: hypercorn's trio worker on ``gateway.listen``, backends from the cluster.
+"""Serving the gateway on ``gateway.listen``: its own HTTP/1.1 server, the relay thread and the
+backends from the cluster, as one task of the daemon.
 
 The gateway runs in the daemon's nursery when the cluster file names at least one Ollama node
 (``"ollama": "http://host:11434"`` on a node entry). Bound to a non-loopback address it requires
 API keys (``gateway.api_keys_file``, one key per line, ``#`` comments): an open token endpoint on
 the network is a hole in the cluster, so without keys it refuses to start.
 
-Connections are accepted here and handed to hypercorn one by one (tensord/control/serving.py), so
-that ``gateway.max_connections`` caps them (a newcomer displaces the longest-idle connection;
-when every one is busy relaying it gets a 503) and ``gateway.read_timeout`` bounds how long a
-request's head and body may take to arrive (a slow or stalled body is answered 408 and closed).
-A reply being relayed is never cut by either: a client may read a long token stream in silence.
+Connections are served by :class:`~.http_server.GatewayHTTP` (WebSocket upgrades are handed to
+hypercorn through tensord/control/serving.py), so that ``gateway.max_connections`` caps them (a
+newcomer displaces the longest-idle connection; when every one is busy relaying it gets a 503)
+and ``gateway.read_timeout`` bounds how long a request's head and body may take to arrive (a
+slow or stalled body is answered 408 and closed). A reply being relayed is never cut by either:
+a client may read a long token stream in silence. Streamed replies, once started, are relayed
+by :class:`~.relay.Relay`'s thread.
 """
 
 from __future__ import annotations
