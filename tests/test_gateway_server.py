@@ -16,6 +16,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tensord import metrics
 from tensord.gateway.encoders import OTHER, TOKEN, carries_output, line_kind
 from tensord.gateway.h1 import (
     MAX_HEADERS,
@@ -379,3 +380,28 @@ async def test_a_client_that_resets_mid_stream_cancels_upstream() -> None:
         async with httpx.AsyncClient(timeout=30) as client:  # the gateway serves on
             r = await client.get(f"{g.url}/api/version")
             assert r.status_code == 200
+
+
+async def test_the_gateway_stops_cleanly_with_streams_in_the_relay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    errors = metrics.UNEXPECTED_ERRORS.labels("gateway")
+    before = errors._value.get()
+    async with gateway(BackendConfig(n_tokens=500, interval=0.01)) as (g, _):
+        streams = []
+        for _ in range(3):
+            stream = await _connect(g.url)
+            streams.append(stream)
+            await stream.send_all(_chat({"model": "tiny", "messages": MSG}))
+            reader = ResponseReader()
+            body = b""
+            with trio.fail_after(20):
+                while body.count(b"\n") < 2:  # past the first line: in the relay
+                    body += reader.feed(await stream.receive_some(65536))
+    # The gateway stopped under them: each connection ends, nothing was reported as a bug.
+    for stream in streams:
+        rest = await _read_until_closed(stream)  # it ends (within _read_until_closed's bound)
+        assert not rest.endswith(b"0\r\n\r\n")  # cut, not completed
+        await stream.aclose()
+    assert errors._value.get() == before
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -43,7 +43,7 @@ from typing import Protocol
 
 import trio
 
-from .http_client import UpstreamResponse
+from .http_client import UpstreamError, UpstreamResponse
 
 
 class BodyWriter(Protocol):
@@ -88,7 +88,7 @@ class Relay:
                 await trio.to_thread.run_sync(self._loop, limiter=trio.CapacityLimiter(1))
                 nursery.cancel_scope.cancel()
         finally:
-            self._epoll.close()
+            self._epoll.close()  # in trio's thread, as watch() is: no race
             os.close(self._stop_r)
             os.close(self._stop_w)
 
@@ -168,10 +168,13 @@ class _Route:
 
     def watch(self) -> None:
         """Put the stream in the relay (the task's thread)."""
+        relay = self.relay
         with self.lock:
+            if relay._epoll.closed:
+                raise UpstreamError("the gateway is stopping")
             self.watched = True
-            self.relay._routes[self.fd] = self
-            self.relay._epoll.register(self.fd, select.EPOLLIN)
+            relay._routes[self.fd] = self
+            relay._epoll.register(self.fd, select.EPOLLIN)
 
     def unwatch(self) -> None:
         """Take the stream out of the relay (either thread; the lock is held)."""
@@ -182,10 +185,12 @@ class _Route:
         if not self.watched:
             return
         self.watched = False
-        if self.relay._routes.get(self.fd) is self:
-            del self.relay._routes[self.fd]
-        with contextlib.suppress(OSError):  # closed meanwhile: the kernel dropped it already
-            self.relay._epoll.unregister(self.fd)
+        relay = self.relay
+        if relay._routes.get(self.fd) is self:
+            del relay._routes[self.fd]
+        # The socket closed meanwhile (the kernel dropped it already), or the relay stopped.
+        with contextlib.suppress(OSError, ValueError):
+            relay._epoll.unregister(self.fd)
 
     def readable(self) -> None:
         """The upstream socket is readable: relay what one read brings (the relay thread)."""
