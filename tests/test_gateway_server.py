@@ -7,7 +7,9 @@ head that stalls), each answered and closed while the gateway serves on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import struct
 
 import httpx
@@ -405,3 +407,39 @@ async def test_the_gateway_stops_cleanly_with_streams_in_the_relay(
         await stream.aclose()
     assert errors._value.get() == before
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+HOSTILE = [
+    b"GET / HTTP/1.1\r\nhost: x\r\n\r\n" * 3,
+    b'POST /api/chat HTTP/1.1\r\ncontent-length: 5\r\n\r\n{"mo' + b"\x00" * 10,
+    b"POST /api/chat HTTP/1.1\r\ncontent-length: 3\r\nexpect: 100-continue\r\n\r\n{}}",
+    b"\x00\xff" * 300,
+    b"GET /%ff%fe%00 HTTP/1.1\r\n\r\n",
+    b"GET /api/version HTTP/1.0\r\nconnection: keep-alive\r\n\r\nGARBAGE\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 12\r\n\r\n[1, 2, 3, 4]",
+    b"POST /api/generate HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+    b"GET /v1/ws HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\n\r\n",
+]
+
+
+async def test_hostile_bytes_in_any_split_are_answered_and_break_nothing() -> None:
+    rng = random.Random(15)
+    errors = metrics.UNEXPECTED_ERRORS.labels("gateway")
+    before = errors._value.get()
+    async with gateway(BackendConfig(), read_timeout=0.5) as (g, _):
+        for raw in HOSTILE:
+            stream = await _connect(g.url)
+            async with stream:
+                pos = 0
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while pos < len(raw):
+                        step = rng.randint(1, 40)
+                        await stream.send_all(raw[pos : pos + step])
+                        pos += step
+                reply = await _read_until_closed(stream)
+            assert reply == b"" or reply.startswith(b"HTTP/1.1 "), (raw[:40], reply[:80])
+        assert errors._value.get() == before
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.post(f"{g.url}/api/chat", json={"model": "tiny", "messages": MSG})
+            assert r.status_code == 200 and r.text.count("\n") == len(TOKENS) + 1

@@ -96,6 +96,8 @@ class GatewayHTTP:
         try:
             with conn.scope:
                 await _Connection(self, conn, stream).run()
+        except Exception as exc:  # a bug: this connection ends, the gateway serves on
+            report_unexpected(log, "gateway", "a gateway connection", exc)
         finally:
             self.connections.release(conn)
             await trio.aclose_forcefully(stream)
