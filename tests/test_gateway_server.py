@@ -310,8 +310,8 @@ async def test_what_the_server_refuses_is_answered_and_closed(raw: bytes, status
             assert reply.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 400 " in reply
             assert b"pipelining is not supported" in reply
         else:
-            doc = json.loads(reply.partition(b"\r\n\r\n")[2])
-            assert doc["error"]["message"]
+            err = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+            assert err if status == 413 else err["message"]  # /api/chat's shape: a string
             assert b"connection: close" in reply.lower()
         assert backend.requests == []
         # ... and the gateway serves on.
@@ -443,3 +443,20 @@ async def test_hostile_bytes_in_any_split_are_answered_and_break_nothing() -> No
         async with httpx.AsyncClient(timeout=30) as client:
             r = await client.post(f"{g.url}/api/chat", json={"model": "tiny", "messages": MSG})
             assert r.status_code == 200 and r.text.count("\n") == len(TOKENS) + 1
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+async def test_a_body_over_the_limit_is_refused_in_the_endpoints_shape(path: str) -> None:
+    async with gateway(BackendConfig()) as (g, _):
+        stream = await _connect(g.url)
+        async with stream:
+            await stream.send_all(
+                b"POST " + path.encode() + b" HTTP/1.1\r\ncontent-length: 99999999\r\n\r\n{"
+            )
+            reply = await _read_until_closed(stream)
+    assert reply.startswith(b"HTTP/1.1 413 ")
+    err = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+    if path.startswith("/v1/"):  # OpenAI's, as the app answers its own errors
+        assert err["type"] == "invalid_request_error" and "over" in err["message"]
+    else:  # Ollama's
+        assert isinstance(err, str) and "over" in err

@@ -105,6 +105,14 @@ class GatewayApp:
             report_unexpected(log, "gateway", f"gateway request {method} {path}", exc)
             await _json(send, 500, {"error": "internal error: see the gateway's log"})
 
+    def error_document(self, path: str | None, status: int, code: str, message: str) -> object:
+        """The body of an error the HTTP server answers itself (a request it refuses before the
+        app sees it): in the endpoint's own shape when the path is known, else OpenAI's."""
+        if path is not None and not path.startswith("/v1/"):
+            return {"error": message}
+        kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+        return openai_error(message, kind, code)
+
     def _authorized(self, scope: Scope) -> bool:
         return presents_key(scope, self._keys)
 

@@ -221,9 +221,10 @@ class BadRequest(ProtocolError):
     """A client's request is not HTTP/1.1 as the gateway accepts it: answered ``status``, then
     the connection is closed."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, path: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.path = path  # the request's path, when its head was read that far
 
 
 @dataclass(frozen=True)
@@ -293,15 +294,20 @@ def parse_request_head(buf: bytes | bytearray, max_body: int) -> tuple[RequestHe
             raise BadRequest(f"not a valid Content-Length: {length[:40]!r}")
         content_length = int(length)
         if content_length > max_body:
-            raise BadRequest(f"the request body is over {max_body} bytes", 413)
+            path = _path(target.partition(b"?")[0])
+            raise BadRequest(f"the request body is over {max_body} bytes", 413, path)
     tokens = {t.strip() for t in connection.split(b",")}
     http11 = version == b"HTTP/1.1"
     keep_alive = b"close" not in tokens if http11 else b"keep-alive" in tokens
     path_bytes, _, query = target.partition(b"?")
-    path = unquote(path_bytes.decode("latin-1"), errors="replace")
+    path = _path(path_bytes)
     head = RequestHead(method, target, path, query, http11, headers, content_length,
                        keep_alive, expect and content_length > 0, upgrade)  # fmt: skip
     return head, end + 4
+
+
+def _path(raw: bytes) -> str:
+    return unquote(raw.decode("latin-1"), errors="replace")
 
 
 def _request_line(line: bytes) -> tuple[str, bytes, bytes]:

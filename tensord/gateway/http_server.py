@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from email.utils import formatdate
 from typing import Any, cast
@@ -66,6 +67,13 @@ _DISCONNECT: ASGIReceiveEvent = {"type": "http.disconnect"}
 BODY_WRITER = "tensord.body_writer"
 
 
+ErrorDocument = Callable[[str | None, int, str, str], object]
+
+
+def _error_document(path: str | None, status: int, code: str, message: str) -> object:
+    return {"error": {"code": code, "message": message}}
+
+
 class GatewayHTTP:
     """Serves accepted connections (:meth:`serve`, for ``trio.serve_listeners``) with ``app``.
 
@@ -79,8 +87,12 @@ class GatewayHTTP:
         *,
         read_timeout: float,
         max_body: int,
+        error_document: ErrorDocument | None = None,
     ) -> None:
         self.app = app
+        #: The JSON body of a refusal the server answers itself (the app's error shape for the
+        #: request's path, when known).
+        self.error_document = error_document or _error_document
         self.upgrades = upgrades
         self.connections = upgrades.connections
         self.read_timeout = read_timeout
@@ -147,7 +159,7 @@ class _Connection:
                 try:
                     parsed = parse_request_head(self.buf, self.server.max_body)
                 except BadRequest as exc:
-                    await self.refuse(exc.status, "bad_request", f"bad request: {exc}")
+                    await self.refuse(exc.status, "bad_request", f"bad request: {exc}", exc.path)
                     return None
                 if parsed is not None:
                     head, size = parsed
@@ -163,12 +175,12 @@ class _Connection:
                               f"{timeout:g} s: send the whole head promptly")  # fmt: skip
         return None
 
-    async def refuse(self, status: int, code: str, message: str) -> None:
+    async def refuse(self, status: int, code: str, message: str, path: str | None = None) -> None:
         """Answer a request the server itself refuses, then stop reading it (its connection is
         closed): what the client still sends is read and dropped for a moment, so that it reads
         the answer rather than a reset."""
         log.info("gateway: %s", message)
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        body = json.dumps(self.server.error_document(path, status, code, message)).encode()
         headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
                    (b"content-length", b"%d" % len(body)), (b"date", _date())]  # fmt: skip
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -89,7 +89,13 @@ class Gateway:
                 read_timeout=g.read_timeout,
                 what="gateway",
             )
-            server = GatewayHTTP(app, upgrades, read_timeout=g.read_timeout, max_body=MAX_BODY)
+            server = GatewayHTTP(
+                app,
+                upgrades,
+                read_timeout=g.read_timeout,
+                max_body=MAX_BODY,
+                error_document=app.error_document,
+            )
             listeners, self.url = await open_http_listeners(g.listen)
             try:
                 async with trio.open_nursery() as nursery:
