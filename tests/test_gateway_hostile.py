@@ -10,25 +10,13 @@ import json
 import httpx
 import trio
 
-from .support.gateway import MSG, gateway
+from .support.gateway import MSG, gateway, read_until_closed
 from .support.ollama_backend import BackendConfig
 
 
 async def _connect(url: str) -> trio.SocketStream:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     return await trio.open_tcp_stream(host, int(port))
-
-
-async def _read_all(stream: trio.SocketStream) -> bytes:
-    out = b""
-    while True:
-        try:
-            data = await stream.receive_some(65536)
-        except trio.BrokenResourceError:
-            return out
-        if not data:
-            return out
-        out += data
 
 
 def _status(reply: bytes) -> int:
@@ -47,7 +35,7 @@ async def test_a_stalled_or_trickled_body_is_a_408_and_the_connection_closed() -
         async with stream:
             await stream.send_all(HEAD + b'{"model": ')
             with trio.fail_after(20):  # generous: the gateway closes after 0.5 s
-                reply = await _read_all(stream)
+                reply = await read_until_closed(stream)
         assert _status(reply) == 408, reply
         assert b"did not arrive within 0.5 s" in reply
 
@@ -62,9 +50,9 @@ async def test_a_stalled_or_trickled_body_is_a_408_and_the_connection_closed() -
                     except trio.BrokenResourceError:
                         break
                     with trio.move_on_after(0.05):
-                        reply += await _read_all(stream)
+                        reply += await read_until_closed(stream)
                         break
-                reply += await _read_all(stream)
+                reply += await read_until_closed(stream)
         assert _status(reply) == 408, reply
         assert backend.requests == []  # nothing half-read ever reached a backend
 
@@ -94,7 +82,7 @@ async def test_idle_connections_give_way_and_busy_ones_make_a_503() -> None:
                 r = await client.get(f"{g.url}/api/version")
                 assert r.status_code == 200
             with trio.fail_after(10):  # the longest-idle connection was closed for the client
-                assert await _read_all(idle[0]) == b""
+                assert await read_until_closed(idle[0]) == b""
         finally:
             for s in idle:
                 await s.aclose()
@@ -118,7 +106,7 @@ async def test_idle_connections_give_way_and_busy_ones_make_a_503() -> None:
             async with newcomer:
                 await newcomer.send_all(b"GET /api/version HTTP/1.1\r\nhost: t\r\n\r\n")
                 with trio.fail_after(20):
-                    reply = await _read_all(newcomer)
+                    reply = await read_until_closed(newcomer)
             assert _status(reply) == 503, reply
             err = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
             assert "all 2 connections are busy" in err["message"], err

@@ -31,7 +31,7 @@ from tensord.gateway.h1 import (
     response_head,
 )
 
-from .support.gateway import MSG, TOKENS, gateway
+from .support.gateway import MSG, TOKENS, gateway, read_until_closed
 from .support.ollama_backend import BackendConfig, go_json
 
 REQUEST = (
@@ -199,16 +199,8 @@ async def _connect(url: str) -> trio.SocketStream:
 
 
 async def _read_until_closed(stream: trio.SocketStream) -> bytes:
-    out = b""
     with trio.fail_after(20):
-        while True:
-            try:
-                data = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                return out
-            if not data:
-                return out
-            out += data
+        return await read_until_closed(stream)
 
 
 async def _read_reply(stream: trio.SocketStream) -> tuple[ResponseReader, bytes]:

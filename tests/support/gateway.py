@@ -42,3 +42,16 @@ async def gateway(
         await nursery.start(g.run)
         yield g, backends
         nursery.cancel_scope.cancel()
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    """Everything the server sends until it closes the connection (or resets it)."""
+    out = b""
+    while True:
+        try:
+            data = await stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            return out
+        if not data:
+            return out
+        out += data
