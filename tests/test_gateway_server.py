@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tensord import metrics
+from tensord.gateway import relay as relay_module
 from tensord.gateway.encoders import OTHER, TOKEN, carries_output, line_kind
 from tensord.gateway.h1 import (
     MAX_HEADERS,
@@ -399,6 +400,35 @@ async def test_the_gateway_stops_cleanly_with_streams_in_the_relay(
         await stream.aclose()
     assert errors._value.get() == before
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_bug_in_the_relay_ends_that_stream_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something unexpected raised while the relay thread handles a stream: the bug is logged
+    and counted, that reply ends with an error, and the relay and gateway go on serving."""
+    errors = metrics.UNEXPECTED_ERRORS.labels("gateway")
+    before = errors._value.get()
+    broken = relay_module._Route.readable
+    calls = [0]
+
+    def readable_once_broken(self: relay_module._Route) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("a bug in the relay")
+        broken(self)
+
+    monkeypatch.setattr(relay_module._Route, "readable", readable_once_broken)
+    chat = {"model": "tiny", "messages": MSG}
+    async with (
+        gateway(BackendConfig(n_tokens=20, interval=0.01)) as (g, _),
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        first = await client.post(f"{g.url}/api/chat", json=chat)
+        lines = [json.loads(line) for line in first.text.splitlines()]
+        assert "error" in lines[-1]  # that stream ended with an error, not a hang
+        again = await client.post(f"{g.url}/api/chat", json=chat)
+        done = [json.loads(line) for line in again.text.splitlines()]
+        assert done[-1]["done"] is True and len(done) == 21  # the relay serves on
+    assert errors._value.get() == before + 1
 
 
 HOSTILE = [

@@ -35,6 +35,7 @@ writer (the HTTP server's :class:`BodyWriter`) are given by the caller.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import threading
@@ -43,7 +44,10 @@ from typing import Protocol
 
 import trio
 
+from ..boundary import report_unexpected
 from .http_client import UpstreamError, UpstreamResponse
+
+log = logging.getLogger("tensord.gateway")
 
 
 class BodyWriter(Protocol):
@@ -110,7 +114,11 @@ class Relay:
                         return
                     route = routes.get(fd)
                     if route is not None:
-                        route.readable()
+                        try:
+                            route.readable()
+                        except Exception as exc:  # a bug: this stream ends, the relay goes on
+                            report_unexpected(log, "gateway", "the token relay", exc)
+                            route.failed(exc)
         finally:
             if batch:
                 _set_policy(SCHED_OTHER)
@@ -247,6 +255,15 @@ class _Route:
                 self._unwatch()  # until the task has dealt with it
                 with contextlib.suppress(trio.RunFinishedError):
                     self.token.run_sync_soon(self._woken)
+
+    def failed(self, exc: Exception) -> None:
+        """:meth:`readable` raised ``exc`` (a bug, reported by the caller): out of the relay,
+        its task told - as a failed upstream, so that the reply ends with an error event."""
+        with self.lock:
+            self.error = UpstreamError(f"internal error in the token relay ({type(exc).__name__})")
+            self._unwatch()
+        with contextlib.suppress(trio.RunFinishedError):
+            self.token.run_sync_soon(self._woken)
 
     def _woken(self) -> None:
         self.wake.set()
