@@ -431,6 +431,30 @@ async def test_a_bug_in_the_relay_ends_that_stream_only(monkeypatch: pytest.Monk
     assert errors._value.get() == before + 1
 
 
+async def test_a_bug_after_the_reply_started_is_reported_once_and_cuts_that_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in the app once a streamed reply is under way: no second reply is started (that
+    was a second bug), the client sees its reply cut, and the gateway serves on."""
+    errors = metrics.UNEXPECTED_ERRORS.labels("gateway")
+    before = errors._value.get()
+
+    async def broken_pump(*args: object) -> None:
+        raise RuntimeError("a bug after the first line")
+
+    chat = {"model": "tiny", "messages": MSG}
+    async with gateway(BackendConfig(n_tokens=20, interval=0.01)) as (g, _):
+        monkeypatch.setattr(relay_module.Relay, "pump", broken_pump)
+        async with httpx.AsyncClient(timeout=30) as client:
+            with pytest.raises(httpx.RemoteProtocolError):  # cut mid-body
+                await client.post(f"{g.url}/api/chat", json=chat)
+        monkeypatch.undo()
+        async with httpx.AsyncClient(timeout=30) as client:
+            again = await client.post(f"{g.url}/api/chat", json=chat)
+            assert json.loads(again.text.splitlines()[-1])["done"] is True
+    assert errors._value.get() == before + 1
+
+
 HOSTILE = [
     b"GET / HTTP/1.1\r\nhost: x\r\n\r\n" * 3,
     b'POST /api/chat HTTP/1.1\r\ncontent-length: 5\r\n\r\n{"mo' + b"\x00" * 10,

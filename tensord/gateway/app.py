@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 
 from .. import metrics
 from .._version import __version__
@@ -99,11 +99,19 @@ class GatewayApp:
         if route is None:
             await _json(send, 404, {"error": f"no endpoint {method} {path}"})
             return
+        started = False
+
+        async def send_started(message: ASGISendEvent) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await route(self, receive, send, path, scope)
+            await route(self, receive, send_started, path, scope)
         except Exception as exc:
             report_unexpected(log, "gateway", f"gateway request {method} {path}", exc)
-            await _json(send, 500, {"error": "internal error: see the gateway's log"})
+            if not started:  # else the reply ends cut: the client sees its connection end
+                await _json(send, 500, {"error": "internal error: see the gateway's log"})
 
     def error_document(self, path: str | None, status: int, code: str, message: str) -> object:
         """The body of an error the HTTP server answers itself (a request it refuses before the
