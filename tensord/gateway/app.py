@@ -329,12 +329,9 @@ class GatewayApp:
                             break  # the first line went out (and any keep-alive stopped)
             if relay is not None and reply.writer is not None and not upstream.done:
                 await relay.pump(upstream, lines.take, reply.writer)
-            tail = lines.splitter.close()
-            for line in tail:
-                if line_kind(line, sse) == TOKEN:
-                    record.token()
+            tail = lines.close()
             record.outcome = lines.outcome
-            await reply.body(b"".join(t + b"\n" for t in tail), more=False)
+            await reply.body(tail, more=False)
         except (UpstreamError, ValueError) as exc:
             log.warning("gateway: backend %s failed mid-stream: %s", record.backend, exc)
             record.outcome = "backend_error"
@@ -368,6 +365,15 @@ class _Lines:
                 self.outcome = "backend_error"
         self.open_event = sse and bool(lines[-1].strip())
         return complete
+
+    def close(self) -> bytes:
+        """The body's end: its last line if it had no newline (counted if it is a token), as
+        a complete line."""
+        tail = self.splitter.close()
+        for line in tail:
+            if line_kind(line, self.sse) == TOKEN:
+                self.record.token()
+        return b"".join(t + b"\n" for t in tail)
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -288,19 +288,18 @@ def parse_request_head(buf: bytes | bytearray, max_body: int) -> tuple[RequestHe
             expect = value.lower() == b"100-continue"
         elif name == b"upgrade":
             upgrade = value.lower() == b"websocket"
+    path_bytes, _, query = target.partition(b"?")
+    path = _path(path_bytes)
     content_length = 0
     if length is not None:
         if not length.isdigit() or len(length) > 16:
             raise BadRequest(f"not a valid Content-Length: {length[:40]!r}")
         content_length = int(length)
         if content_length > max_body:
-            path = _path(target.partition(b"?")[0])
             raise BadRequest(f"the request body is over {max_body} bytes", 413, path)
     tokens = {t.strip() for t in connection.split(b",")}
     http11 = version == b"HTTP/1.1"
     keep_alive = b"close" not in tokens if http11 else b"keep-alive" in tokens
-    path_bytes, _, query = target.partition(b"?")
-    path = _path(path_bytes)
     head = RequestHead(method, target, path, query, http11, headers, content_length,
                        keep_alive, expect and content_length > 0, upgrade)  # fmt: skip
     return head, end + 4

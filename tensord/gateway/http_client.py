@@ -70,10 +70,7 @@ class UpstreamResponse:
             return b""
         except OSError as exc:
             raise UpstreamError(_describe(exc)) from exc
-        if not data:
-            _eof(reader)
-            return None
-        return _feed(reader, data)
+        return _body(reader, data)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body's bytes, each piece as soon as a socket read brings it."""
@@ -82,18 +79,17 @@ class UpstreamResponse:
             yield first
         reader, receive = self._reader, self._stream.receive_some
         if isinstance(self._stream, trio.SocketStream):
-            async for body in self._socket_chunks(self._stream.socket.fileno()):
-                yield body
+            async for piece in self._socket_chunks(self._stream.socket.fileno()):
+                yield piece
             return
         while not reader.done:
             try:
                 data = await receive(READ_SIZE)
             except (OSError, trio.BrokenResourceError) as exc:
                 raise UpstreamError(_describe(exc)) from exc
-            if not data:
-                _eof(reader)
+            body = _body(reader, data)
+            if body is None:
                 return
-            body = _feed(reader, data)
             if body:
                 yield body
 
@@ -122,10 +118,9 @@ class UpstreamResponse:
             except (OSError, trio.ClosedResourceError) as exc:
                 raise UpstreamError(_describe(exc)) from exc
             eager = len(data) >= EAGER_READ
-            if not data:
-                _eof(reader)
+            body = _body(reader, data)
+            if body is None:
                 return
-            body = _feed(reader, data)
             if body:
                 yield body
 
@@ -280,6 +275,15 @@ def _feed(reader: ResponseReader, data: bytes | bytearray) -> bytes:
         return reader.feed(bytes(data))
     except ProtocolError as exc:
         raise UpstreamError(f"the backend's reply is not valid HTTP: {exc}") from exc
+
+
+def _body(reader: ResponseReader, data: bytes | bytearray) -> bytes | None:
+    """What one socket read ``data`` adds to the body (possibly nothing); None when the read
+    was the connection's end (an end the reply allowed: else :class:`UpstreamError`)."""
+    if not data:
+        _eof(reader)
+        return None
+    return _feed(reader, data)
 
 
 def _eof(reader: ResponseReader) -> None:

@@ -379,19 +379,13 @@ class _Exchange:
         if self.broken or self.complete or self.bodiless or not body:
             return b""
         data = chunk(body) if self.chunked else body
-        try:
-            sent = os.write(self.fd, data)
-        except BlockingIOError:
-            return data
+        sent = self._write_some(data)
         return data[sent:] if sent < len(data) else b""
 
     async def write_rest(self, rest: bytes) -> None:
         await self._write(rest)
 
     def lost(self) -> None:
-        self._lost()
-
-    def _lost(self) -> None:
         """Gone, or cut mid-write: the connection cannot carry anything more. Closing its
         socket wakes a task waiting to read it (the app's disconnect watch) at once."""
         self.broken = True
@@ -406,10 +400,7 @@ class _Exchange:
             return
         written = False
         try:
-            try:
-                sent = os.write(self.fd, data)
-            except BlockingIOError:
-                sent = 0
+            sent = self._write_some(data)
             if sent < len(data):
                 await self.stream.send_all(memoryview(data)[sent:])
             written = True
@@ -417,7 +408,15 @@ class _Exchange:
             pass
         finally:
             if not written:
-                self._lost()
+                self.lost()
+
+    def _write_some(self, data: bytes) -> int:
+        """One ``write(2)`` of ``data`` to the client: how much the socket took (0 when it is
+        full). A failed write raises OSError."""
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
 
 
 class _Replayed(trio.abc.HalfCloseableStream):
